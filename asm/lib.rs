@@ -1,0 +1,182 @@
+//! Declarations of mpkvirt's hand-written x86-64 assembly (`asm/x86_64/*.S`).
+//!
+//! This crate is mechanism only: `extern` declarations, the register contracts, and nothing
+//! else. The safe interfaces live above it (`mpkvirt`'s gates and guarded calls). It mirrors
+//! the psm/stacker split: raw assembly here, policy in the crates that use it.
+//!
+//! Everything is present only when `build.rs` found assembly for the target (`cfg(has_asm)`:
+//! x86-64 Linux). [`AVAILABLE`] says whether it did.
+//!
+//! # Safety
+//!
+//! Every item is an `unsafe extern` function whose contract is written on it. The assembly
+//! itself is reviewed in the `.S` files, which carry a stack diagram and the Rust signature
+//! above each label.
+#![no_std]
+#![allow(
+    unsafe_code,
+    reason = "this crate only declares foreign assembly functions"
+)]
+
+/// Whether the assembly was built for this target.
+pub const AVAILABLE: bool = cfg!(has_asm);
+
+#[cfg(has_asm)]
+unsafe extern "sysv64" {
+    /// Checked gate: sets PKRU to 0 (every protection key readable and writable).
+    ///
+    /// The value is an immediate and is compared again after the WRPKRU, so control flow
+    /// that lands on the WRPKRU with a forged EAX leaves with PKRU = 0, not the forged value.
+    /// Clobbers EAX, ECX, EDX and the flags (all caller-saved).
+    ///
+    /// # Safety
+    ///
+    /// The CPU must support PKU and the OS must have enabled it (CPUID.(7,0):ECX.OSPKE = 1),
+    /// otherwise WRPKRU raises #UD. Granting every key also grants memory other parts of the
+    /// program may have locked away; the caller must own the thread's PKRU.
+    pub fn mpkvirt_gate_allow_all();
+
+    /// Checked gate: sets PKRU to `*expected`, then compares EAX with `*expected` again and
+    /// redoes the write on a mismatch.
+    ///
+    /// Landing on the WRPKRU with a forged EAX cannot leave a PKRU other than `*expected`
+    /// in effect. Clobbers EAX, ECX, EDX and the flags.
+    ///
+    /// # Safety
+    ///
+    /// As for [`mpkvirt_gate_allow_all`] (OSPKE set, caller owns PKRU). `expected` must be
+    /// valid for reads and stay readable under the value it holds (the comparison re-reads it
+    /// after the write), and must not be changed by another thread during the call.
+    pub fn mpkvirt_gate_write(expected: *const u32);
+
+    /// Runs `f(arg)` on the stack whose top is `stack_top`, storing the caller's saved stack
+    /// pointer in `*jmp`. Returns 0 when `f` returns, and 1 when a signal handler abandoned
+    /// `f` by resuming the interrupted context at [`mpkvirt_stack_call_resume`] with
+    /// `%rsp = *jmp` and `%rax = 1`.
+    ///
+    /// # Safety
+    ///
+    /// `stack_top` must be 16-byte aligned and the top of writable memory large enough for
+    /// `f`, with a guard page below it. `jmp` must be valid for a write and stay valid until
+    /// the call returns. `f` must not unwind (catch panics inside it). When `f` is abandoned,
+    /// its frames are never resumed and their destructors never run.
+    pub fn mpkvirt_stack_call(
+        arg: *mut core::ffi::c_void,
+        f: unsafe extern "sysv64" fn(*mut core::ffi::c_void),
+        stack_top: *mut u8,
+        jmp: *mut usize,
+    ) -> u64;
+
+    /// The resume point inside [`mpkvirt_stack_call`] for a signal handler that abandons the
+    /// function running on the other stack. Only its address is meaningful.
+    ///
+    /// # Safety
+    ///
+    /// Never call it: set it as the interrupted context's instruction pointer together with
+    /// `%rsp = *jmp` of a call still in progress on the same thread, and `%rax = 1`.
+    pub fn mpkvirt_stack_call_resume();
+
+    /// Issues system call `nr` with six arguments from the trampoline page and returns the
+    /// raw kernel result (`-errno` on failure).
+    ///
+    /// # Safety
+    ///
+    /// As for any raw system call: the arguments must satisfy the kernel's contract for `nr`
+    /// (pointers valid for what the kernel will read or write, no unmapping of memory Rust
+    /// still uses, and so on).
+    pub fn mpkvirt_syscall6(nr: i64, a0: u64, a1: u64, a2: u64, a3: u64, a4: u64, a5: u64) -> i64;
+
+    /// The `syscall` instruction inside [`mpkvirt_syscall6`]; its address plus 2 is the
+    /// instruction pointer the kernel reports (e.g. to seccomp) for calls made through it.
+    ///
+    /// # Safety
+    ///
+    /// Never call it; only its address is meaningful.
+    pub fn mpkvirt_syscall_insn();
+
+    /// End of the page-aligned trampoline section that holds [`mpkvirt_syscall6`].
+    ///
+    /// # Safety
+    ///
+    /// Never call it; only its address is meaningful.
+    pub fn mpkvirt_trampoline_end();
+
+    /// Reads the byte at `addr`. Returns it (0..=255), or `u64::MAX` when a SIGSEGV handler
+    /// resumed the probe at [`mpkvirt_probe_fault_ret`] because the read faulted.
+    ///
+    /// # Safety
+    ///
+    /// Unless a handler that recovers probes is installed, a faulting read kills the process
+    /// as any fault would. A successful read is a plain byte read: `addr` must not be memory
+    /// whose reading has side effects the caller does not intend (device memory, ...).
+    pub fn mpkvirt_probe_read8(addr: *const u8) -> u64;
+
+    /// The faulting instruction of [`mpkvirt_probe_read8`].
+    ///
+    /// # Safety
+    ///
+    /// Never call it; only its address is meaningful.
+    pub fn mpkvirt_probe_read8_insn();
+
+    /// Writes `value` at `addr` and returns 0, or `u64::MAX` when a SIGSEGV handler resumed
+    /// the probe at [`mpkvirt_probe_fault_ret`] because the write faulted.
+    ///
+    /// # Safety
+    ///
+    /// As for [`mpkvirt_probe_read8`]; in addition a successful write changes memory, so
+    /// `addr` must be valid for a byte write with no Rust reference relying on its contents.
+    pub fn mpkvirt_probe_write8(addr: *mut u8, value: u8) -> u64;
+
+    /// The faulting instruction of [`mpkvirt_probe_write8`].
+    ///
+    /// # Safety
+    ///
+    /// Never call it; only its address is meaningful.
+    pub fn mpkvirt_probe_write8_insn();
+
+    /// The resume point for a faulted probe: returns `%rax` to the probe's caller.
+    ///
+    /// # Safety
+    ///
+    /// Never call it; a SIGSEGV handler sets it as the resumed instruction pointer of a
+    /// thread interrupted at a `mpkvirt_probe_*_insn` label, leaving `%rsp` unchanged.
+    pub fn mpkvirt_probe_fault_ret();
+}
+
+/// The value a probe returns when a handler resumed it after a fault.
+pub const PROBE_FAULTED: u64 = u64::MAX;
+
+/// Addresses of labels inside the assembly, for signal handlers (which compare the
+/// interrupted instruction pointer against them) and seccomp filters (which allow system
+/// calls from the trampoline page).
+#[cfg(has_asm)]
+pub mod addr {
+    macro_rules! label {
+        ($(#[$doc:meta] $name:ident => $sym:ident;)*) => {$(
+            #[$doc]
+            pub fn $name() -> usize {
+                super::$sym as *const () as usize
+            }
+        )*};
+    }
+    label! {
+        /// The read instruction of `mpkvirt_probe_read8`.
+        probe_read8_insn => mpkvirt_probe_read8_insn;
+        /// The write instruction of `mpkvirt_probe_write8`.
+        probe_write8_insn => mpkvirt_probe_write8_insn;
+        /// Where a faulted probe resumes.
+        probe_fault_ret => mpkvirt_probe_fault_ret;
+        /// Where an abandoned `mpkvirt_stack_call` resumes.
+        stack_call_resume => mpkvirt_stack_call_resume;
+        /// Start of the page-aligned trampoline section (`mpkvirt_syscall6`).
+        trampoline_start => mpkvirt_syscall6;
+        /// End of the trampoline section (page-aligned).
+        trampoline_end => mpkvirt_trampoline_end;
+        /// The `syscall` instruction of the trampoline.
+        syscall_insn => mpkvirt_syscall_insn;
+        /// The immediate gate that opens every key.
+        gate_allow_all => mpkvirt_gate_allow_all;
+        /// The gate that writes PKRU from memory.
+        gate_write => mpkvirt_gate_write;
+    }
+}

@@ -1,0 +1,79 @@
+//! The machine layer under mpkvirt: Linux protection-key system calls, the PKRU register,
+//! PKU detection, memory mappings and SIGSEGV decoding for x86-64.
+//!
+//! # Layers
+//!
+//! | module | concept | touches the machine |
+//! |---|---|---|
+//! | [`pkru`] | the PKRU value: two bits per key, `Display` per key | no (pure) |
+//! | [`pkey`] | `pkey_alloc`, `pkey_free`, `pkey_mprotect` ([`Pkey`]) | system calls |
+//! | [`cpu`] | RDPKRU/WRPKRU behind a proof of OSPKE ([`Pku`]), CPUID bits | instructions |
+//! | [`detect`] | why PKU is or is not usable here ([`Support`]) | CPUID + a kernel probe |
+//! | [`mman`] | `mmap`/`mprotect`/`munmap`/`madvise` on page-aligned ranges (portable Linux) | system calls |
+//! | [`signal`] | SIGSEGV `siginfo` (`SEGV_PKUERR`, `si_pkey`), fault access kind, handler install | signal state |
+//!
+//! On targets other than x86-64 Linux (or with `--cfg mpkvirt_no_hw`) the PKU-specific halves of
+//! [`cpu`], [`pkey`] and [`signal`] are replaced by a same-API twin whose functions report [`Error::Unsupported`] and
+//! whose [`Pku`] token cannot be constructed.
+//!
+//! # Safety model
+//!
+//! The crate root denies `unsafe_code`; the few files that need it opt in and say why in a
+//! `# Safety` section of their module docs. Reading PKRU, CPUID and decoding signal
+//! information are safe. Changing protections ([`pkey::pkey_mprotect`], [`mman::mprotect`])
+//! and writing PKRU ([`Pku::wrpkru`]) are `unsafe`: they change which memory the program may
+//! touch, and the layers above rely on knowing every such change (a key may only be handed to
+//! another domain once no thread's PKRU grants it).
+//!
+//! # What this crate does not do
+//!
+//! It has no notion of domains, views or eviction (that is `mpkvirt`), does not sandbox
+//! anything by itself, and cannot tell whether other code in the process also uses keys.
+//!
+//! # References
+//!
+//! pkeys(7), pkey_alloc(2), pkey_mprotect(2); Intel SDM Vol. 3A §2.7 (PKRU) and §4.6.2
+//! (protection keys); Vol. 2 RDPKRU/WRPKRU.
+#![deny(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod cpu;
+pub mod detect;
+pub mod error;
+pub mod mman;
+pub mod pkey;
+pub mod pkru;
+pub mod signal;
+
+// The machine-touching half of each module above: real on x86-64 Linux, a same-API twin that
+// reports `Unsupported` elsewhere (wasmtime's enabled/disabled pattern). Chosen here, once.
+#[cfg(all(target_arch = "x86_64", target_os = "linux", not(mpkvirt_no_hw)))]
+#[path = "hw/mod.rs"]
+mod imp;
+#[cfg(not(all(target_arch = "x86_64", target_os = "linux", not(mpkvirt_no_hw))))]
+#[path = "unsupported.rs"]
+mod imp;
+
+pub use cpu::Pku;
+pub use detect::{Support, Unavailable};
+pub use error::{Errno, Error, Op, Result};
+pub use pkey::Pkey;
+pub use pkru::{AccessRights, Pkru};
+
+/// Skips the calling test unless PKU is usable, printing why; fails it instead when the
+/// environment variable `MPKVIRT_REQUIRE_PKU=1` is set (inside the PKU guest).
+///
+/// Evaluates to the [`Pku`] token. Test names start with `pku_` by convention so that
+/// `cargo test -- pku_` selects the hardware tests and `-- --skip pku_` leaves them out.
+#[macro_export]
+macro_rules! require_pku {
+    () => {
+        match $crate::detect::pku() {
+            Ok(pku) => pku,
+            Err(reason) => {
+                $crate::detect::report_skip(&reason);
+                return;
+            }
+        }
+    };
+}

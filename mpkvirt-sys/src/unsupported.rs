@@ -1,0 +1,138 @@
+//! The same-API twin for targets without x86-64 PKU (and `--cfg mpkvirt_no_hw`).
+//!
+//! Every operation that would touch protection keys or PKRU reports
+//! [`Error::Unsupported`](crate::Error::Unsupported); the [`cpu::Pku`] token is uninhabited,
+//! so code holding one is visibly unreachable. Signal decoding still works, minus the key.
+
+pub(crate) mod cpu {
+    use crate::cpu::CpuFeatures;
+    use crate::pkru::Pkru;
+
+    /// No CPUID here: no PKU.
+    pub fn cpu_features() -> CpuFeatures {
+        CpuFeatures::default()
+    }
+
+    /// Proof that PKU is enabled; cannot exist on this target.
+    #[derive(Clone, Copy, Debug)]
+    pub enum Pku {}
+
+    impl Pku {
+        /// Always `None` on this target.
+        pub fn new() -> Option<Pku> {
+            None
+        }
+
+        /// Unreachable: no token exists.
+        pub fn rdpkru(self) -> Pkru {
+            match self {}
+        }
+
+        /// Unreachable: no token exists.
+        ///
+        /// # Safety
+        ///
+        /// Trivially satisfied: this cannot be called.
+        pub unsafe fn wrpkru(self, _value: Pkru) {
+            match self {}
+        }
+    }
+}
+
+pub(crate) mod pkey {
+    use crate::error::{Error, Op, Result};
+    use crate::mman::Prot;
+    use crate::pkey::Pkey;
+    use crate::pkru::AccessRights;
+
+    /// Unsupported on this target.
+    pub fn pkey_alloc(_init: AccessRights) -> Result<Pkey> {
+        Err(Error::Unsupported { op: Op::PkeyAlloc })
+    }
+
+    /// Unsupported on this target.
+    pub fn pkey_free(_key: Pkey) -> Result<()> {
+        Err(Error::Unsupported { op: Op::PkeyFree })
+    }
+
+    /// Unsupported on this target.
+    ///
+    /// # Safety
+    ///
+    /// Trivially satisfied: nothing happens.
+    pub unsafe fn pkey_mprotect(
+        _addr: *mut u8,
+        _len: usize,
+        _prot: Prot,
+        _key: Pkey,
+    ) -> Result<()> {
+        Err(Error::Unsupported {
+            op: Op::PkeyMprotect,
+        })
+    }
+}
+
+pub(crate) mod signal {
+    use crate::error::{Error, Op, Result};
+    use crate::signal::{Access, SegvCode, SegvInfo};
+
+    /// A `SA_SIGINFO` signal handler.
+    pub type Handler = extern "C" fn(libc::c_int, *mut libc::siginfo_t, *mut libc::c_void);
+
+    /// Decodes code and address; no key on this target.
+    pub fn decode_segv(info: &libc::siginfo_t) -> SegvInfo {
+        SegvInfo {
+            addr: 0,
+            code: SegvCode::from_raw(info.si_code),
+            pkey: None,
+        }
+    }
+
+    /// The access kind is not decoded on this target.
+    pub fn fault_access(_ctx: &libc::ucontext_t) -> Option<Access> {
+        None
+    }
+
+    /// Not decoded on this target.
+    pub fn ip(_ctx: &libc::ucontext_t) -> usize {
+        0
+    }
+
+    /// Not decoded on this target.
+    pub fn sp(_ctx: &libc::ucontext_t) -> usize {
+        0
+    }
+
+    /// Does nothing on this target.
+    ///
+    /// # Safety
+    ///
+    /// Trivially satisfied: nothing happens.
+    pub unsafe fn redirect(_ctx: &mut libc::ucontext_t, _ip: usize, _sp: usize, _rax: u64) {}
+
+    /// Unsupported on this target.
+    ///
+    /// # Safety
+    ///
+    /// Trivially satisfied: nothing happens.
+    pub unsafe fn install(
+        _sig: libc::c_int,
+        _handler: Handler,
+        _extra_flags: libc::c_int,
+    ) -> Result<libc::sigaction> {
+        Err(Error::Unsupported { op: Op::Sigaction })
+    }
+
+    /// Does nothing on this target.
+    ///
+    /// # Safety
+    ///
+    /// Trivially satisfied: nothing happens.
+    pub unsafe fn chain(
+        _prev: &libc::sigaction,
+        _sig: libc::c_int,
+        _info: *mut libc::siginfo_t,
+        _ctx: *mut libc::c_void,
+    ) {
+    }
+}
