@@ -1,0 +1,473 @@
+//! Faults: the SIGSEGV handler, checked single-byte accesses (probes), guarded calls, and
+//! reports that name the virtual domain.
+//!
+//! One process-wide SIGSEGV handler is installed the first time a real backend is built. It
+//! decides, using only async-signal-safe state (atomics and const-initialised thread-locals),
+//! whether a fault is *ours*:
+//!
+//! 1. the interrupted instruction is a probe's access (`mpkvirt_probe_*_insn`): the probe is
+//!    resumed and returns "faulted";
+//! 2. the thread is inside a guarded call and the address is domain memory (one of the
+//!    registered arenas) or the guarded stack's guard page: the guarded call is resumed at
+//!    `mpkvirt_stack_call_resume` and returns the fault;
+//! 3. otherwise, for domain memory, a one-line report is written to stderr;
+//!
+//! and then every fault it does not resume goes to the previously installed handler (Rust's
+//! stack-overflow handler, a sanitizer, or the default action). The handler runs with the
+//! kernel's initial PKRU (key 0 only) and touches only key-0 memory.
+//!
+//! # Guarded calls
+//!
+//! [`run_guarded`] runs a closure on a separate stack (mpkvirt-asm's `mpkvirt_stack_call`).
+//! When the closure faults on domain memory, its frames are *abandoned*: never resumed, their
+//! destructors never run (locks they hold stay held), and their stack is never reused or
+//! freed, because something the closure started (a scoped thread) might still refer to it.
+//! The closure must be `'static`, so abandoning it cannot leave dangling borrows of the
+//! caller's data. Panics inside the closure are caught on its stack and resumed on the
+//! caller's.
+//!
+//! # Safety
+//!
+//! The handler reads the kernel's `siginfo_t`/`ucontext_t` and redirects the interrupted
+//! context only to the two resume points mpkvirt-asm defines for this purpose, with the
+//! stack pointer they expect. The probes access arbitrary addresses, so they are reachable
+//! only through backends that check the address lies in their reservations (memory no Rust
+//! reference points to). The guarded call hands a pointer to a stack-allocated closure record
+//! to the trampoline and reads it back only after the call returned or was abandoned.
+#![allow(unsafe_code, reason = "signal handler, probes and stack switching")]
+
+use std::any::Any;
+use std::cell::{Cell, RefCell};
+use std::ffi::c_void;
+use std::fmt;
+use std::io::Write;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use mpkvirt_asm::{PROBE_FAULTED, addr};
+use mpkvirt_sys::Pkey;
+use mpkvirt_sys::mman::{self, Prot};
+use mpkvirt_sys::signal::{self, Access, SegvCode};
+
+use crate::backend::RawFault;
+use crate::domain::DomainId;
+use crate::error::{Error, Result};
+
+/// What a guarded call or checked access ran into.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum FaultKind {
+    /// An access to domain memory the thread's view does not allow.
+    Violation,
+    /// The guarded call overflowed its stack.
+    StackOverflow,
+}
+
+/// A fault translated into mpkvirt's terms.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub struct FaultReport {
+    /// What happened.
+    pub kind: FaultKind,
+    /// The virtual domain owning the address (`None` if no live domain does).
+    pub domain: Option<DomainId>,
+    /// The faulting address.
+    pub addr: usize,
+    /// Read, write or instruction fetch, when the CPU said.
+    pub access: Option<Access>,
+    /// The hardware key (`si_pkey`) for protection-key faults.
+    pub hw_key: Option<Pkey>,
+    /// `si_code`: `SEGV_PKUERR` on the hardware backend for a denied key, `SEGV_ACCERR` for
+    /// a page protection (evicted domains, the emulated backend).
+    pub code: SegvCode,
+}
+
+impl fmt::Display for FaultReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let access = match self.access {
+            Some(Access::Read) => "read",
+            Some(Access::Write) => "write",
+            Some(Access::Execute) => "instruction fetch",
+            None => "access",
+        };
+        match self.kind {
+            FaultKind::StackOverflow => write!(
+                f,
+                "stack overflow in a guarded call ({access} at {:#x})",
+                self.addr
+            )?,
+            FaultKind::Violation => {
+                write!(f, "domain violation: {access} at {:#x}", self.addr)?;
+                match self.domain {
+                    Some(d) => write!(f, " in domain {d}")?,
+                    None => write!(f, " (no live domain)")?,
+                }
+            }
+        }
+        if let Some(k) = self.hw_key {
+            write!(f, ", hardware key {k}")?;
+        }
+        write!(f, " ({:?})", self.code)
+    }
+}
+
+// ---- arenas: which addresses are domain memory ------------------------------------------
+
+const MAX_ARENAS: usize = 256;
+static ARENA_START: [AtomicUsize; MAX_ARENAS] = [const { AtomicUsize::new(0) }; MAX_ARENAS];
+static ARENA_END: [AtomicUsize; MAX_ARENAS] = [const { AtomicUsize::new(0) }; MAX_ARENAS];
+
+/// Records `[start, start + len)` as domain memory for the handler.
+pub(crate) fn register_arena(start: usize, len: usize) {
+    for i in 0..MAX_ARENAS {
+        if ARENA_START[i]
+            .compare_exchange(0, start, Ordering::AcqRel, Ordering::Relaxed)
+            .is_ok()
+        {
+            ARENA_END[i].store(start + len, Ordering::Release);
+            return;
+        }
+    }
+    eprintln!(
+        "mpkvirt: more than {MAX_ARENAS} arenas; faults in {start:#x}+{len:#x} will not be reported"
+    );
+}
+
+pub(crate) fn unregister_arena(start: usize) {
+    for i in 0..MAX_ARENAS {
+        if ARENA_START[i].load(Ordering::Acquire) == start {
+            ARENA_END[i].store(0, Ordering::Release);
+            ARENA_START[i].store(0, Ordering::Release);
+        }
+    }
+}
+
+fn in_arena(a: usize) -> bool {
+    (0..MAX_ARENAS).any(|i| {
+        let s = ARENA_START[i].load(Ordering::Acquire);
+        s != 0 && a >= s && a < ARENA_END[i].load(Ordering::Acquire)
+    })
+}
+
+// ---- per-thread recovery state (async-signal-safe: const-initialised, no destructors) -------
+
+#[derive(Clone, Copy)]
+struct Recovery {
+    /// Address of the `jmp` word of the innermost guarded call (0: none).
+    jmp: usize,
+    /// The guard page of that call's stack.
+    guard: (usize, usize),
+}
+
+thread_local! {
+    static RECOVERY: Cell<Recovery> = const { Cell::new(Recovery { jmp: 0, guard: (0, 0) }) };
+    static LAST_FAULT: Cell<Option<RawFault>> = const { Cell::new(None) };
+}
+
+// ---- the handler ------------------------------------------------------------------------------
+
+struct PrevAction(libc::sigaction);
+// SAFETY: written once (inside `OnceLock::get_or_init`) before the handler that reads it is
+// installed, and never mutated; it is plain data (addresses, flags, a signal mask).
+unsafe impl Sync for PrevAction {}
+// SAFETY: as above: plain data moved once into the static.
+unsafe impl Send for PrevAction {}
+
+static PREV: OnceLock<std::result::Result<PrevAction, mpkvirt_sys::Error>> = OnceLock::new();
+
+/// Installs the SIGSEGV handler (once per process).
+///
+/// # Errors
+///
+/// [`Error::Unsupported`] when `sigaction` fails.
+pub(crate) fn install_handler() -> Result<()> {
+    let prev = PREV.get_or_init(|| {
+        // SAFETY: `on_segv` is async-signal-safe (atomics, const thread-locals, write(2)) and
+        // chains every fault it does not recover to the action it replaces.
+        unsafe { signal::install(libc::SIGSEGV, on_segv, 0) }.map(PrevAction)
+    });
+    prev.as_ref()
+        .map(drop)
+        .map_err(|_| Error::Unsupported("installing the SIGSEGV handler"))
+}
+
+extern "C" fn on_segv(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut c_void) {
+    // SAFETY: for an SA_SIGINFO handler the kernel passes a valid `siginfo_t` pointer that
+    // belongs to this handler invocation.
+    let info_ref = unsafe { &*info };
+    // SAFETY: likewise a valid `ucontext_t`, which only this invocation uses.
+    let uc = unsafe { &mut *ctx.cast::<libc::ucontext_t>() };
+    let decoded = signal::decode_segv(info_ref);
+    let raw = RawFault {
+        addr: decoded.addr,
+        access: signal::fault_access(uc),
+        code: decoded.code,
+        pkey: decoded.pkey,
+    };
+    let ip = signal::ip(uc);
+    if ip == addr::probe_read8_insn() || ip == addr::probe_write8_insn() {
+        LAST_FAULT.set(Some(raw));
+        // SAFETY: the thread stopped at a probe's only access; probes push nothing, so with
+        // the same %rsp `mpkvirt_probe_fault_ret` returns PROBE_FAULTED to the probe's caller.
+        unsafe { signal::redirect(uc, addr::probe_fault_ret(), signal::sp(uc), PROBE_FAULTED) };
+        return;
+    }
+    let rec = RECOVERY.get();
+    let in_guard_page = (rec.guard.0..rec.guard.1).contains(&raw.addr);
+    if rec.jmp != 0 && (in_guard_page || in_arena(raw.addr)) {
+        LAST_FAULT.set(Some(raw));
+        // SAFETY: `rec.jmp` is the address of the `jmp` word of the innermost guarded call on
+        // this thread, still in progress (it is cleared before that call's frame returns);
+        // the word is key-0 memory on the caller's stack, readable here.
+        let sp = unsafe { (rec.jmp as *const usize).read_volatile() };
+        // SAFETY: `sp` is the stack pointer mpkvirt_stack_call saved for exactly this
+        // resume point, which expects %rax = 1.
+        unsafe { signal::redirect(uc, addr::stack_call_resume(), sp, 1) };
+        return;
+    }
+    if in_arena(raw.addr) {
+        report_unhandled(&raw);
+    }
+    if let Some(Ok(prev)) = PREV.get() {
+        // SAFETY: called from the SIGSEGV handler with the kernel's arguments, and `prev` is
+        // the action `install` replaced for SIGSEGV.
+        unsafe { signal::chain(&prev.0, sig, info, ctx) };
+    }
+}
+
+/// Writes a one-line report without allocating (async-signal-safe).
+fn report_unhandled(raw: &RawFault) {
+    let mut buf = [0u8; 160];
+    let mut w = Cursor {
+        buf: &mut buf,
+        len: 0,
+    };
+    w.put(b"mpkvirt: unhandled domain fault: ");
+    w.put(match raw.access {
+        Some(Access::Read) => b"read",
+        Some(Access::Write) => b"write",
+        Some(Access::Execute) => b"fetch",
+        None => b"access",
+    });
+    w.put(b" at 0x");
+    w.hex(raw.addr as u64);
+    if let Some(k) = raw.pkey {
+        w.put(b", key ");
+        w.hex(u64::from(k.index()));
+    }
+    w.put(b" (run it in a guarded call to get a report)\n");
+    let len = w.len;
+    // SAFETY: write(2) is async-signal-safe; the buffer is a live local of `len` bytes.
+    unsafe { libc::write(2, buf.as_ptr().cast(), len) };
+}
+
+struct Cursor<'a> {
+    buf: &'a mut [u8],
+    len: usize,
+}
+
+impl Cursor<'_> {
+    fn put(&mut self, s: &[u8]) {
+        let n = s.len().min(self.buf.len() - self.len);
+        self.buf[self.len..self.len + n].copy_from_slice(&s[..n]);
+        self.len += n;
+    }
+    fn hex(&mut self, v: u64) {
+        let digits = if v == 0 {
+            1
+        } else {
+            (67 - v.leading_zeros() as usize) / 4
+        };
+        for i in (0..digits).rev() {
+            let d = ((v >> (4 * i)) & 0xf) as u8;
+            self.put(&[if d < 10 { b'0' + d } else { b'a' + d - 10 }]);
+        }
+    }
+}
+
+// ---- probes -----------------------------------------------------------------------------------
+
+/// Reads (`write == None`) or writes one byte at `addr`, returning the fault instead of dying.
+///
+/// The caller (a backend's `access`) has checked that `addr` lies in one of its reservations:
+/// domain memory, to which mpkvirt never hands out Rust references.
+pub(crate) fn probe(addr: usize, write: Option<u8>) -> std::result::Result<u8, RawFault> {
+    LAST_FAULT.set(None);
+    let v = match write {
+        // SAFETY: `addr` is domain memory (see above), which no Rust reference aliases; the
+        // handler installed by the backend recovers a faulting probe.
+        None => unsafe { mpkvirt_asm::mpkvirt_probe_read8(addr as *const u8) },
+        // SAFETY: as above; a successful write changes only domain memory.
+        Some(b) => unsafe { mpkvirt_asm::mpkvirt_probe_write8(addr as *mut u8, b) },
+    };
+    if v == PROBE_FAULTED {
+        Err(LAST_FAULT.take().unwrap_or(RawFault {
+            addr,
+            access: None,
+            code: SegvCode::Other(0),
+            pkey: None,
+        }))
+    } else {
+        Ok(v as u8)
+    }
+}
+
+// ---- guarded calls ------------------------------------------------------------------------
+
+/// Usable size of a guarded call's stack (address space; pages are touched on demand).
+const STACK_SIZE: usize = 1 << 20;
+
+/// A stack for guarded calls: `[guard page][usable stack]`.
+struct GuardStack {
+    base: usize,
+    len: usize,
+}
+
+impl GuardStack {
+    fn new() -> Result<GuardStack> {
+        let page = mman::page_size();
+        let len = STACK_SIZE + page;
+        let base = mman::reserve(len, Prot::NONE)
+            .map_err(|source| Error::Reserve { len, source })? as usize;
+        // SAFETY: the range was just reserved by us and nothing refers to it.
+        unsafe { mman::mprotect((base + page) as *mut u8, STACK_SIZE, Prot::READ_WRITE) }.map_err(
+            |source| Error::Retag {
+                addr: base + page,
+                len: STACK_SIZE,
+                prot: Prot::READ_WRITE,
+                key: Pkey::DEFAULT,
+                source,
+            },
+        )?;
+        Ok(GuardStack { base, len })
+    }
+    fn top(&self) -> usize {
+        self.base + self.len
+    }
+    fn guard(&self) -> (usize, usize) {
+        (self.base, self.base + mman::page_size())
+    }
+}
+
+impl Drop for GuardStack {
+    fn drop(&mut self) {
+        // SAFETY: only stacks whose guarded call returned normally are dropped (abandoned ones
+        // are leaked), so no frame lives on it any more.
+        let _ = unsafe { mman::munmap(self.base as *mut u8, self.len) };
+    }
+}
+
+thread_local! {
+    /// Stacks of finished guarded calls, ready for reuse.
+    static FREE_STACKS: RefCell<Vec<GuardStack>> = const { RefCell::new(Vec::new()) };
+}
+
+struct Call<F, R> {
+    f: Option<F>,
+    out: Option<std::thread::Result<R>>,
+}
+
+unsafe extern "sysv64" fn trampoline<F: FnOnce() -> R, R>(arg: *mut c_void) {
+    // SAFETY: `arg` is the `Call` record `run_guarded` passed to mpkvirt_stack_call; it
+    // outlives this call and nothing else touches it while the closure runs.
+    let call = unsafe { &mut *arg.cast::<Call<F, R>>() };
+    if let Some(f) = call.f.take() {
+        // Panics must not unwind through the assembly frame: catch them here.
+        call.out = Some(catch_unwind(AssertUnwindSafe(f)));
+    }
+}
+
+/// Makes sure the thread has an alternate signal stack, so the handler can run when a
+/// guarded call overflows its stack (Rust gives its own threads one; foreign threads may not
+/// have any).
+fn ensure_altstack() {
+    let mut old = std::mem::MaybeUninit::<libc::stack_t>::zeroed();
+    // SAFETY: querying (null new stack) only writes `old`.
+    if unsafe { libc::sigaltstack(std::ptr::null(), old.as_mut_ptr()) } != 0 {
+        return;
+    }
+    // SAFETY: sigaltstack succeeded and filled `old`.
+    if unsafe { old.assume_init() }.ss_flags & libc::SS_DISABLE == 0 {
+        return;
+    }
+    let size = 64 << 10;
+    let Ok(stack) = mman::reserve(size, Prot::READ_WRITE) else {
+        return;
+    };
+    let new = libc::stack_t {
+        ss_sp: stack.cast(),
+        ss_flags: 0,
+        ss_size: size,
+    };
+    // SAFETY: `stack` is a fresh private mapping used for nothing else; it is leaked on
+    // purpose (a thread's alternate stack must outlive the thread's signal handling).
+    unsafe { libc::sigaltstack(&new, std::ptr::null_mut()) };
+}
+
+/// Runs `f` on a separate stack. Returns `Ok` with `f`'s result (or its panic payload), or
+/// the fault that made the handler abandon it (see the module docs).
+pub(crate) fn run_guarded<F, R>(
+    f: F,
+) -> std::result::Result<std::thread::Result<R>, (RawFault, FaultKind)>
+where
+    F: FnOnce() -> R + 'static,
+{
+    ensure_altstack();
+    let stack = match FREE_STACKS.with_borrow_mut(Vec::pop) {
+        Some(s) => s,
+        None => match GuardStack::new() {
+            Ok(s) => s,
+            Err(_) => {
+                let payload: Box<dyn Any + Send> =
+                    Box::new("mpkvirt: cannot map a stack for a guarded call");
+                return Ok(Err(payload));
+            }
+        },
+    };
+    let mut call = Call {
+        f: Some(f),
+        out: None,
+    };
+    let mut jmp: usize = 0;
+    let prev = RECOVERY.replace(Recovery {
+        jmp: (&raw mut jmp) as usize,
+        guard: stack.guard(),
+    });
+    // SAFETY: `stack.top()` is the 16-byte-aligned top of a fresh read-write stack with a
+    // guard page below; `jmp` and `call` outlive the call; the trampoline catches panics, so
+    // nothing unwinds through the assembly.
+    let faulted = unsafe {
+        mpkvirt_asm::mpkvirt_stack_call(
+            (&raw mut call).cast(),
+            trampoline::<F, R>,
+            stack.top() as *mut u8,
+            &raw mut jmp,
+        )
+    };
+    RECOVERY.set(prev);
+    if faulted != 0 {
+        let raw = LAST_FAULT.take().unwrap_or(RawFault {
+            addr: 0,
+            access: None,
+            code: SegvCode::Other(0),
+            pkey: None,
+        });
+        let kind = if (stack.guard().0..stack.guard().1).contains(&raw.addr) {
+            FaultKind::StackOverflow
+        } else {
+            FaultKind::Violation
+        };
+        // The abandoned frames may still be referred to: never reuse or unmap the stack.
+        std::mem::forget(stack);
+        return Err((raw, kind));
+    }
+    FREE_STACKS.with_borrow_mut(|v| v.push(stack));
+    Ok(call
+        .out
+        .take()
+        .unwrap_or_else(|| Err(Box::new("guarded call did not run"))))
+}
+
+/// Writes a line to stderr in one `write` (used by reports outside signal context).
+pub(crate) fn log_line(line: &str) {
+    let _ = std::io::stderr().write_all(line.as_bytes());
+}

@@ -1,0 +1,514 @@
+//! Eviction policies for the key cache: which resident domain gives up its hardware key.
+//!
+//! Pure code (no system calls, no clocks, no threads), so it is tested exhaustively, driven
+//! by property tests and fuzzers, and replayed on traces ([`simulate`]).
+//!
+//! The cache has `capacity` slots (hardware keys). Each slot holds at most one domain,
+//! identified by an opaque `u64`. The manager tells the policy when a slot is bound, used and
+//! unbound, and asks it for a victim among the slots that are not pinned.
+//!
+//! - [`Lru`]: evict the least recently used domain. The baseline (libmpk uses it).
+//! - [`Hinted`]: the caller announces the domains it will need next, in order (a scheduler's
+//!   run queue is exactly that); evict the domain whose next announced use is furthest away,
+//!   falling back to LRU among domains not announced at all. With a complete future this is
+//!   Belady's optimal policy; with a window of the next few uses it approaches it.
+//! - [`simulate`] with [`PolicyKind::Opt`]: Belady's offline optimum (MIN), the lower bound
+//!   on misses for a trace, used to judge the others.
+
+use std::collections::{HashMap, VecDeque};
+
+/// Which policy a cache uses.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Default)]
+pub enum PolicyKind {
+    /// Least recently used.
+    #[default]
+    Lru,
+    /// Furthest announced next use (the caller passes hints), LRU otherwise.
+    Hinted,
+    /// Belady's offline optimum; only meaningful in [`simulate`], where the whole trace is
+    /// known.
+    Opt,
+}
+
+impl PolicyKind {
+    /// Parses `lru`, `hinted` or `opt`.
+    pub fn parse(s: &str) -> Option<PolicyKind> {
+        match s.to_ascii_lowercase().as_str() {
+            "lru" => Some(PolicyKind::Lru),
+            "hinted" => Some(PolicyKind::Hinted),
+            "opt" => Some(PolicyKind::Opt),
+            _ => None,
+        }
+    }
+}
+
+/// An eviction policy over `capacity` slots.
+pub trait Policy: Send + std::fmt::Debug {
+    /// `domain` now holds `slot`.
+    fn bind(&mut self, slot: usize, domain: u64);
+    /// `slot` was used (a hit, or the access that followed a bind).
+    fn touch(&mut self, slot: usize);
+    /// `slot` is free again.
+    fn unbind(&mut self, slot: usize);
+    /// Announces upcoming uses, soonest first; replaces earlier hints. Policies that do not
+    /// look ahead ignore it.
+    fn hint(&mut self, _future: &[u64]) {}
+    /// Picks the victim among `candidates` (bound, unpinned slots; never empty).
+    fn victim(&mut self, candidates: &[usize]) -> usize;
+}
+
+/// Creates the live policy for `kind` (`Opt` needs the whole trace and falls back to
+/// [`Hinted`], which is optimal when the hints are complete).
+pub fn new_policy(kind: PolicyKind, capacity: usize) -> Box<dyn Policy> {
+    match kind {
+        PolicyKind::Lru => Box::new(Lru::new(capacity)),
+        PolicyKind::Hinted | PolicyKind::Opt => Box::new(Hinted::new(capacity)),
+    }
+}
+
+/// Least recently used: a logical clock stamped on every use.
+#[derive(Debug, Clone)]
+pub struct Lru {
+    clock: u64,
+    last_use: Vec<u64>,
+}
+
+impl Lru {
+    /// A policy for `capacity` slots.
+    pub fn new(capacity: usize) -> Lru {
+        Lru {
+            clock: 0,
+            last_use: vec![0; capacity],
+        }
+    }
+
+    fn stamp(&mut self, slot: usize) {
+        self.clock += 1;
+        self.last_use[slot] = self.clock;
+    }
+
+    /// The least recently used of `candidates` (lowest slot on ties).
+    fn oldest(&self, candidates: &[usize]) -> usize {
+        *candidates
+            .iter()
+            .min_by_key(|&&s| (self.last_use[s], s))
+            .expect("candidates")
+    }
+}
+
+impl Policy for Lru {
+    fn bind(&mut self, slot: usize, _domain: u64) {
+        self.stamp(slot);
+    }
+    fn touch(&mut self, slot: usize) {
+        self.stamp(slot);
+    }
+    fn unbind(&mut self, slot: usize) {
+        self.last_use[slot] = 0;
+    }
+    fn victim(&mut self, candidates: &[usize]) -> usize {
+        self.oldest(candidates)
+    }
+}
+
+/// Furthest announced next use; LRU among the domains that are not announced.
+#[derive(Debug, Clone)]
+pub struct Hinted {
+    lru: Lru,
+    domains: Vec<Option<u64>>,
+    /// Positions of each domain's announced uses in the current hint, soonest first. A use
+    /// of the domain consumes the front one.
+    next_use: HashMap<u64, VecDeque<usize>>,
+}
+
+impl Hinted {
+    /// A policy for `capacity` slots.
+    pub fn new(capacity: usize) -> Hinted {
+        Hinted {
+            lru: Lru::new(capacity),
+            domains: vec![None; capacity],
+            next_use: HashMap::new(),
+        }
+    }
+
+    /// The first announced use of the domain in `slot`, `None` if it is not announced.
+    fn next_use_of(&self, slot: usize) -> Option<usize> {
+        self.domains[slot].and_then(|d| self.next_use.get(&d).and_then(|q| q.front().copied()))
+    }
+}
+
+impl Policy for Hinted {
+    fn bind(&mut self, slot: usize, domain: u64) {
+        self.domains[slot] = Some(domain);
+        self.lru.bind(slot, domain);
+        self.consume(domain);
+    }
+    fn touch(&mut self, slot: usize) {
+        self.lru.touch(slot);
+        if let Some(d) = self.domains[slot] {
+            self.consume(d);
+        }
+    }
+    fn unbind(&mut self, slot: usize) {
+        self.domains[slot] = None;
+        self.lru.unbind(slot);
+    }
+    fn hint(&mut self, future: &[u64]) {
+        self.next_use.clear();
+        for (i, &d) in future.iter().enumerate() {
+            self.next_use.entry(d).or_default().push_back(i);
+        }
+    }
+    fn victim(&mut self, candidates: &[usize]) -> usize {
+        // Not announced at all: the LRU one of those. Else: the furthest announced.
+        let unannounced: Vec<usize> = candidates
+            .iter()
+            .copied()
+            .filter(|&s| self.next_use_of(s).is_none())
+            .collect();
+        if !unannounced.is_empty() {
+            return self.lru.oldest(&unannounced);
+        }
+        *candidates
+            .iter()
+            .max_by_key(|&&s| (self.next_use_of(s), std::cmp::Reverse(s)))
+            .expect("candidates")
+    }
+}
+
+impl Hinted {
+    /// A use of `domain` happened: its soonest announced use is consumed.
+    fn consume(&mut self, domain: u64) {
+        if let Some(q) = self.next_use.get_mut(&domain) {
+            q.pop_front();
+            if q.is_empty() {
+                self.next_use.remove(&domain);
+            }
+        }
+    }
+}
+
+/// Outcome of replaying a trace.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Default)]
+pub struct Stats {
+    /// Accesses whose domain was resident.
+    pub hits: u64,
+    /// Accesses that had to bind a key (including cold misses).
+    pub misses: u64,
+    /// Misses that evicted another domain.
+    pub evictions: u64,
+}
+
+impl Stats {
+    /// Misses per access.
+    pub fn miss_ratio(&self) -> f64 {
+        let total = self.hits + self.misses;
+        if total == 0 {
+            0.0
+        } else {
+            self.misses as f64 / total as f64
+        }
+    }
+}
+
+/// Replays `trace` (domain ids, one access each) through a cache of `capacity` keys.
+///
+/// For [`PolicyKind::Hinted`], before each access the policy is told the next `lookahead`
+/// accesses (what a run queue of that length reveals). [`PolicyKind::Opt`] sees the whole
+/// future (Belady's MIN).
+pub fn simulate(trace: &[u64], capacity: usize, kind: PolicyKind, lookahead: usize) -> Stats {
+    assert!(capacity > 0, "a cache needs at least one key");
+    let mut stats = Stats::default();
+    let mut slot_of: HashMap<u64, usize> = HashMap::new();
+    let mut domain_in: Vec<Option<u64>> = vec![None; capacity];
+    match kind {
+        PolicyKind::Opt => {
+            // next[i]: index of the next access to trace[i]'s domain after i.
+            let mut next = vec![usize::MAX; trace.len()];
+            let mut seen: HashMap<u64, usize> = HashMap::new();
+            for i in (0..trace.len()).rev() {
+                next[i] = seen.insert(trace[i], i).unwrap_or(usize::MAX);
+            }
+            let mut next_of_slot = vec![usize::MAX; capacity];
+            for (i, &d) in trace.iter().enumerate() {
+                if let Some(&s) = slot_of.get(&d) {
+                    stats.hits += 1;
+                    next_of_slot[s] = next[i];
+                    continue;
+                }
+                stats.misses += 1;
+                let s = match domain_in.iter().position(Option::is_none) {
+                    Some(free) => free,
+                    None => {
+                        stats.evictions += 1;
+                        let s = (0..capacity)
+                            .max_by_key(|&s| (next_of_slot[s], s))
+                            .expect("slot");
+                        slot_of.remove(&domain_in[s].take().expect("bound"));
+                        s
+                    }
+                };
+                domain_in[s] = Some(d);
+                slot_of.insert(d, s);
+                next_of_slot[s] = next[i];
+            }
+        }
+        _ => {
+            let mut policy = new_policy(kind, capacity);
+            let all: Vec<usize> = (0..capacity).collect();
+            for (i, &d) in trace.iter().enumerate() {
+                if kind == PolicyKind::Hinted {
+                    let end = (i + 1 + lookahead).min(trace.len());
+                    policy.hint(&trace[i + 1..end]);
+                }
+                if let Some(&s) = slot_of.get(&d) {
+                    stats.hits += 1;
+                    policy.touch(s);
+                    continue;
+                }
+                stats.misses += 1;
+                let s = match domain_in.iter().position(Option::is_none) {
+                    Some(free) => free,
+                    None => {
+                        stats.evictions += 1;
+                        let s = policy.victim(&all);
+                        slot_of.remove(&domain_in[s].take().expect("bound"));
+                        policy.unbind(s);
+                        s
+                    }
+                };
+                domain_in[s] = Some(d);
+                slot_of.insert(d, s);
+                policy.bind(s, d);
+            }
+        }
+    }
+    stats
+}
+
+/// Trace generators for policy comparisons (deterministic for a seed).
+pub mod trace {
+    /// SplitMix64: a small, well-mixed deterministic generator; enough for traces.
+    #[derive(Clone, Debug)]
+    pub struct SplitMix(u64);
+
+    impl SplitMix {
+        /// A generator seeded with `seed`.
+        pub fn new(seed: u64) -> SplitMix {
+            SplitMix(seed)
+        }
+        /// The next 64 random bits.
+        pub fn next_u64(&mut self) -> u64 {
+            self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+            let mut z = self.0;
+            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+            z ^ (z >> 31)
+        }
+        /// Uniform in `0..n` (n > 0).
+        pub fn below(&mut self, n: u64) -> u64 {
+            ((u128::from(self.next_u64()) * u128::from(n)) >> 64) as u64
+        }
+        /// Uniform in `[0, 1)`.
+        pub fn unit(&mut self) -> f64 {
+            (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+        }
+    }
+
+    /// Samples ranks `0..n` with probability proportional to `1 / (rank + 1)^s`.
+    #[derive(Clone, Debug)]
+    pub struct Zipf {
+        cdf: Vec<f64>,
+    }
+
+    impl Zipf {
+        /// A Zipf distribution over `n > 0` items with exponent `s`.
+        pub fn new(n: usize, s: f64) -> Zipf {
+            let mut acc = 0.0;
+            let mut cdf = Vec::with_capacity(n);
+            for rank in 0..n {
+                acc += 1.0 / ((rank + 1) as f64).powf(s);
+                cdf.push(acc);
+            }
+            for c in &mut cdf {
+                *c /= acc;
+            }
+            Zipf { cdf }
+        }
+        /// A rank.
+        pub fn sample(&self, rng: &mut SplitMix) -> u64 {
+            let u = rng.unit();
+            self.cdf.partition_point(|&c| c < u).min(self.cdf.len() - 1) as u64
+        }
+    }
+
+    /// `len` accesses, each to a uniformly chosen domain of `domains`.
+    pub fn uniform(domains: usize, len: usize, seed: u64) -> Vec<u64> {
+        let mut rng = SplitMix::new(seed);
+        (0..len).map(|_| rng.below(domains as u64)).collect()
+    }
+
+    /// `len` accesses with Zipf(`s`) popularity over `domains` (popular ids scattered).
+    pub fn zipf(domains: usize, len: usize, s: f64, seed: u64) -> Vec<u64> {
+        let mut rng = SplitMix::new(seed);
+        let z = Zipf::new(domains, s);
+        (0..len)
+            .map(|_| scatter(z.sample(&mut rng), domains as u64))
+            .collect()
+    }
+
+    /// A cyclic scan over `domains` domains, `len` accesses long.
+    pub fn scan(domains: usize, len: usize) -> Vec<u64> {
+        (0..len).map(|i| (i % domains) as u64).collect()
+    }
+
+    /// A serverless-like trace: `apps` applications with Zipf(`s`) popularity arrive in
+    /// bursts (geometric, mean `burst` requests). A request of app `a` touches the app's
+    /// shared read-only image domain, then one of its `instances` instance domains.
+    /// Domain ids: image of app `a` = `2a·K`, instance `i` = `2a·K + 1 + i` with
+    /// `K = instances + 1`.
+    pub fn serverless(
+        apps: usize,
+        instances: usize,
+        len: usize,
+        s: f64,
+        burst: f64,
+        seed: u64,
+    ) -> Vec<u64> {
+        let mut rng = SplitMix::new(seed);
+        let z = Zipf::new(apps, s);
+        let k = (instances + 1) as u64;
+        let mut out = Vec::with_capacity(len);
+        while out.len() < len {
+            let app = scatter(z.sample(&mut rng), apps as u64);
+            let base = 2 * app * k;
+            loop {
+                out.push(base);
+                out.push(base + 1 + rng.below(instances as u64));
+                if out.len() >= len || rng.unit() < 1.0 / burst {
+                    break;
+                }
+            }
+        }
+        out.truncate(len);
+        out
+    }
+
+    /// Spreads rank `r` over `0..n` so that popular ids are not adjacent.
+    fn scatter(r: u64, n: u64) -> u64 {
+        // Multiplying by an odd constant modulo a power of two is a bijection; fold into n.
+        let m = n.next_power_of_two();
+        let mut x = r;
+        loop {
+            x = x.wrapping_mul(0x9e37_79b9_7f4a_7c15 | 1) & (m - 1);
+            if x < n {
+                return x;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// The invariants every replay must satisfy, whatever the policy.
+    fn assert_stats_invariants(trace: &[u64], capacity: usize, s: Stats) {
+        let distinct = trace.iter().collect::<std::collections::HashSet<_>>().len() as u64;
+        assert_eq!(s.hits + s.misses, trace.len() as u64);
+        assert!(s.misses >= distinct, "every domain misses once: {s:?}");
+        assert_eq!(
+            s.evictions,
+            s.misses - distinct.min(capacity as u64).min(s.misses)
+        );
+    }
+
+    #[test]
+    fn lru_evicts_the_least_recently_used() {
+        let mut p = Lru::new(3);
+        p.bind(0, 10);
+        p.bind(1, 11);
+        p.bind(2, 12);
+        p.touch(0);
+        assert_eq!(p.victim(&[0, 1, 2]), 1);
+        p.touch(1);
+        assert_eq!(p.victim(&[0, 1, 2]), 2);
+        assert_eq!(p.victim(&[0, 1]), 0, "only among candidates");
+    }
+
+    #[test]
+    fn hinted_evicts_the_furthest_announced_and_prefers_unannounced() {
+        let mut p = Hinted::new(3);
+        p.bind(0, 10);
+        p.bind(1, 11);
+        p.bind(2, 12);
+        p.hint(&[11, 12, 10]);
+        assert_eq!(p.victim(&[0, 1, 2]), 0, "10 is needed last");
+        p.hint(&[11, 12]);
+        assert_eq!(p.victim(&[0, 1, 2]), 0, "10 is not needed at all");
+        p.hint(&[10, 11, 12]);
+        assert_eq!(p.victim(&[0, 1]), 1, "only among candidates");
+    }
+
+    #[test]
+    fn opt_on_a_scan_keeps_most_of_the_loop_resident() {
+        // Loop of 20 over 15 keys: LRU misses every access; OPT keeps 14 of the loop.
+        let t = trace::scan(20, 2000);
+        let lru = simulate(&t, 15, PolicyKind::Lru, 0);
+        let opt = simulate(&t, 15, PolicyKind::Opt, 0);
+        assert_eq!(lru.misses, 2000);
+        assert!(opt.misses < 2000 / 3, "{opt:?}");
+        let hinted = simulate(&t, 15, PolicyKind::Hinted, 32);
+        assert!(
+            hinted.misses <= opt.misses + opt.misses / 10,
+            "{hinted:?} vs {opt:?}"
+        );
+    }
+
+    #[test]
+    fn every_policy_fits_a_small_working_set() {
+        let t = trace::uniform(10, 1000, 7);
+        for kind in [PolicyKind::Lru, PolicyKind::Hinted, PolicyKind::Opt] {
+            assert_eq!(simulate(&t, 15, kind, 8).misses, 10, "{kind:?}");
+        }
+    }
+
+    #[test]
+    fn zipf_is_skewed_and_deterministic() {
+        let a = trace::zipf(1000, 20_000, 0.99, 1);
+        assert_eq!(a, trace::zipf(1000, 20_000, 0.99, 1));
+        let mut counts = HashMap::new();
+        for d in &a {
+            *counts.entry(*d).or_insert(0u32) += 1;
+        }
+        let mut c: Vec<u32> = counts.into_values().collect();
+        c.sort_unstable_by(|x, y| y.cmp(x));
+        assert!(
+            c[0] > 20 * c[c.len() / 2],
+            "top {} vs median {}",
+            c[0],
+            c[c.len() / 2]
+        );
+    }
+
+    proptest! {
+        #[test]
+        fn opt_is_a_lower_bound(trace in proptest::collection::vec(0u64..24, 1..400), cap in 1usize..16) {
+            let opt = simulate(&trace, cap, PolicyKind::Opt, 0);
+            assert_stats_invariants(&trace, cap, opt);
+            for kind in [PolicyKind::Lru, PolicyKind::Hinted] {
+                let s = simulate(&trace, cap, kind, 4);
+                assert_stats_invariants(&trace, cap, s);
+                prop_assert!(s.misses >= opt.misses, "{kind:?} {s:?} beat OPT {opt:?}");
+            }
+        }
+
+        #[test]
+        fn hinted_with_the_whole_future_is_optimal(trace in proptest::collection::vec(0u64..20, 1..300), cap in 1usize..16) {
+            let opt = simulate(&trace, cap, PolicyKind::Opt, 0);
+            let full = simulate(&trace, cap, PolicyKind::Hinted, trace.len());
+            prop_assert_eq!(full.misses, opt.misses);
+        }
+    }
+}
