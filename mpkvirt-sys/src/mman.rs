@@ -70,6 +70,42 @@ pub fn reserve(len: usize, prot: Prot) -> Result<*mut u8> {
     check_map(ret)
 }
 
+/// Like [`reserve`], for a range that will be split into many differently tagged pieces
+/// which should merge back into one mapping when they are tagged alike again.
+///
+/// The kernel merges two adjacent anonymous mappings only if they share an `anon_vma` (or
+/// one has none). A piece split off a mapping shares its parent's, but a piece that is first
+/// written while it differs from its neighbours in more than access bits — a different
+/// protection key, typically — gets a fresh one of its own and can never merge again: with
+/// many such pieces the process runs into `vm.max_map_count` (65,530 by default). Writing
+/// one byte while the whole range is still one mapping gives it an `anon_vma` that every
+/// later piece inherits. The byte's page is discarded again; the range ends inaccessible.
+/// Four extra system calls per reservation.
+///
+/// # Errors
+///
+/// As [`reserve`], plus failures of the priming calls.
+pub fn reserve_mergeable(len: usize) -> Result<*mut u8> {
+    let start = reserve(len, Prot::NONE)?;
+    let prime = || -> Result<()> {
+        // SAFETY: the range was just reserved by this function and nothing refers to it.
+        unsafe { mprotect(start, len, Prot::READ_WRITE) }?;
+        // SAFETY: `start` is the first byte of the now writable, private, fresh mapping; no
+        // Rust reference points into it. The write makes the kernel attach an anon_vma.
+        unsafe { start.write_volatile(0) };
+        // SAFETY: as above: our own mapping, unreferenced.
+        unsafe { mprotect(start, len, Prot::NONE) }?;
+        // SAFETY: as above; the page written above is given back.
+        unsafe { madvise_dontneed(start, page_size()) }
+    };
+    if let Err(e) = prime() {
+        // SAFETY: the range is ours and unreferenced.
+        let _ = unsafe { munmap(start, len) };
+        return Err(e);
+    }
+    Ok(start)
+}
+
 /// Replaces `[addr, addr + len)` with fresh zero pages of protection `prot`
 /// (`MAP_FIXED`). The pages' protection key is reset to 0.
 ///
@@ -214,4 +250,35 @@ impl Prot {
 pub fn page_round_up(len: usize) -> usize {
     let page = page_size();
     len.div_ceil(page) * page
+}
+
+/// The protection key of the mapping containing `addr`, from the `ProtectionKey:` field of
+/// `/proc/self/smaps` (present on kernels with pkeys). `Ok(None)` when no mapping contains
+/// `addr` or the kernel shows no key.
+///
+/// For diagnostics and tests; it parses a text file and is slow.
+///
+/// # Errors
+///
+/// Reading `/proc/self/smaps` failed.
+///
+/// # References
+///
+/// proc_pid_smaps(5)
+pub fn smaps_protection_key(addr: usize) -> std::io::Result<Option<crate::Pkey>> {
+    let smaps = std::fs::read_to_string("/proc/self/smaps")?;
+    let mut inside = false;
+    for line in smaps.lines() {
+        let range = line.split_once(' ').and_then(|(r, _)| r.split_once('-'));
+        if let Some((lo, hi)) = range
+            && let (Ok(lo), Ok(hi)) = (usize::from_str_radix(lo, 16), usize::from_str_radix(hi, 16))
+        {
+            inside = (lo..hi).contains(&addr);
+            continue;
+        }
+        if inside && let Some(v) = line.strip_prefix("ProtectionKey:") {
+            return Ok(v.trim().parse().ok().and_then(crate::Pkey::new));
+        }
+    }
+    Ok(None)
 }

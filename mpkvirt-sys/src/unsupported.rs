@@ -118,7 +118,7 @@ pub(crate) mod signal {
     pub unsafe fn install(
         _sig: libc::c_int,
         _handler: Handler,
-        _extra_flags: libc::c_int,
+        _flags: libc::c_int,
     ) -> Result<libc::sigaction> {
         Err(Error::Unsupported { op: Op::Sigaction })
     }

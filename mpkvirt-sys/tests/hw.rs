@@ -67,7 +67,8 @@ fn install_handler() {
     ONCE.call_once(|| {
         // SAFETY: the handler only touches a const-initialised thread-local Cell and the
         // interrupted context, and chains every fault that is not at a probe.
-        let prev = unsafe { signal::install(libc::SIGSEGV, on_segv, 0) }.expect("sigaction");
+        let prev = unsafe { signal::install(libc::SIGSEGV, on_segv, libc::SA_ONSTACK) }
+            .expect("sigaction");
         let _ = PREV_SEGV.set(PrevAction(prev));
     });
 }
@@ -132,24 +133,11 @@ fn set_pkru(pku: Pku, value: Pkru) {
     unsafe { pku.wrpkru(value) }
 }
 
-/// The `ProtectionKey:` field of the smaps entry containing `addr`.
+/// The protection key smaps shows for `addr`.
 fn smaps_pkey(addr: *const u8) -> Option<u8> {
-    let smaps = std::fs::read_to_string("/proc/self/smaps").ok()?;
-    let addr = addr as usize;
-    let mut inside = false;
-    for line in smaps.lines() {
-        if let Some((range, _)) = line.split_once(' ')
-            && let Some((lo, hi)) = range.split_once('-')
-            && let (Ok(lo), Ok(hi)) = (usize::from_str_radix(lo, 16), usize::from_str_radix(hi, 16))
-        {
-            inside = (lo..hi).contains(&addr);
-            continue;
-        }
-        if inside && let Some(v) = line.strip_prefix("ProtectionKey:") {
-            return v.trim().parse().ok();
-        }
-    }
-    None
+    mman::smaps_protection_key(addr as usize)
+        .expect("read smaps")
+        .map(Pkey::index)
 }
 
 // ---- tests ---------------------------------------------------------------------------------

@@ -73,6 +73,8 @@ pub(crate) struct DomainInner {
     /// Process-wide page protection. Written under the manager's lock.
     pub(crate) prot: Mutex<Prot>,
     pub(crate) heap: Mutex<DomainHeap>,
+    /// Whether files were mapped into the range (a discard must then replace mappings).
+    pub(crate) mapped_files: std::sync::atomic::AtomicBool,
 }
 
 /// A virtual protection domain: a reserved, contiguous page range plus an allocator for it.
@@ -125,6 +127,12 @@ impl<B: Backend> Domain<B> {
     /// Whether the domain currently holds a hardware key.
     pub fn is_resident(&self) -> bool {
         self.inner.slot.get().is_some()
+    }
+
+    /// The key the domain holds right now, if resident (it can change as soon as no view
+    /// pins it; for diagnostics and tests).
+    pub fn key(&self) -> Option<mpkvirt_sys::Pkey> {
+        self.inner.slot.get().map(|s| self.mgr.key_of_slot(s))
     }
 
     /// The domain's process-wide page protection.

@@ -183,7 +183,7 @@ pub(crate) fn install_handler() -> Result<()> {
     let prev = PREV.get_or_init(|| {
         // SAFETY: `on_segv` is async-signal-safe (atomics, const thread-locals, write(2)) and
         // chains every fault it does not recover to the action it replaces.
-        unsafe { signal::install(libc::SIGSEGV, on_segv, 0) }.map(PrevAction)
+        unsafe { signal::install(libc::SIGSEGV, on_segv, libc::SA_ONSTACK) }.map(PrevAction)
     });
     prev.as_ref()
         .map(drop)

@@ -273,6 +273,10 @@ impl<B: Backend> Manager<B> {
         &self.shared.keys
     }
 
+    pub(crate) fn key_of_slot(&self, slot: usize) -> Pkey {
+        self.shared.keys[slot]
+    }
+
     /// The configuration.
     pub fn config(&self) -> &Config {
         &self.shared.config
@@ -332,6 +336,7 @@ impl<B: Backend> Manager<B> {
             slot: SlotRef::new(),
             prot: Mutex::new(opts.prot),
             heap: Mutex::new(DomainHeap::new(len, mman::page_size())),
+            mapped_files: std::sync::atomic::AtomicBool::new(false),
         });
         inner.stats.created += 1;
         inner.stats.domains += 1;
@@ -401,7 +406,10 @@ impl<B: Backend> Manager<B> {
             }
         }
         inner.stats.domains -= 1;
-        match sh.backend.discard(d.base, d.len) {
+        match sh
+            .backend
+            .discard(d.base, d.len, d.mapped_files.load(Ordering::Relaxed))
+        {
             Ok(()) if !keep_range => Self::release_range(&mut inner, d.base, d.len),
             Ok(()) => {}
             Err(e) => fault::log_line(&format!(
@@ -430,7 +438,11 @@ impl<B: Backend> Manager<B> {
         let sh = &*self.shared;
         let _inner = sh.inner.lock();
         *d.inner.heap.lock() = DomainHeap::new(d.inner.len, mman::page_size());
-        sh.backend.discard(d.inner.base, d.inner.len)?;
+        sh.backend.discard(
+            d.inner.base,
+            d.inner.len,
+            d.inner.mapped_files.swap(false, Ordering::Relaxed),
+        )?;
         // Mapping over the range reset its key to 0: apply the binding again.
         if let Some(s) = d.inner.slot.get() {
             sh.backend.tag(
@@ -453,6 +465,7 @@ impl<B: Backend> Manager<B> {
     ) -> Result<()> {
         let sh = &*self.shared;
         let _inner = sh.inner.lock();
+        d.inner.mapped_files.store(true, Ordering::Relaxed);
         sh.backend.map_fd(addr, len, fd, offset)?;
         // The new mapping has key 0 and no access: apply the domain's binding to it.
         if let Some(s) = d.inner.slot.get() {
@@ -683,7 +696,8 @@ impl<B: Backend> Manager<B> {
         bits: &mut Pkru,
     ) -> Result<()> {
         let sh = &*self.shared;
-        let deadline = Instant::now() + sh.config.pin_wait;
+        // Read the clock only if we have to wait (it can be a system call).
+        let mut deadline = None;
         let mut inner = sh.inner.lock();
         self.sweep_uses(&mut inner);
         for i in SlotIter(missing) {
@@ -702,7 +716,8 @@ impl<B: Backend> Manager<B> {
                     sh.slots[s].pin_locked();
                     break s;
                 }
-                let timed_out = sh.unpinned.wait_until(&mut inner, deadline).timed_out();
+                let until = *deadline.get_or_insert_with(|| Instant::now() + sh.config.pin_wait);
+                let timed_out = sh.unpinned.wait_until(&mut inner, until).timed_out();
                 sh.waiters.fetch_sub(1, Ordering::SeqCst);
                 if timed_out && d.inner.slot.get().is_none() {
                     return Err(Error::KeysBusy {

@@ -83,11 +83,12 @@ pub unsafe fn redirect(ctx: &mut libc::ucontext_t, ip: usize, sp: usize, rax: u6
     gregs[libc::REG_RAX as usize] = rax as i64;
 }
 
-/// Installs `handler` for `sig` with `SA_SIGINFO | SA_ONSTACK | SA_NODEFER`-free defaults
-/// plus `extra_flags`, returning the previous action (to chain to it).
+/// Installs `handler` for `sig` with `SA_SIGINFO | flags` and an empty mask, returning the
+/// previous action (to chain to it).
 ///
-/// `SA_ONSTACK` makes the handler run on the thread's alternate stack when it has one (Rust's
-/// runtime gives the main thread and spawned threads one), so stack overflows are handled.
+/// Pass `SA_ONSTACK` for handlers that must run when the stack overflowed (on the thread's
+/// alternate stack, which Rust's runtime gives the main thread and the threads it spawns).
+/// Leave it out for handlers that may run while the thread tears its alternate stack down.
 ///
 /// # Errors
 ///
@@ -101,12 +102,12 @@ pub unsafe fn redirect(ctx: &mut libc::ucontext_t, ip: usize, sp: usize, rax: u6
 pub unsafe fn install(
     sig: libc::c_int,
     handler: Handler,
-    extra_flags: libc::c_int,
+    flags: libc::c_int,
 ) -> Result<libc::sigaction> {
     // SAFETY: all-zero is a valid `sigaction` (integers, an empty mask, a null restorer).
     let mut new: libc::sigaction = unsafe { MaybeUninit::zeroed().assume_init() };
     new.sa_sigaction = handler as usize;
-    new.sa_flags = libc::SA_SIGINFO | libc::SA_ONSTACK | extra_flags;
+    new.sa_flags = libc::SA_SIGINFO | flags;
     // SAFETY: sigemptyset only writes the mask field of the struct we own.
     unsafe { libc::sigemptyset(&mut new.sa_mask) };
     let mut old = MaybeUninit::<libc::sigaction>::zeroed();

@@ -112,8 +112,8 @@ impl BackendOps for Emulated {
     }
 
     fn reserve(&self, len: usize) -> Result<usize> {
-        let start = mman::reserve(len, Prot::NONE)
-            .map_err(|source| Error::Reserve { len, source })? as usize;
+        let start =
+            mman::reserve_mergeable(len).map_err(|source| Error::Reserve { len, source })? as usize;
         self.reservations.add(start, len);
         fault::register_arena(start, len);
         Ok(start)
@@ -138,25 +138,30 @@ impl BackendOps for Emulated {
         }
     }
 
-    fn discard(&self, addr: usize, len: usize) -> Result<()> {
+    fn discard(&self, addr: usize, len: usize, mapped_files: bool) -> Result<()> {
         self.check(addr, len);
-        let mut state = self.state.lock();
-        for ks in state.iter_mut() {
-            if ks.bound.is_some_and(|(a, _, _)| a == addr) {
-                ks.bound = None;
+        let err = |source| Error::Retag {
+            addr,
+            len,
+            prot: Prot::NONE,
+            key: Pkey::DEFAULT,
+            source,
+        };
+        if mapped_files {
+            let mut state = self.state.lock();
+            for ks in state.iter_mut() {
+                if ks.bound.is_some_and(|(a, _, _)| a == addr) {
+                    ks.bound = None;
+                }
             }
+            // SAFETY: the range is inside a reservation (checked) and its contents are given
+            // up on purpose; the fresh pages are inaccessible.
+            return unsafe { mman::map_fixed_anonymous(addr as *mut u8, len, Prot::NONE) }
+                .map_err(err);
         }
-        // SAFETY: the range is inside a reservation (checked) and its contents are given up
-        // on purpose; the fresh pages are inaccessible.
-        unsafe { mman::map_fixed_anonymous(addr as *mut u8, len, Prot::NONE) }.map_err(|source| {
-            Error::Retag {
-                addr,
-                len,
-                prot: Prot::NONE,
-                key: Pkey::DEFAULT,
-                source,
-            }
-        })
+        // SAFETY: as above; emptying in place keeps the mapping mergeable.
+        unsafe { mman::madvise_dontneed(addr as *mut u8, len) }.map_err(err)?;
+        self.tag(addr, len, Prot::NONE, None)
     }
 
     fn map_fd(&self, addr: usize, len: usize, fd: BorrowedFd<'_>, offset: u64) -> Result<()> {

@@ -100,8 +100,8 @@ impl BackendOps for Hardware {
     }
 
     fn reserve(&self, len: usize) -> Result<usize> {
-        let start = mman::reserve(len, Prot::NONE)
-            .map_err(|source| Error::Reserve { len, source })? as usize;
+        let start =
+            mman::reserve_mergeable(len).map_err(|source| Error::Reserve { len, source })? as usize;
         self.reservations.add(start, len);
         fault::register_arena(start, len);
         Ok(start)
@@ -124,19 +124,26 @@ impl BackendOps for Hardware {
         })
     }
 
-    fn discard(&self, addr: usize, len: usize) -> Result<()> {
+    fn discard(&self, addr: usize, len: usize, mapped_files: bool) -> Result<()> {
         self.check(addr, len);
-        // SAFETY: as for `tag`; the contents are given up on purpose (domain destroyed or
-        // reset), and the fresh pages are parked: no access, key 0.
-        unsafe { mman::map_fixed_anonymous(addr as *mut u8, len, Prot::NONE) }.map_err(|source| {
-            Error::Retag {
-                addr,
-                len,
-                prot: Prot::NONE,
-                key: Pkey::DEFAULT,
-                source,
-            }
-        })
+        let err = |source| Error::Retag {
+            addr,
+            len,
+            prot: Prot::NONE,
+            key: Pkey::DEFAULT,
+            source,
+        };
+        if mapped_files {
+            // SAFETY: as for `tag`; the contents are given up on purpose (domain destroyed
+            // or reset) and the fresh anonymous pages replacing the file mappings are parked.
+            return unsafe { mman::map_fixed_anonymous(addr as *mut u8, len, Prot::NONE) }
+                .map_err(err);
+        }
+        // Emptying the pages in place (rather than mapping over them) keeps the range's
+        // anon_vma, so it merges with its parked neighbours again (see `reserve`).
+        // SAFETY: as for `tag`; the contents are given up on purpose.
+        unsafe { mman::madvise_dontneed(addr as *mut u8, len) }.map_err(err)?;
+        self.tag(addr, len, Prot::NONE, None)
     }
 
     fn map_fd(&self, addr: usize, len: usize, fd: BorrowedFd<'_>, offset: u64) -> Result<()> {

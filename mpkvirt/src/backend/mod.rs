@@ -108,14 +108,16 @@ pub(crate) mod sealed {
         fn kind(&self) -> BackendKind;
         /// The keys domains may be bound to (distinct, none is key 0).
         fn keys(&self) -> &[Pkey];
-        /// Reserves `len` bytes of address space (page multiple): inaccessible, key 0.
+        /// Reserves `len` bytes of address space (page multiple): inaccessible, key 0, and
+        /// primed so that its pieces can merge again ([`mpkvirt_sys::mman::reserve_mergeable`]).
         fn reserve(&self, len: usize) -> Result<usize>;
         /// Gives `[addr, addr + len)` (inside a reservation) protection `prot` and `key`, or
         /// parks it (no access, key 0) when `key` is `None`. One system call on real
         /// backends, whatever the length.
         fn tag(&self, addr: usize, len: usize, prot: Prot, key: Option<Pkey>) -> Result<()>;
-        /// Replaces `[addr, addr + len)` with fresh zero pages, parked.
-        fn discard(&self, addr: usize, len: usize) -> Result<()>;
+        /// Gives `[addr, addr + len)` fresh zero pages, parked. `mapped_files`: whether file
+        /// mappings were placed in the range (they must be replaced, not just emptied).
+        fn discard(&self, addr: usize, len: usize, mapped_files: bool) -> Result<()>;
         /// Maps `fd` privately (copy-on-write) over `[addr, addr + len)`, parked; the caller
         /// re-applies the domain's tag.
         fn map_fd(&self, addr: usize, len: usize, fd: BorrowedFd<'_>, offset: u64) -> Result<()>;
@@ -176,8 +178,8 @@ impl BackendOps for Machine {
     fn tag(&self, addr: usize, len: usize, prot: Prot, key: Option<Pkey>) -> Result<()> {
         dispatch!(self, b => b.tag(addr, len, prot, key))
     }
-    fn discard(&self, addr: usize, len: usize) -> Result<()> {
-        dispatch!(self, b => b.discard(addr, len))
+    fn discard(&self, addr: usize, len: usize, mapped_files: bool) -> Result<()> {
+        dispatch!(self, b => b.discard(addr, len, mapped_files))
     }
     fn map_fd(&self, addr: usize, len: usize, fd: BorrowedFd<'_>, offset: u64) -> Result<()> {
         dispatch!(self, b => b.map_fd(addr, len, fd, offset))

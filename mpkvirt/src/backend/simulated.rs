@@ -162,7 +162,7 @@ impl BackendOps for Simulated {
         Ok(())
     }
 
-    fn discard(&self, addr: usize, len: usize) -> Result<()> {
+    fn discard(&self, addr: usize, len: usize, _mapped_files: bool) -> Result<()> {
         assert!(
             self.reservations.contains(addr, len),
             "discard outside the reservations"
@@ -175,7 +175,7 @@ impl BackendOps for Simulated {
 
     fn map_fd(&self, addr: usize, len: usize, _fd: BorrowedFd<'_>, _offset: u64) -> Result<()> {
         // The model has no file contents: the range reads as zero, like an empty file.
-        self.discard(addr, len)
+        self.discard(addr, len, true)
     }
 
     fn read_pkru(&self, regs: &ThreadRegs) -> Pkru {

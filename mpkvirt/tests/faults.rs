@@ -1,0 +1,253 @@
+//! Fault reports: guarded calls turn domain violations into errors naming the domain,
+//! unwind the views the abandoned code entered, report stack overflows, let panics through,
+//! and leave every fault that is not theirs to the previous handler (the process dies).
+#![allow(
+    unsafe_code,
+    reason = "the tests access domain memory through raw pointers"
+)]
+
+use std::process::Command;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use mpkvirt::{
+    Access, Backend, Config, DomainOptions, Emulated, Error, FaultKind, Hardware, Manager, Rights,
+    SegvCode,
+};
+use mpkvirt_sys::require_pku;
+
+static REAL: Mutex<()> = Mutex::new(());
+
+fn config(keys: usize) -> Config {
+    Config {
+        max_keys: keys,
+        pin_wait: Duration::ZERO,
+        arena_chunk: 1 << 30,
+        ..Config::default()
+    }
+}
+
+fn lock() -> std::sync::MutexGuard<'static, ()> {
+    REAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Writes through a raw pointer into domain memory (no Rust reference exists to it).
+fn poke(addr: usize, v: u8) {
+    // SAFETY: `addr` is inside a domain reservation, which Rust code never references; a
+    // fault here is recovered by the guarded call around it.
+    unsafe { (addr as *mut u8).write_volatile(v) }
+}
+
+fn peek(addr: usize) -> u8 {
+    // SAFETY: as for `poke`.
+    unsafe { (addr as *const u8).read_volatile() }
+}
+
+/// `resident_code`: how the backend reports a denied access to a domain that holds a key
+/// (a parked domain is always `SEGV_ACCERR`: its pages have no access at all).
+fn guarded_calls_report_violations<B: Backend>(mgr: &Manager<B>, resident_code: SegvCode) {
+    let d = mgr.create_domain(DomainOptions::reserve(8192)).unwrap();
+    let addr = d.base().as_ptr() as usize + 100;
+
+    // Outside every view: the write faults and is reported, the process lives on.
+    for (resident, code) in [(false, SegvCode::AccErr), (true, resident_code)] {
+        if resident {
+            drop(mgr.enter(&[(&d, Rights::ReadWrite)]).unwrap());
+        }
+        assert_eq!(d.is_resident(), resident);
+        let err = mgr.guarded(move || poke(addr, 7)).unwrap_err();
+        let Error::Fault(report) = err else {
+            panic!("expected a fault, got {err:?}")
+        };
+        assert_eq!(report.kind, FaultKind::Violation);
+        assert_eq!(report.domain, Some(d.id()));
+        assert_eq!(report.addr, addr);
+        assert_eq!(report.access, Some(Access::Write));
+        assert_eq!(report.code, code, "resident: {resident}");
+        assert!(report.to_string().contains(&d.id().to_string()), "{report}");
+    }
+
+    // Inside a view granting it, the same code runs to completion.
+    let v = mgr
+        .with_view(&[(&d, Rights::ReadWrite)], || {
+            mgr.guarded(move || {
+                poke(addr, 9);
+                peek(addr)
+            })
+        })
+        .unwrap()
+        .unwrap();
+    assert_eq!(v, 9);
+
+    // Read-only: reads work, the write is reported as a write.
+    let err = mgr
+        .with_view(&[(&d, Rights::ReadOnly)], || {
+            mgr.guarded(move || poke(addr, 1))
+        })
+        .unwrap()
+        .unwrap_err();
+    assert!(
+        matches!(err, Error::Fault(r) if r.access == Some(Access::Write) && r.domain == Some(d.id())),
+        "{err:?}"
+    );
+    assert_eq!(
+        mgr.with_view(&[(&d, Rights::ReadOnly)], || mgr
+            .guarded(move || peek(addr)))
+            .unwrap()
+            .unwrap(),
+        9
+    );
+}
+
+#[test]
+fn emulated_guarded_calls_report_violations() {
+    let _g = lock();
+    guarded_calls_report_violations(
+        &Manager::with_backend(Emulated::new(4).unwrap(), config(4)),
+        SegvCode::AccErr,
+    );
+}
+
+#[test]
+fn pku_guarded_calls_report_violations_with_the_hardware_key() {
+    let _pku = require_pku!();
+    let _g = lock();
+    let mgr = Manager::with_backend(Hardware::new(4).unwrap(), config(4));
+    guarded_calls_report_violations(&mgr, SegvCode::PkuErr);
+    let d = mgr.create_domain(DomainOptions::default()).unwrap();
+    let addr = d.base().as_ptr() as usize;
+    drop(mgr.enter(&[(&d, Rights::ReadWrite)]).unwrap()); // resident, not granted
+    let Err(Error::Fault(r)) = mgr.guarded(move || peek(addr)) else {
+        panic!("expected a fault")
+    };
+    assert_eq!(r.hw_key, d.key(), "si_pkey names the domain's key");
+}
+
+fn abandoned_views_are_unwound<B: Backend>(mgr: &Manager<B>) {
+    // One key: if the view abandoned inside the guarded call kept its pin, nothing else
+    // could be entered afterwards.
+    let a = Arc::new(mgr.create_domain(DomainOptions::default()).unwrap());
+    let b = mgr.create_domain(DomainOptions::default()).unwrap();
+    let b_addr = b.base().as_ptr() as usize;
+    let before = mgr.current_pkru();
+    let (m, a2) = (mgr.clone(), Arc::clone(&a));
+    let err = mgr
+        .guarded(move || {
+            let _view = m.enter_owned(&[(a2, Rights::ReadWrite)]).unwrap();
+            poke(b_addr, 1); // b is not in the view
+        })
+        .unwrap_err();
+    assert!(
+        matches!(err, Error::Fault(r) if r.domain == Some(b.id())),
+        "{err:?}"
+    );
+    assert_eq!(
+        mgr.current_pkru(),
+        before,
+        "the thread's rights are back to what they were"
+    );
+    let _view = mgr
+        .enter(&[(&b, Rights::ReadWrite)])
+        .expect("the abandoned view's key was unpinned");
+    mgr.write_byte(b_addr, 5).unwrap();
+}
+
+#[test]
+fn emulated_abandoned_views_are_unwound() {
+    let _g = lock();
+    abandoned_views_are_unwound(&Manager::with_backend(Emulated::new(1).unwrap(), config(1)));
+}
+
+#[test]
+fn pku_abandoned_views_are_unwound() {
+    let _pku = require_pku!();
+    let _g = lock();
+    abandoned_views_are_unwound(&Manager::with_backend(Hardware::new(1).unwrap(), config(1)));
+}
+
+#[inline(never)]
+#[allow(unconditional_recursion, reason = "overflowing the stack is the point")]
+fn recurse(depth: u64) -> u64 {
+    let frame = std::hint::black_box([depth as u8; 512]);
+    recurse(depth + 1).wrapping_add(u64::from(frame[0]))
+}
+
+#[test]
+fn a_stack_overflow_in_a_guarded_call_is_reported() {
+    let _g = lock();
+    let mgr = Manager::with_backend(Emulated::new(2).unwrap(), config(2));
+    let err = mgr.guarded(|| recurse(0)).unwrap_err();
+    assert!(
+        matches!(err, Error::Fault(r) if r.kind == FaultKind::StackOverflow),
+        "{err:?}"
+    );
+    // The thread is fine afterwards and guarded calls still work.
+    assert_eq!(mgr.guarded(|| 41 + 1).unwrap(), 42);
+}
+
+#[test]
+fn a_panic_in_a_guarded_call_propagates() {
+    let _g = lock();
+    let mgr = Manager::with_backend(Emulated::new(2).unwrap(), config(2));
+    let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        mgr.guarded(|| panic!("boom"))
+    }));
+    let payload = caught.expect_err("the panic reaches the caller");
+    assert_eq!(payload.downcast_ref::<&str>(), Some(&"boom"));
+}
+
+#[test]
+fn guarded_calls_are_unsupported_on_the_simulated_backend() {
+    let mgr = Manager::simulated(2, config(2));
+    assert!(matches!(mgr.guarded(|| 1), Err(Error::Unsupported(_))));
+}
+
+/// Child-process scenarios, run by `faults_that_are_not_ours_kill_the_process`.
+#[test]
+#[ignore = "run as a child process by faults_that_are_not_ours_kill_the_process"]
+fn crash_child() {
+    let mgr = Manager::with_backend(Emulated::new(2).unwrap(), config(2));
+    match std::env::var("MPKVIRT_CRASH").as_deref() {
+        // A wild pointer inside a guarded call is not a domain violation.
+        Ok("wild") => drop(mgr.guarded(|| poke(16, 1))),
+        // A domain violation outside a guarded call is reported, then the process dies.
+        Ok("unguarded") => {
+            let d = mgr.create_domain(DomainOptions::default()).unwrap();
+            poke(d.base().as_ptr() as usize, 1);
+        }
+        other => panic!("unknown scenario {other:?}"),
+    }
+    println!("survived");
+}
+
+#[test]
+fn faults_that_are_not_ours_kill_the_process() {
+    use std::os::unix::process::ExitStatusExt;
+    for scenario in ["wild", "unguarded"] {
+        let out = Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--ignored",
+                "--exact",
+                "crash_child",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env("MPKVIRT_CRASH", scenario)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(
+            out.status.signal(),
+            Some(libc::SIGSEGV),
+            "{scenario}: {:?}\n{stderr}",
+            out.status
+        );
+        assert!(!String::from_utf8_lossy(&out.stdout).contains("survived"));
+        if scenario == "unguarded" {
+            assert!(
+                stderr.contains("mpkvirt: unhandled domain fault: write at 0x"),
+                "{stderr}"
+            );
+        }
+    }
+}
