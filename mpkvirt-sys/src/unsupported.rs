@@ -3,6 +3,15 @@
 //! Every operation that would touch protection keys or PKRU reports
 //! [`Error::Unsupported`](crate::Error::Unsupported); the [`cpu::Pku`] token is uninhabited,
 //! so code holding one is visibly unreachable. Signal decoding still works, minus the key.
+//!
+//! # Safety
+//!
+//! The twin declares the same `unsafe fn`s as the real implementation so that callers need
+//! no `#[cfg]`; none of them does anything unsafe.
+#![allow(
+    unsafe_code,
+    reason = "declares the same unsafe fns as the real implementation; they do nothing"
+)]
 
 pub(crate) mod cpu {
     use crate::cpu::CpuFeatures;
@@ -134,5 +143,35 @@ pub(crate) mod signal {
         _info: *mut libc::siginfo_t,
         _ctx: *mut libc::c_void,
     ) {
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::{AccessRights, Error, Op, Pkey, Pku, Unavailable, detect, mman, pkey};
+
+    #[test]
+    fn the_twin_reports_unsupported_everywhere() {
+        assert!(Pku::new().is_none());
+        assert_eq!(detect::pku().unwrap_err(), Unavailable::UnsupportedTarget);
+        assert_eq!(
+            pkey::pkey_alloc(AccessRights::NONE),
+            Err(Error::Unsupported { op: Op::PkeyAlloc })
+        );
+        assert_eq!(
+            pkey::pkey_free(Pkey::DEFAULT),
+            Err(Error::Unsupported { op: Op::PkeyFree })
+        );
+        let page = mman::reserve(mman::page_size(), mman::Prot::NONE).expect("mmap is portable");
+        // SAFETY: the twin's pkey_mprotect does nothing; the page is ours.
+        let r = unsafe {
+            pkey::pkey_mprotect(page, mman::page_size(), mman::Prot::NONE, Pkey::DEFAULT)
+        };
+        assert_eq!(
+            r,
+            Err(Error::Unsupported {
+                op: Op::PkeyMprotect
+            })
+        );
     }
 }

@@ -88,7 +88,7 @@ impl Slot {
     }
 
     /// The bound domain's uid, [`FREE`] or [`EVICTING`].
-    #[cfg(loom)]
+    #[cfg(all(test, loom))]
     pub(crate) fn owner(&self) -> u64 {
         self.owner.load(Ordering::SeqCst)
     }

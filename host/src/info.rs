@@ -1,0 +1,110 @@
+//! `mpkvirt-host info`: a truthful report of the machine's protection-key support.
+
+use std::fmt;
+
+use mpkvirt::{BackendKind, Config, Manager, Mode};
+use mpkvirt_sys::cpu::CpuFeatures;
+use mpkvirt_sys::detect::{Support, Unavailable};
+
+/// What the machine offers and what mpkvirt would do with it.
+#[derive(Clone, Debug)]
+pub struct Report {
+    /// Kernel release (`uname -r`).
+    pub kernel: String,
+    /// CPUID bits.
+    pub cpu: CpuFeatures,
+    /// `Ok` when PKU is usable, else why not.
+    pub pku: Result<(), Unavailable>,
+    /// Protection keys `pkey_alloc` hands out right now (allocated and freed to count them).
+    pub free_keys: Option<usize>,
+    /// The mode asked for.
+    pub mode: Mode,
+    /// The backend that mode selects here, or why it cannot be had.
+    pub backend: Result<BackendKind, mpkvirt::Error>,
+    /// Why that backend.
+    pub reason: String,
+    /// Keys a manager built with this mode actually gets.
+    pub manager_keys: Option<usize>,
+}
+
+fn kernel_release() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map_or_else(|_| "unknown".into(), |s| s.trim().to_owned())
+}
+
+impl Report {
+    /// Probes the machine. Counting keys allocates every free key and frees them again;
+    /// building the manager allocates up to 15 and frees them when it is dropped.
+    pub fn probe(mode: Mode) -> Report {
+        let support = Support::probe();
+        let selection = mpkvirt::select(mode);
+        let (backend, reason) = match &selection {
+            Ok(s) => (Ok(s.backend), s.reason.clone()),
+            Err(e) => (Err(e.clone()), e.to_string()),
+        };
+        let manager_keys = selection
+            .is_ok()
+            .then(|| {
+                Manager::new(Config {
+                    mode,
+                    ..Config::default()
+                })
+                .ok()
+            })
+            .flatten()
+            .map(|m| m.keys().len());
+        Report {
+            kernel: kernel_release(),
+            cpu: support.cpu,
+            pku: support.status,
+            free_keys: support.free_keys,
+            mode,
+            backend,
+            reason,
+            manager_keys,
+        }
+    }
+}
+
+fn yes(b: bool) -> &'static str {
+    if b { "yes" } else { "no" }
+}
+
+impl fmt::Display for Report {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "kernel:        {}", self.kernel)?;
+        writeln!(
+            f,
+            "cpu:           PKU {}, OSPKE {} (CPUID.(EAX=7,ECX=0):ECX bits 3 and 4)",
+            yes(self.cpu.pku),
+            yes(self.cpu.ospke)
+        )?;
+        match &self.pku {
+            Ok(()) => writeln!(f, "pku:           available")?,
+            Err(why) => writeln!(f, "pku:           unavailable: {why}")?,
+        }
+        match self.free_keys {
+            Some(n) => writeln!(f, "free keys:     {n} (pkey_alloc until ENOSPC)")?,
+            None => writeln!(f, "free keys:     none (no PKU)")?,
+        }
+        let mode = match self.mode {
+            Mode::Auto => "auto",
+            Mode::Hardware => "hardware",
+            Mode::Emulated => "emulated",
+        };
+        match &self.backend {
+            Ok(b) => writeln!(f, "backend:       {b} (mode {mode}: {})", self.reason)?,
+            Err(e) => writeln!(f, "backend:       none (mode {mode}: {e})")?,
+        }
+        match (self.manager_keys, &self.backend) {
+            (Some(n), Ok(BackendKind::Hardware)) => {
+                writeln!(f, "domain keys:   {n} hardware keys for virtual domains")
+            }
+            (Some(n), Ok(_)) => writeln!(
+                f,
+                "domain keys:   {n} emulated keys for virtual domains (mprotect)"
+            ),
+            _ => writeln!(f, "domain keys:   none"),
+        }
+    }
+}

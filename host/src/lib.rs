@@ -1,0 +1,9 @@
+//! mpkvirt-host: many tenant functions in one process, each in its own protection domain.
+//!
+//! Today the host reports what the machine offers ([`info`]): whether PKU is usable and why
+//! not, which backend mpkvirt would run on, and how many keys it would get. Scheduling,
+//! interposition and the HTTP front end build on this.
+#![deny(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod info;
