@@ -73,6 +73,8 @@ pub enum Op {
     Madvise,
     /// `sigaction(2)`
     Sigaction,
+    /// `membarrier(2)`
+    Membarrier,
     /// RDPKRU or WRPKRU
     Pkru,
 }
@@ -89,6 +91,7 @@ impl Op {
             Op::Munmap => "munmap",
             Op::Madvise => "madvise",
             Op::Sigaction => "sigaction",
+            Op::Membarrier => "membarrier",
             Op::Pkru => "rdpkru/wrpkru",
         }
     }

@@ -10,6 +10,7 @@
 //! | [`cpu`] | RDPKRU/WRPKRU behind a proof of OSPKE ([`Pku`]), CPUID bits | instructions |
 //! | [`detect`] | why PKU is or is not usable here ([`Support`]) | CPUID + a kernel probe |
 //! | [`mman`] | `mmap`/`mprotect`/`munmap`/`madvise` on page-aligned ranges (portable Linux) | system calls |
+//! | [`membarrier`] | `membarrier(2)`: the heavy half of an asymmetric fence | system call |
 //! | [`signal`] | SIGSEGV `siginfo` (`SEGV_PKUERR`, `si_pkey`), fault access kind, handler install | signal state |
 //!
 //! On targets other than x86-64 Linux (or with `--cfg mpkvirt_no_hw`) the PKU-specific halves of
@@ -41,6 +42,11 @@ pub mod cpu;
 pub mod detect;
 pub mod error;
 pub mod mman;
+
+/// `membarrier(2)` (the machine half lives in `hw/membarrier.rs`).
+pub mod membarrier {
+    pub use crate::imp::membarrier::{private_expedited, register_private_expedited};
+}
 pub mod pkey;
 pub mod pkru;
 pub mod signal;

@@ -48,6 +48,20 @@ pub(crate) mod cpu {
     }
 }
 
+pub(crate) mod membarrier {
+    use crate::error::{Error, Op, Result};
+
+    /// Unsupported on this target.
+    pub fn register_private_expedited() -> Result<()> {
+        Err(Error::Unsupported { op: Op::Membarrier })
+    }
+
+    /// Unsupported on this target.
+    pub fn private_expedited() -> Result<()> {
+        Err(Error::Unsupported { op: Op::Membarrier })
+    }
+}
+
 pub(crate) mod pkey {
     use crate::error::{Error, Op, Result};
     use crate::mman::Prot;

@@ -1,33 +1,44 @@
-//! The key cache's lock-free half: which domain each hardware key is bound to, and how many
-//! threads currently hold it in their view (pins).
+//! The key cache's lock-free half: which domain each hardware key is bound to, and which
+//! threads currently hold it in a view (pins).
 //!
 //! # The protocol (invariant 2 of the design)
 //!
 //! A key may be handed to another domain only when no thread's PKRU grants it. A thread's
-//! PKRU grants a key only between *pin* and *unpin*:
+//! PKRU grants a key only between *pin* and *unpin*. Each thread pins in its own
+//! [`ThreadPins`] cell — one byte per key, written only by that thread — so the hit path
+//! makes no atomic read-modify-write and threads never contend on a shared counter:
 //!
 //! ```text
-//! enter (any thread, no lock)              evict (under the manager's lock)
-//! ---------------------------              --------------------------------
-//! s = domain.slot            (Acquire)     owner[s] = EVICTING        (SeqCst)
-//! pins[s] += 1               (SeqCst)      if pins[s] != 0:           (SeqCst)
-//! if owner[s] != domain:     (SeqCst)          owner[s] = victim; try another slot
-//!     pins[s] -= 1; miss                   re-tag the victim's pages, then hand s on
+//! enter (any thread, no lock)               evict (under the manager's lock)
+//! ---------------------------               --------------------------------
+//! s = domain.slot            (Acquire)      owner[s] = EVICTING          (SeqCst)
+//! mine.pins[s] += 1          (plain store)  HEAVY FENCE
+//! LIGHT FENCE                               if any thread's pins[s] != 0:
+//! if owner[s] != domain:                        owner[s] = victim; try another slot
+//!     mine.pins[s] -= 1; miss               park the victim's pages, then hand s on
 //! ...WRPKRU granting s...
 //! ...WRPKRU revoking s...
-//! pins[s] -= 1               (Release)
+//! mine.pins[s] -= 1          (Release)
 //! ```
 //!
-//! With sequentially consistent pin/owner accesses on both sides (Dekker's pattern), either
-//! the evictor sees the pin and gives up, or the pinner sees `EVICTING` (or the new owner) and
-//! backs off; it cannot happen that both proceed. So a pinned, validated slot keeps its owner
-//! until it is unpinned. `tests/loom.rs` checks this exhaustively over interleavings.
+//! This is Dekker's pattern: each side stores, fences, then loads what the other stores, so
+//! at least one of them sees the other and backs off. The fences come in two
+//! [`FenceMode`]s:
 //!
-//! Each pin also counts a *use* (the high 32 bits of the pin word), so the evictor can see
-//! which keys were used since it last looked, for LRU bookkeeping, without the hit path
-//! touching any shared structure besides the key's own cache line.
+//! - **Asymmetric** (when the kernel has `membarrier(2)`): the light fence is a compiler
+//!   fence, the heavy one is `membarrier(MEMBARRIER_CMD_PRIVATE_EXPEDITED)`, which makes every
+//!   running thread of the process execute a full barrier before it returns (threads not
+//!   running pass one when scheduled). The hit path then has no barrier instruction at all;
+//!   an eviction pays one system call more.
+//! - **Symmetric**: both fences are `fence(SeqCst)`.
+//!
+//! Each pin also counts a *use* in the thread's cell, so the evictor can tell which keys were
+//! used since it last looked (LRU bookkeeping) without the hit path touching shared state.
+//!
+//! The loom model at the bottom checks the symmetric protocol exhaustively; the asymmetric
+//! one rests on membarrier's guarantee that it orders like a fence on every other thread.
 
-use crate::primitive::{AtomicU32, AtomicU64, Ordering, seqcst_fence_for_loom};
+use crate::primitive::{AtomicU32, AtomicU64, Ordering, compiler_fence, fence};
 
 /// `owner` value of a free slot.
 pub(crate) const FREE: u64 = 0;
@@ -35,56 +46,32 @@ pub(crate) const FREE: u64 = 0;
 pub(crate) const EVICTING: u64 = u64::MAX;
 /// `Domain::slot` value of a domain without a key.
 pub(crate) const NO_SLOT: u32 = u32::MAX;
+/// Slots a cache can have (one per PKRU key).
+pub(crate) const MAX_SLOTS: usize = 16;
 
-const PIN: u64 = 1;
-const USE: u64 = 1 << 32;
-const PIN_MASK: u64 = USE - 1;
+/// How the pin/evict handshake is fenced (see the module docs).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(crate) enum FenceMode {
+    /// Compiler fence on the hit path, `membarrier` on eviction.
+    Asymmetric,
+    /// `fence(SeqCst)` on both sides.
+    Symmetric,
+}
 
-/// One hardware key's shared state, on its own cache line(s) so threads using different keys
-/// do not contend.
+/// One hardware key's binding, on its own cache line(s).
 #[repr(align(128))]
 #[derive(Debug)]
 pub(crate) struct Slot {
     /// Uid of the bound domain, [`FREE`] or [`EVICTING`]. Written only under the manager's
     /// lock.
     owner: AtomicU64,
-    /// Low 32 bits: pins; high 32 bits: uses (wrapping).
-    pins: AtomicU64,
 }
 
 impl Slot {
     pub(crate) fn new() -> Slot {
         Slot {
             owner: AtomicU64::new(FREE),
-            pins: AtomicU64::new(0),
         }
-    }
-
-    /// Pins the slot for domain `uid` if it is (still) bound to it. Lock-free; the hit path.
-    #[inline]
-    pub(crate) fn try_pin(&self, uid: u64) -> bool {
-        self.pins.fetch_add(PIN | USE, Ordering::SeqCst);
-        seqcst_fence_for_loom();
-        if self.owner.load(Ordering::SeqCst) == uid {
-            true
-        } else {
-            self.pins.fetch_sub(PIN, Ordering::Release);
-            false
-        }
-    }
-
-    /// Releases a pin taken by [`Slot::try_pin`] (after PKRU stopped granting the key).
-    /// Returns `true` when this was the last pin.
-    #[inline]
-    pub(crate) fn unpin(&self) -> bool {
-        // SeqCst: pairs with the waiter registration in the manager (see `Manager::unpin`).
-        self.pins.fetch_sub(PIN, Ordering::SeqCst) & PIN_MASK == 1
-    }
-
-    /// Pins a slot whose owner cannot change meanwhile (the caller holds the manager's
-    /// lock, under which alone owners change).
-    pub(crate) fn pin_locked(&self) {
-        self.pins.fetch_add(PIN | USE, Ordering::SeqCst);
     }
 
     /// The bound domain's uid, [`FREE`] or [`EVICTING`].
@@ -93,34 +80,107 @@ impl Slot {
         self.owner.load(Ordering::SeqCst)
     }
 
-    /// Current pin count.
-    pub(crate) fn pin_count(&self) -> u64 {
-        self.pins.load(Ordering::SeqCst) & PIN_MASK
-    }
-
-    /// The use counter (wraps); changes whenever the slot is pinned.
-    pub(crate) fn uses(&self) -> u32 {
-        (self.pins.load(Ordering::Relaxed) >> 32) as u32
-    }
-
-    /// Tries to take the slot from its current owner `uid` for re-binding: succeeds only if
-    /// no thread has it pinned, and then no thread can pin it for `uid` any more. On failure
-    /// the slot is left bound to `uid`. Call only under the manager's lock.
-    pub(crate) fn try_claim(&self, uid: u64) -> bool {
-        self.owner.store(EVICTING, Ordering::SeqCst);
-        seqcst_fence_for_loom();
-        if self.pins.load(Ordering::SeqCst) & PIN_MASK != 0 {
-            self.owner.store(uid, Ordering::SeqCst);
-            return false;
-        }
-        true
-    }
-
     /// Publishes `uid` as the owner (after its pages are tagged with the key), or [`FREE`].
     /// Call only under the manager's lock.
     pub(crate) fn set_owner(&self, uid: u64) {
         self.owner.store(uid, Ordering::SeqCst);
     }
+}
+
+/// A thread's pins: how many of its live views use each slot, and a use counter per slot,
+/// packed in one word per slot (low byte: pins; the rest: uses, wrapping). Written only by
+/// its thread (plain loads and stores); read by evictors.
+#[repr(align(64))]
+#[derive(Debug)]
+pub(crate) struct ThreadPins {
+    words: [AtomicU32; MAX_SLOTS],
+}
+
+const PIN: u32 = 1;
+const USE: u32 = 1 << 8;
+const PIN_MASK: u32 = USE - 1;
+
+impl ThreadPins {
+    pub(crate) fn new() -> ThreadPins {
+        ThreadPins {
+            words: std::array::from_fn(|_| AtomicU32::new(0)),
+        }
+    }
+
+    /// Adds a pin on `slot` and counts a use. Owner thread only.
+    #[inline]
+    fn add(&self, slot: usize) {
+        let w = self.words[slot].load(Ordering::Relaxed);
+        assert!(
+            w & PIN_MASK != PIN_MASK,
+            "more than 254 nested views of one key on a thread"
+        );
+        self.words[slot].store(w.wrapping_add(PIN | USE), Ordering::Relaxed);
+    }
+
+    /// Removes a pin on `slot`. Owner thread only; call after PKRU stopped granting the key.
+    #[inline]
+    pub(crate) fn unpin(&self, slot: usize) {
+        let w = self.words[slot].load(Ordering::Relaxed);
+        self.words[slot].store(w - PIN, Ordering::Release);
+    }
+
+    /// Pins `slot` for domain `uid` if the slot is (still) bound to it. The hit path.
+    #[inline]
+    pub(crate) fn try_pin(&self, slots: &[Slot], slot: usize, uid: u64, mode: FenceMode) -> bool {
+        self.add(slot);
+        light_fence(mode);
+        if slots[slot].owner.load(Ordering::SeqCst) == uid {
+            true
+        } else {
+            self.unpin(slot);
+            false
+        }
+    }
+
+    /// Pins a slot whose owner cannot change meanwhile (the caller holds the manager's lock,
+    /// under which alone owners change).
+    pub(crate) fn pin_locked(&self, slot: usize) {
+        self.add(slot);
+    }
+
+    /// Whether this thread holds `slot`.
+    pub(crate) fn pinned(&self, slot: usize) -> bool {
+        self.words[slot].load(Ordering::Acquire) & PIN_MASK != 0
+    }
+
+    /// This thread's use counter of `slot` (wraps).
+    pub(crate) fn uses(&self, slot: usize) -> u32 {
+        self.words[slot].load(Ordering::Relaxed) >> 8
+    }
+}
+
+#[inline]
+fn light_fence(mode: FenceMode) {
+    match mode {
+        FenceMode::Asymmetric => compiler_fence(Ordering::SeqCst),
+        FenceMode::Symmetric => fence(Ordering::SeqCst),
+    }
+}
+
+/// Tries to take `slot` from its owner `uid` for re-binding: succeeds only if no thread in
+/// `threads` has it pinned, and then no thread can pin it for `uid` any more. On failure the
+/// slot is left bound to `uid`. `heavy_fence` is `membarrier` in asymmetric mode, a SeqCst
+/// fence otherwise. Call only under the manager's lock, with every live thread's pins.
+pub(crate) fn try_claim<'a>(
+    slots: &[Slot],
+    slot: usize,
+    uid: u64,
+    threads: impl IntoIterator<Item = &'a ThreadPins>,
+    heavy_fence: impl FnOnce(),
+) -> bool {
+    slots[slot].owner.store(EVICTING, Ordering::SeqCst);
+    heavy_fence();
+    if threads.into_iter().any(|t| t.pinned(slot)) {
+        slots[slot].owner.store(uid, Ordering::SeqCst);
+        return false;
+    }
+    true
 }
 
 /// A domain's link to its slot: [`NO_SLOT`] or a slot index. Written under the manager's
@@ -149,10 +209,10 @@ impl SlotRef {
     }
 }
 
-/// Model check of the pin/evict protocol: `RUSTFLAGS="--cfg loom" cargo test -p mpkvirt
-/// --lib --release loom` (see `ci/loom.sh`). Every interleaving of two pinners and an
-/// evictor is explored; a thread that validated its pin must never see the slot handed to
-/// another domain before it unpins.
+/// Model check of the pin/evict protocol (symmetric fences): `RUSTFLAGS="--cfg loom" cargo
+/// test -p mpkvirt --lib --release loom` (`ci/test.sh loom`). Every interleaving of two
+/// pinning threads and an evictor is explored; a thread that validated its pin must never
+/// see the slot handed to another domain before it unpins.
 #[cfg(all(test, loom))]
 mod loom_model {
     use super::*;
@@ -162,16 +222,16 @@ mod loom_model {
     const A: u64 = 1;
     const B: u64 = 2;
 
-    fn pinner(slot: Arc<Slot>) -> thread::JoinHandle<bool> {
+    fn pinner(slots: Arc<[Slot; 1]>, mine: Arc<ThreadPins>) -> thread::JoinHandle<bool> {
         thread::spawn(move || {
-            if !slot.try_pin(A) {
+            if !mine.try_pin(&slots[..], 0, A, FenceMode::Symmetric) {
                 return false;
             }
             // While pinned for A the slot may be briefly EVICTING (an evictor that will back
             // off) but never bound to B.
-            assert_ne!(slot.owner(), B, "re-bound while pinned");
-            assert_ne!(slot.owner(), B, "re-bound while pinned");
-            slot.unpin();
+            assert_ne!(slots[0].owner(), B, "re-bound while pinned");
+            assert_ne!(slots[0].owner(), B, "re-bound while pinned");
+            mine.unpin(0);
             true
         })
     }
@@ -179,39 +239,36 @@ mod loom_model {
     #[test]
     fn a_validated_pin_blocks_rebinding() {
         loom::model(|| {
-            let slot = Arc::new(Slot::new());
-            slot.set_owner(A);
-            let p1 = pinner(Arc::clone(&slot));
-            let p2 = pinner(Arc::clone(&slot));
-            let evicted = slot.try_claim(A);
+            let slots = Arc::new([Slot::new()]);
+            slots[0].set_owner(A);
+            let (t1, t2) = (Arc::new(ThreadPins::new()), Arc::new(ThreadPins::new()));
+            let p1 = pinner(Arc::clone(&slots), Arc::clone(&t1));
+            let p2 = pinner(Arc::clone(&slots), Arc::clone(&t2));
+            let evicted = try_claim(&slots[..], 0, A, [&*t1, &*t2], || fence(Ordering::SeqCst));
             if evicted {
-                slot.set_owner(B);
+                slots[0].set_owner(B);
             }
-            let (a, b) = (p1.join().unwrap(), p2.join().unwrap());
-            if evicted {
-                // Nobody who pinned for A overlapped the claim... or they validated before it
-                // and unpinned before it looked: both fine. Late pinners must have failed.
-                assert_eq!(slot.owner(), B);
-            } else {
-                // The evictor backed off because of a pin, possibly the transient pin of a
-                // pinner that then saw EVICTING and backed off too (both conservative).
-                assert_eq!(slot.owner(), A, "a failed claim restores the owner");
-            }
-            let _ = (a, b);
-            assert_eq!(slot.pin_count(), 0);
+            p1.join().unwrap();
+            p2.join().unwrap();
+            // A failed claim restores the owner (it failed because of a pin, possibly the
+            // transient pin of a pinner that then saw EVICTING and backed off too).
+            assert_eq!(slots[0].owner(), if evicted { B } else { A });
+            assert!(!t1.pinned(0) && !t2.pinned(0));
         });
     }
 
     #[test]
     fn a_claimed_slot_rejects_late_pinners() {
         loom::model(|| {
-            let slot = Arc::new(Slot::new());
-            slot.set_owner(A);
-            let p = pinner(Arc::clone(&slot));
-            if slot.try_claim(A) {
-                slot.set_owner(B);
+            let slots = Arc::new([Slot::new()]);
+            slots[0].set_owner(A);
+            let t1 = Arc::new(ThreadPins::new());
+            let p = pinner(Arc::clone(&slots), Arc::clone(&t1));
+            let late = ThreadPins::new();
+            if try_claim(&slots[..], 0, A, [&*t1, &late], || fence(Ordering::SeqCst)) {
+                slots[0].set_owner(B);
                 // A pin for A that starts now must fail.
-                assert!(!slot.try_pin(A));
+                assert!(!late.try_pin(&slots[..], 0, A, FenceMode::Symmetric));
             }
             p.join().unwrap();
         });

@@ -2,12 +2,16 @@
 //!
 //! # Hit path and slow path
 //!
-//! Entering a view pins each domain's key slot lock-free ([`crate::keycache`]); when every
-//! domain of the view holds a key this is the whole cost: per domain one atomic add and one
-//! load, then at most one PKRU write (none when the value is unchanged). No system call, no
-//! lock. Only a *miss* takes the manager's mutex: it binds a free key, or evicts a victim the
-//! policy chooses among unpinned keys (parking the victim's pages — one system call — before
-//! the key is re-bound, then tagging the new domain's pages — one more).
+//! Entering a view pins each domain's key slot in the calling thread's own pin cell
+//! (`keycache.rs`); when every domain of the view holds a key this is the whole cost: per
+//! domain a store to the thread's cell and a load of the slot's owner (with `membarrier`
+//! available, not even a barrier instruction), then at most one PKRU write (none when the
+//! value is unchanged). No system call, no lock, no shared cache line written.
+//!
+//! Only a *miss* takes the manager's mutex: it binds a free key, or evicts a victim the
+//! policy chooses among unpinned keys — one `membarrier` to see every thread's pins, one
+//! system call to park the victim's pages *before* the key is re-bound, one more to tag the
+//! new domain's pages.
 //!
 //! # Views
 //!
@@ -22,12 +26,13 @@ use std::fmt;
 use std::marker::PhantomData;
 use std::os::fd::BorrowedFd;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::time::Instant;
+use std::sync::Weak;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use mpkvirt_sys::mman::{self, Prot};
 use mpkvirt_sys::{AccessRights, Pkey, Pkru};
-use parking_lot::{Condvar, Mutex, RwLock};
+use parking_lot::{Mutex, MutexGuard, RwLock};
 
 use crate::alloc::DomainHeap;
 use crate::backend::{Backend, BackendKind, Machine, RawFault, Simulated, ThreadRegs};
@@ -35,7 +40,7 @@ use crate::config::{Config, Selection};
 use crate::domain::{Domain, DomainId, DomainInner, DomainOptions};
 use crate::error::{Error, Result};
 use crate::fault::{self, FaultKind, FaultReport};
-use crate::keycache::{FREE, Slot, SlotRef};
+use crate::keycache::{self, FREE, FenceMode, Slot, SlotRef, ThreadPins};
 use crate::policy::{Policy, new_policy};
 
 /// What a view grants a domain.
@@ -53,6 +58,16 @@ impl Rights {
             Rights::ReadWrite => AccessRights::READ_WRITE,
             Rights::ReadOnly => AccessRights::READ_ONLY,
         }
+    }
+
+    /// `bits` with the PKRU field `(mask, read_only_value)` set for these rights.
+    #[inline]
+    fn apply_to(self, bits: Pkru, (mask, read_only): (u32, u32)) -> Pkru {
+        let value = match self {
+            Rights::ReadWrite => 0,
+            Rights::ReadOnly => read_only,
+        };
+        Pkru::from_bits((bits.bits() & !mask) | value)
     }
 }
 
@@ -76,9 +91,8 @@ pub struct Stats {
 pub struct ThreadStats {
     /// Views entered.
     pub enters: u64,
-    /// Views entered without taking the manager's lock (every domain was resident).
-    pub fast_enters: u64,
-    /// Times the slow path (the manager's lock) was taken.
+    /// Views whose entry took the slow path (the manager's lock): some domain had no key.
+    /// The others (`enters - slow_paths`) took neither a lock nor a system call.
     pub slow_paths: u64,
     /// PKRU writes (WRPKRU through the gate on hardware).
     pub pkru_writes: u64,
@@ -100,17 +114,20 @@ struct Entry {
 struct ThreadCx {
     mgr_uid: u64,
     regs: ThreadRegs,
+    /// This thread's pins, also registered (weakly) with the manager for evictors.
+    pins: Arc<ThreadPins>,
     stack: Vec<Entry>,
     next_id: u64,
     stats: ThreadStats,
 }
 
 impl ThreadCx {
-    fn new(mgr_uid: u64) -> ThreadCx {
+    fn new(mgr_uid: u64, pins: Arc<ThreadPins>) -> ThreadCx {
         ThreadCx {
             mgr_uid,
             regs: ThreadRegs::default(),
-            stack: Vec::new(),
+            pins,
+            stack: Vec::with_capacity(8),
             next_id: 0,
             stats: ThreadStats::default(),
         }
@@ -134,8 +151,10 @@ struct Inner {
     policy: Box<dyn Policy>,
     /// The domain bound to each slot.
     bound: Vec<Option<Arc<DomainInner>>>,
-    /// Use counters of each slot when last swept into the policy.
+    /// Sum of all threads' use counters of each slot when last swept into the policy.
     seen_uses: Vec<u32>,
+    /// Pin cells of the threads that used this manager (dead threads' cells are pruned).
+    threads: Vec<Weak<ThreadPins>>,
     /// Parked address space not given to any domain: start -> len.
     free: BTreeMap<usize, usize>,
     stats: Stats,
@@ -146,14 +165,16 @@ pub(crate) struct Shared<B: Backend> {
     tls_index: usize,
     backend: B,
     keys: Box<[Pkey]>,
+    /// Per slot: its PKRU field as a mask, and the field's value for read-only rights
+    /// (read-write is zero), so the hit path merges without shifting.
+    key_fields: Box<[(u32, u32)]>,
     slots: Box<[Slot]>,
     /// PKRU fields of the manager's keys.
     our_mask: u32,
     /// Every key of the manager access-disabled.
     base_bits: Pkru,
     inner: Mutex<Inner>,
-    unpinned: Condvar,
-    waiters: AtomicU32,
+    fence: FenceMode,
     config: Config,
     selection: Option<Selection>,
     /// Live domains by address, for fault reports: base -> (end, id).
@@ -232,10 +253,17 @@ impl<B: Backend> Manager<B> {
             })
         };
         let n = keys.len();
+        // Asymmetric fences need membarrier; registering is idempotent and cheap.
+        let fence = if mpkvirt_sys::membarrier::register_private_expedited().is_ok() {
+            FenceMode::Asymmetric
+        } else {
+            FenceMode::Symmetric
+        };
         let inner = Inner {
             policy: new_policy(config.policy, n),
             bound: vec![None; n],
             seen_uses: vec![0; n],
+            threads: Vec::new(),
             free: BTreeMap::new(),
             stats: Stats::default(),
         };
@@ -245,12 +273,20 @@ impl<B: Backend> Manager<B> {
                 tls_index,
                 backend,
                 slots: (0..n).map(|_| Slot::new()).collect(),
+                key_fields: keys
+                    .iter()
+                    .map(|&k| {
+                        (
+                            Pkru::key_mask(k),
+                            Pkru::ALLOW_ALL.with(k, AccessRights::READ_ONLY).bits(),
+                        )
+                    })
+                    .collect(),
                 keys,
                 our_mask,
                 base_bits,
                 inner: Mutex::new(inner),
-                unpinned: Condvar::new(),
-                waiters: AtomicU32::new(0),
+                fence,
                 config,
                 selection,
                 ranges: RwLock::new(BTreeMap::new()),
@@ -298,21 +334,35 @@ impl<B: Backend> Manager<B> {
             .unwrap_or(Pkru::LINUX_INIT)
     }
 
+    /// Runs `f` on the calling thread's state for this manager (`None` during thread exit).
+    #[inline]
     fn with_cx<R>(&self, f: impl FnOnce(&mut ThreadCx) -> R) -> Option<R> {
         let sh = &*self.shared;
         CONTEXTS
             .try_with(|c| {
                 let mut v = c.borrow_mut();
-                if v.len() <= sh.tls_index {
-                    v.resize_with(sh.tls_index + 1, || ThreadCx::new(0));
+                if v.get(sh.tls_index).is_none_or(|cx| cx.mgr_uid != sh.uid) {
+                    self.init_cx(&mut v);
                 }
-                let cx = &mut v[sh.tls_index];
-                if cx.mgr_uid != sh.uid {
-                    *cx = ThreadCx::new(sh.uid);
-                }
-                f(cx)
+                f(&mut v[sh.tls_index])
             })
             .ok()
+    }
+
+    /// First use of this manager on this thread: a fresh state, with a pin cell registered
+    /// for evictors. Out of line: it allocates and takes the manager's lock.
+    #[cold]
+    #[inline(never)]
+    fn init_cx(&self, v: &mut Vec<ThreadCx>) {
+        let sh = &*self.shared;
+        if v.len() <= sh.tls_index {
+            v.resize_with(sh.tls_index + 1, || {
+                ThreadCx::new(0, Arc::new(ThreadPins::new()))
+            });
+        }
+        let pins = Arc::new(ThreadPins::new());
+        sh.inner.lock().threads.push(Arc::downgrade(&pins));
+        v[sh.tls_index] = ThreadCx::new(sh.uid, pins);
     }
 
     // ---- domains ------------------------------------------------------------------------
@@ -389,7 +439,7 @@ impl<B: Backend> Manager<B> {
         let mut inner = sh.inner.lock();
         let mut keep_range = false;
         if let Some(s) = d.slot.get() {
-            if sh.slots[s].try_claim(d.id.0) {
+            if self.claim(&mut inner, s, d.id.0) {
                 d.slot.set(None);
                 sh.slots[s].set_owner(FREE);
                 inner.bound[s] = None;
@@ -503,6 +553,7 @@ impl<B: Backend> Manager<B> {
     /// [`Error::ViewTooLarge`], [`Error::DuplicateDomain`], [`Error::ForeignDomain`] for a
     /// malformed view; [`Error::KeysBusy`] when every key stays pinned by other views for
     /// [`Config::pin_wait`]; [`Error::Retag`] when binding fails.
+    #[inline]
     pub fn enter<'a>(&'a self, view: &[(&'a Domain<B>, Rights)]) -> Result<ViewGuard<'a, B>> {
         let token = self.enter_token(view)?;
         Ok(ViewGuard {
@@ -530,53 +581,57 @@ impl<B: Backend> Manager<B> {
         })
     }
 
+    #[inline]
     fn enter_token(&self, view: &[(&Domain<B>, Rights)]) -> Result<Token> {
         let sh = &*self.shared;
-        self.validate(view)?;
-        let mut pinned: u16 = 0;
-        let mut bits = sh.base_bits;
-        let mut missing: u16 = 0;
-        for (i, (d, r)) in view.iter().enumerate() {
-            match d.inner.slot.get() {
-                Some(s) if sh.slots[s].try_pin(d.inner.id.0) => {
-                    pinned |= 1 << s;
-                    bits = bits.with(sh.keys[s], r.access_rights());
+        if view.len() > sh.keys.len() {
+            return Err(Error::ViewTooLarge {
+                domains: view.len(),
+                keys: sh.keys.len(),
+            });
+        }
+        let entered = self.with_cx(|cx| {
+            let mut pinned: u16 = 0;
+            let mut bits = sh.base_bits;
+            let mut missing: u16 = 0;
+            for (i, (d, r)) in view.iter().enumerate() {
+                if !Arc::ptr_eq(&d.mgr.shared, &self.shared) {
+                    self.unpin(&cx.pins, pinned);
+                    return Err(Error::ForeignDomain(d.id()));
                 }
-                _ => missing |= 1 << i,
+                if i > 0 && view[..i].iter().any(|(e, _)| e.inner.id == d.inner.id) {
+                    self.unpin(&cx.pins, pinned);
+                    return Err(Error::DuplicateDomain(d.id()));
+                }
+                match d.inner.slot.get() {
+                    Some(s) if cx.pins.try_pin(&sh.slots, s, d.inner.id.0, sh.fence) => {
+                        pinned |= 1 << s;
+                        bits = r.apply_to(bits, sh.key_fields[s]);
+                    }
+                    _ => missing |= 1 << i,
+                }
             }
-        }
-        if missing != 0
-            && let Err(e) = self.slow_enter(view, missing, &mut pinned, &mut bits)
-        {
-            self.unpin(pinned);
-            return Err(e);
-        }
-        let id = self.with_cx(|cx| {
+            if missing != 0 {
+                cx.stats.slow_paths += 1;
+                if let Err(e) = self.slow_enter(&cx.pins, view, missing, &mut pinned, &mut bits) {
+                    self.unpin(&cx.pins, pinned);
+                    return Err(e);
+                }
+            }
             cx.next_id += 1;
             let id = cx.next_id;
             cx.stack.push(Entry { id, bits, pinned });
             cx.stats.enters += 1;
-            if missing == 0 {
-                cx.stats.fast_enters += 1;
-            } else {
-                cx.stats.slow_paths += 1;
-            }
             self.apply(cx, bits);
-            id
-        });
-        match id {
-            Some(id) => Ok(Token {
+            Ok(Token {
                 id,
                 pinned,
                 _not_send: PhantomData,
-            }),
-            None => {
-                self.unpin(pinned);
-                Err(Error::Unsupported(
-                    "entering a view while the thread is exiting",
-                ))
-            }
-        }
+            })
+        });
+        entered.unwrap_or(Err(Error::Unsupported(
+            "entering a view while the thread is exiting",
+        )))
     }
 
     /// Runs `f` inside a view (see [`Manager::enter`]); the view ends when `f` returns or
@@ -588,25 +643,6 @@ impl<B: Backend> Manager<B> {
     pub fn with_view<R>(&self, view: &[(&Domain<B>, Rights)], f: impl FnOnce() -> R) -> Result<R> {
         let _guard = self.enter(view)?;
         Ok(f())
-    }
-
-    fn validate(&self, view: &[(&Domain<B>, Rights)]) -> Result<()> {
-        let n = self.shared.keys.len();
-        if view.len() > n {
-            return Err(Error::ViewTooLarge {
-                domains: view.len(),
-                keys: n,
-            });
-        }
-        for (i, (d, _)) in view.iter().enumerate() {
-            if !Arc::ptr_eq(&d.mgr.shared, &self.shared) {
-                return Err(Error::ForeignDomain(d.id()));
-            }
-            if view[..i].iter().any(|(e, _)| e.id() == d.id()) {
-                return Err(Error::DuplicateDomain(d.id()));
-            }
-        }
-        Ok(())
     }
 
     /// Writes the thread's PKRU for the view bits `bits`, unless it already holds them.
@@ -623,48 +659,43 @@ impl<B: Backend> Manager<B> {
         }
     }
 
-    fn unpin(&self, pinned: u16) {
-        let sh = &*self.shared;
-        let mut freed = false;
+    /// Releases the pins of `pinned` slots in the calling thread's cell.
+    #[inline]
+    fn unpin(&self, pins: &ThreadPins, pinned: u16) {
         for s in SlotIter(pinned) {
-            freed |= sh.slots[s].unpin();
-        }
-        // SeqCst load after the SeqCst unpin: either a waiter registered before it saw our
-        // pin, or we see it here and wake it. Taking the lock orders the wake-up after its
-        // wait began (it holds the lock from its scan until it waits).
-        if freed && sh.waiters.load(Ordering::SeqCst) > 0 {
-            drop(sh.inner.lock());
-            sh.unpinned.notify_all();
+            pins.unpin(s);
         }
     }
 
+    #[inline]
     fn leave(&self, id: u64, pinned: u16) {
         let sh = &*self.shared;
-        let revoked = self
-            .with_cx(|cx| {
-                let pos = cx.stack.iter().rposition(|e| e.id == id);
-                if let Some(pos) = pos {
-                    cx.stack.remove(pos);
-                }
-                let top = cx.stack.last().map_or(sh.base_bits, |e| e.bits);
-                self.apply(cx, top);
-                pos.is_some()
-            })
-            .unwrap_or_else(|| {
-                // The thread's state is gone (thread exit). Real PKRU can still be reset;
-                // without it the rights cannot be revoked, so the pins are kept (leaked).
-                if sh.backend.kind() == BackendKind::Hardware {
-                    let mut regs = ThreadRegs::default();
-                    let cur = sh.backend.read_pkru(&regs);
-                    sh.backend
-                        .write_pkru(&mut regs, cur.merge(sh.base_bits, sh.our_mask));
-                    true
-                } else {
-                    false
-                }
-            });
-        if revoked {
-            self.unpin(pinned);
+        let left = self.with_cx(|cx| {
+            // Views usually end in reverse order of entry: the top of the stack.
+            let found = match cx.stack.last() {
+                Some(top) if top.id == id => cx.stack.pop().is_some(),
+                _ => cx
+                    .stack
+                    .iter()
+                    .rposition(|e| e.id == id)
+                    .map(|pos| cx.stack.remove(pos))
+                    .is_some(),
+            };
+            let top = cx.stack.last().map_or(sh.base_bits, |e| e.bits);
+            self.apply(cx, top);
+            // Revoked first, unpinned second. An entry already gone was ended (and unpinned)
+            // by `unwind_views`.
+            if found {
+                self.unpin(&cx.pins, pinned);
+            }
+        });
+        if left.is_none() && sh.backend.kind() == BackendKind::Hardware {
+            // The thread's state (and with it its pins) is gone: the thread is exiting. Its
+            // real PKRU can still be reset, and should be before it runs any further code.
+            let mut regs = ThreadRegs::default();
+            let cur = sh.backend.read_pkru(&regs);
+            sh.backend
+                .write_pkru(&mut regs, cur.merge(sh.base_bits, sh.our_mask));
         }
     }
 
@@ -672,24 +703,24 @@ impl<B: Backend> Manager<B> {
     /// (abandoned by a faulting guarded call).
     fn unwind_views(&self, depth: usize) {
         let sh = &*self.shared;
-        let pinned = self.with_cx(|cx| {
+        self.with_cx(|cx| {
             let mut pinned = Vec::new();
             while cx.stack.len() > depth {
                 pinned.push(cx.stack.pop().expect("entry").pinned);
             }
             let top = cx.stack.last().map_or(sh.base_bits, |e| e.bits);
             self.apply(cx, top);
-            pinned
+            for p in pinned {
+                self.unpin(&cx.pins, p);
+            }
         });
-        for p in pinned.unwrap_or_default() {
-            self.unpin(p);
-        }
     }
 
     // ---- the slow path ----------------------------------------------------------------------
 
     fn slow_enter(
         &self,
+        pins: &ThreadPins,
         view: &[(&Domain<B>, Rights)],
         missing: u16,
         pinned: &mut u16,
@@ -705,26 +736,27 @@ impl<B: Backend> Manager<B> {
             let s = loop {
                 if let Some(s) = d.inner.slot.get() {
                     // Bound meanwhile (by another thread); owners change only under the lock.
-                    sh.slots[s].pin_locked();
+                    pins.pin_locked(s);
                     break s;
                 }
-                sh.waiters.fetch_add(1, Ordering::SeqCst);
-                let bound = self.bind(&mut inner, &d.inner, *pinned, |_| true);
-                if let Some(result) = bound {
-                    sh.waiters.fetch_sub(1, Ordering::SeqCst);
+                if let Some(result) = self.bind(&mut inner, &d.inner, *pinned, |_| true) {
                     let s = result?;
-                    sh.slots[s].pin_locked();
+                    pins.pin_locked(s);
                     break s;
                 }
+                // Every key is pinned. Unpinning is a plain store that wakes nobody, so poll:
+                // let other threads run (and end their views) for a moment, then look again.
                 let until = *deadline.get_or_insert_with(|| Instant::now() + sh.config.pin_wait);
-                let timed_out = sh.unpinned.wait_until(&mut inner, until).timed_out();
-                sh.waiters.fetch_sub(1, Ordering::SeqCst);
-                if timed_out && d.inner.slot.get().is_none() {
+                if Instant::now() >= until {
                     return Err(Error::KeysBusy {
                         keys: sh.keys.len(),
                         waited: sh.config.pin_wait,
                     });
                 }
+                MutexGuard::unlocked(&mut inner, || {
+                    std::thread::sleep(Duration::from_micros(100))
+                });
+                self.sweep_uses(&mut inner);
             };
             *pinned |= 1 << s;
             *bits = bits.with(sh.keys[s], r.access_rights());
@@ -732,16 +764,60 @@ impl<B: Backend> Manager<B> {
         Ok(())
     }
 
+    /// The pin cells of the threads alive now (pruning the cells of threads that exited).
+    fn live_threads(inner: &mut Inner) -> Vec<Arc<ThreadPins>> {
+        let mut live = Vec::with_capacity(inner.threads.len());
+        inner.threads.retain(|w| match w.upgrade() {
+            Some(t) => {
+                live.push(t);
+                true
+            }
+            None => false,
+        });
+        live
+    }
+
     /// Feeds the policy the uses of each key since the last sweep (hits do not touch the
-    /// policy; their pins count uses in the slot).
+    /// policy; each thread counts its uses in its own cell).
     fn sweep_uses(&self, inner: &mut Inner) {
-        for (s, slot) in self.shared.slots.iter().enumerate() {
-            let uses = slot.uses();
+        let live = Self::live_threads(inner);
+        for s in 0..self.shared.slots.len() {
+            let uses = live.iter().fold(0u32, |acc, t| acc.wrapping_add(t.uses(s)));
             if inner.bound[s].is_some() && uses != inner.seen_uses[s] {
                 inner.seen_uses[s] = uses;
                 inner.policy.touch(s);
             }
         }
+    }
+
+    /// Takes slot `s` from `uid` if no thread pins it (see `keycache::try_claim`).
+    fn claim(&self, inner: &mut Inner, s: usize, uid: u64) -> bool {
+        let sh = &*self.shared;
+        let live = Self::live_threads(inner);
+        let fence = sh.fence;
+        let mut fenced = true;
+        let claimed =
+            keycache::try_claim(
+                &sh.slots,
+                s,
+                uid,
+                live.iter().map(|t| &**t),
+                || match fence {
+                    // Every running thread executes a barrier before this returns: their pins
+                    // stored before it are visible to the loads that follow.
+                    FenceMode::Asymmetric => {
+                        fenced = mpkvirt_sys::membarrier::private_expedited().is_ok()
+                    }
+                    FenceMode::Symmetric => std::sync::atomic::fence(Ordering::SeqCst),
+                },
+            );
+        if claimed && !fenced {
+            // membarrier failed after registering succeeded: without the barrier the pins
+            // seen may be stale, so do not hand the key on.
+            sh.slots[s].set_owner(uid);
+            return false;
+        }
+        claimed
     }
 
     /// Binds `d` to a free key, or to one taken from an unpinned victim that `evictable`
@@ -761,7 +837,7 @@ impl<B: Backend> Manager<B> {
                 let mut tried = exclude;
                 loop {
                     let candidates: Vec<usize> = (0..n)
-                        .filter(|&s| tried & (1 << s) == 0 && sh.slots[s].pin_count() == 0)
+                        .filter(|&s| tried & (1 << s) == 0)
                         .filter(|&s| inner.bound[s].as_ref().is_some_and(|v| evictable(v.id.0)))
                         .collect();
                     if candidates.is_empty() {
@@ -770,8 +846,8 @@ impl<B: Backend> Manager<B> {
                     let v = inner.policy.victim(&candidates);
                     tried |= 1 << v;
                     let victim = inner.bound[v].clone().expect("candidates are bound");
-                    if !sh.slots[v].try_claim(victim.id.0) {
-                        continue; // pinned since the scan
+                    if !self.claim(inner, v, victim.id.0) {
+                        continue; // pinned by some thread's view
                     }
                     // Park the victim's pages *before* the key can be handed on.
                     victim.slot.set(None);
@@ -801,7 +877,6 @@ impl<B: Backend> Manager<B> {
         sh.slots[slot].set_owner(d.id.0);
         inner.bound[slot] = Some(Arc::clone(d));
         inner.policy.bind(slot, d.id.0);
-        inner.seen_uses[slot] = sh.slots[slot].uses();
         inner.stats.misses += 1;
         Some(Ok(slot))
     }
@@ -973,6 +1048,7 @@ impl<B: Backend> fmt::Debug for OwnedViewGuard<B> {
 }
 
 impl<B: Backend> Drop for ViewGuard<'_, B> {
+    #[inline]
     fn drop(&mut self) {
         self.mgr.leave(self.token.id, self.token.pinned);
     }

@@ -111,10 +111,24 @@ impl Policy for Lru {
     }
 }
 
-/// Furthest announced next use; LRU among the domains that are not announced.
+/// Uses closer together than this many accesses are one reference to the hinted policy's
+/// reuse prediction (LRU-K's "correlated reference period").
+pub const CORRELATED_PERIOD: u64 = 16;
+
+/// Furthest announced next use; for domains that are not announced, the furthest
+/// *predicted* next use.
+///
+/// A domain's next use is predicted from its last inter-reference gap (`last + (last -
+/// previous)`), the estimate LRU-2 (O'Neil et al., SIGMOD 1993) ranks by; a domain used only
+/// once is predicted never to return and goes first. Announced uses are certain and come
+/// before any prediction (an unannounced domain is not needed within the window), so they
+/// are evicted last. The history of a domain is kept after it is evicted, as LRU-K does.
 #[derive(Debug, Clone)]
 pub struct Hinted {
     lru: Lru,
+    clock: u64,
+    /// Per domain: its last two use times.
+    history: HashMap<u64, [u64; 2]>,
     domains: Vec<Option<u64>>,
     /// Positions of each domain's announced uses in the current hint, soonest first. A use
     /// of the domain consumes the front one.
@@ -126,8 +140,31 @@ impl Hinted {
     pub fn new(capacity: usize) -> Hinted {
         Hinted {
             lru: Lru::new(capacity),
+            clock: 0,
+            history: HashMap::new(),
             domains: vec![None; capacity],
             next_use: HashMap::new(),
+        }
+    }
+
+    /// Records a use of `domain`. Uses closer than [`CORRELATED_PERIOD`] to the previous
+    /// one extend it (a burst counts as one reference), so the gap measures how long the
+    /// domain stays away between bursts.
+    fn record(&mut self, domain: u64) {
+        self.clock += 1;
+        let h = self.history.entry(domain).or_insert([0, 0]);
+        *h = if h[0] > 0 && self.clock - h[0] < CORRELATED_PERIOD {
+            [self.clock, h[1]]
+        } else {
+            [self.clock, h[0]]
+        };
+    }
+
+    /// Predicted next use of the domain in `slot` (`u64::MAX`: used once, not expected back).
+    fn predicted_use_of(&self, slot: usize) -> u64 {
+        match self.domains[slot].and_then(|d| self.history.get(&d)) {
+            Some(&[last, prev]) if prev > 0 => last + (last - prev),
+            _ => u64::MAX,
         }
     }
 
@@ -141,11 +178,13 @@ impl Policy for Hinted {
     fn bind(&mut self, slot: usize, domain: u64) {
         self.domains[slot] = Some(domain);
         self.lru.bind(slot, domain);
+        self.record(domain);
         self.consume(domain);
     }
     fn touch(&mut self, slot: usize) {
         self.lru.touch(slot);
         if let Some(d) = self.domains[slot] {
+            self.record(d);
             self.consume(d);
         }
     }
@@ -160,14 +199,19 @@ impl Policy for Hinted {
         }
     }
     fn victim(&mut self, candidates: &[usize]) -> usize {
-        // Not announced at all: the LRU one of those. Else: the furthest announced.
+        // Not announced: the furthest predicted use of those (LRU among equals). Else: the
+        // furthest announced.
         let unannounced: Vec<usize> = candidates
             .iter()
             .copied()
             .filter(|&s| self.next_use_of(s).is_none())
             .collect();
-        if !unannounced.is_empty() {
-            return self.lru.oldest(&unannounced);
+        if let Some(furthest) = unannounced.iter().map(|&s| self.predicted_use_of(s)).max() {
+            let tied: Vec<usize> = unannounced
+                .into_iter()
+                .filter(|&s| self.predicted_use_of(s) == furthest)
+                .collect();
+            return self.lru.oldest(&tied);
         }
         *candidates
             .iter()
@@ -435,6 +479,48 @@ mod tests {
         p.touch(1);
         assert_eq!(p.victim(&[0, 1, 2]), 2);
         assert_eq!(p.victim(&[0, 1]), 0, "only among candidates");
+    }
+
+    #[test]
+    fn hinted_predicts_unannounced_reuse_from_the_last_gap() {
+        let mut p = Hinted::new(4);
+        let advance = |p: &mut Hinted, n: u64| (0..n).for_each(|_| p.touch(3));
+        p.bind(3, 99); // a filler domain whose uses move the clock
+        p.bind(0, 10);
+        advance(&mut p, 30);
+        p.touch(0); // 10 returns after ~31: predicted back ~31 later
+        p.bind(1, 11);
+        advance(&mut p, 60);
+        p.touch(1); // 11 returns after ~61: predicted back ~61 later
+        p.bind(2, 12); // seen once
+        assert_eq!(p.victim(&[0, 1, 2]), 2, "the once-seen domain goes first");
+        assert_eq!(p.victim(&[0, 1]), 1, "then the furthest predicted reuse");
+        p.hint(&[11]);
+        assert_eq!(
+            p.victim(&[0, 1]),
+            0,
+            "an announced use beats any prediction"
+        );
+    }
+
+    #[test]
+    fn hinted_counts_a_burst_as_one_reference() {
+        let mut p = Hinted::new(4);
+        p.bind(3, 99);
+        p.bind(0, 10);
+        p.bind(1, 11);
+        for _ in 0..5 {
+            p.touch(0); // a burst: gaps of 1-2 accesses
+            p.touch(1);
+        }
+        // Both were only ever seen in one burst: no gap between references yet.
+        assert_eq!(p.predicted_use_of(0), u64::MAX);
+        for _ in 0..40 {
+            p.touch(3);
+        }
+        p.touch(0); // a second burst of 10, 40 accesses later
+        assert!(p.predicted_use_of(0) < u64::MAX);
+        assert_eq!(p.victim(&[0, 1]), 1, "11 had no second burst");
     }
 
     #[test]

@@ -1,21 +1,21 @@
 //! Atomics used by the lock-free parts (the key cache), swapped for loom's under `cfg(loom)`
 //! so that the loom model in `keycache.rs` checks the real code.
+//!
+//! loom models `SeqCst` loads and stores as acquire/release (tokio-rs/loom#180) but does
+//! model `fence(SeqCst)`; the key cache therefore states its store-load orderings with
+//! explicit fences, which both the real memory model and loom understand.
 
 #[cfg(loom)]
-pub(crate) use loom::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+pub(crate) use loom::sync::atomic::{AtomicU32, AtomicU64, Ordering, fence};
 #[cfg(not(loom))]
-pub(crate) use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+pub(crate) use std::sync::atomic::{AtomicU32, AtomicU64, Ordering, fence};
 
-/// Placed between the store and the load of a store-buffering (Dekker) pattern whose
-/// accesses are all `SeqCst`.
-///
-/// In Rust's (C++20) memory model, `SeqCst` accesses alone forbid both sides reading the old
-/// value, so normal builds need no fence and this compiles to nothing. loom, however, models
-/// `SeqCst` loads and stores as acquire/release (tokio-rs/loom#180) and would report that
-/// forbidden outcome; it does model `fence(SeqCst)`, so under `cfg(loom)` the fence restores
-/// the total order the real accesses already have.
-#[inline(always)]
-pub(crate) fn seqcst_fence_for_loom() {
-    #[cfg(loom)]
-    loom::sync::atomic::fence(Ordering::SeqCst);
+/// A compiler-only fence (loom has none; there it is a real `SeqCst` fence, which is at least
+/// as strong).
+#[cfg(not(loom))]
+pub(crate) use std::sync::atomic::compiler_fence;
+
+#[cfg(loom)]
+pub(crate) fn compiler_fence(order: Ordering) {
+    loom::sync::atomic::fence(order);
 }

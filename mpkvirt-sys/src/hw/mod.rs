@@ -4,5 +4,6 @@
 //! section saying why.
 
 pub(crate) mod cpu;
+pub(crate) mod membarrier;
 pub(crate) mod pkey;
 pub(crate) mod signal;

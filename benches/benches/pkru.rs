@@ -1,0 +1,62 @@
+//! Raw RDPKRU/WRPKRU and the checked gates. Only where PKU exists; elsewhere this prints
+//! why it skipped, so the same command is ready for the first machine with PKU.
+#![allow(unsafe_code, reason = "times the raw instructions and gates")]
+
+use std::hint::black_box;
+
+use criterion::{Criterion, criterion_group, criterion_main};
+use mpkvirt_sys::{AccessRights, Pkey, Pkru};
+
+fn benches(c: &mut Criterion) {
+    let pku = match mpkvirt_sys::detect::pku() {
+        Ok(p) => p,
+        Err(why) => {
+            eprintln!("pkru/*: skipped: no PKU ({why})");
+            return;
+        }
+    };
+    let base = pku.rdpkru();
+    let other = base.with(Pkey::new(1).unwrap(), AccessRights::READ_WRITE);
+    // The values below differ from the thread's own only in key 1's bits and keep key 0
+    // open; the benchmark owns this thread's PKRU and restores it at the end.
+    let write = |v: Pkru| {
+        // SAFETY: see above: only key 1's bits change, key 0 stays open.
+        unsafe { pku.wrpkru(v) }
+    };
+    let gate = |slot: &u32| {
+        // SAFETY: PKU is enabled (token above); `slot` is a live local readable under every
+        // value written here (key 0 memory).
+        unsafe { mpkvirt_asm::mpkvirt_gate_write(slot) }
+    };
+    let allow_all = || {
+        // SAFETY: PKU is enabled; opening every key is undone by the next gate call.
+        unsafe { mpkvirt_asm::mpkvirt_gate_allow_all() }
+    };
+    let mut g = c.benchmark_group("pkru");
+    g.bench_function("rdpkru", |b| b.iter(|| black_box(pku.rdpkru())));
+    g.bench_function("wrpkru-same-value", |b| b.iter(|| write(black_box(base))));
+    g.bench_function("wrpkru-alternating", |b| {
+        b.iter(|| {
+            write(black_box(other));
+            write(black_box(base));
+        })
+    });
+    let (slot_a, slot_b) = (other.bits(), base.bits());
+    g.bench_function("checked-gate-alternating", |b| {
+        b.iter(|| {
+            gate(black_box(&slot_a));
+            gate(black_box(&slot_b));
+        })
+    });
+    g.bench_function("checked-gate-allow-all-and-back", |b| {
+        b.iter(|| {
+            allow_all();
+            gate(black_box(&slot_b));
+        })
+    });
+    g.finish();
+    write(base);
+}
+
+criterion_group!(pkru, benches);
+criterion_main!(pkru);
