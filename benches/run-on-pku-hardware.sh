@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Runs every benchmark on a machine with PKU and writes a dated report next to
+# docs/benchmarks.md. On such a machine the hardware variants (mpkvirt-hardware,
+# libmpk-style-hardware, raw WRPKRU, checked gates, hardware misses) run as well; without
+# PKU they print why they skipped and the report says so.
+#
+#   benches/run-on-pku-hardware.sh            # full run (several minutes)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+host=$(hostname -s 2>/dev/null || echo machine)
+out="docs/benchmarks-$host-$(date +%Y%m%d).md"
+mkdir -p docs/data
+
+cargo build --release -p mpkvirt-host
+{
+    echo "# Benchmark run on $host, $(date -u +%Y-%m-%dT%H:%MZ)"
+    echo
+    echo '```'
+    lscpu | grep -E 'Model name|^CPU\(s\)|Thread|MHz|L[123]' || true
+    uname -srm
+    target/release/mpkvirt-host info || true
+    echo '```'
+    echo
+} > "$out"
+
+rm -rf target/criterion
+cargo bench -p mpkvirt-benches 2>&1 | tee target/bench-run.log
+grep -h 'skipped' target/bench-run.log | sed 's/^/- /' >> "$out" || true
+cargo run --release -p mpkvirt-benches --bin policy_report -- --csv docs/data/policy_misses.csv >> "$out"
+echo >> "$out"
+python3 benches/report.py >> "$out"
+echo "report written to $out"
