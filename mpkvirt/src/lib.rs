@@ -54,6 +54,8 @@
 
 mod alloc;
 pub mod backend;
+#[cfg(target_os = "linux")]
+pub mod capi;
 pub mod config;
 mod domain;
 mod error;

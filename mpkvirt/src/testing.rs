@@ -240,9 +240,10 @@ pub fn run<B: Backend>(
     let page = mman::page_size();
     std::thread::scope(|scope| {
         let mut workers = Vec::new();
+        let mut handles = Vec::new();
         for t in 0..THREADS {
             let (tx, rx) = mpsc::channel::<Job<B>>();
-            std::thread::Builder::new()
+            let handle = std::thread::Builder::new()
                 .name(format!("model-thread-{t}"))
                 .spawn_scoped(scope, move || {
                     let mut guards = Vec::new();
@@ -252,6 +253,7 @@ pub fn run<B: Backend>(
                 })
                 .expect("spawn a model thread");
             workers.push(tx);
+            handles.push(handle);
         }
         let on = |t: usize, job: Job<B>| workers[t].send(job).expect("model thread alive");
         let call = |t: usize, f: Call<B>| {
@@ -463,6 +465,11 @@ pub fn run<B: Backend>(
             })?;
         }
         drop(workers);
+        // Join explicitly: the scope alone waits for the closures, not for the threads to
+        // exit (their thread-local destructors would still be running).
+        for h in handles {
+            h.join().expect("model thread");
+        }
         out.evictions = mgr.stats().evictions;
         Ok(out)
     })

@@ -1,0 +1,160 @@
+/*
+ * mpkvirt.h — libmpk's API on mpkvirt: unlimited virtual protection domains on Intel/AMD
+ * memory protection keys, for C and C++ programs.
+ *
+ * Link with -lmpkvirt (libmpkvirt.so or libmpkvirt.a; the static library also needs
+ * -lpthread -ldl -lm). Built by `cargo build --release -p mpkvirt` into target/release/.
+ *
+ * The mpk_* functions follow the interface of the libmpk paper (Park et al., "libmpk:
+ * Software Abstraction for Intel Memory Protection Keys", USENIX ATC 2019). A program
+ * chooses integer virtual keys (vkeys); each names one domain, a range of pages only
+ * threads that have begun it can reach. Differences from libmpk:
+ *
+ *   - No kernel module and no patched kernel: a stock Linux >= 4.9 kernel with PKU, or,
+ *     without PKU, an mprotect emulation (see mpkvirt_backend()). MPKVIRT_MODE=hardware
+ *     makes mpk_init fail instead of falling back.
+ *   - Thread-safe: any number of threads may begin, end, allocate and free concurrently.
+ *     A key is handed to another domain only when no thread's view uses it; entering a
+ *     domain that holds a key takes no lock and makes no system call.
+ *   - Unlimited virtual keys: any int is a vkey, any number of them may exist. Up to 15 are
+ *     resident (bound to hardware keys) at a time; a thread may have at most 15 begun.
+ *   - evict_rate: libmpk evicts on only every (evict_rate + 1)th miss and otherwise fails
+ *     mpk_begin. mpkvirt always evicts on a miss — every value behaves like libmpk's
+ *     recommended mpk_init(-1) — and chooses the victim by LRU, or by the hinted policy
+ *     when MPKVIRT_POLICY=hinted.
+ *   - mpk_begin adds a domain to the calling thread's set; a thread's rights are exactly
+ *     its begun domains. With the emulated backend (no PKU) rights are process-wide: a
+ *     domain is reachable by every thread while any thread has it begun.
+ *   - A domain has one page protection, set by its first mpk_mmap (read-write for domains
+ *     created by mpk_malloc) and changed with mpk_mprotect.
+ *
+ * Errors: functions return -1 (pointer functions NULL or MAP_FAILED) and set errno. Every
+ * function fails with EINVAL when mpk_init has not been called. A memory access that a
+ * thread's rights forbid raises SIGSEGV; run it through mpkvirt_guarded_call() to get a
+ * report instead.
+ */
+#ifndef MPKVIRT_H
+#define MPKVIRT_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <sys/types.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/*
+ * Initialises the library: picks the backend (MPKVIRT_MODE=auto|hardware|emulated,
+ * default auto) and allocates the hardware keys. Call once, before any other function.
+ * evict_rate is accepted for compatibility; see above.
+ *
+ * Returns 0, or -1 with errno: EBUSY (already initialised), EOPNOTSUPP (MPKVIRT_MODE=
+ * hardware without PKU), EINVAL (an MPKVIRT_* variable does not parse), ENOSPC (no
+ * protection key could be allocated).
+ */
+int mpk_init(int evict_rate);
+
+/*
+ * Maps len bytes (rounded up to pages) into the domain of vkey, creating the domain if
+ * needed, and returns the address. Anonymous memory (fd == -1 or MAP_ANONYMOUS) is zeroed;
+ * otherwise len bytes of fd from offset are mapped privately (copy-on-write). addr is a
+ * hint and is ignored. prot is the domain's page protection (PROT_READ, PROT_WRITE,
+ * PROT_EXEC); the memory is reachable only by threads that have begun vkey.
+ *
+ * Returns the address, or MAP_FAILED with errno: EINVAL (len 0, MAP_FIXED or MAP_SHARED
+ * given, negative offset, unknown prot bits, or prot differing from the domain's),
+ * ENOMEM (the domain's address space is full), or mmap's errors for fd (EBADF, EACCES).
+ */
+void *mpk_mmap(int vkey, void *addr, size_t len, int prot, int flags, int fd, off_t offset);
+
+/*
+ * Destroys the domain of vkey: all its memory (mappings and mpk_malloc allocations) is
+ * released and its hardware key freed. The vkey may be reused for a new domain.
+ *
+ * Returns 0, or -1 with errno: EINVAL (no such domain), EBUSY (a thread has it begun).
+ */
+int mpk_munmap(int vkey);
+
+/*
+ * Gives the calling thread access to the domain of vkey: read-only for PROT_READ,
+ * read-write for PROT_WRITE or PROT_READ|PROT_WRITE. Beginning an already begun vkey
+ * changes its rights. The thread keeps its other begun domains.
+ *
+ * Returns 0, or -1 with errno: EINVAL (no such domain, or prot grants neither read nor
+ * write), E2BIG (more domains begun than there are keys), EBUSY (every key is in use by
+ * other threads' views for longer than a second), EFAULT/ENOMEM (re-tagging failed).
+ */
+int mpk_begin(int vkey, int prot);
+
+/*
+ * Ends the calling thread's access to the domain of vkey.
+ *
+ * Returns 0, or -1 with errno: EINVAL (the thread has not begun vkey).
+ */
+int mpk_end(int vkey);
+
+/*
+ * Sets the page protection of the whole domain of vkey, for every thread (libmpk's
+ * process-wide mpk_mprotect). Threads still need to have begun vkey to reach it.
+ *
+ * Returns 0, or -1 with errno: EINVAL (no such domain, unknown prot bits), or
+ * pkey_mprotect's errors.
+ */
+int mpk_mprotect(int vkey, int prot);
+
+/*
+ * Allocates size bytes (16-byte aligned) in the domain of vkey, creating a read-write
+ * domain if needed. The allocator keeps its metadata outside the domain.
+ *
+ * Returns the pointer, or NULL with errno: ENOMEM (the domain's address space is full).
+ */
+void *mpk_malloc(int vkey, size_t size);
+
+/*
+ * Frees memory from mpk_malloc. mpk_free(NULL) does nothing.
+ *
+ * Returns 0, or -1 with errno: EINVAL (not a live allocation: double free, or a pointer
+ * that mpk_malloc did not return).
+ */
+int mpk_free(void *ptr);
+
+/* ---- mpkvirt extensions --------------------------------------------------------------- */
+
+/* Where a fault happened. */
+struct mpkvirt_fault {
+    int vkey;       /* virtual key of the domain the address belongs to, -1 if none */
+    int access;     /* MPKVIRT_ACCESS_* */
+    int si_code;    /* SEGV_PKUERR (4) for a denied key, SEGV_ACCERR (2) for a page protection */
+    int hw_key;     /* hardware protection key (si_pkey), -1 if none */
+    uintptr_t addr; /* faulting address */
+};
+
+#define MPKVIRT_ACCESS_UNKNOWN 0
+#define MPKVIRT_ACCESS_READ 1
+#define MPKVIRT_ACCESS_WRITE 2
+#define MPKVIRT_ACCESS_EXEC 3
+
+/*
+ * Calls fn(arg) on a separate stack. If it touches domain memory its thread may not
+ * access, it is abandoned at that point — its frames never resume, so it must not hold
+ * locks or resources the program needs later — the domains it began are ended again, and
+ * the fault is described in *fault (if fault is not NULL). Faults outside domain memory
+ * are not caught. fn must not throw C++ exceptions.
+ *
+ * Returns 0 when fn returned, or -1 with errno: EFAULT (fn faulted; see *fault), EINVAL
+ * (fn is NULL).
+ */
+int mpkvirt_guarded_call(void (*fn)(void *), void *arg, struct mpkvirt_fault *fault);
+
+/* "hardware", "emulated", or NULL before mpk_init. */
+const char *mpkvirt_backend(void);
+
+/* Number of keys domains are multiplexed onto (at most 15), or -1 before mpk_init. */
+int mpkvirt_key_count(void);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* MPKVIRT_H */
