@@ -133,6 +133,20 @@ fn set_pkru(pku: Pku, value: Pkru) {
     unsafe { pku.wrpkru(value) }
 }
 
+/// Allocates a key, maps a read-write page tagged with it, runs `f(key, page, saved)` and
+/// cleans up: PKRU back to `saved` (the thread's value on entry), page unmapped, key freed.
+fn with_tagged_page<R>(pku: Pku, f: impl FnOnce(Pkey, *mut u8, Pkru) -> R) -> R {
+    let key = pkey_alloc(AccessRights::DISABLE_ACCESS).expect("alloc");
+    let page = Page::new();
+    page.tag(Prot::READ_WRITE, key);
+    let saved = pku.rdpkru();
+    let r = f(key, page.0, saved);
+    set_pkru(pku, saved);
+    drop(page);
+    pkey_free(key).expect("free");
+    r
+}
+
 /// The protection key smaps shows for `addr`.
 fn smaps_pkey(addr: *const u8) -> Option<u8> {
     mman::smaps_protection_key(addr as usize)
@@ -197,22 +211,13 @@ fn pku_freeing_an_unallocated_key_is_einval() {
 fn pku_access_disabled_read_faults_with_pkuerr_and_the_key() {
     let pku = require_pku!();
     let _guard = lock_keys();
-    let key = pkey_alloc(AccessRights::DISABLE_ACCESS).expect("alloc");
-    let page = Page::new();
-    page.tag(Prot::READ_WRITE, key);
-    let saved = pku.rdpkru();
-
-    set_pkru(pku, saved.with(key, AccessRights::READ_WRITE));
-    assert_eq!(probe_write(page.0, 42), Ok(()));
-    assert_eq!(probe_read(page.0), Ok(42));
-
-    set_pkru(pku, saved.with(key, AccessRights::DISABLE_ACCESS));
-    let read = probe_read(page.0);
-    let write = probe_write(page.0, 7);
-    set_pkru(pku, saved);
-    drop(page);
-    pkey_free(key).expect("free");
-
+    let (key, read, write) = with_tagged_page(pku, |key, page, saved| {
+        set_pkru(pku, saved.with(key, AccessRights::READ_WRITE));
+        assert_eq!(probe_write(page, 42), Ok(()));
+        assert_eq!(probe_read(page), Ok(42));
+        set_pkru(pku, saved.with(key, AccessRights::DISABLE_ACCESS));
+        (key, probe_read(page), probe_write(page, 7))
+    });
     let (info, access) = read.expect_err("read through a disabled key must fault");
     assert_eq!(info.code, SegvCode::PkuErr);
     assert_eq!(info.pkey, Some(key));
@@ -228,19 +233,12 @@ fn pku_access_disabled_read_faults_with_pkuerr_and_the_key() {
 fn pku_write_disabled_allows_reads_and_faults_writes() {
     let pku = require_pku!();
     let _guard = lock_keys();
-    let key = pkey_alloc(AccessRights::DISABLE_ACCESS).expect("alloc");
-    let page = Page::new();
-    page.tag(Prot::READ_WRITE, key);
-    let saved = pku.rdpkru();
-    set_pkru(pku, saved.with(key, AccessRights::READ_WRITE));
-    probe_write(page.0, 9).expect("write with rights");
-    set_pkru(pku, saved.with(key, AccessRights::DISABLE_WRITE));
-    let read = probe_read(page.0);
-    let write = probe_write(page.0, 1);
-    set_pkru(pku, saved);
-    drop(page);
-    pkey_free(key).expect("free");
-
+    let (key, read, write) = with_tagged_page(pku, |key, page, saved| {
+        set_pkru(pku, saved.with(key, AccessRights::READ_WRITE));
+        probe_write(page, 9).expect("write with rights");
+        set_pkru(pku, saved.with(key, AccessRights::DISABLE_WRITE));
+        (key, probe_read(page), probe_write(page, 1))
+    });
     assert_eq!(read, Ok(9));
     let (info, access) = write.expect_err("write through a write-disabled key must fault");
     assert_eq!(
@@ -332,37 +330,33 @@ fn pku_signal_handlers_start_with_the_initial_pkru() {
 fn pku_mmap_over_a_tagged_range_resets_its_key_and_mprotect_keeps_it() {
     let pku = require_pku!();
     let _guard = lock_keys();
-    let key = pkey_alloc(AccessRights::DISABLE_ACCESS).expect("alloc");
-    let page = Page::new();
-    page.tag(Prot::READ_WRITE, key);
-    let saved = pku.rdpkru();
-    set_pkru(pku, saved.with(key, AccessRights::DISABLE_ACCESS));
-
-    let tagged = probe_read(page.0);
-    let smaps_tagged = smaps_pkey(page.0);
-    // SAFETY: the page is ours and holds no Rust values.
-    unsafe { mman::mprotect(page.0, mman::page_size(), Prot::READ) }.expect("mprotect");
-    let after_mprotect = probe_read(page.0);
-    let smaps_mprotect = smaps_pkey(page.0);
-    // SAFETY: the page is ours; replacing it discards nothing anyone refers to.
-    unsafe { mman::map_fixed_anonymous(page.0, mman::page_size(), Prot::READ_WRITE) }
-        .expect("mmap MAP_FIXED");
-    let after_mmap = probe_read(page.0);
-    let smaps_mmap = smaps_pkey(page.0);
-    set_pkru(pku, saved);
-    drop(page);
-    pkey_free(key).expect("free");
-
-    assert_eq!(tagged.map_err(|f| f.0.pkey), Err(Some(key)));
+    let (key, results) = with_tagged_page(pku, |key, page, saved| {
+        set_pkru(pku, saved.with(key, AccessRights::DISABLE_ACCESS));
+        let tagged = (probe_read(page), smaps_pkey(page));
+        // SAFETY: the page is ours and holds no Rust values.
+        unsafe { mman::mprotect(page, mman::page_size(), Prot::READ) }.expect("mprotect");
+        let after_mprotect = (probe_read(page), smaps_pkey(page));
+        // SAFETY: the page is ours; replacing it discards nothing anyone refers to.
+        unsafe { mman::map_fixed_anonymous(page, mman::page_size(), Prot::READ_WRITE) }
+            .expect("mmap MAP_FIXED");
+        let after_mmap = (probe_read(page), smaps_pkey(page));
+        (key, [tagged, after_mprotect, after_mmap])
+    });
+    let [tagged, after_mprotect, after_mmap] = results;
+    assert_eq!(tagged.0.map_err(|f| f.0.pkey), Err(Some(key)));
     assert_eq!(
-        after_mprotect.map_err(|f| f.0.pkey),
+        after_mprotect.0.map_err(|f| f.0.pkey),
         Err(Some(key)),
         "mprotect keeps the key"
     );
-    assert_eq!(after_mmap, Ok(0), "mmap(MAP_FIXED) gives fresh key-0 pages");
-    assert_eq!(smaps_tagged, Some(key.index()));
-    assert_eq!(smaps_mprotect, Some(key.index()));
-    assert_eq!(smaps_mmap, Some(0));
+    assert_eq!(
+        after_mmap.0,
+        Ok(0),
+        "mmap(MAP_FIXED) gives fresh key-0 pages"
+    );
+    assert_eq!(tagged.1, Some(key.index()));
+    assert_eq!(after_mprotect.1, Some(key.index()));
+    assert_eq!(after_mmap.1, Some(0));
 }
 
 #[test]

@@ -33,6 +33,46 @@ pub(crate) enum AllocError {
     NotAllocated(usize),
 }
 
+/// Free ranges of an address space, `start -> length`, kept coalesced: first fit out,
+/// merge with the neighbours back in. Used for the page runs of a domain's heap and for
+/// the manager's parked address space.
+#[derive(Debug, Default)]
+pub(crate) struct FreeRanges(BTreeMap<usize, usize>);
+
+impl FreeRanges {
+    /// Takes `len` bytes from the first range long enough; returns their start.
+    pub(crate) fn take_first_fit(&mut self, len: usize) -> Option<usize> {
+        let (&start, &avail) = self.0.iter().find(|(_, l)| **l >= len)?;
+        self.0.remove(&start);
+        if avail > len {
+            self.0.insert(start + len, avail - len);
+        }
+        Some(start)
+    }
+
+    /// Gives `[start, start + len)` back, merged with adjacent free ranges; returns the
+    /// merged range.
+    pub(crate) fn give_back(&mut self, mut start: usize, mut len: usize) -> (usize, usize) {
+        if let Some(next) = self.0.remove(&(start + len)) {
+            len += next;
+        }
+        if let Some((&prev, &prev_len)) = self.0.range(..start).next_back()
+            && prev + prev_len == start
+        {
+            self.0.remove(&prev);
+            start = prev;
+            len += prev_len;
+        }
+        self.0.insert(start, len);
+        (start, len)
+    }
+
+    /// Removes the free range that starts at `start`.
+    fn remove(&mut self, start: usize) {
+        self.0.remove(&start);
+    }
+}
+
 #[derive(Clone, Copy, Debug)]
 enum Live {
     Small { class: u8 },
@@ -46,8 +86,8 @@ pub(crate) struct DomainHeap {
     page: usize,
     /// Top of the used part; everything above is untouched.
     bump: usize,
-    /// Free page runs below `bump`: start -> length.
-    free_runs: BTreeMap<usize, usize>,
+    /// Free page runs below `bump`.
+    free_runs: FreeRanges,
     /// Free blocks per size class.
     free_blocks: [Vec<usize>; CLASSES],
     live: HashMap<usize, Live>,
@@ -72,7 +112,7 @@ impl DomainHeap {
             capacity,
             page,
             bump: 0,
-            free_runs: BTreeMap::new(),
+            free_runs: FreeRanges::default(),
             free_blocks: Default::default(),
             live: HashMap::new(),
             in_use: 0,
@@ -181,11 +221,7 @@ impl DomainHeap {
 
     /// A run of `len` bytes (multiple of the page size): first fit, else bump.
     fn run(&mut self, len: usize) -> Result<usize, AllocError> {
-        if let Some((&start, &run_len)) = self.free_runs.iter().find(|(_, l)| **l >= len) {
-            self.free_runs.remove(&start);
-            if run_len > len {
-                self.free_runs.insert(start + len, run_len - len);
-            }
+        if let Some(start) = self.free_runs.take_first_fit(len) {
             return Ok(start);
         }
         let end = self.bump.checked_add(len).filter(|&e| e <= self.capacity);
@@ -195,22 +231,12 @@ impl DomainHeap {
         Ok(start)
     }
 
-    fn release_run(&mut self, mut start: usize, mut len: usize) {
-        // Coalesce with the following and preceding free runs.
-        if let Some(next_len) = self.free_runs.remove(&(start + len)) {
-            len += next_len;
-        }
-        if let Some((&prev, &prev_len)) = self.free_runs.range(..start).next_back()
-            && prev + prev_len == start
-        {
-            self.free_runs.remove(&prev);
-            start = prev;
-            len += prev_len;
-        }
+    fn release_run(&mut self, start: usize, len: usize) {
+        let (start, len) = self.free_runs.give_back(start, len);
+        // A free run reaching the bump pointer lowers it instead.
         if start + len == self.bump {
+            self.free_runs.remove(start);
             self.bump = start;
-        } else {
-            self.free_runs.insert(start, len);
         }
     }
 }

@@ -135,12 +135,23 @@ fn domain_or_create(
     Ok((d, true))
 }
 
-/// Undoes the creation of `vkey`'s domain by a call that then failed, so that a failed call
-/// changes nothing.
-fn forget_created(st: &CState, vkey: c_int, d: Arc<Domain>) {
-    let mut doms = st.domains.write();
-    doms.by_vkey.remove(&vkey);
-    doms.vkey_of.remove(&d.id());
+/// `result` as an errno; when it failed and this call created `vkey`'s domain, the domain
+/// is forgotten again, so that a failed call changes nothing.
+fn undo_on_error<T>(
+    st: &CState,
+    vkey: c_int,
+    d: &Domain,
+    created: bool,
+    result: Result<T, Error>,
+) -> Result<T, c_int> {
+    result.map_err(|e| {
+        if created {
+            let mut doms = st.domains.write();
+            doms.by_vkey.remove(&vkey);
+            doms.vkey_of.remove(&d.id());
+        }
+        errno_of(&e)
+    })
 }
 
 fn prot_of(prot: c_int) -> Result<Prot, c_int> {
@@ -217,15 +228,7 @@ pub extern "C" fn mpk_mmap(
             let fd = unsafe { BorrowedFd::borrow_raw(fd) };
             d.map_fd(fd, offset as u64, len)
         };
-        match p {
-            Ok(p) => Ok(p.as_ptr().cast()),
-            Err(e) => {
-                if created {
-                    forget_created(st, vkey, d);
-                }
-                Err(errno_of(&e))
-            }
-        }
+        undo_on_error(st, vkey, &d, created, p).map(|p| p.as_ptr().cast())
     })
 }
 
@@ -307,15 +310,7 @@ pub extern "C" fn mpk_malloc(vkey: c_int, size: usize) -> *mut c_void {
     ffi(std::ptr::null_mut(), || {
         let st = state()?;
         let (d, created) = domain_or_create(st, vkey, DOMAIN_HEADROOM, Prot::READ_WRITE)?;
-        match d.alloc(size.max(1), 16) {
-            Ok(p) => Ok(p.as_ptr().cast()),
-            Err(e) => {
-                if created {
-                    forget_created(st, vkey, d);
-                }
-                Err(errno_of(&e))
-            }
-        }
+        undo_on_error(st, vkey, &d, created, d.alloc(size.max(1), 16)).map(|p| p.as_ptr().cast())
     })
 }
 

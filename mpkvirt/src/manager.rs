@@ -34,7 +34,7 @@ use mpkvirt_sys::mman::{self, Prot};
 use mpkvirt_sys::{AccessRights, Pkey, Pkru};
 use parking_lot::{Mutex, MutexGuard, RwLock};
 
-use crate::alloc::DomainHeap;
+use crate::alloc::{DomainHeap, FreeRanges};
 use crate::backend::{Backend, BackendKind, Machine, RawFault, Simulated, ThreadRegs};
 use crate::config::{Config, Selection};
 use crate::domain::{Domain, DomainId, DomainInner, DomainOptions};
@@ -155,8 +155,8 @@ struct Inner {
     seen_uses: Vec<u32>,
     /// Pin cells of the threads that used this manager (dead threads' cells are pruned).
     threads: Vec<Weak<ThreadPins>>,
-    /// Parked address space not given to any domain: start -> len.
-    free: BTreeMap<usize, usize>,
+    /// Parked address space not given to any domain.
+    free: FreeRanges,
     stats: Stats,
 }
 
@@ -264,7 +264,7 @@ impl<B: Backend> Manager<B> {
             bound: vec![None; n],
             seen_uses: vec![0; n],
             threads: Vec::new(),
-            free: BTreeMap::new(),
+            free: FreeRanges::default(),
             stats: Stats::default(),
         };
         Manager {
@@ -400,37 +400,15 @@ impl<B: Backend> Manager<B> {
 
     /// First fit from the parked free ranges, else a fresh reservation.
     fn carve(&self, inner: &mut Inner, len: usize) -> Result<usize> {
-        let fit = inner
-            .free
-            .iter()
-            .find(|(_, l)| **l >= len)
-            .map(|(s, l)| (*s, *l));
-        let (start, avail) = match fit {
-            Some(f) => f,
-            None => {
-                let chunk = len.max(self.shared.config.arena_chunk);
-                (self.shared.backend.reserve(chunk)?, chunk)
-            }
-        };
-        inner.free.remove(&start);
-        if avail > len {
-            inner.free.insert(start + len, avail - len);
+        if let Some(start) = inner.free.take_first_fit(len) {
+            return Ok(start);
+        }
+        let chunk = len.max(self.shared.config.arena_chunk);
+        let start = self.shared.backend.reserve(chunk)?;
+        if chunk > len {
+            inner.free.give_back(start + len, chunk - len);
         }
         Ok(start)
-    }
-
-    fn release_range(inner: &mut Inner, mut start: usize, mut len: usize) {
-        if let Some(next) = inner.free.remove(&(start + len)) {
-            len += next;
-        }
-        if let Some((&p, &pl)) = inner.free.range(..start).next_back()
-            && p + pl == start
-        {
-            inner.free.remove(&p);
-            start = p;
-            len += pl;
-        }
-        inner.free.insert(start, len);
     }
 
     pub(crate) fn destroy(&self, d: &Arc<DomainInner>) {
@@ -460,7 +438,9 @@ impl<B: Backend> Manager<B> {
             .backend
             .discard(d.base, d.len, d.mapped_files.load(Ordering::Relaxed))
         {
-            Ok(()) if !keep_range => Self::release_range(&mut inner, d.base, d.len),
+            Ok(()) if !keep_range => {
+                inner.free.give_back(d.base, d.len);
+            }
             Ok(()) => {}
             Err(e) => fault::log_line(&format!(
                 "mpkvirt: cannot discard domain {}: {e}; its range is retired\n",

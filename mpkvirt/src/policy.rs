@@ -255,6 +255,55 @@ impl Stats {
     }
 }
 
+/// The resident set of a cache being replayed.
+struct Replay {
+    slot_of: HashMap<u64, usize>,
+    domain_in: Vec<Option<u64>>,
+    stats: Stats,
+}
+
+/// What one access did to a [`Replay`].
+enum Outcome {
+    Hit(usize),
+    /// Bound to the slot; `evicted` when another domain had to leave it.
+    Miss {
+        slot: usize,
+        evicted: bool,
+    },
+}
+
+impl Replay {
+    fn new(capacity: usize) -> Replay {
+        Replay {
+            slot_of: HashMap::new(),
+            domain_in: vec![None; capacity],
+            stats: Stats::default(),
+        }
+    }
+
+    /// Accesses `d`: a hit, or a miss bound to a free slot or to the one `victim` picks.
+    fn access(&mut self, d: u64, victim: impl FnOnce() -> usize) -> Outcome {
+        if let Some(&s) = self.slot_of.get(&d) {
+            self.stats.hits += 1;
+            return Outcome::Hit(s);
+        }
+        self.stats.misses += 1;
+        let (slot, evicted) = match self.domain_in.iter().position(Option::is_none) {
+            Some(free) => (free, false),
+            None => {
+                self.stats.evictions += 1;
+                let s = victim();
+                self.slot_of
+                    .remove(&self.domain_in[s].take().expect("bound"));
+                (s, true)
+            }
+        };
+        self.domain_in[slot] = Some(d);
+        self.slot_of.insert(d, slot);
+        Outcome::Miss { slot, evicted }
+    }
+}
+
 /// Replays `trace` (domain ids, one access each) through a cache of `capacity` keys.
 ///
 /// For [`PolicyKind::Hinted`], before each access the policy is told the next `lookahead`
@@ -262,72 +311,44 @@ impl Stats {
 /// future (Belady's MIN).
 pub fn simulate(trace: &[u64], capacity: usize, kind: PolicyKind, lookahead: usize) -> Stats {
     assert!(capacity > 0, "a cache needs at least one key");
-    let mut stats = Stats::default();
-    let mut slot_of: HashMap<u64, usize> = HashMap::new();
-    let mut domain_in: Vec<Option<u64>> = vec![None; capacity];
-    match kind {
-        PolicyKind::Opt => {
-            // next[i]: index of the next access to trace[i]'s domain after i.
-            let mut next = vec![usize::MAX; trace.len()];
-            let mut seen: HashMap<u64, usize> = HashMap::new();
-            for i in (0..trace.len()).rev() {
-                next[i] = seen.insert(trace[i], i).unwrap_or(usize::MAX);
-            }
-            let mut next_of_slot = vec![usize::MAX; capacity];
-            for (i, &d) in trace.iter().enumerate() {
-                if let Some(&s) = slot_of.get(&d) {
-                    stats.hits += 1;
-                    next_of_slot[s] = next[i];
-                    continue;
-                }
-                stats.misses += 1;
-                let s = match domain_in.iter().position(Option::is_none) {
-                    Some(free) => free,
-                    None => {
-                        stats.evictions += 1;
-                        let s = (0..capacity)
-                            .max_by_key(|&s| (next_of_slot[s], s))
-                            .expect("slot");
-                        slot_of.remove(&domain_in[s].take().expect("bound"));
-                        s
-                    }
-                };
-                domain_in[s] = Some(d);
-                slot_of.insert(d, s);
-                next_of_slot[s] = next[i];
-            }
+    let mut replay = Replay::new(capacity);
+    if kind == PolicyKind::Opt {
+        // next[i]: index of the next access to trace[i]'s domain after i.
+        let mut next = vec![usize::MAX; trace.len()];
+        let mut seen: HashMap<u64, usize> = HashMap::new();
+        for i in (0..trace.len()).rev() {
+            next[i] = seen.insert(trace[i], i).unwrap_or(usize::MAX);
         }
-        _ => {
-            let mut policy = new_policy(kind, capacity);
-            let all: Vec<usize> = (0..capacity).collect();
-            for (i, &d) in trace.iter().enumerate() {
-                if kind == PolicyKind::Hinted {
-                    let end = (i + 1 + lookahead).min(trace.len());
-                    policy.hint(&trace[i + 1..end]);
-                }
-                if let Some(&s) = slot_of.get(&d) {
-                    stats.hits += 1;
-                    policy.touch(s);
-                    continue;
-                }
-                stats.misses += 1;
-                let s = match domain_in.iter().position(Option::is_none) {
-                    Some(free) => free,
-                    None => {
-                        stats.evictions += 1;
-                        let s = policy.victim(&all);
-                        slot_of.remove(&domain_in[s].take().expect("bound"));
-                        policy.unbind(s);
-                        s
+        let mut next_of_slot = vec![usize::MAX; capacity];
+        for (i, &d) in trace.iter().enumerate() {
+            let furthest = || {
+                (0..capacity)
+                    .max_by_key(|&s| (next_of_slot[s], s))
+                    .expect("slot")
+            };
+            let (Outcome::Hit(s) | Outcome::Miss { slot: s, .. }) = replay.access(d, furthest);
+            next_of_slot[s] = next[i];
+        }
+    } else {
+        let mut policy = new_policy(kind, capacity);
+        let all: Vec<usize> = (0..capacity).collect();
+        for (i, &d) in trace.iter().enumerate() {
+            if kind == PolicyKind::Hinted {
+                let end = (i + 1 + lookahead).min(trace.len());
+                policy.hint(&trace[i + 1..end]);
+            }
+            match replay.access(d, || policy.victim(&all)) {
+                Outcome::Hit(s) => policy.touch(s),
+                Outcome::Miss { slot, evicted } => {
+                    if evicted {
+                        policy.unbind(slot);
                     }
-                };
-                domain_in[s] = Some(d);
-                slot_of.insert(d, s);
-                policy.bind(s, d);
+                    policy.bind(slot, d);
+                }
             }
         }
     }
-    stats
+    replay.stats
 }
 
 /// Trace generators for policy comparisons (deterministic for a seed).

@@ -6,30 +6,17 @@
     reason = "the tests access domain memory through raw pointers"
 )]
 
+mod common;
+
+use common::config;
+
 use std::process::Command;
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::sync::Arc;
 
 use mpkvirt::{
-    Access, Backend, Config, DomainOptions, Emulated, Error, FaultKind, Hardware, Manager, Rights,
-    SegvCode,
+    Access, Backend, DomainOptions, Emulated, Error, FaultKind, Hardware, Manager, Rights, SegvCode,
 };
 use mpkvirt_sys::require_pku;
-
-static REAL: Mutex<()> = Mutex::new(());
-
-fn config(keys: usize) -> Config {
-    Config {
-        max_keys: keys,
-        pin_wait: Duration::ZERO,
-        arena_chunk: 1 << 30,
-        ..Config::default()
-    }
-}
-
-fn lock() -> std::sync::MutexGuard<'static, ()> {
-    REAL.lock().unwrap_or_else(|e| e.into_inner())
-}
 
 /// Writes through a raw pointer into domain memory (no Rust reference exists to it).
 fn poke(addr: usize, v: u8) {
@@ -101,7 +88,7 @@ fn guarded_calls_report_violations<B: Backend>(mgr: &Manager<B>, resident_code: 
 
 #[test]
 fn emulated_guarded_calls_report_violations() {
-    let _g = lock();
+    let _g = common::real_backend();
     guarded_calls_report_violations(
         &Manager::with_backend(Emulated::new(4).unwrap(), config(4)),
         SegvCode::AccErr,
@@ -111,7 +98,7 @@ fn emulated_guarded_calls_report_violations() {
 #[test]
 fn pku_guarded_calls_report_violations_with_the_hardware_key() {
     let _pku = require_pku!();
-    let _g = lock();
+    let _g = common::real_backend();
     let mgr = Manager::with_backend(Hardware::new(4).unwrap(), config(4));
     guarded_calls_report_violations(&mgr, SegvCode::PkuErr);
     let d = mgr.create_domain(DomainOptions::default()).unwrap();
@@ -154,14 +141,14 @@ fn abandoned_views_are_unwound<B: Backend>(mgr: &Manager<B>) {
 
 #[test]
 fn emulated_abandoned_views_are_unwound() {
-    let _g = lock();
+    let _g = common::real_backend();
     abandoned_views_are_unwound(&Manager::with_backend(Emulated::new(1).unwrap(), config(1)));
 }
 
 #[test]
 fn pku_abandoned_views_are_unwound() {
     let _pku = require_pku!();
-    let _g = lock();
+    let _g = common::real_backend();
     abandoned_views_are_unwound(&Manager::with_backend(Hardware::new(1).unwrap(), config(1)));
 }
 
@@ -174,7 +161,7 @@ fn recurse(depth: u64) -> u64 {
 
 #[test]
 fn a_stack_overflow_in_a_guarded_call_is_reported() {
-    let _g = lock();
+    let _g = common::real_backend();
     let mgr = Manager::with_backend(Emulated::new(2).unwrap(), config(2));
     let err = mgr.guarded(|| recurse(0)).unwrap_err();
     assert!(
@@ -187,7 +174,7 @@ fn a_stack_overflow_in_a_guarded_call_is_reported() {
 
 #[test]
 fn a_panic_in_a_guarded_call_propagates() {
-    let _g = lock();
+    let _g = common::real_backend();
     let mgr = Manager::with_backend(Emulated::new(2).unwrap(), config(2));
     let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         mgr.guarded(|| panic!("boom"))

@@ -4,24 +4,11 @@
 
 mod common;
 
-use std::sync::Mutex;
-use std::time::Duration;
+use common::config;
+use common::syscalls::count_syscalls;
 
-use common::count_syscalls;
-
-use mpkvirt::{Backend, Config, Domain, DomainOptions, Emulated, Hardware, Manager, Rights};
+use mpkvirt::{Backend, Domain, DomainOptions, Emulated, Hardware, Manager, Rights};
 use mpkvirt_sys::require_pku;
-
-static REAL: Mutex<()> = Mutex::new(());
-
-fn config(keys: usize) -> Config {
-    Config {
-        max_keys: keys,
-        pin_wait: Duration::ZERO,
-        arena_chunk: 4 << 30,
-        ..Config::default()
-    }
-}
 
 fn check_hit_path<B: Backend>(mgr: &Manager<B>) {
     let rounds = 1000u64;
@@ -84,7 +71,7 @@ fn simulated_hit_path_makes_no_system_call() {
 #[test]
 fn pku_hit_path_makes_no_system_call_and_one_pkru_write_per_change() {
     let _pku = require_pku!();
-    let _g = REAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _g = common::real_backend();
     check_hit_path(&Manager::with_backend(Hardware::new(4).unwrap(), config(4)));
 }
 
@@ -93,7 +80,7 @@ fn pku_a_miss_does_make_system_calls() {
     // Control for the test above: with one key, alternating two domains misses every time,
     // and each miss parks the victim and tags the new domain: two system calls.
     let _pku = require_pku!();
-    let _g = REAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _g = common::real_backend();
     let mgr = Manager::with_backend(Hardware::new(1).unwrap(), config(1));
     let a = mgr.create_domain(DomainOptions::reserve(4096)).unwrap();
     let b = mgr.create_domain(DomainOptions::reserve(4096)).unwrap();
@@ -151,7 +138,7 @@ fn miss_calls<B: Backend>(mgr: &Manager<B>, len: usize, touched: usize) -> Vec<i
 
 #[test]
 fn emulated_miss_cost_does_not_grow_with_domain_size() {
-    let _g = REAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _g = common::real_backend();
     let mgr = Manager::with_backend(Emulated::new(1).unwrap(), config(1));
     let one_page = miss_calls(&mgr, 4096, 1);
     let one_gib = miss_calls(&mgr, 1 << 30, 64);
@@ -165,7 +152,7 @@ fn emulated_miss_cost_does_not_grow_with_domain_size() {
 #[test]
 fn pku_miss_cost_does_not_grow_with_domain_size() {
     let _pku = require_pku!();
-    let _g = REAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _g = common::real_backend();
     let mgr = Manager::with_backend(Hardware::new(1).unwrap(), config(1));
     let one_page = miss_calls(&mgr, 4096, 1);
     let one_gib = miss_calls(&mgr, 1 << 30, 64);

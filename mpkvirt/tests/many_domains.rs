@@ -8,8 +8,10 @@
 //! thread's domain faults on hardware (rights are per thread) and is readable on the
 //! emulation (rights are the union of the threads' current views).
 
+mod common;
+
+use std::sync::Barrier;
 use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
-use std::sync::{Barrier, Mutex};
 use std::time::Duration;
 
 use mpkvirt::policy::trace::SplitMix;
@@ -18,8 +20,6 @@ use mpkvirt::{Backend, Config, Domain, DomainOptions, Emulated, Error, Hardware,
 use mpkvirt_sys::require_pku;
 
 const DOMAINS: usize = 100_000;
-
-static REAL: Mutex<()> = Mutex::new(());
 
 fn rounds() -> usize {
     std::env::var("MPKVIRT_MANY_ROUNDS")
@@ -136,7 +136,7 @@ fn simulated_100k_domains_two_threads() {
 
 #[test]
 fn emulated_100k_domains_two_threads() {
-    let _g = REAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _g = common::real_backend();
     let mgr = Manager::with_backend(Emulated::new(15).unwrap(), config());
     let (accesses, _, evictions) = run(&mgr, rounds(), Semantics::Union);
     assert!(
@@ -148,7 +148,7 @@ fn emulated_100k_domains_two_threads() {
 #[test]
 fn pku_100k_domains_two_threads() {
     let _pku = require_pku!();
-    let _g = REAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _g = common::real_backend();
     let mgr = Manager::with_backend(Hardware::new(15).unwrap(), config());
     let (accesses, faults, evictions) = run(&mgr, rounds(), Semantics::PerThread);
     eprintln!(

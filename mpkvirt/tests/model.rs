@@ -5,25 +5,14 @@
 //! against the model of its documented (union) semantics with real `mprotect` faults; the
 //! hardware backend replays fixed-seed programs with real keys (inside the PKU guest).
 
-use std::sync::Mutex;
-use std::time::Duration;
+mod common;
+
+use common::config;
 
 use mpkvirt::testing::{self, Outcome, Semantics};
-use mpkvirt::{Config, Emulated, Hardware, Manager};
+use mpkvirt::{Emulated, Hardware, Manager};
 use mpkvirt_sys::require_pku;
 use proptest::prelude::*;
-
-fn config(keys: usize) -> Config {
-    Config {
-        max_keys: keys,
-        pin_wait: Duration::ZERO,
-        arena_chunk: 1 << 30,
-        ..Config::default()
-    }
-}
-
-/// Real backends allocate process-wide keys and install handlers: one program at a time.
-static REAL: Mutex<()> = Mutex::new(());
 
 fn run_simulated(bytes: &[u8], keys: usize) -> Outcome {
     let mgr = Manager::simulated(keys, config(keys));
@@ -45,7 +34,7 @@ proptest! {
 
     #[test]
     fn emulated_programs_agree_with_the_union_model(bytes in proptest::collection::vec(any::<u8>(), 0..800), keys in 1usize..5) {
-        let _g = REAL.lock().unwrap_or_else(|e| e.into_inner());
+        let _g = common::real_backend();
         let mgr = Manager::with_backend(Emulated::new(keys).expect("emulated backend"), config(keys));
         testing::run(&mgr, &testing::decode(&bytes), Semantics::Union).unwrap_or_else(|d| panic!("{d}"));
     }
@@ -74,7 +63,7 @@ fn fixed_programs_evict_and_fault_on_the_simulated_backend() {
 #[test]
 fn pku_hardware_programs_agree_with_the_model() {
     let _pku = require_pku!();
-    let _g = REAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _g = common::real_backend();
     let mut total = Outcome::default();
     for seed in 0..24 {
         let keys = 1 + (seed as usize % 4);
@@ -96,7 +85,7 @@ fn pku_hardware_programs_agree_with_the_model() {
 #[test]
 fn pku_hardware_with_every_key_and_more_than_15_domains() {
     let _pku = require_pku!();
-    let _g = REAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _g = common::real_backend();
     let mgr = Manager::with_backend(Hardware::new(15).expect("hardware backend"), config(15));
     assert!(mgr.keys().len() >= 14, "keys: {:?}", mgr.keys());
     // 40 domains first, then a long program over them: well over 15 in use, so keys cycle.

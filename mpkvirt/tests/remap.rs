@@ -1,28 +1,18 @@
 //! Invariant 6: every path that maps over a domain's range (reset, file mappings) applies
 //! the domain's key again, because mmap resets a range's key to 0.
 
+mod common;
+
+use common::config;
+
 use std::io::Write;
 use std::os::fd::AsFd;
-use std::sync::Mutex;
-use std::time::Duration;
 
 use mpkvirt::{
-    Backend, BackendKind, Config, DomainOptions, Emulated, Error, Hardware, Manager, Rights,
-    SegvCode,
+    Backend, BackendKind, DomainOptions, Emulated, Error, Hardware, Manager, Rights, SegvCode,
 };
 use mpkvirt_sys::mman::smaps_protection_key;
 use mpkvirt_sys::require_pku;
-
-static REAL: Mutex<()> = Mutex::new(());
-
-fn config(keys: usize) -> Config {
-    Config {
-        max_keys: keys,
-        pin_wait: Duration::ZERO,
-        arena_chunk: 1 << 30,
-        ..Config::default()
-    }
-}
 
 /// After the remap the domain is reachable inside its view, not outside, and (on hardware)
 /// its pages carry its key again.
@@ -100,7 +90,7 @@ fn simulated_reset_reapplies_the_key() {
 
 #[test]
 fn emulated_reset_and_file_mappings_reapply_the_key() {
-    let _g = REAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _g = common::real_backend();
     let mgr = Manager::with_backend(Emulated::new(2).unwrap(), config(2));
     reset_reapplies_the_key(&mgr);
     map_fd_reapplies_the_key(&mgr);
@@ -109,7 +99,7 @@ fn emulated_reset_and_file_mappings_reapply_the_key() {
 #[test]
 fn pku_reset_and_file_mappings_reapply_the_key() {
     let _pku = require_pku!();
-    let _g = REAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _g = common::real_backend();
     let mgr = Manager::with_backend(Hardware::new(2).unwrap(), config(2));
     reset_reapplies_the_key(&mgr);
     map_fd_reapplies_the_key(&mgr);

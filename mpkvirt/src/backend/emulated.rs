@@ -6,13 +6,10 @@
 //!
 //! # Safety
 //!
-//! `mprotect` and `mmap(MAP_FIXED)` act only on ranges inside this backend's reservations
-//! (checked before every call), into which mpkvirt hands out raw pointers only, never Rust
-//! references.
-#![allow(
-    unsafe_code,
-    reason = "mprotect and mmap over the backend's own reservations"
-)]
+//! `mprotect` acts only on ranges inside this backend's reservations (checked before every
+//! call, or recorded by a checked call), into which mpkvirt hands out raw pointers only, never
+//! Rust references. Mapping over reservations is `arena.rs`'s business.
+#![allow(unsafe_code, reason = "mprotect over the backend's own reservations")]
 
 use std::os::fd::BorrowedFd;
 
@@ -20,8 +17,9 @@ use mpkvirt_sys::mman::{self, Prot};
 use mpkvirt_sys::{AccessRights, Pkey, Pkru};
 use parking_lot::Mutex;
 
+use super::arena::Arenas;
 use super::sealed::BackendOps;
-use super::{BackendKind, RawFault, Reservations, ThreadRegs, effective};
+use super::{BackendKind, RawFault, ThreadRegs, effective};
 use crate::error::{Error, Result};
 use crate::fault;
 
@@ -46,12 +44,21 @@ impl KeyState {
     }
 }
 
+/// The range starting at `addr` leaves whichever key it was bound to.
+fn unbind(state: &mut [KeyState; Pkey::COUNT], addr: usize) {
+    for ks in state.iter_mut() {
+        if ks.bound.is_some_and(|(a, _, _)| a == addr) {
+            ks.bound = None;
+        }
+    }
+}
+
 /// `mprotect` emulation of protection keys (no PKU needed).
 #[derive(Debug)]
 pub struct Emulated {
     keys: Vec<Pkey>,
     state: Box<Mutex<[KeyState; Pkey::COUNT]>>,
-    reservations: Reservations,
+    arenas: Arenas,
 }
 
 impl Emulated {
@@ -68,15 +75,8 @@ impl Emulated {
         Ok(Emulated {
             keys,
             state: Box::new(Mutex::new([KeyState::default(); Pkey::COUNT])),
-            reservations: Reservations::default(),
+            arenas: Arenas::default(),
         })
-    }
-
-    fn check(&self, addr: usize, len: usize) {
-        assert!(
-            self.reservations.contains(addr, len),
-            "range {addr:#x}+{len:#x} is not a reservation of this backend"
-        );
     }
 
     fn mprotect(addr: usize, len: usize, prot: Prot, key: Pkey) -> Result<()> {
@@ -92,16 +92,6 @@ impl Emulated {
     }
 }
 
-impl Drop for Emulated {
-    fn drop(&mut self) {
-        for (start, len) in self.reservations.take() {
-            fault::unregister_arena(start);
-            // SAFETY: the reservation is this backend's and every domain in it is gone.
-            let _ = unsafe { mman::munmap(start as *mut u8, len) };
-        }
-    }
-}
-
 impl BackendOps for Emulated {
     fn kind(&self) -> BackendKind {
         BackendKind::Emulated
@@ -112,22 +102,13 @@ impl BackendOps for Emulated {
     }
 
     fn reserve(&self, len: usize) -> Result<usize> {
-        let start =
-            mman::reserve_mergeable(len).map_err(|source| Error::Reserve { len, source })? as usize;
-        self.reservations.add(start, len);
-        fault::register_arena(start, len);
-        Ok(start)
+        self.arenas.reserve(len)
     }
 
     fn tag(&self, addr: usize, len: usize, prot: Prot, key: Option<Pkey>) -> Result<()> {
-        self.check(addr, len);
+        self.arenas.check(addr, len);
         let mut state = self.state.lock();
-        // The range leaves whichever key it was bound to.
-        for ks in state.iter_mut() {
-            if ks.bound.is_some_and(|(a, _, _)| a == addr) {
-                ks.bound = None;
-            }
-        }
+        unbind(&mut state, addr);
         match key {
             None => Self::mprotect(addr, len, Prot::NONE, Pkey::DEFAULT),
             Some(k) => {
@@ -139,44 +120,17 @@ impl BackendOps for Emulated {
     }
 
     fn discard(&self, addr: usize, len: usize, mapped_files: bool) -> Result<()> {
-        self.check(addr, len);
-        let err = |source| Error::Retag {
-            addr,
-            len,
-            prot: Prot::NONE,
-            key: Pkey::DEFAULT,
-            source,
-        };
         if mapped_files {
-            let mut state = self.state.lock();
-            for ks in state.iter_mut() {
-                if ks.bound.is_some_and(|(a, _, _)| a == addr) {
-                    ks.bound = None;
-                }
-            }
-            // SAFETY: the range is inside a reservation (checked) and its contents are given
-            // up on purpose; the fresh pages are inaccessible.
-            return unsafe { mman::map_fixed_anonymous(addr as *mut u8, len, Prot::NONE) }
-                .map_err(err);
+            unbind(&mut self.state.lock(), addr);
+            return self.arenas.replace(addr, len);
         }
-        // SAFETY: as above; emptying in place keeps the mapping mergeable.
-        unsafe { mman::madvise_dontneed(addr as *mut u8, len) }.map_err(err)?;
+        // Emptying in place keeps the mapping mergeable (see `mman::reserve_mergeable`).
+        self.arenas.empty(addr, len)?;
         self.tag(addr, len, Prot::NONE, None)
     }
 
     fn map_fd(&self, addr: usize, len: usize, fd: BorrowedFd<'_>, offset: u64) -> Result<()> {
-        self.check(addr, len);
-        // SAFETY: as for `discard`; the private file mapping starts inaccessible and the
-        // caller re-applies the domain's tag.
-        unsafe { mman::map_fixed_fd(addr as *mut u8, len, Prot::NONE, false, fd, offset) }.map_err(
-            |source| Error::Retag {
-                addr,
-                len,
-                prot: Prot::NONE,
-                key: Pkey::DEFAULT,
-                source,
-            },
-        )
+        self.arenas.map_file(addr, len, fd, offset)
     }
 
     fn read_pkru(&self, regs: &ThreadRegs) -> Pkru {
@@ -234,6 +188,6 @@ impl BackendOps for Emulated {
     }
 
     fn owns(&self, addr: usize, len: usize) -> bool {
-        self.reservations.contains(addr, len)
+        self.arenas.contains(addr, len)
     }
 }

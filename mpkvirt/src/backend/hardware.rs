@@ -3,26 +3,26 @@
 //!
 //! # Safety
 //!
-//! This file changes page protections and PKRU. Both are confined: `tag`, `discard` and
-//! `map_fd` act only on ranges inside reservations this backend made (checked with
-//! [`Reservations::contains`] before every call), and mpkvirt hands out only raw pointers
-//! into those reservations, never Rust references, so no reference can observe a protection
-//! change. PKRU is written only through `write_pkru`, which the manager calls with values
+//! This file changes page protections and PKRU. Both are confined: `tag` acts only on
+//! ranges inside this backend's reservations (checked first), into which mpkvirt hands out
+//! only raw pointers, never Rust references, so no reference can observe a protection
+//! change (mapping over reservations is `arena.rs`'s business). PKRU is written only through `write_pkru`, which the manager calls with values
 //! that change nothing but the bits of this backend's keys (invariant 2 is the manager's
 //! business; see `keycache.rs`).
 #![allow(
     unsafe_code,
-    reason = "pkey_mprotect, mmap over reservations and the WRPKRU gate"
+    reason = "pkey_mprotect over reservations and the WRPKRU gate"
 )]
 
 use std::os::fd::BorrowedFd;
 
-use mpkvirt_sys::mman::{self, Prot};
+use mpkvirt_sys::mman::Prot;
 use mpkvirt_sys::pkey::{pkey_alloc, pkey_free, pkey_mprotect};
 use mpkvirt_sys::{AccessRights, Error as SysError, Pkey, Pkru, Pku};
 
+use super::arena::Arenas;
 use super::sealed::BackendOps;
-use super::{BackendKind, RawFault, Reservations, ThreadRegs};
+use super::{BackendKind, RawFault, ThreadRegs};
 use crate::error::{Error, Result};
 use crate::fault;
 
@@ -31,7 +31,7 @@ use crate::fault;
 pub struct Hardware {
     pku: Pku,
     keys: Vec<Pkey>,
-    reservations: Reservations,
+    arenas: Arenas,
 }
 
 impl Hardware {
@@ -61,15 +61,8 @@ impl Hardware {
         Ok(Hardware {
             pku,
             keys,
-            reservations: Reservations::default(),
+            arenas: Arenas::default(),
         })
-    }
-
-    fn check(&self, addr: usize, len: usize) {
-        assert!(
-            self.reservations.contains(addr, len),
-            "range {addr:#x}+{len:#x} is not a reservation of this backend"
-        );
     }
 }
 
@@ -77,13 +70,7 @@ impl Drop for Hardware {
     fn drop(&mut self) {
         // Pages first, keys after: a key freed while pages still carry it would hand those
         // pages to the next owner of the key number.
-        for (start, len) in self.reservations.take() {
-            fault::unregister_arena(start);
-            // SAFETY: the reservation was made by this backend, every domain in it is gone
-            // (domains keep the manager, and so this backend, alive) and no Rust reference
-            // points into it.
-            let _ = unsafe { mman::munmap(start as *mut u8, len) };
-        }
+        drop(std::mem::take(&mut self.arenas));
         for &k in &self.keys {
             let _ = pkey_free(k);
         }
@@ -100,15 +87,11 @@ impl BackendOps for Hardware {
     }
 
     fn reserve(&self, len: usize) -> Result<usize> {
-        let start =
-            mman::reserve_mergeable(len).map_err(|source| Error::Reserve { len, source })? as usize;
-        self.reservations.add(start, len);
-        fault::register_arena(start, len);
-        Ok(start)
+        self.arenas.reserve(len)
     }
 
     fn tag(&self, addr: usize, len: usize, prot: Prot, key: Option<Pkey>) -> Result<()> {
-        self.check(addr, len);
+        self.arenas.check(addr, len);
         let (prot, key) = match key {
             Some(k) => (prot, k),
             None => (Prot::NONE, Pkey::DEFAULT),
@@ -125,41 +108,17 @@ impl BackendOps for Hardware {
     }
 
     fn discard(&self, addr: usize, len: usize, mapped_files: bool) -> Result<()> {
-        self.check(addr, len);
-        let err = |source| Error::Retag {
-            addr,
-            len,
-            prot: Prot::NONE,
-            key: Pkey::DEFAULT,
-            source,
-        };
         if mapped_files {
-            // SAFETY: as for `tag`; the contents are given up on purpose (domain destroyed
-            // or reset) and the fresh anonymous pages replacing the file mappings are parked.
-            return unsafe { mman::map_fixed_anonymous(addr as *mut u8, len, Prot::NONE) }
-                .map_err(err);
+            return self.arenas.replace(addr, len);
         }
-        // Emptying the pages in place (rather than mapping over them) keeps the range's
-        // anon_vma, so it merges with its parked neighbours again (see `reserve`).
-        // SAFETY: as for `tag`; the contents are given up on purpose.
-        unsafe { mman::madvise_dontneed(addr as *mut u8, len) }.map_err(err)?;
+        // Emptying in place (rather than mapping over) keeps the range mergeable with its
+        // parked neighbours (see `mman::reserve_mergeable`).
+        self.arenas.empty(addr, len)?;
         self.tag(addr, len, Prot::NONE, None)
     }
 
     fn map_fd(&self, addr: usize, len: usize, fd: BorrowedFd<'_>, offset: u64) -> Result<()> {
-        self.check(addr, len);
-        // SAFETY: as for `discard`. The mapping is private, so later changes of the file do
-        // not show through pages already copied; it starts parked (PROT_NONE) and the
-        // caller re-applies the domain's key, because mmap resets it to 0.
-        unsafe { mman::map_fixed_fd(addr as *mut u8, len, Prot::NONE, false, fd, offset) }.map_err(
-            |source| Error::Retag {
-                addr,
-                len,
-                prot: Prot::NONE,
-                key: Pkey::DEFAULT,
-                source,
-            },
-        )
+        self.arenas.map_file(addr, len, fd, offset)
     }
 
     #[inline]
@@ -187,6 +146,6 @@ impl BackendOps for Hardware {
     }
 
     fn owns(&self, addr: usize, len: usize) -> bool {
-        self.reservations.contains(addr, len)
+        self.arenas.contains(addr, len)
     }
 }

@@ -27,6 +27,7 @@
 //! The trait is sealed: its methods are crate-internal, so code outside mpkvirt cannot
 //! change protections or PKRU behind the manager's back.
 
+mod arena;
 mod emulated;
 mod hardware;
 mod simulated;
