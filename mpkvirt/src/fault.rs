@@ -18,7 +18,7 @@
 //!
 //! # Guarded calls
 //!
-//! [`run_guarded`] runs a closure on a separate stack (mpkvirt-asm's `mpkvirt_stack_call`).
+//! `run_guarded` runs a closure on a separate stack (mpkvirt-asm's `mpkvirt_stack_call`).
 //! When the closure faults on domain memory, its frames are *abandoned*: never resumed, their
 //! destructors never run (locks they hold stay held), and their stack is never reused or
 //! freed, because something the closure started (a scoped thread) might still refer to it.
