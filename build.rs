@@ -2,8 +2,8 @@
 //!
 //! The target is read from `CARGO_CFG_TARGET_*` (a build script runs on the host, so
 //! `cfg!(target_arch)` would describe the wrong machine). On a target without assembly the
-//! script warns and emits no `has_asm` cfg; `asm/lib.rs` then exposes nothing and the crates
-//! above fall back to their no-PKU paths instead of failing to build.
+//! script warns and emits no `has_asm` cfg; `asm/lib.rs` then declares nothing. `mpkvirt-sys`
+//! still builds there (as its unsupported twin); `mpkvirt` itself needs x86-64 Linux.
 
 use std::env;
 

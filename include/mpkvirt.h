@@ -14,24 +14,30 @@
  *     without PKU, an mprotect emulation (see mpkvirt_backend()). MPKVIRT_MODE=hardware
  *     makes mpk_init fail instead of falling back.
  *   - Thread-safe: any number of threads may begin, end, allocate and free concurrently.
- *     A key is handed to another domain only when no thread's view uses it; entering a
- *     domain that holds a key takes no lock and makes no system call.
- *   - Unlimited virtual keys: any int is a vkey, any number of them may exist. Up to 15 are
- *     resident (bound to hardware keys) at a time; a thread may have at most 15 begun.
+ *     A key is handed to another domain only when no thread's view uses it. When every
+ *     begun domain holds a key, mpk_begin/mpk_end make no system call with the hardware
+ *     backend (one WRPKRU, a shared read lock on the vkey table); with the emulated backend
+ *     each change of rights costs an mprotect.
+ *   - Unlimited virtual keys: any int is a vkey, any number of them may exist. Up to
+ *     mpkvirt_key_count() (at most 15) are resident at a time, and a thread may have at most
+ *     that many begun.
  *   - evict_rate: libmpk evicts on only every (evict_rate + 1)th miss and otherwise fails
  *     mpk_begin. mpkvirt always evicts on a miss — every value behaves like libmpk's
  *     recommended mpk_init(-1) — and chooses the victim by LRU, or by the hinted policy
  *     when MPKVIRT_POLICY=hinted.
  *   - mpk_begin adds a domain to the calling thread's set; a thread's rights are exactly
  *     its begun domains. With the emulated backend (no PKU) rights are process-wide: a
- *     domain is reachable by every thread while any thread has it begun.
+ *     domain is reachable by every thread while any thread has it begun. A thread created
+ *     while its creator has domains begun inherits the creator's rights (the kernel copies
+ *     PKRU) without having begun them: create threads with nothing begun.
  *   - A domain has one page protection, set by its first mpk_mmap (read-write for domains
  *     created by mpk_malloc) and changed with mpk_mprotect.
  *
- * Errors: functions return -1 (pointer functions NULL or MAP_FAILED) and set errno. Every
- * function fails with EINVAL when mpk_init has not been called. A memory access that a
- * thread's rights forbid raises SIGSEGV; run it through mpkvirt_guarded_call() to get a
- * report instead.
+ * Errors: functions return -1 (pointer functions NULL or MAP_FAILED) and set errno; a
+ * failed call changes nothing. Before mpk_init every function fails with EINVAL, except
+ * mpk_free(NULL) (does nothing), mpkvirt_backend() (NULL) and mpkvirt_key_count() (-1).
+ * A memory access that a thread's rights forbid raises SIGSEGV; run it through
+ * mpkvirt_guarded_call() to get a report instead.
  */
 #ifndef MPKVIRT_H
 #define MPKVIRT_H
@@ -46,19 +52,23 @@ extern "C" {
 
 /*
  * Initialises the library: picks the backend (MPKVIRT_MODE=auto|hardware|emulated,
- * default auto) and allocates the hardware keys. Call once, before any other function.
- * evict_rate is accepted for compatibility; see above.
+ * default auto), the number of keys (MPKVIRT_MAX_KEYS=1..15, default 15) and the eviction
+ * policy (MPKVIRT_POLICY=lru|hinted), and allocates the keys. Call once, before any other
+ * function. evict_rate is accepted for compatibility; see above.
  *
  * Returns 0, or -1 with errno: EBUSY (already initialised), EOPNOTSUPP (MPKVIRT_MODE=
- * hardware without PKU), EINVAL (an MPKVIRT_* variable does not parse), ENOSPC (no
- * protection key could be allocated).
+ * hardware without usable PKU, including when every key is already taken by other code,
+ * or the SIGSEGV handler cannot be installed), EINVAL (an MPKVIRT_* variable does not
+ * parse).
  */
 int mpk_init(int evict_rate);
 
 /*
  * Maps len bytes (rounded up to pages) into the domain of vkey, creating the domain if
- * needed, and returns the address. Anonymous memory (fd == -1 or MAP_ANONYMOUS) is zeroed;
- * otherwise len bytes of fd from offset are mapped privately (copy-on-write). addr is a
+ * needed, and returns the address. Anonymous memory (fd == -1 or MAP_ANONYMOUS) is zeroed
+ * (pages freed earlier with mpk_free are zeroed when freed); otherwise len bytes of fd from
+ * offset are mapped privately (copy-on-write). Free the mapping with mpk_free or all of
+ * the domain's memory with mpk_munmap. addr is a
  * hint and is ignored. prot is the domain's page protection (PROT_READ, PROT_WRITE,
  * PROT_EXEC); the memory is reachable only by threads that have begun vkey.
  *
@@ -72,7 +82,8 @@ void *mpk_mmap(int vkey, void *addr, size_t len, int prot, int flags, int fd, of
  * Destroys the domain of vkey: all its memory (mappings and mpk_malloc allocations) is
  * released and its hardware key freed. The vkey may be reused for a new domain.
  *
- * Returns 0, or -1 with errno: EINVAL (no such domain), EBUSY (a thread has it begun).
+ * Returns 0, or -1 with errno: EINVAL (no such domain), EBUSY (a thread has it begun, or
+ * another thread is using its handle in a concurrent call on it).
  */
 int mpk_munmap(int vkey);
 
@@ -82,8 +93,9 @@ int mpk_munmap(int vkey);
  * changes its rights. The thread keeps its other begun domains.
  *
  * Returns 0, or -1 with errno: EINVAL (no such domain, or prot grants neither read nor
- * write), E2BIG (more domains begun than there are keys), EBUSY (every key is in use by
- * other threads' views for longer than a second), EFAULT/ENOMEM (re-tagging failed).
+ * write), E2BIG (more domains begun than mpkvirt_key_count()), EBUSY (every key is in use
+ * by other threads' views for longer than a second), or the errno of a failed re-tag of
+ * the domain's pages (ENOMEM when the process's mapping limit is reached).
  */
 int mpk_begin(int vkey, int prot);
 
@@ -112,7 +124,8 @@ int mpk_mprotect(int vkey, int prot);
 void *mpk_malloc(int vkey, size_t size);
 
 /*
- * Frees memory from mpk_malloc. mpk_free(NULL) does nothing.
+ * Frees memory from mpk_malloc (or a mapping from mpk_mmap). Allocations of a page or more
+ * are given back to the system and read as zero when reused. mpk_free(NULL) does nothing.
  *
  * Returns 0, or -1 with errno: EINVAL (not a live allocation: double free, or a pointer
  * that mpk_malloc did not return).
@@ -137,10 +150,11 @@ struct mpkvirt_fault {
 
 /*
  * Calls fn(arg) on a separate stack. If it touches domain memory its thread may not
- * access, it is abandoned at that point — its frames never resume, so it must not hold
- * locks or resources the program needs later — the domains it began are ended again, and
- * the fault is described in *fault (if fault is not NULL). Faults outside domain memory
- * are not caught. fn must not throw C++ exceptions.
+ * access, or overflows that stack, it is abandoned at that point — its frames never
+ * resume, so it must not hold locks or resources the program needs later — the thread's
+ * begun domains are put back to what they were before the call (whatever fn began or
+ * ended is undone), and the fault is described in *fault (if fault is not NULL; vkey is -1
+ * for a stack overflow). Other faults are not caught. fn must not throw C++ exceptions.
  *
  * Returns 0 when fn returned, or -1 with errno: EFAULT (fn faulted; see *fault), EINVAL
  * (fn is NULL).

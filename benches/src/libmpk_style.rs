@@ -1,6 +1,7 @@
-//! A libmpk-style key cache, written from the paper's description (Park et al., USENIX ATC
-//! 2019, §4) and the structure of its released code as summarised in
-//! `shared/reference/mpk.md` §1.3 — no code of libmpk's is used:
+//! A libmpk-style key cache, written from the paper's description (Park et al., "libmpk:
+//! Software Abstraction for Intel Memory Protection Keys", USENIX ATC 2019) and the
+//! structure of its released code (`sslab-gatech/libmpk`, `lib/mpt.cc`) — no code of
+//! libmpk's is used:
 //!
 //! - one process-wide mutex around all metadata (libmpk's `std::mutex`);
 //! - a hash map from virtual key to its region and hardware key;

@@ -2,7 +2,7 @@
 //!
 //! Today the host reports what the machine offers ([`info`]): whether PKU is usable and why
 //! not, which backend mpkvirt would run on, and how many keys it would get. Scheduling,
-//! interposition and the HTTP front end build on this.
+//! system-call interposition and the HTTP front end are planned on top of it.
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
 

@@ -11,10 +11,11 @@
 //! | [`detect`] | why PKU is or is not usable here ([`Support`]) | CPUID + a kernel probe |
 //! | [`mman`] | `mmap`/`mprotect`/`munmap`/`madvise` on page-aligned ranges (portable Linux) | system calls |
 //! | [`membarrier`] | `membarrier(2)`: the heavy half of an asymmetric fence | system call |
+//! | [`error`] | which operation failed, with its `errno` | no |
 //! | [`signal`] | SIGSEGV `siginfo` (`SEGV_PKUERR`, `si_pkey`), fault access kind, handler install | signal state |
 //!
-//! On targets other than x86-64 Linux (or with `--cfg mpkvirt_no_hw`) the PKU-specific halves of
-//! [`cpu`], [`pkey`] and [`signal`] are replaced by a same-API twin whose functions report [`Error::Unsupported`] and
+//! On targets other than x86-64 Linux (or with `--cfg mpkvirt_no_hw`) the machine halves of
+//! [`cpu`], [`pkey`], [`membarrier`] and [`signal`] are replaced by a same-API twin whose functions report [`Error::Unsupported`] and
 //! whose [`Pku`] token cannot be constructed.
 //!
 //! # Safety model
@@ -69,8 +70,9 @@ pub use pkru::{AccessRights, Pkru};
 /// Skips the calling test unless PKU is usable, printing why; fails it instead when the
 /// environment variable `MPKVIRT_REQUIRE_PKU=1` is set (inside the PKU guest).
 ///
-/// Evaluates to the [`Pku`] token. Test names start with `pku_` by convention so that
-/// `cargo test -- pku_` selects the hardware tests and `-- --skip pku_` leaves them out.
+/// Evaluates to the [`Pku`] token. Hardware tests are named `pku_*` by convention:
+/// `scripts/pku-vm test` runs exactly the tests whose name starts with `pku_` (libtest's
+/// `cargo test -- pku_` filter is a substring match and may select a few more).
 #[macro_export]
 macro_rules! require_pku {
     () => {

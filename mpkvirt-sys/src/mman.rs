@@ -80,7 +80,7 @@ pub fn reserve(len: usize, prot: Prot) -> Result<*mut u8> {
 /// many such pieces the process runs into `vm.max_map_count` (65,530 by default). Writing
 /// one byte while the whole range is still one mapping gives it an `anon_vma` that every
 /// later piece inherits. The byte's page is discarded again; the range ends inaccessible.
-/// Four extra system calls per reservation.
+/// Three extra system calls per reservation.
 ///
 /// # Errors
 ///
@@ -178,7 +178,8 @@ pub unsafe fn map_fixed_fd(
 /// The caller must own the range, and no Rust reference into it may be used afterwards in a
 /// way the new protection forbids.
 pub unsafe fn mprotect(addr: *mut u8, len: usize, prot: Prot) -> Result<()> {
-    // SAFETY: only page-table entries of the caller's range change.
+    // SAFETY: sound by this function's contract (the caller owns the range and no reference
+    // into it is used against the new protection); mprotect dereferences no user pointer.
     let ret = unsafe { libc::mprotect(addr.cast(), len, prot.bits()) };
     if ret < 0 {
         Err(Error::last(Op::Mprotect))

@@ -73,6 +73,15 @@ impl FreeRanges {
     }
 }
 
+/// What [`DomainHeap::free`] released.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(crate) struct Freed {
+    /// Bytes (rounded to the size class or to pages).
+    pub(crate) size: usize,
+    /// The page run `(offset, len)` given back, for allocations of whole pages.
+    pub(crate) run: Option<(usize, usize)>,
+}
+
 #[derive(Clone, Copy, Debug)]
 enum Live {
     Small { class: u8 },
@@ -157,8 +166,8 @@ impl DomainHeap {
         Ok(start)
     }
 
-    /// Frees the allocation that starts at `off`; returns its size in bytes (rounded).
-    pub(crate) fn free(&mut self, off: usize) -> Result<usize, AllocError> {
+    /// Frees the allocation that starts at `off`.
+    pub(crate) fn free(&mut self, off: usize) -> Result<Freed, AllocError> {
         match self
             .live
             .remove(&off)
@@ -168,12 +177,18 @@ impl DomainHeap {
                 let class = class as usize;
                 self.free_blocks[class].push(off);
                 self.in_use -= class_size(class);
-                Ok(class_size(class))
+                Ok(Freed {
+                    size: class_size(class),
+                    run: None,
+                })
             }
             Live::Pages { start, len } => {
                 self.release_run(start, len);
                 self.in_use -= len;
-                Ok(len)
+                Ok(Freed {
+                    size: len,
+                    run: Some((start, len)),
+                })
             }
         }
     }
@@ -255,11 +270,18 @@ mod tests {
         let b = h.alloc(24, 8).unwrap();
         assert_eq!(a % 32, 0);
         assert_eq!(b, a + 32);
-        assert_eq!(h.free(a), Ok(32));
+        assert_eq!(h.free(a).map(|f| f.size), Ok(32));
         assert_eq!(h.alloc(20, 4), Ok(a));
-        assert_eq!(h.free(a), Ok(32));
-        assert_eq!(h.free(a), Err(AllocError::NotAllocated(a)), "double free");
-        assert_eq!(h.free(a + 1), Err(AllocError::NotAllocated(a + 1)));
+        assert_eq!(h.free(a).map(|f| f.size), Ok(32));
+        assert_eq!(
+            h.free(a).map(|f| f.size),
+            Err(AllocError::NotAllocated(a)),
+            "double free"
+        );
+        assert_eq!(
+            h.free(a + 1).map(|f| f.size),
+            Err(AllocError::NotAllocated(a + 1))
+        );
     }
 
     #[test]

@@ -223,8 +223,9 @@ pub extern "C" fn mpk_mmap(
         let p = if anonymous {
             d.alloc_pages(len / mman::page_size())
         } else {
-            // SAFETY: the caller passes an open descriptor (mmap's contract); it is only
-            // borrowed for the duration of this call.
+            // SAFETY: `fd` is not negative here (negative means anonymous, handled above), and
+            // the caller passes an open descriptor (mmap's contract); it is only borrowed for
+            // the duration of this call.
             let fd = unsafe { BorrowedFd::borrow_raw(fd) };
             d.map_fd(fd, offset as u64, len)
         };
@@ -398,9 +399,15 @@ pub unsafe extern "C" fn mpkvirt_guarded_call(
         let f = f.ok_or(libc::EINVAL)?;
         // SAFETY: the caller promises `f` is a valid, non-unwinding C function taking `arg`.
         let run = move || unsafe { f(arg as *mut c_void) };
+        // The thread's begun domains before the call: a faulting `f` is abandoned, and with it
+        // whatever it began or ended, so the set is restored afterwards.
+        let before = BEGUN.with_borrow(|b| b.set.clone());
         Ok(match st.mgr.guarded(run) {
             Ok(()) => Ok(()),
-            Err(Error::Fault(r)) => Err(Some(to_c(st, &r))),
+            Err(Error::Fault(r)) => {
+                BEGUN.with_borrow_mut(|b| enter_set(st, b, before))?;
+                Err(Some(to_c(st, &r)))
+            }
             Err(e) => return Err(errno_of(&e)),
         })
     });

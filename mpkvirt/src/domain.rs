@@ -154,8 +154,9 @@ impl<B: Backend> Domain<B> {
         }
     }
 
-    /// Allocates `size` bytes aligned to `align` inside the domain. The memory is zero on
-    /// first use and reachable only inside views granting the domain.
+    /// Allocates `size` bytes aligned to `align` inside the domain, reachable only inside
+    /// views granting the domain. Memory never used before reads as zero (see
+    /// [`Domain::free`] for reused memory).
     ///
     /// # Errors
     ///
@@ -185,8 +186,10 @@ impl<B: Backend> Domain<B> {
         Ok(self.ptr(off))
     }
 
-    /// Frees an allocation made by [`Domain::alloc`] or [`Domain::alloc_pages`]; returns its
-    /// size. The memory keeps its contents until reused.
+    /// Frees an allocation made by [`Domain::alloc`], [`Domain::alloc_pages`] or
+    /// [`Domain::map_fd`]; returns its size. Page runs (allocations of a page or more, and file
+    /// mappings) are given back to the system and read as zero when reused; small blocks keep
+    /// their contents until reused, as with `malloc`.
     ///
     /// # Errors
     ///
@@ -199,11 +202,16 @@ impl<B: Backend> Domain<B> {
                 addr,
             });
         }
-        self.inner
+        let freed = self
+            .inner
             .heap
             .lock()
             .free(addr - self.inner.base)
-            .map_err(|e| self.heap_err(e))
+            .map_err(|e| self.heap_err(e))?;
+        if let Some((start, len)) = freed.run {
+            self.mgr.zero_run(self, self.inner.base + start, len)?;
+        }
+        Ok(freed.size)
     }
 
     /// Bytes allocated in the domain.
@@ -227,8 +235,9 @@ impl<B: Backend> Domain<B> {
     }
 
     /// Discards the domain's contents and allocations: fresh zero pages, an empty heap. The
-    /// key (if resident) is applied again, because mapping over a range resets its key to 0
-    /// (invariant 6).
+    /// key (if resident) is applied again, because discarding parks the range (no access,
+    /// key 0) — and mapping over a range, which it does for file mappings, resets the key to
+    /// 0 too (invariant 6).
     ///
     /// # Errors
     ///

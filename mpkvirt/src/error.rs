@@ -37,6 +37,15 @@ pub enum Error {
         /// The system call's failure.
         source: SysError,
     },
+    /// Emptying or mapping over a range failed (`madvise`, `mmap(MAP_FIXED)`).
+    Remap {
+        /// Start of the range.
+        addr: usize,
+        /// Length of the range.
+        len: usize,
+        /// The system call's failure.
+        source: SysError,
+    },
     /// Every key is pinned by views of running threads and none became free in time.
     KeysBusy {
         /// Keys the manager has.
@@ -103,6 +112,12 @@ impl fmt::Display for Error {
                 "cannot tag range (addr = {addr:#x}, len = {len:#x}, prot = {:#b}, key = {key}): {source}",
                 prot.bits()
             ),
+            Error::Remap { addr, len, source } => {
+                write!(
+                    f,
+                    "cannot empty or map over range (addr = {addr:#x}, len = {len:#x}): {source}"
+                )
+            }
             Error::KeysBusy { keys, waited } => {
                 write!(
                     f,
@@ -137,7 +152,8 @@ impl std::error::Error for Error {
             Error::HardwareRequired(e) => Some(e),
             Error::AllocKeys(e)
             | Error::Reserve { source: e, .. }
-            | Error::Retag { source: e, .. } => Some(e),
+            | Error::Retag { source: e, .. }
+            | Error::Remap { source: e, .. } => Some(e),
             _ => None,
         }
     }
@@ -150,7 +166,8 @@ impl Error {
             Error::HardwareRequired(_) | Error::Unsupported(_) => libc::EOPNOTSUPP,
             Error::AllocKeys(e)
             | Error::Reserve { source: e, .. }
-            | Error::Retag { source: e, .. } => e.errno().0,
+            | Error::Retag { source: e, .. }
+            | Error::Remap { source: e, .. } => e.errno().0,
             Error::KeysBusy { .. } => libc::EBUSY,
             Error::ViewTooLarge { .. } => libc::E2BIG,
             Error::OutOfMemory { .. } => libc::ENOMEM,

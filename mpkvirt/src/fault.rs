@@ -154,20 +154,23 @@ fn in_arena(a: usize) -> bool {
 struct Recovery {
     /// Address of the `jmp` word of the innermost guarded call (0: none).
     jmp: usize,
-    /// The guard page of that call's stack.
-    guard: (usize, usize),
+    /// That call's stack: `[guard page start, top)`; the guard page is its first page.
+    stack: (usize, usize),
+    /// The end of the guard page.
+    guard_end: usize,
 }
 
 thread_local! {
-    static RECOVERY: Cell<Recovery> = const { Cell::new(Recovery { jmp: 0, guard: (0, 0) }) };
+    static RECOVERY: Cell<Recovery> = const { Cell::new(Recovery { jmp: 0, stack: (0, 0), guard_end: 0 }) };
     static LAST_FAULT: Cell<Option<RawFault>> = const { Cell::new(None) };
 }
 
 // ---- the handler ------------------------------------------------------------------------------
 
 struct PrevAction(libc::sigaction);
-// SAFETY: written once (inside `OnceLock::get_or_init`) before the handler that reads it is
-// installed, and never mutated; it is plain data (addresses, flags, a signal mask).
+// SAFETY: written once (by `OnceLock::get_or_init`) and never mutated afterwards; it is plain
+// data (addresses, flags, a signal mask). The handler may run before it is written and then
+// finds `PREV` unset, which it tolerates.
 unsafe impl Sync for PrevAction {}
 // SAFETY: as above: plain data moved once into the static.
 unsafe impl Send for PrevAction {}
@@ -191,11 +194,27 @@ pub(crate) fn install_handler() -> Result<()> {
 }
 
 extern "C" fn on_segv(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut c_void) {
-    // SAFETY: for an SA_SIGINFO handler the kernel passes a valid `siginfo_t` pointer that
-    // belongs to this handler invocation.
+    // The interrupted code may be reading errno; chained handlers and write(2) may change it.
+    let saved_errno = std::io::Error::last_os_error().raw_os_error().unwrap_or(0);
+    handle_segv(sig, info, ctx);
+    // SAFETY: __errno_location takes no arguments and returns this thread's errno slot.
+    let slot = unsafe { libc::__errno_location() };
+    // SAFETY: that slot is valid for writes for the thread's lifetime.
+    unsafe { *slot = saved_errno };
+}
+
+fn handle_segv(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut c_void) {
+    // SAFETY: installed with SA_SIGINFO, so the kernel passes a non-null, valid `siginfo_t`
+    // that belongs to this handler invocation.
     let info_ref = unsafe { &*info };
-    // SAFETY: likewise a valid `ucontext_t`, which only this invocation uses.
+    // SAFETY: likewise a non-null, valid `ucontext_t`, which only this invocation uses.
     let uc = unsafe { &mut *ctx.cast::<libc::ucontext_t>() };
+    // Only faults the kernel raised for an access are ours to interpret (`si_code > 0`); a
+    // SIGSEGV sent with kill/tgkill goes straight to the previous handler.
+    if info_ref.si_code <= 0 {
+        chain_prev(sig, info, ctx);
+        return;
+    }
     let decoded = signal::decode_segv(info_ref);
     let raw = RawFault {
         addr: decoded.addr,
@@ -212,21 +231,31 @@ extern "C" fn on_segv(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut c_
         return;
     }
     let rec = RECOVERY.get();
-    let in_guard_page = (rec.guard.0..rec.guard.1).contains(&raw.addr);
-    if rec.jmp != 0 && (in_guard_page || in_arena(raw.addr)) {
-        LAST_FAULT.set(Some(raw));
+    let in_guard_page = (rec.stack.0..rec.guard_end).contains(&raw.addr);
+    let on_guarded_stack = (rec.stack.0..rec.stack.1).contains(&signal::sp(uc));
+    if rec.jmp != 0 && on_guarded_stack && (in_guard_page || in_arena(raw.addr)) {
         // SAFETY: `rec.jmp` is the address of the `jmp` word of the innermost guarded call on
-        // this thread, still in progress (it is cleared before that call's frame returns);
-        // the word is key-0 memory on the caller's stack, readable here.
+        // this thread, still in progress (RECOVERY is restored before that call's frame
+        // returns); the word is key-0 memory on the caller's stack, readable here.
         let sp = unsafe { (rec.jmp as *const usize).read_volatile() };
-        // SAFETY: `sp` is the stack pointer mpkvirt_stack_call saved for exactly this
-        // resume point, which expects %rax = 1.
-        unsafe { signal::redirect(uc, addr::stack_call_resume(), sp, 1) };
-        return;
+        if sp != 0 {
+            LAST_FAULT.set(Some(raw));
+            // SAFETY: the thread was running on this call's stack (checked above) and `sp` is
+            // the non-zero stack pointer mpkvirt_stack_call saved for exactly this resume
+            // point, which expects %rax = 1. The frames left behind are never resumed and
+            // their stack is never reused (`run_guarded` leaks it).
+            unsafe { signal::redirect(uc, addr::stack_call_resume(), sp, 1) };
+            return;
+        }
     }
     if in_arena(raw.addr) {
         report_unhandled(&raw);
     }
+    chain_prev(sig, info, ctx);
+}
+
+/// Passes the signal to the handler that was installed before ours.
+fn chain_prev(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut c_void) {
     if let Some(Ok(prev)) = PREV.get() {
         // SAFETY: called from the SIGSEGV handler with the kernel's arguments, and `prev` is
         // the action `install` replaced for SIGSEGV.
@@ -293,10 +322,13 @@ impl Cursor<'_> {
 pub(crate) fn probe(addr: usize, write: Option<u8>) -> std::result::Result<u8, RawFault> {
     LAST_FAULT.set(None);
     let v = match write {
-        // SAFETY: `addr` is domain memory (see above), which no Rust reference aliases; the
-        // handler installed by the backend recovers a faulting probe.
+        // SAFETY: one byte access done by assembly, like a volatile access. `addr` lies in one
+        // of the backend's reservations (checked by its caller), which Rust code never holds
+        // references into, and the handler installed with the backend recovers a fault.
+        // Other threads touching the byte at the same time are the caller's business, as for
+        // any volatile access to shared memory.
         None => unsafe { mpkvirt_asm::mpkvirt_probe_read8(addr as *const u8) },
-        // SAFETY: as above; a successful write changes only domain memory.
+        // SAFETY: as above; a successful write changes only that byte of domain memory.
         Some(b) => unsafe { mpkvirt_asm::mpkvirt_probe_write8(addr as *mut u8, b) },
     };
     if v == PROBE_FAULTED {
@@ -430,11 +462,14 @@ where
     let mut jmp: usize = 0;
     let prev = RECOVERY.replace(Recovery {
         jmp: (&raw mut jmp) as usize,
-        guard: stack.guard(),
+        stack: (stack.base, stack.top()),
+        guard_end: stack.guard().1,
     });
-    // SAFETY: `stack.top()` is the 16-byte-aligned top of a fresh read-write stack with a
-    // guard page below; `jmp` and `call` outlive the call; the trampoline catches panics, so
-    // nothing unwinds through the assembly.
+    // SAFETY: `stack.top()` is 16-byte aligned (the mapping is page-aligned and its length a
+    // page multiple) and tops a read-write stack with a guard page below that no frame uses
+    // (a fresh one, or one whose previous guarded call returned normally); `jmp` and `call`
+    // outlive the call; the trampoline catches panics, so nothing unwinds through the
+    // assembly.
     let faulted = unsafe {
         mpkvirt_asm::mpkvirt_stack_call(
             (&raw mut call).cast(),

@@ -1,11 +1,12 @@
 //! The key cache's lock-free half: which domain each hardware key is bound to, and which
 //! threads currently hold it in a view (pins).
 //!
-//! # The protocol (invariant 2 of the design)
+//! # The protocol (invariant 2 in `ARCHITECTURE.md`)
 //!
 //! A key may be handed to another domain only when no thread's PKRU grants it. A thread's
 //! PKRU grants a key only between *pin* and *unpin*. Each thread pins in its own
-//! [`ThreadPins`] cell — one byte per key, written only by that thread — so the hit path
+//! [`ThreadPins`] cell — a word per key, pin count and use counter, written only by that
+//! thread — so the hit path
 //! makes no atomic read-modify-write and threads never contend on a shared counter:
 //!
 //! ```text
@@ -107,15 +108,16 @@ impl ThreadPins {
         }
     }
 
-    /// Adds a pin on `slot` and counts a use. Owner thread only.
+    /// Adds a pin on `slot` and counts a use; `false` (nothing changed) when the thread
+    /// already holds the maximum of 255 pins on it. Owner thread only.
     #[inline]
-    fn add(&self, slot: usize) {
+    fn add(&self, slot: usize) -> bool {
         let w = self.words[slot].load(Ordering::Relaxed);
-        assert!(
-            w & PIN_MASK != PIN_MASK,
-            "more than 254 nested views of one key on a thread"
-        );
+        if w & PIN_MASK == PIN_MASK {
+            return false;
+        }
         self.words[slot].store(w.wrapping_add(PIN | USE), Ordering::Relaxed);
+        true
     }
 
     /// Removes a pin on `slot`. Owner thread only; call after PKRU stopped granting the key.
@@ -128,7 +130,9 @@ impl ThreadPins {
     /// Pins `slot` for domain `uid` if the slot is (still) bound to it. The hit path.
     #[inline]
     pub(crate) fn try_pin(&self, slots: &[Slot], slot: usize, uid: u64, mode: FenceMode) -> bool {
-        self.add(slot);
+        if !self.add(slot) {
+            return false;
+        }
         light_fence(mode);
         if slots[slot].owner.load(Ordering::SeqCst) == uid {
             true
@@ -139,9 +143,15 @@ impl ThreadPins {
     }
 
     /// Pins a slot whose owner cannot change meanwhile (the caller holds the manager's lock,
-    /// under which alone owners change).
-    pub(crate) fn pin_locked(&self, slot: usize) {
-        self.add(slot);
+    /// under which alone owners change); `false` when the thread's pins on it are at the
+    /// maximum.
+    pub(crate) fn pin_locked(&self, slot: usize) -> bool {
+        self.add(slot)
+    }
+
+    /// Whether this thread holds any of the slots in `mask`.
+    pub(crate) fn pins_any(&self, mask: u16) -> bool {
+        (0..MAX_SLOTS).any(|s| mask & (1 << s) != 0 && self.pinned(s))
     }
 
     /// Whether this thread holds `slot`.
@@ -229,7 +239,6 @@ mod loom_model {
             }
             // While pinned for A the slot may be briefly EVICTING (an evictor that will back
             // off) but never bound to B.
-            assert_ne!(slots[0].owner(), B, "re-bound while pinned");
             assert_ne!(slots[0].owner(), B, "re-bound while pinned");
             mine.unpin(0);
             true

@@ -8,8 +8,9 @@
 //! - a [`Domain`] is a contiguous reserved page range with its own allocator;
 //! - a thread *enters a view* — a set of domains with read-write or read-only rights — and
 //!   while the [`ViewGuard`] lives it can reach exactly those domains;
-//! - the key cache binds resident domains to hardware keys; a view whose domains all hold
-//!   keys is entered with no system call and no lock, at most one PKRU write;
+//! - the key cache binds resident domains to hardware keys; on PKU hardware (and the
+//!   simulated backend) a view whose domains all hold keys is entered with no system call
+//!   and no lock, at most one PKRU write (the emulation pays an `mprotect` per change);
 //! - a miss evicts a domain chosen by a pluggable [`policy`] (LRU, or hints from a scheduler
 //!   that knows what runs next), re-tagging its pages with `pkey_mprotect` — one system call
 //!   per range whatever its size — only after no thread's PKRU grants the key;
@@ -45,8 +46,8 @@
 //! # Where each invariant lives
 //!
 //! See `ARCHITECTURE.md` at the repository root: accessible-iff-granted (`manager.rs`,
-//! checked against `tests/model.rs`), no re-binding while pinned (`keycache.rs`,
-//! `tests/loom.rs`), the hit path (`manager.rs`, `tests/hit_path.rs`), one re-tag per range
+//! checked against `tests/model.rs`), no re-binding while pinned (`keycache.rs` and the loom
+//! model at its end), the hit path (`manager.rs`, `tests/hit_path.rs`), one re-tag per range
 //! (`backend/*`), remaps re-apply keys (`manager.rs::reset`/`map_fd`).
 #![deny(unsafe_code)]
 #![warn(missing_docs)]

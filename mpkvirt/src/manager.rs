@@ -6,7 +6,10 @@
 //! (`keycache.rs`); when every domain of the view holds a key this is the whole cost: per
 //! domain a store to the thread's cell and a load of the slot's owner (with `membarrier`
 //! available, not even a barrier instruction), then at most one PKRU write (none when the
-//! value is unchanged). No system call, no lock, no shared cache line written.
+//! value is unchanged). On PKU hardware and the simulated backend that is no system call,
+//! no lock and no shared cache line written (after the thread's first use of the manager,
+//! which registers its pin cell); the emulated backend's PKRU write is an `mprotect` under
+//! a lock whenever the union of the threads' rights changes.
 //!
 //! Only a *miss* takes the manager's mutex: it binds a free key, or evicts a victim the
 //! policy chooses among unpinned keys — one `membarrier` to see every thread's pins, one
@@ -92,7 +95,8 @@ pub struct ThreadStats {
     /// Views entered.
     pub enters: u64,
     /// Views whose entry took the slow path (the manager's lock): some domain had no key.
-    /// The others (`enters - slow_paths`) took neither a lock nor a system call.
+    /// The others (`enters - slow_paths`) took no lock of the manager's and, on PKU hardware
+    /// and the simulated backend, no system call.
     pub slow_paths: u64,
     /// PKRU writes (WRPKRU through the gate on hardware).
     pub pkru_writes: u64,
@@ -110,7 +114,6 @@ struct Entry {
     pinned: u16,
 }
 
-#[derive(Debug)]
 struct ThreadCx {
     mgr_uid: u64,
     regs: ThreadRegs,
@@ -119,10 +122,21 @@ struct ThreadCx {
     stack: Vec<Entry>,
     next_id: u64,
     stats: ThreadStats,
+    /// The manager, to end views whose guards will never drop (thread exit, guarded calls).
+    owner: Option<Weak<dyn CxOwner>>,
+}
+
+impl fmt::Debug for ThreadCx {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ThreadCx")
+            .field("mgr_uid", &self.mgr_uid)
+            .field("stack", &self.stack)
+            .finish()
+    }
 }
 
 impl ThreadCx {
-    fn new(mgr_uid: u64, pins: Arc<ThreadPins>) -> ThreadCx {
+    fn new(mgr_uid: u64, pins: Arc<ThreadPins>, owner: Option<Weak<dyn CxOwner>>) -> ThreadCx {
         ThreadCx {
             mgr_uid,
             regs: ThreadRegs::default(),
@@ -130,8 +144,30 @@ impl ThreadCx {
             stack: Vec::with_capacity(8),
             next_id: 0,
             stats: ThreadStats::default(),
+            owner,
         }
     }
+}
+
+impl Drop for ThreadCx {
+    /// The thread is exiting (or the manager's slot is reused) with views still live: their
+    /// guards may never drop, or drop after this state is gone. End them now, while the rights
+    /// can still be revoked, so that no key stays granted without a pin.
+    fn drop(&mut self) {
+        if self.stack.is_empty() {
+            return;
+        }
+        if let Some(owner) = self.owner.take().and_then(|w| w.upgrade()) {
+            owner.end_views_from(self, 0);
+        }
+    }
+}
+
+/// What a thread's state needs from its manager to end views without their guards.
+trait CxOwner: Send + Sync {
+    /// Ends the views of `cx` (the calling thread's) whose id is at least `from_id`: rights
+    /// revoked first (PKRU back to the newest remaining view), pins released second.
+    fn end_views_from(&self, cx: &mut ThreadCx, from_id: u64);
 }
 
 thread_local! {
@@ -181,10 +217,69 @@ pub(crate) struct Shared<B: Backend> {
     ranges: RwLock<BTreeMap<usize, (usize, DomainId)>>,
 }
 
+impl<B: Backend> Shared<B> {
+    /// Writes the thread's PKRU for the view bits `bits`, unless it already holds them.
+    #[inline]
+    fn apply(&self, cx: &mut ThreadCx, bits: Pkru) {
+        let cur = self.backend.read_pkru(&cx.regs);
+        let new = cur.merge(bits, self.our_mask);
+        if new == cur {
+            cx.stats.pkru_writes_skipped += 1;
+        } else {
+            self.backend.write_pkru(&mut cx.regs, new);
+            cx.stats.pkru_writes += 1;
+        }
+    }
+}
+
+impl<B: Backend> CxOwner for Shared<B> {
+    fn end_views_from(&self, cx: &mut ThreadCx, from_id: u64) {
+        let mut ended = Vec::new();
+        cx.stack.retain(|e| {
+            let keep = e.id < from_id;
+            if !keep {
+                ended.push(e.pinned);
+            }
+            keep
+        });
+        let top = cx.stack.last().map_or(self.base_bits, |e| e.bits);
+        self.apply(cx, top);
+        for pinned in ended {
+            for s in SlotIter(pinned) {
+                cx.pins.unpin(s);
+            }
+        }
+    }
+}
+
 impl<B: Backend> Drop for Shared<B> {
     fn drop(&mut self) {
+        // A view whose guard was forgotten (`mem::forget`) still pins its key, and its thread
+        // may still have the rights: freeing the key would let the next `pkey_alloc` hand
+        // those rights over. Keep such keys allocated.
+        let all = u16::try_from((1u32 << self.keys.len()) - 1).unwrap_or(u16::MAX);
+        let inner = self.inner.get_mut();
+        if live_threads(inner).iter().any(|t| t.pins_any(all)) {
+            self.backend.retire_keys();
+            fault::log_line(
+                "mpkvirt: manager dropped while views of it are live (forgotten guards); its keys stay allocated\n",
+            );
+        }
         TLS_INDICES.lock().1.push(self.tls_index);
     }
+}
+
+/// The pin cells of the threads alive now (pruning the cells of threads that exited).
+fn live_threads(inner: &mut Inner) -> Vec<Arc<ThreadPins>> {
+    let mut live = Vec::with_capacity(inner.threads.len());
+    inner.threads.retain(|w| match w.upgrade() {
+        Some(t) => {
+            live.push(t);
+            true
+        }
+        None => false,
+    });
+    live
 }
 
 /// Owns a backend, its keys and the domains created through it. Cheap to clone (a handle).
@@ -357,12 +452,13 @@ impl<B: Backend> Manager<B> {
         let sh = &*self.shared;
         if v.len() <= sh.tls_index {
             v.resize_with(sh.tls_index + 1, || {
-                ThreadCx::new(0, Arc::new(ThreadPins::new()))
+                ThreadCx::new(0, Arc::new(ThreadPins::new()), None)
             });
         }
         let pins = Arc::new(ThreadPins::new());
         sh.inner.lock().threads.push(Arc::downgrade(&pins));
-        v[sh.tls_index] = ThreadCx::new(sh.uid, pins);
+        let owner: Weak<dyn CxOwner> = Arc::downgrade(&self.shared) as Weak<dyn CxOwner>;
+        v[sh.tls_index] = ThreadCx::new(sh.uid, pins, Some(owner));
     }
 
     // ---- domains ------------------------------------------------------------------------
@@ -415,35 +511,54 @@ impl<B: Backend> Manager<B> {
         let sh = &*self.shared;
         sh.ranges.write().remove(&d.base);
         let mut inner = sh.inner.lock();
-        let mut keep_range = false;
-        if let Some(s) = d.slot.get() {
-            if self.claim(&mut inner, s, d.id.0) {
+        inner.stats.domains -= 1;
+        // Take the key back once no thread pins it. A pin seen now may be transient (a thread
+        // with a stale binding about to back off), so look again a few times.
+        let slot = d.slot.get();
+        let claimed = match slot {
+            None => true,
+            Some(s) => {
+                let mut claimed = false;
+                for attempt in 0..64 {
+                    if attempt > 0 {
+                        MutexGuard::unlocked(&mut inner, std::thread::yield_now);
+                    }
+                    if self.claim(&mut inner, s, d.id.0) {
+                        claimed = true;
+                        break;
+                    }
+                }
+                claimed
+            }
+        };
+        // Park and empty the pages before the key may go to another domain.
+        let discarded = sh
+            .backend
+            .discard(d.base, d.len, d.mapped_files.load(Ordering::Relaxed));
+        if let Some(s) = slot {
+            if claimed && discarded.is_ok() {
                 d.slot.set(None);
                 sh.slots[s].set_owner(FREE);
                 inner.bound[s] = None;
                 inner.policy.unbind(s);
             } else {
-                // A view of this domain was leaked (mem::forget): its pin can never be
-                // released, so the key stays with the dead domain for good, and so does the
-                // address range (a thread may still hold rights to the key).
-                keep_range = true;
+                // A forgotten view still pins the key, or the pages could not be parked: the
+                // key stays with the dead domain for good, so nobody else is granted it.
+                if claimed {
+                    sh.slots[s].set_owner(d.id.0);
+                }
                 fault::log_line(&format!(
-                    "mpkvirt: domain {} destroyed while pinned by a leaked view; key {} retired\n",
+                    "mpkvirt: domain {} destroyed while its key {} is pinned or its pages could not be parked; the key is retired\n",
                     d.id, sh.keys[s]
                 ));
             }
         }
-        inner.stats.domains -= 1;
-        match sh
-            .backend
-            .discard(d.base, d.len, d.mapped_files.load(Ordering::Relaxed))
-        {
-            Ok(()) if !keep_range => {
+        match discarded {
+            Ok(()) => {
                 inner.free.give_back(d.base, d.len);
             }
-            Ok(()) => {}
             Err(e) => fault::log_line(&format!(
-                "mpkvirt: cannot discard domain {}: {e}; its range is retired\n",
+                "mpkvirt: cannot discard domain {}: {e}; its address range is retired\n",
                 d.id
             )),
         }
@@ -468,21 +583,10 @@ impl<B: Backend> Manager<B> {
         let sh = &*self.shared;
         let _inner = sh.inner.lock();
         *d.inner.heap.lock() = DomainHeap::new(d.inner.len, mman::page_size());
-        sh.backend.discard(
-            d.inner.base,
-            d.inner.len,
-            d.inner.mapped_files.swap(false, Ordering::Relaxed),
-        )?;
-        // Mapping over the range reset its key to 0: apply the binding again.
-        if let Some(s) = d.inner.slot.get() {
-            sh.backend.tag(
-                d.inner.base,
-                d.inner.len,
-                *d.inner.prot.lock(),
-                Some(sh.keys[s]),
-            )?;
-        }
-        Ok(())
+        let files = d.inner.mapped_files.swap(false, Ordering::Relaxed);
+        sh.backend.discard(d.inner.base, d.inner.len, files)?;
+        // Discarding parked the range (no access, key 0): apply the binding again.
+        self.retag_whole(d)
     }
 
     pub(crate) fn map_fd(
@@ -497,12 +601,34 @@ impl<B: Backend> Manager<B> {
         let _inner = sh.inner.lock();
         d.inner.mapped_files.store(true, Ordering::Relaxed);
         sh.backend.map_fd(addr, len, fd, offset)?;
-        // The new mapping has key 0 and no access: apply the domain's binding to it.
-        if let Some(s) = d.inner.slot.get() {
-            sh.backend
-                .tag(addr, len, *d.inner.prot.lock(), Some(sh.keys[s]))?;
+        // mmap gave the new pages key 0 and no access: apply the binding to the whole domain
+        // (one call, and the emulated backend keeps the whole range as the key's).
+        self.retag_whole(d)
+    }
+
+    /// Applies the domain's binding to its whole range again after part of it was mapped
+    /// over (the new pages have no access and key 0). One system call when resident; nothing
+    /// to do when parked. Call with the manager's lock held.
+    fn retag_whole(&self, d: &Domain<B>) -> Result<()> {
+        let sh = &*self.shared;
+        match d.inner.slot.get() {
+            Some(s) => sh.backend.tag(
+                d.inner.base,
+                d.inner.len,
+                *d.inner.prot.lock(),
+                Some(sh.keys[s]),
+            ),
+            None => Ok(()),
         }
-        Ok(())
+    }
+
+    /// Gives a freed page run of `d` zero pages again (and its memory back to the system).
+    pub(crate) fn zero_run(&self, d: &Domain<B>, addr: usize, len: usize) -> Result<()> {
+        let sh = &*self.shared;
+        let _inner = sh.inner.lock();
+        let files = d.inner.mapped_files.load(Ordering::Relaxed);
+        sh.backend.zero(addr, len, files)?;
+        if files { self.retag_whole(d) } else { Ok(()) }
     }
 
     /// The live domain whose reservation contains `addr`.
@@ -628,15 +754,7 @@ impl<B: Backend> Manager<B> {
     /// Writes the thread's PKRU for the view bits `bits`, unless it already holds them.
     #[inline]
     fn apply(&self, cx: &mut ThreadCx, bits: Pkru) {
-        let sh = &*self.shared;
-        let cur = sh.backend.read_pkru(&cx.regs);
-        let new = cur.merge(bits, sh.our_mask);
-        if new == cur {
-            cx.stats.pkru_writes_skipped += 1;
-        } else {
-            sh.backend.write_pkru(&mut cx.regs, new);
-            cx.stats.pkru_writes += 1;
-        }
+        self.shared.apply(cx, bits);
     }
 
     /// Releases the pins of `pinned` slots in the calling thread's cell.
@@ -679,23 +797,6 @@ impl<B: Backend> Manager<B> {
         }
     }
 
-    /// Ends the views the calling thread entered after its view stack had `depth` entries
-    /// (abandoned by a faulting guarded call).
-    fn unwind_views(&self, depth: usize) {
-        let sh = &*self.shared;
-        self.with_cx(|cx| {
-            let mut pinned = Vec::new();
-            while cx.stack.len() > depth {
-                pinned.push(cx.stack.pop().expect("entry").pinned);
-            }
-            let top = cx.stack.last().map_or(sh.base_bits, |e| e.bits);
-            self.apply(cx, top);
-            for p in pinned {
-                self.unpin(&cx.pins, p);
-            }
-        });
-    }
-
     // ---- the slow path ----------------------------------------------------------------------
 
     fn slow_enter(
@@ -714,14 +815,18 @@ impl<B: Backend> Manager<B> {
         for i in SlotIter(missing) {
             let (d, r) = view[i];
             let s = loop {
-                if let Some(s) = d.inner.slot.get() {
+                let bound = match d.inner.slot.get() {
                     // Bound meanwhile (by another thread); owners change only under the lock.
-                    pins.pin_locked(s);
-                    break s;
-                }
-                if let Some(result) = self.bind(&mut inner, &d.inner, *pinned, |_| true) {
+                    Some(s) => Some(Ok(s)),
+                    None => self.bind(&mut inner, &d.inner, *pinned, |_| true),
+                };
+                if let Some(result) = bound {
                     let s = result?;
-                    pins.pin_locked(s);
+                    if !pins.pin_locked(s) {
+                        return Err(Error::Unsupported(
+                            "more than 255 nested views of one domain on a thread",
+                        ));
+                    }
                     break s;
                 }
                 // Every key is pinned. Unpinning is a plain store that wakes nobody, so poll:
@@ -744,23 +849,10 @@ impl<B: Backend> Manager<B> {
         Ok(())
     }
 
-    /// The pin cells of the threads alive now (pruning the cells of threads that exited).
-    fn live_threads(inner: &mut Inner) -> Vec<Arc<ThreadPins>> {
-        let mut live = Vec::with_capacity(inner.threads.len());
-        inner.threads.retain(|w| match w.upgrade() {
-            Some(t) => {
-                live.push(t);
-                true
-            }
-            None => false,
-        });
-        live
-    }
-
     /// Feeds the policy the uses of each key since the last sweep (hits do not touch the
     /// policy; each thread counts its uses in its own cell).
     fn sweep_uses(&self, inner: &mut Inner) {
-        let live = Self::live_threads(inner);
+        let live = live_threads(inner);
         for s in 0..self.shared.slots.len() {
             let uses = live.iter().fold(0u32, |acc, t| acc.wrapping_add(t.uses(s)));
             if inner.bound[s].is_some() && uses != inner.seen_uses[s] {
@@ -773,7 +865,7 @@ impl<B: Backend> Manager<B> {
     /// Takes slot `s` from `uid` if no thread pins it (see `keycache::try_claim`).
     fn claim(&self, inner: &mut Inner, s: usize, uid: u64) -> bool {
         let sh = &*self.shared;
-        let live = Self::live_threads(inner);
+        let live = live_threads(inner);
         let fence = sh.fence;
         let mut fenced = true;
         let claimed =
@@ -937,7 +1029,8 @@ impl<B: Backend> Manager<B> {
     }
 
     /// Runs `f` on a separate stack; if it faults on domain memory, returns the report
-    /// instead of killing the process, and ends the views `f` entered.
+    /// instead of killing the process, and ends every view `f` entered (with any manager)
+    /// whose guard it had not dropped.
     ///
     /// A faulting `f` is abandoned: its frames never resume, their destructors never run
     /// (locks they hold stay held) and their stack is never reused. `f` must be `'static`
@@ -955,16 +1048,46 @@ impl<B: Backend> Manager<B> {
                 "guarded calls (the simulated backend has no memory)",
             ));
         }
-        let depth = self.with_cx(|cx| cx.stack.len()).unwrap_or(0);
+        let marks = view_marks();
         match fault::run_guarded(f) {
             Ok(Ok(r)) => Ok(r),
             Ok(Err(payload)) => std::panic::resume_unwind(payload),
             Err((raw, kind)) => {
-                self.unwind_views(depth);
+                end_views_since(&marks);
                 Err(Error::Fault(self.report(raw, kind)))
             }
         }
     }
+}
+
+/// Where each manager's view ids stood on the calling thread: `(tls index, manager uid,
+/// last id given out)`. Views entered later have larger ids.
+fn view_marks() -> Vec<(usize, u64, u64)> {
+    CONTEXTS
+        .try_with(|c| {
+            c.borrow()
+                .iter()
+                .enumerate()
+                .map(|(i, cx)| (i, cx.mgr_uid, cx.next_id))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Ends every view the calling thread entered, with any manager, since `marks` were taken
+/// (their guards were abandoned with a faulting guarded call).
+fn end_views_since(marks: &[(usize, u64, u64)]) {
+    let _ = CONTEXTS.try_with(|c| {
+        for (i, cx) in c.borrow_mut().iter_mut().enumerate() {
+            let from = match marks.iter().find(|m| m.0 == i && m.1 == cx.mgr_uid) {
+                Some(&(_, _, last)) => last + 1,
+                None => 0, // the manager's state on this thread was created since
+            };
+            if let Some(owner) = cx.owner.as_ref().and_then(Weak::upgrade) {
+                owner.end_views_from(cx, from);
+            }
+        }
+    });
 }
 
 /// Iterates the set bits of a 16-bit mask.

@@ -9,9 +9,10 @@
 //!
 //! - [`Lru`]: evict the least recently used domain. The baseline (libmpk uses it).
 //! - [`Hinted`]: the caller announces the domains it will need next, in order (a scheduler's
-//!   run queue is exactly that); evict the domain whose next announced use is furthest away,
-//!   falling back to LRU among domains not announced at all. With a complete future this is
-//!   Belady's optimal policy; with a window of the next few uses it approaches it.
+//!   run queue is exactly that); evict a domain that is not announced — the one whose next
+//!   use, predicted from its last reuse gap, is furthest — else the one whose announced use
+//!   is furthest. With a complete future this is Belady's optimal policy; with a window of
+//!   the next few uses it approaches it.
 //! - [`simulate`] with [`PolicyKind::Opt`]: Belady's offline optimum (MIN), the lower bound
 //!   on misses for a trace, used to judge the others.
 

@@ -2,7 +2,7 @@
 //!
 //! The model has *unlimited* keys: a domain is accessible to a thread iff the thread's
 //! current view (its most recently entered live view) grants it with rights that allow the
-//! access, and the domain's page protection allows it too (design §4, invariant 1). For the
+//! access, and the domain's page protection allows it too (invariant 1 in `ARCHITECTURE.md`). For the
 //! emulated backend the documented weaker rule applies: iff *some* thread's current view
 //! grants it ([`Semantics::Union`]).
 //!

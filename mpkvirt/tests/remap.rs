@@ -1,5 +1,5 @@
-//! Invariant 6: every path that maps over a domain's range (reset, file mappings) applies
-//! the domain's key again, because mmap resets a range's key to 0.
+//! Invariant 6: every path that replaces a domain's pages (reset, file mappings) applies the
+//! domain's key again: mmap resets a range's key to 0, and discarding parks it.
 
 mod common;
 
@@ -172,4 +172,42 @@ fn pku_destroyed_pages_stay_closed() {
     let _pku = require_pku!();
     let _g = common::real_backend();
     destroyed_pages_stay_closed(&Manager::with_backend(Hardware::new(1).unwrap(), config(1)));
+}
+
+/// Mapping a file into a resident domain while a view is open must not leave the rest of
+/// the domain open once the view ends (the emulated backend once recorded only the file's
+/// run as the key's range).
+fn map_fd_keeps_the_rest_closed<B: Backend>(mgr: &Manager<B>) {
+    let mut file = tempfile();
+    file.write_all(b"x").unwrap();
+    let d = mgr.create_domain(DomainOptions::reserve(8 * 4096)).unwrap();
+    let heap = d.alloc(64, 8).unwrap().as_ptr() as usize;
+    {
+        let _v = mgr.enter(&[(&d, Rights::ReadWrite)]).unwrap();
+        mgr.write_byte(heap, 3).unwrap();
+        let mapped = d.map_fd(file.as_fd(), 0, 4096).unwrap().as_ptr() as usize;
+        assert_eq!(mgr.read_byte(mapped).unwrap(), b'x');
+        assert_eq!(
+            mgr.read_byte(heap).unwrap(),
+            3,
+            "the rest of the domain stays reachable in the view"
+        );
+    }
+    assert!(
+        matches!(mgr.read_byte(heap), Err(Error::Fault(_))),
+        "closed again after the view"
+    );
+}
+
+#[test]
+fn emulated_map_fd_keeps_the_rest_closed() {
+    let _g = common::real_backend();
+    map_fd_keeps_the_rest_closed(&Manager::with_backend(Emulated::new(2).unwrap(), config(2)));
+}
+
+#[test]
+fn pku_map_fd_keeps_the_rest_closed() {
+    let _pku = require_pku!();
+    let _g = common::real_backend();
+    map_fd_keeps_the_rest_closed(&Manager::with_backend(Hardware::new(2).unwrap(), config(2)));
 }

@@ -12,7 +12,13 @@ const MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED: i32 = 1 << 4;
 
 fn membarrier(cmd: i32) -> Result<()> {
     // SAFETY: membarrier takes (cmd, flags) integers and touches no user memory.
-    let ret = unsafe { libc::syscall(libc::SYS_membarrier, cmd, 0) };
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_membarrier,
+            libc::c_long::from(cmd),
+            0 as libc::c_long,
+        )
+    };
     if ret < 0 {
         Err(Error::last(Op::Membarrier))
     } else {

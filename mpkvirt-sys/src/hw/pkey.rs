@@ -31,7 +31,13 @@ use crate::pkru::AccessRights;
 pub fn pkey_alloc(init: AccessRights) -> Result<Pkey> {
     // SAFETY: pkey_alloc takes two integers (flags, which must be 0, and the initial rights)
     // and touches no user memory.
-    let ret = unsafe { libc::syscall(libc::SYS_pkey_alloc, 0u32, init.bits()) };
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_pkey_alloc,
+            0 as libc::c_ulong,
+            libc::c_ulong::from(init.bits()),
+        )
+    };
     if ret < 0 {
         let err = Error::last(Op::PkeyAlloc);
         return Err(if err.errno().0 == libc::ENOSPC {
@@ -64,7 +70,7 @@ pub fn pkey_alloc(init: AccessRights) -> Result<Pkey> {
 /// pkey_free(2)
 pub fn pkey_free(key: Pkey) -> Result<()> {
     // SAFETY: pkey_free takes one integer and touches no user memory.
-    let ret = unsafe { libc::syscall(libc::SYS_pkey_free, i32::from(key.index())) };
+    let ret = unsafe { libc::syscall(libc::SYS_pkey_free, libc::c_long::from(key.index())) };
     if ret < 0 {
         Err(Error::last(Op::PkeyFree))
     } else {
@@ -92,15 +98,16 @@ pub fn pkey_free(key: Pkey) -> Result<()> {
 ///
 /// pkey_mprotect(2)
 pub unsafe fn pkey_mprotect(addr: *mut u8, len: usize, prot: Prot, key: Pkey) -> Result<()> {
-    // SAFETY: the kernel only changes page-table entries of the range; the caller guarantees
-    // the range is theirs and that no Rust reference relies on the old protection.
+    // SAFETY: sound by this function's contract (the caller owns the range and no reference
+    // into it is used against the new protection); the system call dereferences no user
+    // pointer, it only changes page-table entries. Arguments are passed at full width.
     let ret = unsafe {
         libc::syscall(
             libc::SYS_pkey_mprotect,
             addr,
             len,
-            prot.bits(),
-            i32::from(key.index()),
+            libc::c_long::from(prot.bits()),
+            libc::c_long::from(key.index()),
         )
     };
     if ret < 0 {

@@ -28,8 +28,9 @@ const TRAP_PAGE_FAULT: i64 = 14;
 /// Decodes a SIGSEGV `siginfo_t`: address, `si_code`, and `si_pkey` for `SEGV_PKUERR`.
 pub fn decode_segv(info: &libc::siginfo_t) -> SegvInfo {
     let code = SegvCode::from_raw(info.si_code);
-    // SAFETY: for SIGSEGV the kernel fills the `_sigfault` member, whose first field is
-    // `si_addr`; `libc`'s accessor reads exactly that field of the referenced struct.
+    // SAFETY: `siginfo_t` is plain integer storage fully initialised by the kernel (or by
+    // whoever built the reference); `si_addr()` reads the 8 bytes at offset 16, and any bit
+    // pattern is a valid pointer value. Meaningful for SIGSEGV/SIGBUS, defined for any.
     let addr = unsafe { info.si_addr() } as usize;
     let pkey = if code == SegvCode::PkuErr {
         let base: *const libc::siginfo_t = info;
@@ -124,9 +125,10 @@ pub unsafe fn install(
 /// Passes a signal on to a previously installed action.
 ///
 /// A `SA_SIGINFO` handler gets `(sig, info, ctx)`, a plain handler gets `sig`. For `SIG_DFL`
-/// and `SIG_IGN` the default disposition is restored and the function returns: for a
-/// synchronous fault the instruction then re-executes and the default action (termination
-/// with a core dump) happens with the original signal.
+/// the default disposition is restored: a fault raised by the kernel (`si_code > 0`) then
+/// happens again when the instruction re-executes, and a signal sent by a process is raised
+/// again, so either way the default action (termination) takes place. `SIG_IGN` ignores a
+/// sent signal and treats a fault like `SIG_DFL` (a fault cannot be ignored).
 ///
 /// # Safety
 ///
@@ -139,21 +141,33 @@ pub unsafe fn chain(
     ctx: *mut libc::c_void,
 ) {
     let action = prev.sa_sigaction;
+    // SAFETY: the caller passes the kernel's `info` for this handler: null-checked, and valid
+    // for reads when not null.
+    let raised_by_kernel = !info.is_null() && unsafe { (*info).si_code } > 0;
+    if action == libc::SIG_IGN && !raised_by_kernel {
+        return;
+    }
     if action == libc::SIG_DFL || action == libc::SIG_IGN {
         // SAFETY: all-zero is a valid `sigaction`, and its handler field 0 is SIG_DFL.
         let dfl: libc::sigaction = unsafe { MaybeUninit::zeroed().assume_init() };
         // SAFETY: `dfl` is a valid struct for the kernel to read; sigaction is
         // async-signal-safe.
         unsafe { libc::sigaction(sig, &dfl, std::ptr::null_mut()) };
+        if !raised_by_kernel {
+            // SAFETY: raise is async-signal-safe; the signal stays pending until this handler
+            // returns, then takes the default action.
+            unsafe { libc::raise(sig) };
+        }
         return;
     }
     if prev.sa_flags & libc::SA_SIGINFO != 0 {
-        // SAFETY: the previous action was installed with SA_SIGINFO, so `action` is the
-        // address of a three-argument handler; we pass it the arguments the kernel gave us.
+        // SAFETY: `action` is neither SIG_DFL nor SIG_IGN (checked above), so it is the
+        // non-null handler address a `sigaction` caller registered with SA_SIGINFO, i.e. a
+        // three-argument handler; we pass it the arguments the kernel gave us.
         let handler: Handler = unsafe { std::mem::transmute::<usize, Handler>(action) };
         handler(sig, info, ctx);
     } else {
-        // SAFETY: without SA_SIGINFO `action` is the address of a one-argument handler.
+        // SAFETY: as above, registered without SA_SIGINFO: a one-argument handler.
         let handler: extern "C" fn(libc::c_int) =
             unsafe { std::mem::transmute::<usize, extern "C" fn(libc::c_int)>(action) };
         handler(sig);

@@ -1,5 +1,8 @@
 /* Bad calls get a clear errno and change nothing. */
+#include <signal.h>
 #include <sys/mman.h>
+#include <sys/wait.h>
+#include <unistd.h>
 #include "check.h"
 #include "mpkvirt.h"
 
@@ -43,6 +46,18 @@ int main(void) {
     for (int k = 100; k < 100 + n; k++) CHECK(mpk_end(k) == 0);
     CHECK(mpk_begin(100 + n, PROT_READ) == 0); /* and works once there is room */
     CHECK(mpk_end(100 + n) == 0);
+
+    /* A SIGSEGV sent to the process (not a fault) is not swallowed by the library's handler:
+     * the default action still terminates the process. */
+    pid_t child = fork();
+    CHECK(child >= 0);
+    if (child == 0) {
+        raise(SIGSEGV);
+        _exit(0); /* reached only if the signal was swallowed */
+    }
+    int status = 0;
+    CHECK(waitpid(child, &status, 0) == child);
+    CHECK(WIFSIGNALED(status) && WTERMSIG(status) == SIGSEGV);
 
     /* A domain whose address space is full. */
     CHECK(mpk_malloc(200, (size_t)1 << 40) == NULL && errno == ENOMEM);

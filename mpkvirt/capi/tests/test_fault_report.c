@@ -11,6 +11,13 @@ _Static_assert(sizeof(struct mpkvirt_fault) == 24, "struct mpkvirt_fault size");
 _Static_assert(offsetof(struct mpkvirt_fault, addr) == 16, "struct mpkvirt_fault layout");
 
 static void write_byte(void *p) { *(volatile char *)p = 7; }
+
+/* Ends domain 44, begins 43, then faults on domain 42 (not begun). */
+static void rearrange_then_fault(void *p) {
+    CHECK(mpk_end(44) == 0);
+    CHECK(mpk_begin(43, PROT_READ | PROT_WRITE) == 0);
+    *(volatile char *)p = 1;
+}
 static void read_byte(void *p) { (void)*(volatile char *)p; }
 
 int main(void) {
@@ -42,6 +49,18 @@ int main(void) {
         CHECK(f.si_code == 4 /* SEGV_PKUERR */ && f.hw_key > 0);
     }
     CHECK(mpk_end(42) == 0);
+
+    /* A faulting call's begins and ends are undone: the thread's set is what it was. */
+    char *b43 = mpk_malloc(43, 8), *b44 = mpk_malloc(44, 8);
+    CHECK(b43 && b44);
+    CHECK(mpk_begin(44, PROT_READ | PROT_WRITE) == 0);
+    CHECK_ERR(mpkvirt_guarded_call(rearrange_then_fault, secret, &f), EFAULT);
+    CHECK(f.vkey == 42);
+    CHECK_ERR(mpkvirt_guarded_call(read_byte, b43, &f), EFAULT); /* 43 is not begun */
+    CHECK(f.vkey == 43);
+    CHECK_ERR(mpk_end(43), EINVAL);
+    CHECK(mpkvirt_guarded_call(read_byte, b44, &f) == 0); /* 44 is begun again */
+    CHECK(mpk_end(44) == 0);
 
     /* The process and the library are fine afterwards. */
     CHECK(mpk_begin(42, PROT_READ | PROT_WRITE) == 0);

@@ -15,8 +15,8 @@
 
 use std::os::fd::BorrowedFd;
 
+use mpkvirt_sys::Error as SysError;
 use mpkvirt_sys::mman::{self, Prot};
-use mpkvirt_sys::{Error as SysError, Pkey};
 
 use super::Reservations;
 use crate::error::{Error, Result};
@@ -27,13 +27,7 @@ use crate::fault;
 pub(crate) struct Arenas(Reservations);
 
 fn remap_error(addr: usize, len: usize) -> impl FnOnce(SysError) -> Error {
-    move |source| Error::Retag {
-        addr,
-        len,
-        prot: Prot::NONE,
-        key: Pkey::DEFAULT,
-        source,
-    }
+    move |source| Error::Remap { addr, len, source }
 }
 
 impl Arenas {

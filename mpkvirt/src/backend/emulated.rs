@@ -124,9 +124,17 @@ impl BackendOps for Emulated {
             unbind(&mut self.state.lock(), addr);
             return self.arenas.replace(addr, len);
         }
-        // Emptying in place keeps the mapping mergeable (see `mman::reserve_mergeable`).
-        self.arenas.empty(addr, len)?;
-        self.tag(addr, len, Prot::NONE, None)
+        // Park first (see the hardware backend), then empty in place (keeps it mergeable).
+        self.tag(addr, len, Prot::NONE, None)?;
+        self.arenas.empty(addr, len)
+    }
+
+    fn zero(&self, addr: usize, len: usize, mapped_files: bool) -> Result<()> {
+        if mapped_files {
+            self.arenas.replace(addr, len)
+        } else {
+            self.arenas.empty(addr, len)
+        }
     }
 
     fn map_fd(&self, addr: usize, len: usize, fd: BorrowedFd<'_>, offset: u64) -> Result<()> {

@@ -32,6 +32,8 @@ pub struct Hardware {
     pku: Pku,
     keys: Vec<Pkey>,
     arenas: Arenas,
+    /// Set when a thread may still be granted a key: the keys are then never freed.
+    keys_retired: std::sync::atomic::AtomicBool,
 }
 
 impl Hardware {
@@ -62,6 +64,7 @@ impl Hardware {
             pku,
             keys,
             arenas: Arenas::default(),
+            keys_retired: std::sync::atomic::AtomicBool::new(false),
         })
     }
 }
@@ -71,6 +74,9 @@ impl Drop for Hardware {
         // Pages first, keys after: a key freed while pages still carry it would hand those
         // pages to the next owner of the key number.
         drop(std::mem::take(&mut self.arenas));
+        if self.keys_retired.load(std::sync::atomic::Ordering::Relaxed) {
+            return;
+        }
         for &k in &self.keys {
             let _ = pkey_free(k);
         }
@@ -97,7 +103,9 @@ impl BackendOps for Hardware {
             None => (Prot::NONE, Pkey::DEFAULT),
         };
         // SAFETY: the range is inside one of this backend's reservations (checked above),
-        // into which mpkvirt never hands out Rust references.
+        // into which mpkvirt never hands out Rust references (only raw pointers, whose users
+        // must be inside a view). The manager parks (`key == None`) only after `try_claim`
+        // proved that no thread pins the key, so no thread is inside a view of the domain.
         unsafe { pkey_mprotect(addr as *mut u8, len, prot, key) }.map_err(|source| Error::Retag {
             addr,
             len,
@@ -109,12 +117,27 @@ impl BackendOps for Hardware {
 
     fn discard(&self, addr: usize, len: usize, mapped_files: bool) -> Result<()> {
         if mapped_files {
+            // Parks and empties in one step: fresh anonymous pages, no access, key 0.
             return self.arenas.replace(addr, len);
         }
+        // Park first: if emptying fails (locked pages), the old contents are at least closed.
         // Emptying in place (rather than mapping over) keeps the range mergeable with its
         // parked neighbours (see `mman::reserve_mergeable`).
-        self.arenas.empty(addr, len)?;
-        self.tag(addr, len, Prot::NONE, None)
+        self.tag(addr, len, Prot::NONE, None)?;
+        self.arenas.empty(addr, len)
+    }
+
+    fn zero(&self, addr: usize, len: usize, mapped_files: bool) -> Result<()> {
+        if mapped_files {
+            self.arenas.replace(addr, len)
+        } else {
+            self.arenas.empty(addr, len)
+        }
+    }
+
+    fn retire_keys(&self) {
+        self.keys_retired
+            .store(true, std::sync::atomic::Ordering::Relaxed);
     }
 
     fn map_fd(&self, addr: usize, len: usize, fd: BorrowedFd<'_>, offset: u64) -> Result<()> {
@@ -129,10 +152,11 @@ impl BackendOps for Hardware {
     #[inline]
     fn write_pkru(&self, regs: &mut ThreadRegs, new: Pkru) {
         regs.gate_slot = new.bits();
-        // SAFETY: `self.pku` proves OSPKE (the gate's WRPKRU is legal). The slot lives in the
-        // calling thread's context, is not shared with other threads, and is key-0 memory, so
-        // it stays readable under every value the manager writes (it never restricts key 0).
-        // The manager owns this thread's bits for our keys (see the module docs).
+        // SAFETY: `self.pku` proves OSPKE (the gate's WRPKRU is legal). `regs` is the calling
+        // thread's own (its context, or a local during thread exit), so no other thread writes
+        // the slot during the gate, and it is key-0 memory, readable under every value the
+        // manager writes (it never restricts key 0). The manager grants only keys this thread
+        // has pinned, and revokes before unpinning (see `keycache.rs`).
         unsafe { mpkvirt_asm::mpkvirt_gate_write(&regs.gate_slot) };
     }
 

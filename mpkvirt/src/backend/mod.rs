@@ -1,4 +1,4 @@
-//! Backends: one API, three machines (design §3).
+//! Backends: one API, three machines.
 //!
 //! The manager needs three things from a machine: protection keys it may bind, "set these
 //! pages' protection and key", and "set this thread's rights". Each backend provides them:
@@ -116,9 +116,18 @@ pub(crate) mod sealed {
         /// parks it (no access, key 0) when `key` is `None`. One system call on real
         /// backends, whatever the length.
         fn tag(&self, addr: usize, len: usize, prot: Prot, key: Option<Pkey>) -> Result<()>;
-        /// Gives `[addr, addr + len)` fresh zero pages, parked. `mapped_files`: whether file
-        /// mappings were placed in the range (they must be replaced, not just emptied).
+        /// Parks `[addr, addr + len)` (no access, key 0) and then gives it fresh zero pages.
+        /// `mapped_files`: whether file mappings were placed in the range (they must be
+        /// replaced, not just emptied). On error the range must not be reused: it may still
+        /// hold its old contents.
         fn discard(&self, addr: usize, len: usize, mapped_files: bool) -> Result<()>;
+        /// Gives `[addr, addr + len)` zero pages again, keeping its protection and key when it
+        /// holds no file mappings; with `mapped_files` the range comes back parked and the
+        /// caller re-tags it.
+        fn zero(&self, addr: usize, len: usize, mapped_files: bool) -> Result<()>;
+        /// The keys may still be granted by a thread whose view was forgotten: never give
+        /// them back to the kernel.
+        fn retire_keys(&self) {}
         /// Maps `fd` privately (copy-on-write) over `[addr, addr + len)`, parked; the caller
         /// re-applies the domain's tag.
         fn map_fd(&self, addr: usize, len: usize, fd: BorrowedFd<'_>, offset: u64) -> Result<()>;
@@ -181,6 +190,12 @@ impl BackendOps for Machine {
     }
     fn discard(&self, addr: usize, len: usize, mapped_files: bool) -> Result<()> {
         dispatch!(self, b => b.discard(addr, len, mapped_files))
+    }
+    fn zero(&self, addr: usize, len: usize, mapped_files: bool) -> Result<()> {
+        dispatch!(self, b => b.zero(addr, len, mapped_files))
+    }
+    fn retire_keys(&self) {
+        dispatch!(self, b => b.retire_keys())
     }
     fn map_fd(&self, addr: usize, len: usize, fd: BorrowedFd<'_>, offset: u64) -> Result<()> {
         dispatch!(self, b => b.map_fd(addr, len, fd, offset))

@@ -173,6 +173,15 @@ impl BackendOps for Simulated {
         Ok(())
     }
 
+    fn zero(&self, addr: usize, len: usize, mapped_files: bool) -> Result<()> {
+        let mut m = self.model.lock();
+        m.bytes.retain(|a, _| !(addr..addr + len).contains(a));
+        if mapped_files {
+            m.set(addr, addr + len, Prot::NONE, Pkey::DEFAULT);
+        }
+        Ok(())
+    }
+
     fn map_fd(&self, addr: usize, len: usize, _fd: BorrowedFd<'_>, _offset: u64) -> Result<()> {
         // The model has no file contents: the range reads as zero, like an empty file.
         self.discard(addr, len, true)

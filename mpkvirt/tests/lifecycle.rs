@@ -1,0 +1,228 @@
+//! Views and keys at the edges of their lives: threads that exit inside a view, guarded
+//! calls abandoning views of several managers, domains whose pages cannot be emptied,
+//! reused memory, managers dropped while a forgotten view still pins a key.
+#![allow(
+    unsafe_code,
+    reason = "raw accesses to domain memory and mlock in tests"
+)]
+
+mod common;
+
+use std::sync::Arc;
+
+use common::config;
+use mpkvirt::{Backend, DomainOptions, Emulated, Error, Hardware, Manager, Rights};
+use mpkvirt_sys::require_pku;
+
+fn poke(addr: usize) {
+    // SAFETY: `addr` is domain memory, which Rust code never references; the fault is
+    // recovered by the guarded call around this.
+    unsafe { (addr as *mut u8).write_volatile(1) }
+}
+
+/// A thread that exits with a view still live (its guard forgotten) leaves no rights and no
+/// pins behind: with one key, another domain can be bound right away (pin wait is zero).
+fn thread_exit_ends_its_views<B: Backend>(mgr: &Manager<B>) {
+    let a = mgr.create_domain(DomainOptions::default()).unwrap();
+    let b = mgr.create_domain(DomainOptions::default()).unwrap();
+    let a_addr = a.base().as_ptr() as usize;
+    std::thread::scope(|s| {
+        let t = s.spawn(|| {
+            let view = mgr.enter(&[(&a, Rights::ReadWrite)]).unwrap();
+            mgr.write_byte(a_addr, 1).unwrap();
+            std::mem::forget(view);
+        });
+        // Joined explicitly: the scope alone does not wait for thread-local destructors.
+        t.join().unwrap();
+    });
+    // On the emulated backend the exited thread's rights would otherwise keep `a` open to
+    // the whole process.
+    assert!(matches!(mgr.read_byte(a_addr), Err(Error::Fault(_))));
+    let _view = mgr
+        .enter(&[(&b, Rights::ReadWrite)])
+        .expect("the exited thread's pin is gone");
+}
+
+#[test]
+fn simulated_thread_exit_ends_its_views() {
+    thread_exit_ends_its_views(&Manager::simulated(1, config(1)));
+}
+
+#[test]
+fn emulated_thread_exit_ends_its_views() {
+    let _g = common::real_backend();
+    thread_exit_ends_its_views(&Manager::with_backend(Emulated::new(1).unwrap(), config(1)));
+}
+
+#[test]
+fn pku_thread_exit_ends_its_views() {
+    let _pku = require_pku!();
+    let _g = common::real_backend();
+    thread_exit_ends_its_views(&Manager::with_backend(Hardware::new(1).unwrap(), config(1)));
+}
+
+/// A faulting guarded call of manager `m1` ends the views `f` entered with another manager
+/// `m2`, and a view `f` entered after dropping the one it was given.
+fn guarded_ends_every_view_f_entered<B: Backend>(m1: &Manager<B>, m2: &Manager<B>) {
+    let x = m1.create_domain(DomainOptions::default()).unwrap();
+    let x_addr = x.base().as_ptr() as usize;
+    let b = Arc::new(m2.create_domain(DomainOptions::default()).unwrap());
+    let b_addr = b.base().as_ptr() as usize;
+    let (m2c, bc) = (m2.clone(), Arc::clone(&b));
+    let err = m1
+        .guarded(move || {
+            let _other = m2c.enter_owned(&[(bc, Rights::ReadWrite)]).unwrap();
+            poke(x_addr); // x (of m1) is in no view
+        })
+        .unwrap_err();
+    assert!(
+        matches!(err, Error::Fault(r) if r.domain == Some(x.id())),
+        "{err:?}"
+    );
+    assert!(
+        matches!(m2.read_byte(b_addr), Err(Error::Fault(_))),
+        "m2's view ended"
+    );
+    let c = m2.create_domain(DomainOptions::default()).unwrap();
+    drop(
+        m2.enter(&[(&c, Rights::ReadWrite)])
+            .expect("m2's only key is free again"),
+    );
+
+    // `f` owns a view, drops it, enters another and faults: the new one is ended too.
+    let a = Arc::new(m1.create_domain(DomainOptions::default()).unwrap());
+    let n = Arc::new(m1.create_domain(DomainOptions::default()).unwrap());
+    let n_addr = n.base().as_ptr() as usize;
+    let outer = m1
+        .enter_owned(&[(Arc::clone(&a), Rights::ReadWrite)])
+        .unwrap();
+    let (m1c, nc) = (m1.clone(), Arc::clone(&n));
+    let err = m1
+        .guarded(move || {
+            drop(outer);
+            let _v = m1c.enter_owned(&[(nc, Rights::ReadWrite)]).unwrap();
+            poke(x_addr);
+        })
+        .unwrap_err();
+    assert!(matches!(err, Error::Fault(_)));
+    assert!(
+        matches!(m1.read_byte(n_addr), Err(Error::Fault(_))),
+        "the view entered inside ended"
+    );
+}
+
+#[test]
+fn emulated_guarded_ends_every_view_f_entered() {
+    let _g = common::real_backend();
+    let m1 = Manager::with_backend(Emulated::new(1).unwrap(), config(1));
+    let m2 = Manager::with_backend(Emulated::new(1).unwrap(), config(1));
+    guarded_ends_every_view_f_entered(&m1, &m2);
+}
+
+#[test]
+fn pku_guarded_ends_every_view_f_entered() {
+    let _pku = require_pku!();
+    let _g = common::real_backend();
+    let m1 = Manager::with_backend(Hardware::new(1).unwrap(), config(1));
+    let m2 = Manager::with_backend(Hardware::new(1).unwrap(), config(1));
+    guarded_ends_every_view_f_entered(&m1, &m2);
+}
+
+/// Destroying a domain whose pages cannot be emptied (they are locked) keeps both its key
+/// and its range out of circulation: the next domain gets another key, and the old pages
+/// stay closed.
+fn locked_pages_retire_key_and_range<B: Backend>(mgr: &Manager<B>) {
+    let d = mgr.create_domain(DomainOptions::reserve(4096)).unwrap();
+    let addr = d.base().as_ptr() as usize;
+    let old_key = {
+        let _v = mgr.enter(&[(&d, Rights::ReadWrite)]).unwrap();
+        mgr.write_byte(addr, 0x5a).unwrap();
+        // SAFETY: mlock only pins the (domain's own) page in memory; it reads nothing.
+        let rc = unsafe { libc::mlock(addr as *const libc::c_void, 4096) };
+        assert_eq!(rc, 0, "mlock");
+        d.key().unwrap()
+    };
+    drop(d);
+    let e = mgr.create_domain(DomainOptions::reserve(4096)).unwrap();
+    let _v = mgr.enter(&[(&e, Rights::ReadWrite)]).unwrap();
+    assert_ne!(
+        e.key().unwrap(),
+        old_key,
+        "the retired key is not handed on"
+    );
+    assert_ne!(
+        e.base().as_ptr() as usize,
+        addr,
+        "the retired range is not reused"
+    );
+    assert!(matches!(mgr.read_byte(addr), Err(Error::Fault(r)) if r.domain.is_none()));
+}
+
+#[test]
+fn emulated_locked_pages_retire_key_and_range() {
+    let _g = common::real_backend();
+    locked_pages_retire_key_and_range(&Manager::with_backend(Emulated::new(2).unwrap(), config(2)));
+}
+
+#[test]
+fn pku_locked_pages_retire_key_and_range() {
+    let _pku = require_pku!();
+    let _g = common::real_backend();
+    locked_pages_retire_key_and_range(&Manager::with_backend(Hardware::new(2).unwrap(), config(2)));
+}
+
+/// Freed page runs read as zero when they are allocated again.
+fn freed_pages_come_back_zeroed<B: Backend>(mgr: &Manager<B>) {
+    let d = mgr
+        .create_domain(DomainOptions::reserve(16 * 4096))
+        .unwrap();
+    let _v = mgr.enter(&[(&d, Rights::ReadWrite)]).unwrap();
+    let p = d.alloc_pages(2).unwrap().as_ptr() as usize;
+    mgr.write_byte(p + 4096, 9).unwrap();
+    d.free(std::ptr::NonNull::new(p as *mut u8).unwrap())
+        .unwrap();
+    let q = d.alloc_pages(2).unwrap().as_ptr() as usize;
+    assert_eq!(q, p, "the run is reused");
+    assert_eq!(mgr.read_byte(q + 4096).unwrap(), 0);
+}
+
+#[test]
+fn simulated_freed_pages_come_back_zeroed() {
+    freed_pages_come_back_zeroed(&Manager::simulated(2, config(2)));
+}
+
+#[test]
+fn emulated_freed_pages_come_back_zeroed() {
+    let _g = common::real_backend();
+    freed_pages_come_back_zeroed(&Manager::with_backend(Emulated::new(2).unwrap(), config(2)));
+}
+
+#[test]
+fn pku_freed_pages_come_back_zeroed() {
+    let _pku = require_pku!();
+    let _g = common::real_backend();
+    freed_pages_come_back_zeroed(&Manager::with_backend(Hardware::new(2).unwrap(), config(2)));
+}
+
+/// A manager dropped while a forgotten view still pins its keys does not give them back to
+/// the kernel (the forgetting thread may still have rights to them).
+#[test]
+fn pku_keys_of_a_forgotten_view_are_never_freed() {
+    let _pku = require_pku!();
+    let _g = common::real_backend();
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let before = mpkvirt_sys::detect::count_free_keys().unwrap();
+            let mgr = Manager::with_backend(Hardware::new(2).unwrap(), config(2));
+            let d = mgr.create_domain(DomainOptions::default()).unwrap();
+            std::mem::forget(mgr.enter(&[(&d, Rights::ReadWrite)]).unwrap());
+            drop(d);
+            drop(mgr);
+            assert_eq!(mpkvirt_sys::detect::count_free_keys().unwrap(), before - 2);
+            // A manager dropped without live views frees its keys.
+            let mgr = Manager::with_backend(Hardware::new(2).unwrap(), config(2));
+            drop(mgr);
+            assert_eq!(mpkvirt_sys::detect::count_free_keys().unwrap(), before - 2);
+        });
+    });
+}
