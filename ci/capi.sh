@@ -29,12 +29,15 @@ for src in mpkvirt/capi/tests/test_*.c mpkvirt/capi/examples/*.c; do
     bins+=("$out/$name")
 done
 # The README's way: cc app.c -lmpkvirt against the shared library.
-cc "${cflags[@]}" mpkvirt/capi/examples/hello.c -L"$lib" -lmpkvirt -o "$out/hello-shared"
+for ex in hello paper_api; do
+    cc "${cflags[@]}" "mpkvirt/capi/examples/$ex.c" -L"$lib" -lmpkvirt -o "$out/$ex-shared"
+done
 
 echo "--- natively"
 for b in "${bins[@]}"; do "$b"; done
 LD_LIBRARY_PATH="$lib" "$out/hello-shared" | grep -q "denied: vkey 7"
-echo "hello-shared (libmpkvirt.so): ok"
+LD_LIBRARY_PATH="$lib" "$out/paper_api-shared"
+echo "hello-shared, paper_api-shared (-lmpkvirt, libmpkvirt.so): ok"
 
 echo "--- inside the PKU guest, hardware backend"
 MPKVIRT_MODE=hardware scripts/pku-vm batch "${bins[@]}"
