@@ -11,6 +11,7 @@ use std::env;
 fn find_asm(arch: &str, os: &str) -> Option<&'static [&'static str]> {
     match (arch, os) {
         ("x86_64", "linux") => Some(&[
+            "asm/x86_64/callgate.S",
             "asm/x86_64/gate.S",
             "asm/x86_64/probe.S",
             "asm/x86_64/stack.S",

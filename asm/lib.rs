@@ -23,31 +23,39 @@ pub const AVAILABLE: bool = cfg!(has_asm);
 
 #[cfg(has_asm)]
 unsafe extern "sysv64" {
-    /// Checked gate: sets PKRU to 0 (every protection key readable and writable).
+    /// The call gate (`callgate.S`): raises PKRU to `GateRoot::lib_pkru`, identifies the
+    /// calling thread through its [`GateRecord`] (registering it first when needed), switches
+    /// to the thread's library stack, calls `mpkvirt_dispatch(op, args, entry_pkru)` and
+    /// lowers PKRU to `GateRecord::pkru` before returning the dispatcher's result (or
+    /// [`GATE_BUSY`] / [`GATE_UNREGISTERED`]).
     ///
-    /// The value is an immediate and is compared again after the WRPKRU, so control flow
-    /// that lands on the WRPKRU with a forged EAX leaves with PKRU = 0, not the forged value.
-    /// Clobbers EAX, ECX, EDX and the flags (all caller-saved).
+    /// Links only together with the crate that defines `mpkvirt_dispatch`,
+    /// `mpkvirt_register_thread` and `mpkvirt_gate_root` (mpkvirt).
     ///
     /// # Safety
     ///
-    /// The CPU must support PKU and the OS must have enabled it (CPUID.(7,0):ECX.OSPKE = 1),
-    /// otherwise WRPKRU raises #UD. Granting every key also grants memory other parts of the
-    /// program may have locked away; the caller must own the thread's PKRU.
-    pub fn mpkvirt_gate_allow_all();
+    /// OSPKE must be set (RDPKRU/WRPKRU), FSGSBASE enabled (RDFSBASE/RDGSBASE), the root
+    /// initialised (a boot stack, `lib_pkru` opening the records and stacks), and the GS base
+    /// of the thread owned by mpkvirt. `args` must be what the dispatcher expects for `op`.
+    pub fn mpkvirt_gate_call(op: u64, args: *mut u8) -> u64;
 
-    /// Checked gate: sets PKRU to `*expected`, then compares EAX with `*expected` again and
-    /// redoes the write on a mismatch.
-    ///
-    /// Landing on the WRPKRU with a forged EAX cannot leave a PKRU other than `*expected`
-    /// in effect. Clobbers EAX, ECX, EDX and the flags.
+    /// [`mpkvirt_gate_call`] without RDPKRU/WRPKRU (the entry PKRU passed on is 0): the same
+    /// identification, stack switch and dispatch on machines without PKU. Protects nothing;
+    /// it exists to test and measure the gate path natively.
     ///
     /// # Safety
     ///
-    /// As for [`mpkvirt_gate_allow_all`] (OSPKE set, caller owns PKRU). `expected` must be
-    /// valid for reads and stay readable under the value it holds (the comparison re-reads it
-    /// after the write), and must not be changed by another thread during the call.
-    pub fn mpkvirt_gate_write(expected: *const u32);
+    /// As for [`mpkvirt_gate_call`], minus OSPKE.
+    pub fn mpkvirt_gate_call_nopku(op: u64, args: *mut u8) -> u64;
+
+    /// The lowering gate (`gate.S`): PKRU <- `GateRecord::pkru` of the record `%gs` points
+    /// at, re-checked after the WRPKRU. Clobbers EAX, ECX, EDX and the flags.
+    ///
+    /// # Safety
+    ///
+    /// OSPKE must be set, and the GS base must point at the calling thread's readable
+    /// [`GateRecord`] whose `pkru` keeps the thread's stack and code readable (key 0).
+    pub fn mpkvirt_gate_sync();
 
     /// Runs `f(arg)` on the stack whose top is `stack_top`, storing the caller's saved stack
     /// pointer in `*jmp`. Returns 0 when `f` returns, and 1 when a signal handler abandoned
@@ -143,6 +151,66 @@ unsafe extern "sysv64" {
     pub fn mpkvirt_probe_fault_ret();
 }
 
+/// What [`mpkvirt_gate_call`] returns when the thread is already inside the library (a
+/// signal handler interrupted it): nothing was done.
+pub const GATE_BUSY: u64 = 0x8000_0000_0000_0001;
+/// What [`mpkvirt_gate_call`] returns when the calling thread could not be registered: PKRU
+/// was set to `GateRoot::deny_pkru`.
+pub const GATE_UNREGISTERED: u64 = 0x8000_0000_0000_0002;
+
+/// The first bytes of a thread's record, which the gates read through `%gs` (layout in
+/// `asm/include/gate.h`).
+#[repr(C)]
+#[derive(Debug)]
+pub struct GateRecord {
+    /// The record's own address, so that code can find it as `%gs:0`.
+    pub self_addr: u64,
+    /// The thread's legitimate PKRU: what every gate exit installs.
+    pub pkru: u32,
+    /// Non-zero while the thread runs library code.
+    pub busy: u32,
+    /// The caller's stack pointer while the thread is on its library stack.
+    pub saved_rsp: u64,
+    /// Top of the thread's library stack (16-byte aligned).
+    pub stack_top: u64,
+    /// FS base (thread pointer) of the thread the record belongs to.
+    pub owner_fs: u64,
+}
+
+/// The first bytes of mpkvirt's root page, which the gates read rip-relative as the symbol
+/// `mpkvirt_gate_root` (layout in `asm/include/gate.h`).
+#[repr(C)]
+#[derive(Debug)]
+pub struct GateRoot {
+    /// PKRU while library code runs.
+    pub lib_pkru: u32,
+    /// PKRU for a thread the gate could not identify or register.
+    pub deny_pkru: u32,
+    /// Taken while a thread registers on the boot stack.
+    pub boot_lock: u32,
+    /// Padding to the layout of `gate.h`.
+    pub _pad: u32,
+    /// The registering thread's stack pointer.
+    pub boot_saved_rsp: u64,
+    /// Top of the shared registration stack (16-byte aligned).
+    pub boot_stack_top: u64,
+}
+
+const _: () = {
+    use core::mem::offset_of;
+    assert!(offset_of!(GateRecord, self_addr) == 0);
+    assert!(offset_of!(GateRecord, pkru) == 8);
+    assert!(offset_of!(GateRecord, busy) == 12);
+    assert!(offset_of!(GateRecord, saved_rsp) == 16);
+    assert!(offset_of!(GateRecord, stack_top) == 24);
+    assert!(offset_of!(GateRecord, owner_fs) == 32);
+    assert!(offset_of!(GateRoot, lib_pkru) == 0);
+    assert!(offset_of!(GateRoot, deny_pkru) == 4);
+    assert!(offset_of!(GateRoot, boot_lock) == 8);
+    assert!(offset_of!(GateRoot, boot_saved_rsp) == 16);
+    assert!(offset_of!(GateRoot, boot_stack_top) == 24);
+};
+
 /// The value a probe returns when a handler resumed it after a fault.
 pub const PROBE_FAULTED: u64 = u64::MAX;
 
@@ -174,9 +242,7 @@ pub mod addr {
         trampoline_end => mpkvirt_trampoline_end;
         /// The `syscall` instruction of the trampoline.
         syscall_insn => mpkvirt_syscall_insn;
-        /// The immediate gate that opens every key.
-        gate_allow_all => mpkvirt_gate_allow_all;
-        /// The gate that writes PKRU from memory.
-        gate_write => mpkvirt_gate_write;
+        /// The lowering gate.
+        gate_sync => mpkvirt_gate_sync;
     }
 }

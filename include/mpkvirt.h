@@ -161,6 +161,19 @@ struct mpkvirt_fault {
  */
 int mpkvirt_guarded_call(void (*fn)(void *), void *arg, struct mpkvirt_fault *fault);
 
+/*
+ * pthread_create whose new thread starts with no begun domain, whatever the caller has
+ * begun. A plain pthread_create copies the caller's PKRU: a thread created while domains
+ * are begun would keep their rights without having begun them, and keep them after the keys
+ * go to other domains. Use this (or create threads with nothing begun).
+ *
+ * Returns as pthread_create; EDEADLK when called from a signal handler that interrupted an
+ * mpk_* call.
+ */
+#include <pthread.h>
+int mpk_pthread_create(pthread_t *thread, const pthread_attr_t *attr,
+                       void *(*start)(void *), void *arg);
+
 /* "hardware", "emulated", or NULL before mpk_init. */
 const char *mpkvirt_backend(void);
 

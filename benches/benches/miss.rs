@@ -53,10 +53,10 @@ fn benches(c: &mut Criterion) {
     bench_sizes(
         c,
         "emulated",
-        &Manager::with_backend(Emulated::new(1).unwrap(), cfg.clone()),
+        &Manager::with_backend(Emulated::new(1).unwrap(), cfg.clone()).unwrap(),
     );
     match Hardware::new(1) {
-        Ok(hw) => bench_sizes(c, "hardware", &Manager::with_backend(hw, cfg)),
+        Ok(hw) => bench_sizes(c, "hardware", &Manager::with_backend(hw, cfg).unwrap()),
         Err(why) => eprintln!("miss/hardware: skipped: {why}"),
     }
 }

@@ -1,5 +1,6 @@
-//! Raw RDPKRU/WRPKRU and the checked gates. Only where PKU exists; elsewhere this prints
-//! why it skipped, so the same command is ready for the first machine with PKU.
+//! Raw RDPKRU/WRPKRU. Only where PKU exists; elsewhere this prints why it skipped, so the
+//! same command is ready for the first machine with PKU. The gates (a whole library call) are
+//! measured by the `switch` benchmarks, with metadata protection on and off.
 #![allow(unsafe_code, reason = "times the raw instructions and gates")]
 
 use std::hint::black_box;
@@ -23,15 +24,6 @@ fn benches(c: &mut Criterion) {
         // SAFETY: see above: only key 1's bits change, key 0 stays open.
         unsafe { pku.wrpkru(v) }
     };
-    let gate = |slot: &u32| {
-        // SAFETY: PKU is enabled (token above); `slot` is a live local readable under every
-        // value written here (key 0 memory).
-        unsafe { mpkvirt_asm::mpkvirt_gate_write(slot) }
-    };
-    let allow_all = || {
-        // SAFETY: PKU is enabled; opening every key is undone by the next gate call.
-        unsafe { mpkvirt_asm::mpkvirt_gate_allow_all() }
-    };
     let mut g = c.benchmark_group("pkru");
     g.bench_function("rdpkru", |b| b.iter(|| black_box(pku.rdpkru())));
     g.bench_function("wrpkru-same-value", |b| b.iter(|| write(black_box(base))));
@@ -39,19 +31,6 @@ fn benches(c: &mut Criterion) {
         b.iter(|| {
             write(black_box(other));
             write(black_box(base));
-        })
-    });
-    let (slot_a, slot_b) = (other.bits(), base.bits());
-    g.bench_function("checked-gate-alternating", |b| {
-        b.iter(|| {
-            gate(black_box(&slot_a));
-            gate(black_box(&slot_b));
-        })
-    });
-    g.bench_function("checked-gate-allow-all-and-back", |b| {
-        b.iter(|| {
-            allow_all();
-            gate(black_box(&slot_b));
         })
     });
     g.finish();

@@ -88,7 +88,11 @@ fn benches(c: &mut Criterion) {
         arena_chunk: 1 << 30,
         ..Config::default()
     };
-    bench_mpkvirt(c, "mpkvirt-simulated", &Manager::simulated(15, cfg()));
+    bench_mpkvirt(
+        c,
+        "mpkvirt-simulated",
+        &Manager::simulated(15, cfg()).unwrap(),
+    );
     bench_libmpk_style(
         c,
         "libmpk-style-simulated",
@@ -97,7 +101,7 @@ fn benches(c: &mut Criterion) {
     bench_mpkvirt(
         c,
         "mpkvirt-emulated",
-        &Manager::with_backend(Emulated::new(15).unwrap(), cfg()),
+        &Manager::with_backend(Emulated::new(15).unwrap(), cfg()).unwrap(),
     );
 
     let m = [MprotectDomain::new(4096), MprotectDomain::new(4096)];
@@ -117,7 +121,7 @@ fn benches(c: &mut Criterion) {
             bench_mpkvirt(
                 c,
                 "mpkvirt-hardware",
-                &Manager::with_backend(Hardware::new(15).unwrap(), cfg()),
+                &Manager::with_backend(Hardware::new(15).unwrap(), cfg()).unwrap(),
             );
             let hw_keys: Vec<Pkey> = (0..15)
                 .map_while(|_| mpkvirt_sys::pkey::pkey_alloc(AccessRights::DISABLE_ACCESS).ok())

@@ -13,7 +13,7 @@ fn main() {
         .and_then(|a| a.parse().ok())
         .unwrap_or(1_000_000);
     let threads: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(1);
-    let mgr = Manager::simulated(15, Config::default());
+    let mgr = Manager::simulated(15, Config::default()).unwrap();
     let doms: Vec<_> = (0..threads)
         .map(|_| mgr.create_domain(DomainOptions::reserve(4096)).unwrap())
         .collect();

@@ -22,7 +22,7 @@ pub fn domain_ops(data: &[u8]) {
         pin_wait: std::time::Duration::ZERO,
         ..Config::default()
     };
-    let mgr = Manager::simulated(keys, config);
+    let mgr = Manager::simulated(keys, config).unwrap();
     if let Err(d) = testing::run(&mgr, &testing::decode(program), Semantics::PerThread) {
         panic!("divergence from the model with {keys} keys: {d}");
     }

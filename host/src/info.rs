@@ -25,6 +25,8 @@ pub struct Report {
     pub reason: String,
     /// Keys a manager built with this mode actually gets.
     pub manager_keys: Option<usize>,
+    /// How the library's own metadata is protected in this process.
+    pub metadata: Option<mpkvirt::MetadataMode>,
 }
 
 fn kernel_release() -> String {
@@ -42,7 +44,7 @@ impl Report {
             Ok(s) => (Ok(s.backend), s.reason.clone()),
             Err(e) => (Err(e.clone()), e.to_string()),
         };
-        let manager_keys = selection
+        let manager = selection
             .is_ok()
             .then(|| {
                 Manager::new(Config {
@@ -51,8 +53,9 @@ impl Report {
                 })
                 .ok()
             })
-            .flatten()
-            .map(|m| m.keys().len());
+            .flatten();
+        let manager_keys = manager.as_ref().map(|m| m.keys().len());
+        let metadata = manager.as_ref().map(Manager::metadata_mode);
         Report {
             kernel: kernel_release(),
             cpu: support.cpu,
@@ -62,6 +65,7 @@ impl Report {
             backend,
             reason,
             manager_keys,
+            metadata,
         }
     }
 }
@@ -105,6 +109,21 @@ impl fmt::Display for Report {
                 "domain keys:   {n} emulated keys for virtual domains (mprotect)"
             ),
             _ => writeln!(f, "domain keys:   none"),
+        }?;
+        match self.metadata {
+            Some(mpkvirt::MetadataMode::Protected) => writeln!(
+                f,
+                "metadata:      protected (one more key, the library's own: writable only behind its gates)"
+            ),
+            Some(mpkvirt::MetadataMode::GateOnly) => writeln!(
+                f,
+                "metadata:      gate path without PKRU writes (MPKVIRT_METADATA=gate; protects nothing)"
+            ),
+            Some(mpkvirt::MetadataMode::Cooperative) => writeln!(
+                f,
+                "metadata:      cooperative (ordinary memory: no PKU, or MPKVIRT_METADATA=cooperative)"
+            ),
+            None => writeln!(f, "metadata:      not initialised"),
         }
     }
 }

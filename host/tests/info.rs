@@ -58,7 +58,17 @@ fn pku_info_reports_hardware_keys() {
     assert_eq!(report.backend.as_ref().ok(), Some(&BackendKind::Hardware));
     let keys = report.free_keys.expect("keys counted");
     assert!((1..=15).contains(&keys));
-    assert_eq!(report.manager_keys, Some(keys));
+    // With protected metadata one key is the library's own.
+    assert_eq!(
+        report.metadata,
+        Some(mpkvirt::MetadataMode::Protected),
+        "{report}"
+    );
+    assert_eq!(report.manager_keys, Some(keys - 1), "{report}");
+    assert!(
+        report.to_string().contains("metadata:      protected"),
+        "{report}"
+    );
     assert!(
         report
             .to_string()

@@ -29,6 +29,10 @@ impl Errno {
             libc::ENOSPC => "ENOSPC",
             libc::ENOSYS => "ENOSYS",
             libc::EOPNOTSUPP => "EOPNOTSUPP",
+            libc::ESRCH => "ESRCH",
+            libc::EDEADLK => "EDEADLK",
+            libc::E2BIG => "E2BIG",
+            libc::ETIMEDOUT => "ETIMEDOUT",
             _ => return None,
         })
     }
@@ -77,6 +81,12 @@ pub enum Op {
     Membarrier,
     /// RDPKRU or WRPKRU
     Pkru,
+    /// `arch_prctl(2)`
+    ArchPrctl,
+    /// `futex(2)`
+    Futex,
+    /// `tgkill(2)`
+    Tgkill,
 }
 
 impl Op {
@@ -93,6 +103,9 @@ impl Op {
             Op::Sigaction => "sigaction",
             Op::Membarrier => "membarrier",
             Op::Pkru => "rdpkru/wrpkru",
+            Op::ArchPrctl => "arch_prctl",
+            Op::Futex => "futex",
+            Op::Tgkill => "tgkill",
         }
     }
 }

@@ -12,7 +12,8 @@
 //! | [`mman`] | `mmap`/`mprotect`/`munmap`/`madvise` on page-aligned ranges (portable Linux) | system calls |
 //! | [`membarrier`] | `membarrier(2)`: the heavy half of an asymmetric fence | system call |
 //! | [`error`] | which operation failed, with its `errno` | no |
-//! | [`signal`] | SIGSEGV `siginfo` (`SEGV_PKUERR`, `si_pkey`), fault access kind, handler install | signal state |
+//! | [`signal`] | SIGSEGV `siginfo` (`SEGV_PKUERR`, `si_pkey`), fault access kind, handler install, PKRU in a signal frame | signal state |
+//! | [`thread`] | kernel thread ids, `tgkill`, FS/GS base registers, futexes | system calls, instructions |
 //!
 //! On targets other than x86-64 Linux (or with `--cfg mpkvirt_no_hw`) the machine halves of
 //! [`cpu`], [`pkey`], [`membarrier`] and [`signal`] are replaced by a same-API twin whose functions report [`Error::Unsupported`] and
@@ -51,6 +52,7 @@ pub mod membarrier {
 pub mod pkey;
 pub mod pkru;
 pub mod signal;
+pub mod thread;
 
 // The machine-touching half of each module above: real on x86-64 Linux, a same-API twin that
 // reports `Unsupported` elsewhere (wasmtime's enabled/disabled pattern). Chosen here, once.

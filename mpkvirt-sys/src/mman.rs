@@ -86,9 +86,54 @@ pub fn reserve(len: usize, prot: Prot) -> Result<*mut u8> {
 ///
 /// As [`reserve`], plus failures of the priming calls.
 pub fn reserve_mergeable(len: usize) -> Result<*mut u8> {
-    let start = reserve(len, Prot::NONE)?;
+    prime(reserve(len, Prot::NONE)?, len)
+}
+
+/// [`reserve`] of `len` bytes aligned to `align` (a power of two, at least the page size):
+/// over-reserves by `align` and unmaps the excess on both sides.
+///
+/// # Errors
+///
+/// As [`reserve`]; `EINVAL` for a bad `align`, `ENOMEM` when `len + align` overflows.
+pub fn reserve_aligned(len: usize, align: usize, prot: Prot) -> Result<*mut u8> {
+    if !align.is_power_of_two() || align < page_size() {
+        return Err(Error::Sys {
+            op: Op::Mmap,
+            errno: crate::Errno(libc::EINVAL),
+        });
+    }
+    let total = len.checked_add(align).ok_or(Error::Sys {
+        op: Op::Mmap,
+        errno: crate::Errno(libc::ENOMEM),
+    })?;
+    let raw = reserve(total, prot)? as usize;
+    let start = raw.next_multiple_of(align);
+    let (head, tail) = (start - raw, raw + total - (start + len));
+    if head > 0 {
+        // SAFETY: `[raw, start)` is part of the mapping just made and unreferenced.
+        unsafe { munmap(raw as *mut u8, head) }?;
+    }
+    if tail > 0 {
+        // SAFETY: as above, the part after `start + len`.
+        unsafe { munmap((start + len) as *mut u8, tail) }?;
+    }
+    Ok(start as *mut u8)
+}
+
+/// [`reserve_mergeable`] aligned to `align` (see [`reserve_aligned`]).
+///
+/// # Errors
+///
+/// As [`reserve_aligned`], plus failures of the priming calls.
+pub fn reserve_mergeable_aligned(len: usize, align: usize) -> Result<*mut u8> {
+    prime(reserve_aligned(len, align, Prot::NONE)?, len)
+}
+
+/// Gives a fresh inaccessible reservation one `anon_vma` (see [`reserve_mergeable`]); unmaps
+/// it on failure.
+fn prime(start: *mut u8, len: usize) -> Result<*mut u8> {
     let prime = || -> Result<()> {
-        // SAFETY: the range was just reserved by this function and nothing refers to it.
+        // SAFETY: the range was just reserved by the caller and nothing refers to it.
         unsafe { mprotect(start, len, Prot::READ_WRITE) }?;
         // SAFETY: `start` is the first byte of the now writable, private, fresh mapping; no
         // Rust reference points into it. The write makes the kernel attach an anon_vma.

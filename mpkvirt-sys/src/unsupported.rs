@@ -126,6 +126,20 @@ pub(crate) mod signal {
         0
     }
 
+    /// No PKRU in signal frames on this target.
+    pub fn frame_pkru(_ctx: &libc::ucontext_t) -> Option<u32> {
+        None
+    }
+
+    /// No PKRU in signal frames on this target.
+    ///
+    /// # Safety
+    ///
+    /// Trivially satisfied: nothing happens.
+    pub unsafe fn set_frame_pkru(_ctx: &mut libc::ucontext_t, _pkru: u32) -> bool {
+        false
+    }
+
     /// Does nothing on this target.
     ///
     /// # Safety
@@ -157,6 +171,70 @@ pub(crate) mod signal {
         _info: *mut libc::siginfo_t,
         _ctx: *mut libc::c_void,
     ) {
+    }
+}
+
+pub(crate) mod thread {
+    use std::sync::atomic::AtomicU32;
+    use std::time::Duration;
+
+    use crate::error::{Error, Op, Result};
+
+    /// No kernel thread ids on this target: 0.
+    pub fn gettid() -> i32 {
+        0
+    }
+
+    /// Unsupported on this target.
+    pub fn tgkill(_tid: i32, _sig: i32) -> Result<()> {
+        Err(Error::Unsupported { op: Op::Tgkill })
+    }
+
+    /// Proof that RDFSBASE/RDGSBASE are usable; cannot exist on this target.
+    #[derive(Clone, Copy, Debug)]
+    pub enum FsGsBase {}
+
+    impl FsGsBase {
+        /// Always `None` on this target.
+        pub fn new() -> Option<FsGsBase> {
+            None
+        }
+
+        /// Unreachable: the token cannot exist.
+        pub fn fs_base(self) -> usize {
+            match self {}
+        }
+
+        /// Unreachable: the token cannot exist.
+        pub fn gs_base(self) -> usize {
+            match self {}
+        }
+    }
+
+    /// Unsupported on this target.
+    ///
+    /// # Safety
+    ///
+    /// Trivially satisfied: nothing happens.
+    pub unsafe fn set_gs_base(_addr: usize) -> Result<()> {
+        Err(Error::Unsupported { op: Op::ArchPrctl })
+    }
+
+    /// Unsupported on this target.
+    pub fn futex_wait(
+        _word: &AtomicU32,
+        _expected: u32,
+        _timeout: Option<Duration>,
+    ) -> Result<bool> {
+        Err(Error::Unsupported { op: Op::Futex })
+    }
+
+    /// Does nothing on this target.
+    pub fn futex_wake(_word: &AtomicU32, _n: i32) {}
+
+    /// Unsupported on this target.
+    pub fn list_threads() -> std::io::Result<Vec<i32>> {
+        Err(std::io::Error::from(std::io::ErrorKind::Unsupported))
     }
 }
 

@@ -11,8 +11,25 @@
 //!
 //! Every live allocation is recorded, so freeing an unknown or already freed offset is an
 //! error, never corruption.
+//!
+//! The free page runs ([`FreeRanges`], a [`Treap`]) and the size classes' free lists live in
+//! the allocator `A` the heap is given ([`Global`] by default). Not yet:
+//!
+//! - the record of live allocations is still a `std` `HashMap` on the global allocator
+//!   (moving it needs a map that takes an allocator, such as `hashbrown`'s with its
+//!   `allocator-api2` feature);
+//! - a failure to allocate metadata in `A` ends the program as with the `std` collections
+//!   (free lists grow with `push`/`extend`, freed runs go back with
+//!   [`FreeRanges::give_back`]); reporting it needs `try_reserve` before those and
+//!   [`FreeRanges::try_give_back`].
 
-use std::collections::{BTreeMap, HashMap};
+use allocator_api2::alloc::{Allocator, Global};
+use allocator_api2::collections::TryReserveError;
+use allocator_api2::vec::Vec;
+
+use crate::treap::Treap;
+#[cfg(test)]
+use crate::treap::alloc_failed;
 
 /// The largest size served from size classes.
 pub(crate) const MAX_SMALL: usize = 2048;
@@ -33,43 +50,112 @@ pub(crate) enum AllocError {
     NotAllocated(usize),
 }
 
-/// Free ranges of an address space, `start -> length`, kept coalesced: first fit out,
-/// merge with the neighbours back in. Used for the page runs of a domain's heap and for
-/// the manager's parked address space.
-#[derive(Debug, Default)]
-pub(crate) struct FreeRanges(BTreeMap<usize, usize>);
+/// Names one reservation (one `mmap`) among those whose free space a [`FreeRanges`] holds.
+pub(crate) type ArenaId = u32;
 
-impl FreeRanges {
-    /// Takes `len` bytes from the first range long enough; returns their start.
-    pub(crate) fn take_first_fit(&mut self, len: usize) -> Option<usize> {
-        let (&start, &avail) = self.0.iter().find(|(_, l)| **l >= len)?;
-        self.0.remove(&start);
-        if avail > len {
-            self.0.insert(start + len, avail - len);
-        }
-        Some(start)
+/// The one arena of a domain heap's page runs.
+const HEAP_ARENA: ArenaId = 0;
+
+/// Free ranges of an address space, `start -> (length, arena)`: first fit out, merged with
+/// their neighbours back in, but only with neighbours of the same arena. Ranges of two
+/// arenas stay apart even when they touch (two reservations the kernel placed side by
+/// side), so a range taken out always lies in one reservation. Used for the page runs of a
+/// domain's heap (all in one arena) and for the manager's parked address space (an arena
+/// per reservation).
+///
+/// A [`Treap`] by start, whose nodes know the longest range below them: first fit, give
+/// back and remove are O(log n) expected, and all memory comes from `A`. Only giving back a
+/// range that merges with nothing allocates (one node, or none when a slot is free);
+/// taking never does.
+#[derive(Debug)]
+pub(crate) struct FreeRanges<A: Allocator + Clone = Global>(Treap<ArenaId, A>);
+
+impl Default for FreeRanges {
+    fn default() -> FreeRanges {
+        FreeRanges::new_in(Global)
+    }
+}
+
+impl<A: Allocator + Clone> FreeRanges<A> {
+    /// No free range; its nodes will live in `alloc`.
+    pub(crate) fn new_in(alloc: A) -> FreeRanges<A> {
+        FreeRanges(Treap::new_in(alloc))
     }
 
-    /// Gives `[start, start + len)` back, merged with adjacent free ranges; returns the
-    /// merged range.
-    pub(crate) fn give_back(&mut self, mut start: usize, mut len: usize) -> (usize, usize) {
-        if let Some(next) = self.0.remove(&(start + len)) {
-            len += next;
+    /// Takes `len` bytes from the lowest-addressed range long enough; returns their start
+    /// and arena. Never allocates: the rest of the range takes the taken one's node.
+    pub(crate) fn take_first_fit(&mut self, len: usize) -> Option<(usize, ArenaId)> {
+        let (start, avail, arena) = self.0.first_fit(len)?;
+        self.0.remove(start);
+        if avail > len {
+            self.0.insert(start + len, avail - len, arena);
         }
-        if let Some((&prev, &prev_len)) = self.0.range(..start).next_back()
-            && prev + prev_len == start
-        {
-            self.0.remove(&prev);
-            start = prev;
-            len += prev_len;
-        }
-        self.0.insert(start, len);
-        (start, len)
+        Some((start, arena))
+    }
+
+    /// Gives `[start, start + len)` of `arena` back, merged with the adjacent free ranges
+    /// of the same arena; returns the merged range. Ends the program on a failure to
+    /// allocate, like the `std` collections; see [`FreeRanges::try_give_back`].
+    #[cfg(test)]
+    pub(crate) fn give_back(&mut self, start: usize, len: usize, arena: ArenaId) -> (usize, usize) {
+        self.try_give_back(start, len, arena)
+            .unwrap_or_else(|e| alloc_failed(e))
+    }
+
+    /// [`FreeRanges::give_back`], reporting a failure to allocate the node for a range that
+    /// merges with nothing; nothing changes then.
+    pub(crate) fn try_give_back(
+        &mut self,
+        start: usize,
+        len: usize,
+        arena: ArenaId,
+    ) -> Result<(usize, usize), TryReserveError> {
+        let end = start + len;
+        debug_assert!(
+            self.0.ceiling(start).is_none_or(|(s, _, _)| s >= end)
+                && start
+                    .checked_sub(1)
+                    .and_then(|k| self.0.floor(k))
+                    .is_none_or(|(s, l, _)| s + l <= start),
+            "{start:#x}+{len:#x} overlaps a free range"
+        );
+        let next = self.0.get(end).filter(|&(_, a)| a == arena).map(|(l, _)| l);
+        let prev = start
+            .checked_sub(1)
+            .and_then(|k| self.0.floor(k))
+            .filter(|&(s, l, a)| a == arena && s + l == start);
+        Ok(match (prev, next) {
+            (Some((p, prev_len, _)), next) => {
+                let mut merged = prev_len + len;
+                if let Some(next_len) = next {
+                    self.0.remove(end);
+                    merged += next_len;
+                }
+                self.0.set_len(p, merged);
+                (p, merged)
+            }
+            (None, Some(next_len)) => {
+                // Takes the node of the range after: no allocation.
+                self.0.remove(end);
+                self.0.insert(start, len + next_len, arena);
+                (start, len + next_len)
+            }
+            (None, None) => {
+                self.0.try_insert(start, len, arena)?;
+                (start, len)
+            }
+        })
     }
 
     /// Removes the free range that starts at `start`.
     fn remove(&mut self, start: usize) {
-        self.0.remove(&start);
+        self.0.remove(start);
+    }
+
+    /// The free ranges `(start, len, arena)` in address order.
+    #[cfg(test)]
+    fn iter(&self) -> impl Iterator<Item = (usize, usize, ArenaId)> {
+        self.0.iter()
     }
 }
 
@@ -88,18 +174,19 @@ enum Live {
     Pages { start: usize, len: usize },
 }
 
-/// A domain's heap over `[0, capacity)` bytes.
+/// A domain's heap over `[0, capacity)` bytes, its metadata in `A`.
 #[derive(Debug)]
-pub(crate) struct DomainHeap {
+pub(crate) struct DomainHeap<A: Allocator + Clone = Global> {
     capacity: usize,
     page: usize,
     /// Top of the used part; everything above is untouched.
     bump: usize,
-    /// Free page runs below `bump`.
-    free_runs: FreeRanges,
+    /// Free page runs below `bump` (all of arena [`HEAP_ARENA`]).
+    free_runs: FreeRanges<A>,
     /// Free blocks per size class.
-    free_blocks: [Vec<usize>; CLASSES],
-    live: HashMap<usize, Live>,
+    free_blocks: [Vec<usize, A>; CLASSES],
+    /// Live allocations by offset.
+    live: hashbrown::HashMap<usize, Live, hashbrown::DefaultHashBuilder, A>,
     /// Bytes handed out and not freed (as requested, rounded to class or pages).
     in_use: usize,
 }
@@ -113,17 +200,25 @@ fn class_size(class: usize) -> usize {
     1 << (class as u32 + MIN_CLASS_SHIFT)
 }
 
+#[cfg(test)]
 impl DomainHeap {
     /// A heap over `capacity` bytes with `page`-sized pages (`page` a power of two).
     pub(crate) fn new(capacity: usize, page: usize) -> DomainHeap {
+        DomainHeap::new_in(capacity, page, Global)
+    }
+}
+
+impl<A: Allocator + Clone> DomainHeap<A> {
+    /// [`DomainHeap::new`], with the free runs and free lists in `alloc`.
+    pub(crate) fn new_in(capacity: usize, page: usize, alloc: A) -> DomainHeap<A> {
         assert!(page.is_power_of_two());
         DomainHeap {
             capacity,
             page,
             bump: 0,
-            free_runs: FreeRanges::default(),
-            free_blocks: Default::default(),
-            live: HashMap::new(),
+            free_runs: FreeRanges::new_in(alloc.clone()),
+            free_blocks: std::array::from_fn(|_| Vec::new_in(alloc.clone())),
+            live: hashbrown::HashMap::with_hasher_in(Default::default(), alloc.clone()),
             in_use: 0,
         }
     }
@@ -139,6 +234,9 @@ impl DomainHeap {
             return Err(AllocError::BadAlignment(align));
         }
         let rounded = size.max(1).max(align);
+        self.live
+            .try_reserve(1)
+            .map_err(|_| AllocError::OutOfMemory { requested: size })?;
         if rounded <= MAX_SMALL {
             let class = class_of(rounded);
             let off = self.small(class)?;
@@ -160,6 +258,9 @@ impl DomainHeap {
             .ok_or(AllocError::OutOfMemory {
                 requested: usize::MAX,
             })?;
+        self.live
+            .try_reserve(1)
+            .map_err(|_| AllocError::OutOfMemory { requested: len })?;
         let start = self.run(len)?;
         self.live.insert(start, Live::Pages { start, len });
         self.in_use += len;
@@ -167,30 +268,45 @@ impl DomainHeap {
     }
 
     /// Frees the allocation that starts at `off`.
+    #[cfg(test)]
     pub(crate) fn free(&mut self, off: usize) -> Result<Freed, AllocError> {
-        match self
-            .live
-            .remove(&off)
-            .ok_or(AllocError::NotAllocated(off))?
-        {
+        let freed = self.free_begin(off)?;
+        if let Some((start, len)) = freed.run {
+            self.release_run(start, len);
+        }
+        Ok(freed)
+    }
+
+    /// Frees the allocation that starts at `off`, except that a page run is not yet given
+    /// back: the caller empties it first (it must read as zero when reused), then calls
+    /// [`DomainHeap::release_run`] — while holding the heap, so that no other allocation can
+    /// receive the run before it is empty. A run that cannot be emptied is simply never
+    /// released.
+    pub(crate) fn free_begin(&mut self, off: usize) -> Result<Freed, AllocError> {
+        let live = *self.live.get(&off).ok_or(AllocError::NotAllocated(off))?;
+        let freed = match live {
             Live::Small { class } => {
                 let class = class as usize;
+                self.free_blocks[class]
+                    .try_reserve(1)
+                    .map_err(|_| AllocError::OutOfMemory { requested: 0 })?;
                 self.free_blocks[class].push(off);
                 self.in_use -= class_size(class);
-                Ok(Freed {
+                Freed {
                     size: class_size(class),
                     run: None,
-                })
+                }
             }
             Live::Pages { start, len } => {
-                self.release_run(start, len);
                 self.in_use -= len;
-                Ok(Freed {
+                Freed {
                     size: len,
                     run: Some((start, len)),
-                })
+                }
             }
-        }
+        };
+        self.live.remove(&off);
+        Ok(freed)
     }
 
     /// The size (rounded) of the live allocation at `off`.
@@ -207,6 +323,9 @@ impl DomainHeap {
             return Ok(off);
         }
         let size = class_size(class);
+        self.free_blocks[class]
+            .try_reserve(self.page / size)
+            .map_err(|_| AllocError::OutOfMemory { requested: size })?;
         let run = self
             .run(self.page)
             .map_err(|_| AllocError::OutOfMemory { requested: size })?;
@@ -228,7 +347,9 @@ impl DomainHeap {
             let start = self.run(len)?;
             return Ok((start, len, start));
         }
-        let total = len + align - self.page;
+        let total = len
+            .checked_add(align - self.page)
+            .ok_or(AllocError::OutOfMemory { requested: size })?;
         let start = self.run(total)?;
         let off = start.next_multiple_of(align);
         Ok((start, total, off))
@@ -236,7 +357,7 @@ impl DomainHeap {
 
     /// A run of `len` bytes (multiple of the page size): first fit, else bump.
     fn run(&mut self, len: usize) -> Result<usize, AllocError> {
-        if let Some(start) = self.free_runs.take_first_fit(len) {
+        if let Some((start, _)) = self.free_runs.take_first_fit(len) {
             return Ok(start);
         }
         let end = self.bump.checked_add(len).filter(|&e| e <= self.capacity);
@@ -246,8 +367,12 @@ impl DomainHeap {
         Ok(start)
     }
 
-    fn release_run(&mut self, start: usize, len: usize) {
-        let (start, len) = self.free_runs.give_back(start, len);
+    /// Gives a freed page run back (see [`DomainHeap::free_begin`]).
+    pub(crate) fn release_run(&mut self, start: usize, len: usize) {
+        // Without room for the free run's record the run is lost to this heap, nothing else.
+        let Ok((start, len)) = self.free_runs.try_give_back(start, len, HEAP_ARENA) else {
+            return;
+        };
         // A free run reaching the bump pointer lowers it instead.
         if start + len == self.bump {
             self.free_runs.remove(start);
@@ -299,6 +424,173 @@ mod tests {
 
     fn big_align() -> usize {
         4 * PAGE
+    }
+
+    #[test]
+    fn heap_metadata_lives_in_its_allocator() {
+        let budget = crate::test_alloc::Budget::new(usize::MAX);
+        let mut h = DomainHeap::new_in(64 * PAGE, PAGE, budget.clone());
+        let small = h.alloc(24, 8).unwrap();
+        let runs: std::vec::Vec<usize> = (0..4).map(|_| h.alloc_pages(1).unwrap()).collect();
+        h.free(runs[0]).unwrap();
+        h.free(runs[2]).unwrap(); // two runs apart: two free ranges
+        h.free(small).unwrap();
+        assert!(budget.held() > 0, "free runs and free lists in the budget");
+        drop(h);
+        assert_eq!(budget.held(), 0);
+    }
+
+    fn free_list<A: Allocator + Clone>(
+        f: &FreeRanges<A>,
+    ) -> std::vec::Vec<(usize, usize, ArenaId)> {
+        f.iter().collect()
+    }
+
+    /// Two reservations the kernel placed side by side, both free: a request longer than
+    /// either is not served across the boundary (the backend cannot act on such a range).
+    #[test]
+    fn neighbouring_arenas_never_merge() {
+        let mut f = FreeRanges::default();
+        // Arena 1 is [0, 4 pages), arena 2 is [4, 8 pages), freed in pieces.
+        f.give_back(0, 2 * PAGE, 1);
+        f.give_back(6 * PAGE, 2 * PAGE, 2);
+        assert_eq!(f.give_back(4 * PAGE, 2 * PAGE, 2), (4 * PAGE, 4 * PAGE));
+        assert_eq!(f.give_back(2 * PAGE, 2 * PAGE, 1), (0, 4 * PAGE));
+        assert_eq!(free_list(&f), [(0, 4 * PAGE, 1), (4 * PAGE, 4 * PAGE, 2)]);
+        assert_eq!(f.take_first_fit(6 * PAGE), None, "would span both arenas");
+        assert_eq!(f.take_first_fit(5 * PAGE), None);
+        assert_eq!(f.take_first_fit(4 * PAGE), Some((0, 1)));
+        assert_eq!(f.take_first_fit(4 * PAGE), Some((4 * PAGE, 2)));
+        assert_eq!(f.take_first_fit(1), None);
+        // Each side of the boundary given back next to the other side's free range.
+        assert_eq!(f.give_back(4 * PAGE, PAGE, 2), (4 * PAGE, PAGE));
+        assert_eq!(f.give_back(3 * PAGE, PAGE, 1), (3 * PAGE, PAGE));
+        assert_eq!(f.give_back(5 * PAGE, 3 * PAGE, 2), (4 * PAGE, 4 * PAGE));
+        assert_eq!(f.give_back(0, 3 * PAGE, 1), (0, 4 * PAGE));
+        assert_eq!(free_list(&f), [(0, 4 * PAGE, 1), (4 * PAGE, 4 * PAGE, 2)]);
+        assert_eq!(f.take_first_fit(5 * PAGE), None);
+    }
+
+    /// 30,000 holes too small for the requests, below a range that fits: each request is
+    /// served from that range and given back, then the holes' neighbours come back and
+    /// everything merges into one range.
+    #[test]
+    fn thirty_thousand_holes() {
+        const HOLES: usize = 30_000;
+        let mut f = FreeRanges::default();
+        for i in 0..HOLES {
+            f.give_back(2 * i * PAGE, PAGE, 7);
+        }
+        let big = 2 * HOLES * PAGE;
+        f.give_back(big, 10 * PAGE, 7);
+        f.0.assert_invariants();
+        assert_eq!(f.0.len(), HOLES + 1);
+        for n in 2..=10 {
+            assert_eq!(f.take_first_fit(n * PAGE), Some((big, 7)));
+            assert_eq!(f.give_back(big, n * PAGE, 7), (big, 10 * PAGE));
+        }
+        assert_eq!(f.take_first_fit(11 * PAGE), None);
+        assert_eq!(f.take_first_fit(PAGE), Some((0, 7)), "the lowest hole");
+        f.give_back(0, PAGE, 7);
+        for i in 0..HOLES {
+            f.give_back((2 * i + 1) * PAGE, PAGE, 7);
+        }
+        assert_eq!(free_list(&f), [(0, big + 10 * PAGE, 7)]);
+        f.0.assert_invariants();
+        assert!(f.0.slots() <= HOLES + 1);
+    }
+
+    #[test]
+    fn give_back_reports_allocation_failure_and_changes_nothing() {
+        let budget = crate::test_alloc::Budget::new(usize::MAX);
+        let mut f = FreeRanges::new_in(budget.clone());
+        // Holes two pages apart until the node vector is full, which it may not outgrow.
+        f.give_back(0, PAGE, 0);
+        budget.set_limit(budget.held());
+        let mut i = 1;
+        while f.try_give_back(2 * i * PAGE, PAGE, 0).is_ok() {
+            i += 1;
+        }
+        let before = free_list(&f);
+        assert!(f.try_give_back(2 * i * PAGE, PAGE, 0).is_err());
+        assert_eq!(free_list(&f), before, "unchanged");
+        // A range that merges needs no node, and neither does taking.
+        let last = 2 * (i - 1) * PAGE;
+        assert_eq!(f.try_give_back(last + PAGE, PAGE, 0), Ok((last, 2 * PAGE)));
+        assert_eq!(
+            f.try_give_back(last + 2 * PAGE, PAGE, 0),
+            Ok((last, 3 * PAGE))
+        );
+        assert_eq!(f.try_give_back(PAGE, PAGE, 0), Ok((0, 3 * PAGE)));
+        assert_eq!(f.take_first_fit(PAGE), Some((0, 0)));
+        assert_eq!(f.take_first_fit(3 * PAGE), Some((last, 0)));
+        f.0.assert_invariants();
+    }
+
+    /// A free-range allocator's state as one arena id (or none) per page: what must be free,
+    /// and as which maximal runs.
+    #[derive(Debug)]
+    struct PageModel(std::vec::Vec<Option<ArenaId>>);
+
+    impl PageModel {
+        /// Maximal runs of free pages of one arena, in address order.
+        fn runs(&self) -> std::vec::Vec<(usize, usize, ArenaId)> {
+            let mut runs: std::vec::Vec<(usize, usize, ArenaId)> = std::vec::Vec::new();
+            for (p, a) in self.0.iter().enumerate() {
+                let Some(a) = *a else { continue };
+                match runs.last_mut() {
+                    Some((s, l, ra)) if *ra == a && *s + *l == p * PAGE => *l += PAGE,
+                    _ => runs.push((p * PAGE, PAGE, a)),
+                }
+            }
+            runs
+        }
+    }
+
+    proptest! {
+        /// Random arenas, touching or not, freed and taken in random order: the free ranges
+        /// are exactly the maximal same-arena runs of free pages, and first fit takes the
+        /// lowest one long enough.
+        #[test]
+        fn free_ranges_are_the_maximal_runs_of_each_arena(
+            arenas in proptest::collection::vec((1usize..8, any::<bool>()), 1..8),
+            ops in proptest::collection::vec((any::<bool>(), 1usize..12, any::<usize>()), 1..200),
+        ) {
+            // Lay the arenas out, each right after the last or after a one-page gap.
+            let mut pages: std::vec::Vec<Option<ArenaId>> = std::vec::Vec::new();
+            let mut f = FreeRanges::default();
+            for (id, &(len, gap)) in arenas.iter().enumerate() {
+                if gap {
+                    pages.push(None);
+                }
+                let id = ArenaId::try_from(id).unwrap();
+                f.give_back(pages.len() * PAGE, len * PAGE, id);
+                pages.extend(std::iter::repeat_n(Some(id), len));
+            }
+            let mut model = PageModel(pages);
+            let mut taken: std::vec::Vec<(usize, usize, ArenaId)> = std::vec::Vec::new();
+            for (take, n, pick) in ops {
+                if take || taken.is_empty() {
+                    let want = model.runs().into_iter().find(|r| r.1 >= n * PAGE);
+                    let got = f.take_first_fit(n * PAGE);
+                    prop_assert_eq!(got, want.map(|(s, _, a)| (s, a)));
+                    if let Some((s, a)) = got {
+                        for p in s / PAGE..s / PAGE + n {
+                            prop_assert_eq!(model.0[p].take(), Some(a));
+                        }
+                        taken.push((s, n * PAGE, a));
+                    }
+                } else {
+                    let (s, l, a) = taken.swap_remove(pick % taken.len());
+                    f.give_back(s, l, a);
+                    for p in s / PAGE..(s + l) / PAGE {
+                        model.0[p] = Some(a);
+                    }
+                }
+                f.0.assert_invariants();
+                prop_assert_eq!(free_list(&f), model.runs());
+            }
+        }
     }
 
     #[test]

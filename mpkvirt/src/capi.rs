@@ -1,70 +1,139 @@
 //! The C API: libmpk's paper interface (`mpk_*`) on mpkvirt, plus `mpkvirt_*` extensions.
 //! The contract for C callers is `include/mpkvirt.h`; this file implements it.
 //!
-//! One process-wide [`Manager`] is created by `mpk_init`. Virtual keys are `int`s chosen by
+//! One process-wide manager is created by `mpk_init`. Virtual keys are `int`s chosen by
 //! the program; each names one domain, created by the first `mpk_mmap` or `mpk_malloc` for
 //! it. `mpk_begin`/`mpk_end` add domains to and remove them from the calling thread's set of
 //! begun domains, which is entered as one mpkvirt view whenever it changes.
 //!
+//! Like the manager's, the C API's state — the vkey table and each thread's begun set —
+//! lives inside the library and changes only in ops. A call that creates a vkey's domain
+//! publishes it only once the call succeeded, so a failed call changes nothing for any
+//! thread.
+//!
 //! Every function reports failure by returning -1 (or `NULL`/`MAP_FAILED` for pointers) and
 //! setting `errno`. No panic crosses into C: one raised inside (a bug) is caught and reported
-//! as `EFAULT`, because unwinding into C is undefined behaviour.
+//! as `EFAULT`, because unwinding into C is undefined behaviour. Each entry point disables
+//! thread cancellation while it runs, so `pthread_cancel` takes effect at the caller's next
+//! cancellation point instead of inside the library.
 //!
 //! # Safety
 //!
 //! The functions are `extern "C"` entry points called from C with C's types. The unsafe
 //! parts are confined to: writing `errno`, reading a C function pointer and argument for a
-//! guarded call, writing the caller's `struct mpkvirt_fault`, and the `no_mangle` attribute
-//! (the exported names are unique to this library). Pointers into domains are handed to C
-//! as raw addresses, as the API promises; the library never dereferences them.
+//! guarded call, writing the caller's `struct mpkvirt_fault`, the `no_mangle` attribute (the
+//! exported names are unique to this library), the C API's state as a raw allocation in the
+//! metadata region (created once, never freed), and thread creation through
+//! `pthread_create`. Pointers into domains are handed to C as raw addresses, as the API
+//! promises; the library never dereferences them.
 #![allow(
     unsafe_code,
     reason = "the C ABI: exported symbols, errno, out-parameters, C callbacks"
 )]
 
-use std::cell::RefCell;
-use std::collections::HashMap;
 use std::ffi::{c_char, c_int, c_long, c_void};
-use std::os::fd::BorrowedFd;
 use std::panic::{AssertUnwindSafe, catch_unwind};
-use std::sync::{Arc, OnceLock};
+use std::sync::RwLock;
+use std::sync::atomic::{AtomicU8, Ordering};
 
 use mpkvirt_sys::mman::{self, Prot};
-use parking_lot::RwLock;
 
-use crate::backend::Machine;
+use crate::Access;
+use crate::backend::sealed::Spec;
+use crate::backend::{BackendKind, Machine};
 use crate::config::Config;
-use crate::domain::{Domain, DomainId, DomainOptions};
+use crate::domain::DomainId;
 use crate::error::Error;
 use crate::fault::FaultReport;
-use crate::manager::{Manager, OwnedViewGuard, Rights};
-use crate::{Access, BackendKind};
+use crate::gate::ThreadRecord;
+use crate::manager::lifecycle;
+use crate::manager::ops as mops;
+use crate::manager::shared::{DomRef, MgrRef, Shared};
+use crate::manager::views::{self, ViewItem};
+use crate::meta::{MBox, MMap, MVec, Meta, lock_rw, mmap, read_rw, root};
+use crate::ops::{Pod, STATUS_BAD_CALL, call};
 
-/// Address space reserved for each virtual key's domain beyond its first mapping.
-const DOMAIN_HEADROOM: usize = 64 << 20;
+/// Address space reserved for each virtual key's domain beyond its first mapping (the
+/// largest `mpk_malloc` domain is 64 MiB).
+pub const DOMAIN_HEADROOM: usize = 64 << 20;
 
+/// First op code of the C API (below: the library's global ops).
+pub(crate) const OP_BASE: u64 = 0x100;
+const C_INIT: u64 = OP_BASE;
+const C_MMAP: u64 = OP_BASE + 1;
+const C_MUNMAP: u64 = OP_BASE + 2;
+const C_BEGIN: u64 = OP_BASE + 3;
+const C_END: u64 = OP_BASE + 4;
+const C_MPROTECT: u64 = OP_BASE + 5;
+const C_MALLOC: u64 = OP_BASE + 6;
+const C_FREE: u64 = OP_BASE + 7;
+const C_GUARD_START: u64 = OP_BASE + 8;
+const C_GUARD_END: u64 = OP_BASE + 9;
+const C_FAULT_VKEY: u64 = OP_BASE + 10;
+const C_KEYS: u64 = OP_BASE + 11;
+
+/// A vkey's domain and how many threads have it begun.
+#[derive(Clone, Copy, Debug)]
+struct VDom {
+    d: DomRef,
+    prot: Prot,
+    begun: u32,
+}
+
+/// The C API's state, in library memory.
+#[derive(Debug)]
 struct CState {
-    mgr: Manager<Machine>,
-    domains: RwLock<Domains>,
+    m: MgrRef,
+    table: RwLock<Table>,
 }
 
-#[derive(Default)]
-struct Domains {
-    by_vkey: HashMap<c_int, Arc<Domain>>,
-    vkey_of: HashMap<DomainId, c_int>,
+#[derive(Debug)]
+struct Table {
+    by_vkey: MMap<c_int, VDom>,
+    vkey_of: MMap<u64, c_int>,
 }
 
-static STATE: OnceLock<CState> = OnceLock::new();
-
-/// The calling thread's begun domains and the view that grants them.
-#[derive(Default)]
-struct Begun {
-    set: Vec<(c_int, Arc<Domain>, Rights)>,
-    view: Option<OwnedViewGuard>,
+/// A thread's begun domains and the view that grants them (in its thread record).
+#[derive(Debug, Default)]
+pub(crate) struct ThreadBegun {
+    set: Option<MBox<BegunSet>>,
 }
 
-thread_local! {
-    static BEGUN: RefCell<Begun> = RefCell::new(Begun::default());
+/// Begun vkeys: (vkey, domain, read-only).
+type BegunList = MVec<(c_int, DomRef, bool)>;
+
+#[derive(Debug)]
+struct BegunSet {
+    begun: BegunList,
+    view: Option<u64>,
+    /// Begun sets saved by guarded calls in progress, innermost last.
+    saved: MVec<(u64, BegunList)>,
+}
+
+/// `root().capi` while `mpk_init` runs.
+const INITIALISING: *mut () = std::ptr::dangling_mut::<()>();
+
+/// The backend `mpk_init` chose (for `mpkvirt_backend`, which must not fail): 0 none yet.
+static BACKEND: AtomicU8 = AtomicU8::new(0);
+
+fn state<'a>() -> Result<&'a CState, c_int> {
+    let p = root().capi.load(Ordering::Acquire);
+    if p.is_null() || p == INITIALISING {
+        return Err(libc::EINVAL);
+    }
+    // SAFETY: a non-null, non-sentinel pointer was stored once by `init` from
+    // `MBox::into_raw` of a `CState` and is never freed.
+    Ok(unsafe { &*p.cast::<CState>() })
+}
+
+fn shared<'a>(st: &CState) -> Result<&'a Shared<Machine>, c_int> {
+    crate::manager::ops::shared_pub::<Machine>(st.m).ok_or(libc::EINVAL)
+}
+
+// glibc's <pthread.h> (not in the libc crate).
+const PTHREAD_CANCEL_DISABLE: c_int = 1;
+unsafe extern "C" {
+    fn pthread_setcancelstate(state: c_int, oldstate: *mut c_int) -> c_int;
 }
 
 fn set_errno(e: c_int) {
@@ -75,9 +144,13 @@ fn set_errno(e: c_int) {
     unsafe { *slot = e };
 }
 
-/// Runs `f`, turning an error (or, defensively, a panic) into `errno` and `fail`.
+/// Runs `f` with cancellation disabled, turning an error (or, defensively, a panic) into
+/// `errno` and `fail`.
 fn ffi<T>(fail: T, f: impl FnOnce() -> Result<T, c_int>) -> T {
-    match catch_unwind(AssertUnwindSafe(f)) {
+    let mut old: c_int = 0;
+    // SAFETY: sets this thread's cancel state; `old` is a live local.
+    unsafe { pthread_setcancelstate(PTHREAD_CANCEL_DISABLE, &mut old) };
+    let r = match catch_unwind(AssertUnwindSafe(f)) {
         Ok(Ok(v)) => v,
         Ok(Err(e)) => {
             set_errno(e);
@@ -87,94 +160,45 @@ fn ffi<T>(fail: T, f: impl FnOnce() -> Result<T, c_int>) -> T {
             set_errno(libc::EFAULT);
             fail
         }
-    }
-}
-
-fn state() -> Result<&'static CState, c_int> {
-    STATE.get().ok_or(libc::EINVAL)
-}
-
-fn domain(st: &CState, vkey: c_int) -> Result<Arc<Domain>, c_int> {
-    st.domains
-        .read()
-        .by_vkey
-        .get(&vkey)
-        .cloned()
-        .ok_or(libc::EINVAL)
+    };
+    let mut ignored: c_int = 0;
+    // SAFETY: restores the state saved above.
+    unsafe { pthread_setcancelstate(old, &mut ignored) };
+    r
 }
 
 fn errno_of(e: &Error) -> c_int {
     e.errno()
 }
 
-/// The domain for `vkey`, created with `reserve` bytes and `prot` if it does not exist;
-/// `true` when this call created it.
-fn domain_or_create(
-    st: &CState,
-    vkey: c_int,
-    reserve: usize,
-    prot: Prot,
-) -> Result<(Arc<Domain>, bool), c_int> {
-    if let Some(d) = st.domains.read().by_vkey.get(&vkey) {
-        return Ok((Arc::clone(d), false));
-    }
-    let mut doms = st.domains.write();
-    if let Some(d) = doms.by_vkey.get(&vkey) {
-        return Ok((Arc::clone(d), false));
-    }
-    let d = Arc::new(
-        st.mgr
-            .create_domain(DomainOptions {
-                reserve: Some(reserve),
-                prot,
-            })
-            .map_err(|e| errno_of(&e))?,
-    );
-    doms.vkey_of.insert(d.id(), vkey);
-    doms.by_vkey.insert(vkey, Arc::clone(&d));
-    Ok((d, true))
-}
-
-/// `result` as an errno; when it failed and this call created `vkey`'s domain, the domain
-/// is forgotten again, so that a failed call changes nothing.
-fn undo_on_error<T>(
-    st: &CState,
-    vkey: c_int,
-    d: &Domain,
-    created: bool,
-    result: Result<T, Error>,
-) -> Result<T, c_int> {
-    result.map_err(|e| {
-        if created {
-            let mut doms = st.domains.write();
-            doms.by_vkey.remove(&vkey);
-            doms.vkey_of.remove(&d.id());
-        }
-        errno_of(&e)
-    })
+fn op<I: Pod, O>(code: u64, input: I) -> Result<O, c_int> {
+    call::<I, Result<O, c_int>>(code, input).map_err(|e| errno_of(&e))?
 }
 
 fn prot_of(prot: c_int) -> Result<Prot, c_int> {
     Prot::from_bits(prot).ok_or(libc::EINVAL)
 }
 
-/// Re-enters the thread's begun set as one view (or none when it is empty).
-fn enter_set(
-    st: &CState,
-    b: &mut Begun,
-    set: Vec<(c_int, Arc<Domain>, Rights)>,
-) -> Result<(), c_int> {
-    if set.is_empty() {
-        b.view = None;
-    } else {
-        let view: Vec<(Arc<Domain>, Rights)> =
-            set.iter().map(|(_, d, r)| (Arc::clone(d), *r)).collect();
-        let guard = st.mgr.enter_owned(&view).map_err(|e| errno_of(&e))?;
-        // The new view is live before the old one ends, so the keys both use stay pinned.
-        b.view = Some(guard);
+#[derive(Clone, Copy, Debug)]
+#[repr(C)]
+struct CArgs {
+    vkey: i32,
+    prot: i32,
+    a: u64,
+    b: u64,
+    c: u64,
+}
+// SAFETY: integers only.
+unsafe impl Pod for CArgs {}
+
+fn args(vkey: c_int, prot: c_int, a: u64, b: u64, c: u64) -> CArgs {
+    CArgs {
+        vkey,
+        prot,
+        a,
+        b,
+        c,
     }
-    b.set = set;
-    Ok(())
 }
 
 /// `int mpk_init(int evict_rate)`
@@ -182,17 +206,20 @@ fn enter_set(
 pub extern "C" fn mpk_init(evict_rate: c_int) -> c_int {
     ffi(-1, || {
         let _ = evict_rate; // every value evicts on a miss, as libmpk's -1 (see the header)
-        if STATE.get().is_some() {
+        if BACKEND.load(Ordering::Acquire) != 0 {
             return Err(libc::EBUSY);
         }
         let config = Config::from_env().map_err(|e| errno_of(&e))?;
-        let mgr = Manager::new(config).map_err(|e| errno_of(&e))?;
-        STATE
-            .set(CState {
-                mgr,
-                domains: RwLock::new(Domains::default()),
-            })
-            .map_err(|_| libc::EBUSY)?;
+        let (machine, _) = Machine::new(&config).map_err(|e| errno_of(&e))?;
+        let kind = machine.kind();
+        op::<mops::CreateIn, ()>(
+            C_INIT,
+            mops::CreateIn {
+                spec: machine.to_pod(),
+                config: mops::ConfigPod::of(&config),
+            },
+        )?;
+        BACKEND.store(kind.tag() as u8, Ordering::Release);
         Ok(0)
     })
 }
@@ -209,27 +236,17 @@ pub extern "C" fn mpk_mmap(
     offset: c_long,
 ) -> *mut c_void {
     ffi(libc::MAP_FAILED, || {
-        let st = state()?;
-        let prot = prot_of(prot)?;
+        prot_of(prot)?;
         if len == 0 || flags & (libc::MAP_FIXED | libc::MAP_SHARED) != 0 || offset < 0 {
             return Err(libc::EINVAL);
         }
         let anonymous = flags & libc::MAP_ANONYMOUS != 0 || fd < 0;
-        let len = mman::page_round_up(len);
-        let (d, created) = domain_or_create(st, vkey, len + DOMAIN_HEADROOM, prot)?;
-        if d.prot() != prot {
-            return Err(libc::EINVAL); // one protection per domain: use mpk_mprotect
-        }
-        let p = if anonymous {
-            d.alloc_pages(len / mman::page_size())
-        } else {
-            // SAFETY: `fd` is not negative here (negative means anonymous, handled above), and
-            // the caller passes an open descriptor (mmap's contract); it is only borrowed for
-            // the duration of this call.
-            let fd = unsafe { BorrowedFd::borrow_raw(fd) };
-            d.map_fd(fd, offset as u64, len)
-        };
-        undo_on_error(st, vkey, &d, created, p).map(|p| p.as_ptr().cast())
+        let fd = if anonymous { -1 } else { fd };
+        let p: usize = op(
+            C_MMAP,
+            args(vkey, prot, len as u64, fd as i64 as u64, offset as u64),
+        )?;
+        Ok(p as *mut c_void)
     })
 }
 
@@ -237,17 +254,7 @@ pub extern "C" fn mpk_mmap(
 #[unsafe(no_mangle)]
 pub extern "C" fn mpk_munmap(vkey: c_int) -> c_int {
     ffi(-1, || {
-        let st = state()?;
-        let mut doms = st.domains.write();
-        let d = doms.by_vkey.get(&vkey).ok_or(libc::EINVAL)?;
-        // Another reference means some thread has it begun.
-        if Arc::strong_count(d) > 1 {
-            return Err(libc::EBUSY);
-        }
-        let d = doms.by_vkey.remove(&vkey).expect("present");
-        doms.vkey_of.remove(&d.id());
-        drop(doms);
-        drop(d); // destroys the domain: pages gone, key freed
+        op::<CArgs, ()>(C_MUNMAP, args(vkey, 0, 0, 0, 0))?;
         Ok(0)
     })
 }
@@ -256,21 +263,8 @@ pub extern "C" fn mpk_munmap(vkey: c_int) -> c_int {
 #[unsafe(no_mangle)]
 pub extern "C" fn mpk_begin(vkey: c_int, prot: c_int) -> c_int {
     ffi(-1, || {
-        let st = state()?;
-        let rights = match prot_of(prot)? & Prot::READ_WRITE {
-            p if p.contains(Prot::WRITE) => Rights::ReadWrite,
-            p if p.contains(Prot::READ) => Rights::ReadOnly,
-            _ => return Err(libc::EINVAL),
-        };
-        let d = domain(st, vkey)?;
-        BEGUN.with_borrow_mut(|b| {
-            let mut set = b.set.clone();
-            match set.iter_mut().find(|(k, _, _)| *k == vkey) {
-                Some(entry) => entry.2 = rights,
-                None => set.push((vkey, d, rights)),
-            }
-            enter_set(st, b, set)
-        })?;
+        prot_of(prot)?;
+        op::<CArgs, ()>(C_BEGIN, args(vkey, prot, 0, 0, 0))?;
         Ok(0)
     })
 }
@@ -279,17 +273,7 @@ pub extern "C" fn mpk_begin(vkey: c_int, prot: c_int) -> c_int {
 #[unsafe(no_mangle)]
 pub extern "C" fn mpk_end(vkey: c_int) -> c_int {
     ffi(-1, || {
-        let st = state()?;
-        BEGUN.with_borrow_mut(|b| {
-            let pos = b
-                .set
-                .iter()
-                .position(|(k, _, _)| *k == vkey)
-                .ok_or(libc::EINVAL)?;
-            let mut set = b.set.clone();
-            set.remove(pos);
-            enter_set(st, b, set)
-        })?;
+        op::<CArgs, ()>(C_END, args(vkey, 0, 0, 0, 0))?;
         Ok(0)
     })
 }
@@ -298,9 +282,8 @@ pub extern "C" fn mpk_end(vkey: c_int) -> c_int {
 #[unsafe(no_mangle)]
 pub extern "C" fn mpk_mprotect(vkey: c_int, prot: c_int) -> c_int {
     ffi(-1, || {
-        let st = state()?;
-        let prot = prot_of(prot)?;
-        domain(st, vkey)?.protect(prot).map_err(|e| errno_of(&e))?;
+        prot_of(prot)?;
+        op::<CArgs, ()>(C_MPROTECT, args(vkey, prot, 0, 0, 0))?;
         Ok(0)
     })
 }
@@ -309,9 +292,8 @@ pub extern "C" fn mpk_mprotect(vkey: c_int, prot: c_int) -> c_int {
 #[unsafe(no_mangle)]
 pub extern "C" fn mpk_malloc(vkey: c_int, size: usize) -> *mut c_void {
     ffi(std::ptr::null_mut(), || {
-        let st = state()?;
-        let (d, created) = domain_or_create(st, vkey, DOMAIN_HEADROOM, Prot::READ_WRITE)?;
-        undo_on_error(st, vkey, &d, created, d.alloc(size.max(1), 16)).map(|p| p.as_ptr().cast())
+        let p: usize = op(C_MALLOC, args(vkey, 0, size as u64, 0, 0))?;
+        Ok(p as *mut c_void)
     })
 }
 
@@ -319,17 +301,10 @@ pub extern "C" fn mpk_malloc(vkey: c_int, size: usize) -> *mut c_void {
 #[unsafe(no_mangle)]
 pub extern "C" fn mpk_free(ptr: *mut c_void) -> c_int {
     ffi(-1, || {
-        let Some(p) = std::ptr::NonNull::new(ptr.cast::<u8>()) else {
+        if ptr.is_null() {
             return Ok(0);
-        };
-        let st = state()?;
-        let id = st.mgr.domain_at(p.as_ptr() as usize).ok_or(libc::EINVAL)?;
-        let d = {
-            let doms = st.domains.read();
-            let vkey = doms.vkey_of.get(&id).ok_or(libc::EINVAL)?;
-            Arc::clone(&doms.by_vkey[vkey])
-        };
-        d.free(p).map(drop).map_err(|e| errno_of(&e))?;
+        }
+        op::<CArgs, ()>(C_FREE, args(0, 0, ptr as u64, 0, 0))?;
         Ok(0)
     })
 }
@@ -355,11 +330,7 @@ pub struct MpkvirtFault {
 const _: () =
     assert!(size_of::<MpkvirtFault>() == 24 && std::mem::offset_of!(MpkvirtFault, addr) == 16);
 
-fn to_c(st: &CState, r: &FaultReport) -> MpkvirtFault {
-    let vkey = r
-        .domain
-        .and_then(|id| st.domains.read().vkey_of.get(&id).copied())
-        .unwrap_or(-1);
+fn to_c(r: &FaultReport, vkey: c_int) -> MpkvirtFault {
     let access = match r.access {
         None => 0,
         Some(Access::Read) => 1,
@@ -385,8 +356,9 @@ fn to_c(st: &CState, r: &FaultReport) -> MpkvirtFault {
 ///
 /// # Safety
 ///
-/// `f` must be a valid function that does not unwind (no C++ exceptions escape it); `fault`
-/// must be null or valid for a write of `struct mpkvirt_fault`.
+/// `f` must be a valid function that does not unwind (no C++ exceptions escape it) and
+/// leaves no thread using its stack when it faults; `fault` must be null or valid for a write
+/// of `struct mpkvirt_fault`.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn mpkvirt_guarded_call(
     f: Option<unsafe extern "C" fn(*mut c_void)>,
@@ -395,20 +367,42 @@ pub unsafe extern "C" fn mpkvirt_guarded_call(
 ) -> c_int {
     let arg = arg as usize;
     let report = ffi(Err(None), || {
-        let st = state()?;
+        if BACKEND.load(Ordering::Acquire) == 0 {
+            return Err(libc::EINVAL);
+        }
         let f = f.ok_or(libc::EINVAL)?;
         // SAFETY: the caller promises `f` is a valid, non-unwinding C function taking `arg`.
         let run = move || unsafe { f(arg as *mut c_void) };
         // The thread's begun domains before the call: a faulting `f` is abandoned, and with it
         // whatever it began or ended, so the set is restored afterwards.
-        let before = BEGUN.with_borrow(|b| b.set.clone());
-        Ok(match st.mgr.guarded(run) {
-            Ok(()) => Ok(()),
-            Err(Error::Fault(r)) => {
-                BEGUN.with_borrow_mut(|b| enter_set(st, b, before))?;
-                Err(Some(to_c(st, &r)))
+        let mark: u64 = op(C_GUARD_START, args(0, 0, 0, 0, 0))?;
+        // SAFETY: forwarded from this function's contract (no thread borrows `f`'s stack).
+        let outcome = unsafe { crate::fault::run_guarded(run) };
+        Ok(match outcome {
+            Ok(Ok(())) => {
+                op::<CArgs, ()>(C_GUARD_END, args(0, 0, mark, 0, 0))?;
+                Ok(())
             }
-            Err(e) => return Err(errno_of(&e)),
+            Ok(Err(_)) => {
+                op::<CArgs, ()>(C_GUARD_END, args(0, 0, mark, 0, 0))?;
+                return Err(libc::EFAULT);
+            }
+            Err((raw, kind)) => {
+                // Ends the views `f` entered, restores the begun set and with it the thread's
+                // legitimate PKRU (the handler left it with none).
+                op::<CArgs, ()>(C_GUARD_END, args(0, 0, mark, 1, 0))?;
+                let (domain, vkey): (Option<DomainId>, c_int) =
+                    op(C_FAULT_VKEY, args(0, 0, raw.addr as u64, 0, 0))?;
+                let r = FaultReport {
+                    kind,
+                    domain,
+                    addr: raw.addr,
+                    access: raw.access,
+                    hw_key: raw.pkey,
+                    code: raw.code,
+                };
+                Err(Some(to_c(&r, vkey)))
+            }
         })
     });
     match report {
@@ -429,7 +423,7 @@ pub unsafe extern "C" fn mpkvirt_guarded_call(
 /// `mpk_init`.
 #[unsafe(no_mangle)]
 pub extern "C" fn mpkvirt_backend() -> *const c_char {
-    match STATE.get().map(|s| s.mgr.backend_kind()) {
+    match BackendKind::from_tag(u32::from(BACKEND.load(Ordering::Acquire))) {
         Some(BackendKind::Hardware) => c"hardware".as_ptr(),
         Some(BackendKind::Emulated) => c"emulated".as_ptr(),
         Some(BackendKind::Simulated) => c"simulated".as_ptr(),
@@ -442,6 +436,395 @@ pub extern "C" fn mpkvirt_backend() -> *const c_char {
 #[unsafe(no_mangle)]
 pub extern "C" fn mpkvirt_key_count() -> c_int {
     ffi(-1, || {
-        Ok(c_int::try_from(state()?.mgr.keys().len()).unwrap_or(c_int::MAX))
+        let n: u64 = op(C_KEYS, args(0, 0, 0, 0, 0))?;
+        Ok(c_int::try_from(n).unwrap_or(c_int::MAX))
     })
+}
+
+/// `int mpk_pthread_create(pthread_t *thread, const pthread_attr_t *attr,
+/// void *(*start)(void *), void *arg)`: `pthread_create` whose new thread starts with no
+/// begun domain, whatever the caller has begun (a plain `pthread_create` copies the caller's
+/// PKRU, so the new thread would keep rights it never began).
+///
+/// # Safety
+///
+/// As for `pthread_create`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn mpk_pthread_create(
+    thread: *mut libc::pthread_t,
+    attr: *const libc::pthread_attr_t,
+    start: Option<extern "C" fn(*mut c_void) -> *mut c_void>,
+    arg: *mut c_void,
+) -> c_int {
+    let Some(start) = start else {
+        return libc::EINVAL;
+    };
+    crate::thread::without_rights(|| {
+        // SAFETY: forwarded from this function's contract.
+        unsafe { libc::pthread_create(thread, attr, start, arg) }
+    })
+    .unwrap_or(libc::EDEADLK)
+}
+
+// ---- inside the library ---------------------------------------------------------------------
+
+/// Runs C API op `code` (inside the library).
+pub(crate) fn run(code: u64, a: crate::ops::Args, rec: &mut ThreadRecord) -> u64 {
+    {
+        match code {
+            C_INIT => a.serve(|i: mops::CreateIn| Ok(init(i))),
+            C_MMAP => a.serve(|i: CArgs| Ok(mmap_op(i))),
+            C_MUNMAP => a.serve(|i: CArgs| Ok(munmap_op(i))),
+            C_BEGIN => a.serve(|i: CArgs| Ok(begin_op(rec, i))),
+            C_END => a.serve(|i: CArgs| Ok(end_op(rec, i))),
+            C_MPROTECT => a.serve(|i: CArgs| Ok(mprotect_op(i))),
+            C_MALLOC => a.serve(|i: CArgs| Ok(malloc_op(i))),
+            C_FREE => a.serve(|i: CArgs| Ok(free_op(i))),
+            C_GUARD_START => a.serve(|_: CArgs| Ok(guard_start(rec))),
+            C_GUARD_END => {
+                // The end of a guarded call, after a fault too: the thread runs with the deny
+                // PKRU the fault handler left, not in a signal handler.
+                rec.interrupted = false;
+                a.serve(|i: CArgs| Ok(guard_end(rec, i.a, i.b != 0)))
+            }
+            C_FAULT_VKEY => a.serve(|i: CArgs| Ok(fault_vkey(i.a as usize))),
+            C_KEYS => a.serve(|_: CArgs| -> crate::Result<Result<u64, c_int>> {
+                Ok(state().and_then(|st| shared(st).map(|sh| sh.nkeys as u64)))
+            }),
+            _ => STATUS_BAD_CALL,
+        }
+    }
+}
+
+fn init(i: mops::CreateIn) -> Result<(), c_int> {
+    if root()
+        .capi
+        .compare_exchange(
+            std::ptr::null_mut(),
+            INITIALISING,
+            Ordering::AcqRel,
+            Ordering::Acquire,
+        )
+        .is_err()
+    {
+        return Err(libc::EBUSY);
+    }
+    let made = mops::create_pub::<Machine>(i).map_err(|e| errno_of(&e));
+    let m = match made {
+        Ok(m) => m,
+        Err(e) => {
+            root().capi.store(std::ptr::null_mut(), Ordering::Release);
+            return Err(e);
+        }
+    };
+    let st = MBox::new_in(
+        CState {
+            m: m.m,
+            table: RwLock::new(Table {
+                by_vkey: mmap(),
+                vkey_of: mmap(),
+            }),
+        },
+        Meta,
+    );
+    root()
+        .capi
+        .store(MBox::into_raw(st).cast(), Ordering::Release);
+    Ok(())
+}
+
+/// The domain of `vkey`, or a new one made by `create` (reserve, prot), on which `then` runs;
+/// the new domain is published only if `then` succeeds, and destroyed otherwise.
+fn with_domain<T>(
+    vkey: c_int,
+    create: Option<(usize, Prot)>,
+    then: impl Fn(&Shared<Machine>, VDom) -> Result<T, c_int>,
+) -> Result<T, c_int> {
+    let st = state()?;
+    let sh = shared(st)?;
+    if let Some(&v) = read_rw(&st.table).by_vkey.get(&vkey) {
+        return then(sh, v);
+    }
+    let Some((reserve, prot)) = create else {
+        return Err(libc::EINVAL);
+    };
+    let mut table = lock_rw(&st.table);
+    if let Some(&v) = table.by_vkey.get(&vkey) {
+        drop(table);
+        return then(sh, v);
+    }
+    let info = lifecycle::create(sh, Some(reserve), prot).map_err(|e| errno_of(&e))?;
+    let v = VDom {
+        d: info.d,
+        prot,
+        begun: 0,
+    };
+    // Nobody else can see the domain yet: a failure destroys it and changes nothing.
+    match then(sh, v) {
+        Ok(t) => {
+            if table.by_vkey.try_reserve(1).is_err() || table.vkey_of.try_reserve(1).is_err() {
+                lifecycle::destroy(sh, info.d);
+                return Err(libc::ENOMEM);
+            }
+            table.by_vkey.insert(vkey, v);
+            table.vkey_of.insert(info.d.uid, vkey);
+            Ok(t)
+        }
+        Err(e) => {
+            lifecycle::destroy(sh, info.d);
+            Err(e)
+        }
+    }
+}
+
+fn mmap_op(i: CArgs) -> Result<usize, c_int> {
+    let prot = prot_of(i.prot)?;
+    let len = usize::try_from(i.a).map_err(|_| libc::EINVAL)?;
+    // A length that cannot be rounded to pages is no mapping at all (it used to wrap to one
+    // page): ENOMEM, as mmap answers for a length that cannot fit.
+    let len = len
+        .checked_next_multiple_of(mman::page_size())
+        .filter(|&l| l <= isize::MAX as usize)
+        .ok_or(libc::ENOMEM)?;
+    let reserve = len.checked_add(DOMAIN_HEADROOM).ok_or(libc::ENOMEM)?;
+    let fd = i.b as i64 as i32;
+    with_domain(i.vkey, Some((reserve, prot)), |sh, v| {
+        if v.prot != prot {
+            return Err(libc::EINVAL); // one protection per domain: use mpk_mprotect
+        }
+        let r = if fd < 0 {
+            lifecycle::alloc_pages(sh, v.d, len / mman::page_size())
+        } else {
+            lifecycle::map_fd(sh, v.d, fd, i.c, len)
+        };
+        r.map_err(|e| errno_of(&e))
+    })
+}
+
+fn munmap_op(i: CArgs) -> Result<(), c_int> {
+    let st = state()?;
+    let sh = shared(st)?;
+    let mut table = lock_rw(&st.table);
+    let v = *table.by_vkey.get(&i.vkey).ok_or(libc::EINVAL)?;
+    if v.begun > 0 {
+        return Err(libc::EBUSY);
+    }
+    table.by_vkey.remove(&i.vkey);
+    table.vkey_of.remove(&v.d.uid);
+    drop(table);
+    lifecycle::destroy(sh, v.d);
+    Ok(())
+}
+
+fn begun(rec: &mut ThreadRecord) -> Result<&mut BegunSet, c_int> {
+    if rec.capi.set.is_none() {
+        rec.capi.set = Some(MBox::new_in(
+            BegunSet {
+                begun: MVec::new_in(Meta),
+                view: None,
+                saved: MVec::new_in(Meta),
+            },
+            Meta,
+        ));
+    }
+    rec.capi.set.as_deref_mut().ok_or(libc::ENOMEM)
+}
+
+/// Enters `set` as the thread's one view (the new view is live before the old one ends, so
+/// keys both use stay pinned), or ends the view when the set is empty.
+fn enter_set(
+    sh: &Shared<Machine>,
+    rec: &mut ThreadRecord,
+    set: MVec<(c_int, DomRef, bool)>,
+) -> Result<(), c_int> {
+    let old = begun(rec)?.view;
+    let cx = mops::cx_pub(sh, rec).map_err(|e| errno_of(&e))?;
+    let new = if set.is_empty() {
+        None
+    } else {
+        let mut view = [ViewItem {
+            d: DomRef::default(),
+            read_only: false,
+        }; 16];
+        if set.len() > 16 {
+            return Err(libc::E2BIG);
+        }
+        for (k, &(_, d, ro)) in set.iter().enumerate() {
+            view[k] = ViewItem { d, read_only: ro };
+        }
+        Some(
+            views::enter(sh, rec, cx, &view[..set.len()])
+                .map_err(|e| errno_of(&e))?
+                .id,
+        )
+    };
+    if let Some(id) = old {
+        let _ = views::leave(sh, rec, cx, id);
+    }
+    let b = begun(rec)?;
+    b.view = new;
+    b.begun = set;
+    Ok(())
+}
+
+fn begin_op(rec: &mut ThreadRecord, i: CArgs) -> Result<(), c_int> {
+    let prot = prot_of(i.prot)?;
+    let read_only = match prot & Prot::READ_WRITE {
+        p if p.contains(Prot::WRITE) => false,
+        p if p.contains(Prot::READ) => true,
+        _ => return Err(libc::EINVAL),
+    };
+    let st = state()?;
+    let sh = shared(st)?;
+    let mut table = lock_rw(&st.table);
+    let v = *table.by_vkey.get(&i.vkey).ok_or(libc::EINVAL)?;
+    let mut set = MVec::new_in(Meta);
+    set.try_reserve(begun(rec)?.begun.len() + 1)
+        .map_err(|_| libc::ENOMEM)?;
+    set.extend(begun(rec)?.begun.iter().copied());
+    let fresh = match set.iter_mut().find(|(k, _, _)| *k == i.vkey) {
+        Some(e) => {
+            e.2 = read_only;
+            false
+        }
+        None => {
+            set.push((i.vkey, v.d, read_only));
+            true
+        }
+    };
+    enter_set(sh, rec, set)?;
+    if fresh && let Some(e) = table.by_vkey.get_mut(&i.vkey) {
+        e.begun += 1;
+    }
+    Ok(())
+}
+
+fn end_op(rec: &mut ThreadRecord, i: CArgs) -> Result<(), c_int> {
+    let st = state()?;
+    let sh = shared(st)?;
+    let mut table = lock_rw(&st.table);
+    let b = begun(rec)?;
+    let pos = b
+        .begun
+        .iter()
+        .position(|(k, _, _)| *k == i.vkey)
+        .ok_or(libc::EINVAL)?;
+    let mut set = MVec::new_in(Meta);
+    set.try_reserve(b.begun.len()).map_err(|_| libc::ENOMEM)?;
+    set.extend(b.begun.iter().copied());
+    set.remove(pos);
+    enter_set(sh, rec, set)?;
+    if let Some(e) = table.by_vkey.get_mut(&i.vkey) {
+        e.begun = e.begun.saturating_sub(1);
+    }
+    Ok(())
+}
+
+fn mprotect_op(i: CArgs) -> Result<(), c_int> {
+    let prot = prot_of(i.prot)?;
+    let st = state()?;
+    let sh = shared(st)?;
+    let mut table = lock_rw(&st.table);
+    let v = table.by_vkey.get_mut(&i.vkey).ok_or(libc::EINVAL)?;
+    lifecycle::protect(sh, v.d, prot).map_err(|e| errno_of(&e))?;
+    v.prot = prot;
+    Ok(())
+}
+
+fn malloc_op(i: CArgs) -> Result<usize, c_int> {
+    let size = usize::try_from(i.a).map_err(|_| libc::ENOMEM)?.max(1);
+    with_domain(
+        i.vkey,
+        Some((DOMAIN_HEADROOM, Prot::READ_WRITE)),
+        |sh, v| lifecycle::alloc(sh, v.d, size, 16).map_err(|e| errno_of(&e)),
+    )
+}
+
+fn free_op(i: CArgs) -> Result<(), c_int> {
+    let st = state()?;
+    let sh = shared(st)?;
+    let addr = i.a as usize;
+    let id = lifecycle::domain_at(sh, addr).ok_or(libc::EINVAL)?;
+    let table = read_rw(&st.table);
+    let vkey = *table.vkey_of.get(&id.get()).ok_or(libc::EINVAL)?;
+    let v = *table.by_vkey.get(&vkey).ok_or(libc::EINVAL)?;
+    lifecycle::free(sh, v.d, addr).map_err(|e| errno_of(&e))?;
+    Ok(())
+}
+
+/// Saves the begun set for a guarded call; returns the thread's view mark.
+fn guard_start(rec: &mut ThreadRecord) -> Result<u64, c_int> {
+    let mark = rec.view_seq;
+    let b = begun(rec)?;
+    let mut copy = MVec::new_in(Meta);
+    copy.try_reserve(b.begun.len()).map_err(|_| libc::ENOMEM)?;
+    copy.extend(b.begun.iter().copied());
+    b.saved.try_reserve(1).map_err(|_| libc::ENOMEM)?;
+    b.saved.push((mark, copy));
+    Ok(mark)
+}
+
+/// Ends a guarded call started at `mark`; after a fault, ends the views entered since and
+/// enters the saved begun set again.
+fn guard_end(rec: &mut ThreadRecord, mark: u64, faulted: bool) -> Result<(), c_int> {
+    let b = begun(rec)?;
+    let pos = b
+        .saved
+        .iter()
+        .rposition(|(m, _)| *m == mark)
+        .ok_or(libc::EINVAL)?;
+    let (_, saved) = b.saved.remove(pos);
+    b.saved.truncate(pos);
+    if !faulted {
+        return Ok(());
+    }
+    mops::end_views_since(rec, mark);
+    let st = state()?;
+    let sh = shared(st)?;
+    {
+        // The begun counts follow the set back.
+        let b = begun(rec)?;
+        let mut table = lock_rw(&st.table);
+        for &(k, _, _) in b.begun.iter() {
+            if !saved.iter().any(|e| e.0 == k)
+                && let Some(e) = table.by_vkey.get_mut(&k)
+            {
+                e.begun = e.begun.saturating_sub(1);
+            }
+        }
+        for &(k, _, _) in saved.iter() {
+            if !b.begun.iter().any(|e| e.0 == k)
+                && let Some(e) = table.by_vkey.get_mut(&k)
+            {
+                e.begun += 1;
+            }
+        }
+    }
+    // Enters the saved set again (ending whatever view of the set survived).
+    enter_set(sh, rec, saved)
+}
+
+fn fault_vkey(addr: usize) -> Result<(Option<DomainId>, c_int), c_int> {
+    let st = state()?;
+    let sh = shared(st)?;
+    let d = lifecycle::domain_at(sh, addr);
+    let vkey = d
+        .and_then(|id| read_rw(&st.table).vkey_of.get(&id.get()).copied())
+        .unwrap_or(-1);
+    Ok((d, vkey))
+}
+
+/// Thread exit (after its views ended): its begun domains are no longer begun.
+pub(crate) fn thread_exit(rec: &mut ThreadRecord) {
+    let Some(set) = rec.capi.set.take() else {
+        return;
+    };
+    if let Ok(st) = state() {
+        let mut table = lock_rw(&st.table);
+        for &(vkey, _, _) in set.begun.iter() {
+            if let Some(e) = table.by_vkey.get_mut(&vkey) {
+                e.begun = e.begun.saturating_sub(1);
+            }
+        }
+    }
 }

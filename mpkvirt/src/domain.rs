@@ -1,18 +1,16 @@
 //! Domains: named page ranges whose accessibility the manager controls.
 
 use std::fmt;
-use std::os::fd::BorrowedFd;
+use std::os::fd::{AsRawFd, BorrowedFd};
 use std::ptr::NonNull;
-use std::sync::Arc;
 
-use mpkvirt_sys::mman::{self, Prot};
-use parking_lot::Mutex;
+use mpkvirt_sys::mman::Prot;
 
-use crate::alloc::{AllocError, DomainHeap};
 use crate::backend::Backend;
-use crate::error::{Error, Result};
-use crate::keycache::SlotRef;
+use crate::error::Result;
 use crate::manager::Manager;
+use crate::manager::ops;
+use crate::manager::shared::{DomRef, MgrRef};
 
 /// A domain's identity: unique for the life of the process, never reused, so a stale id
 /// cannot name a later domain (libmpk's "protection-key use-after-free" cannot recur at the
@@ -62,56 +60,61 @@ impl DomainOptions {
     }
 }
 
-/// Shared state of a domain, reachable from its handle and from the key cache.
-#[derive(Debug)]
-pub(crate) struct DomainInner {
-    pub(crate) id: DomainId,
-    pub(crate) base: usize,
-    pub(crate) len: usize,
-    /// The key slot the domain holds, if resident. Written under the manager's lock.
-    pub(crate) slot: SlotRef,
-    /// Process-wide page protection. Written under the manager's lock.
-    pub(crate) prot: Mutex<Prot>,
-    pub(crate) heap: Mutex<DomainHeap>,
-    /// Whether files were mapped into the range (a discard must then replace mappings).
-    pub(crate) mapped_files: std::sync::atomic::AtomicBool,
-}
-
 /// A virtual protection domain: a reserved, contiguous page range plus an allocator for it.
 ///
 /// Its memory is reachable only inside a view that grants the domain (see
 /// [`Manager::enter`]); pointers returned by [`Domain::alloc`] are raw on purpose. Dropping
 /// the handle destroys the domain: its pages are discarded and its key (if it holds one) is
-/// freed for other domains.
+/// freed for other domains. The handle holds the domain's name; its state lives inside the
+/// library.
 pub struct Domain<B: Backend = crate::Machine> {
-    pub(crate) inner: Arc<DomainInner>,
-    pub(crate) mgr: Manager<B>,
+    mgr: Manager<B>,
+    d: DomRef,
+    base: usize,
+    len: usize,
 }
 
 impl<B: Backend> fmt::Debug for Domain<B> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Domain")
-            .field("id", &self.inner.id)
-            .field("base", &format_args!("{:#x}", self.inner.base))
-            .field("len", &self.inner.len)
+            .field("id", &self.id())
+            .field("base", &format_args!("{:#x}", self.base))
+            .field("len", &self.len)
             .finish()
     }
 }
 
 impl<B: Backend> Domain<B> {
+    pub(crate) fn from_parts(mgr: Manager<B>, d: DomRef, base: usize, len: usize) -> Domain<B> {
+        Domain { mgr, d, base, len }
+    }
+
+    pub(crate) fn dref(&self) -> DomRef {
+        self.d
+    }
+
+    pub(crate) fn manager_ref(&self) -> MgrRef {
+        self.mgr.mref()
+    }
+
+    /// The manager the domain belongs to.
+    pub fn manager(&self) -> &Manager<B> {
+        &self.mgr
+    }
+
     /// The domain's id.
     pub fn id(&self) -> DomainId {
-        self.inner.id
+        DomainId(self.d.uid)
     }
 
     /// Start of the domain's reservation.
     pub fn base(&self) -> NonNull<u8> {
-        NonNull::new(self.inner.base as *mut u8).expect("reservations are never at address 0")
+        NonNull::new(self.base as *mut u8).expect("reservations are never at address 0")
     }
 
     /// Size of the domain's reservation in bytes.
     pub fn len(&self) -> usize {
-        self.inner.len
+        self.len
     }
 
     /// Always `false`: a domain reserves at least one page.
@@ -121,37 +124,34 @@ impl<B: Backend> Domain<B> {
 
     /// Whether `addr` lies inside the domain's reservation.
     pub fn contains(&self, addr: usize) -> bool {
-        (self.inner.base..self.inner.base + self.inner.len).contains(&addr)
+        addr.checked_sub(self.base)
+            .is_some_and(|off| off < self.len)
+    }
+
+    fn info(&self) -> (Option<mpkvirt_sys::Pkey>, Prot) {
+        self.mgr
+            .dom_op(ops::D_INFO, self.d, 0, 0, 0)
+            .unwrap_or((None, Prot::NONE))
     }
 
     /// Whether the domain currently holds a hardware key.
     pub fn is_resident(&self) -> bool {
-        self.inner.slot.get().is_some()
+        self.info().0.is_some()
     }
 
     /// The key the domain holds right now, if resident (it can change as soon as no view
     /// pins it; for diagnostics and tests).
     pub fn key(&self) -> Option<mpkvirt_sys::Pkey> {
-        self.inner.slot.get().map(|s| self.mgr.key_of_slot(s))
+        self.info().0
     }
 
     /// The domain's process-wide page protection.
     pub fn prot(&self) -> Prot {
-        *self.inner.prot.lock()
+        self.info().1
     }
 
-    fn heap_err(&self, e: AllocError) -> Error {
-        match e {
-            AllocError::OutOfMemory { requested } => Error::OutOfMemory {
-                domain: self.id(),
-                requested,
-            },
-            AllocError::BadAlignment(a) => Error::BadAlignment(a),
-            AllocError::NotAllocated(off) => Error::NotAllocated {
-                domain: self.id(),
-                addr: self.inner.base + off,
-            },
-        }
+    fn ptr(addr: usize) -> NonNull<u8> {
+        NonNull::new(addr as *mut u8).expect("inside a reservation")
     }
 
     /// Allocates `size` bytes aligned to `align` inside the domain, reachable only inside
@@ -160,78 +160,53 @@ impl<B: Backend> Domain<B> {
     ///
     /// # Errors
     ///
-    /// [`Error::OutOfMemory`] when the reservation is full, [`Error::BadAlignment`].
+    /// [`crate::Error::OutOfMemory`] when the reservation is full (or `size` can never fit),
+    /// [`crate::Error::BadAlignment`].
     pub fn alloc(&self, size: usize, align: usize) -> Result<NonNull<u8>> {
-        let off = self
-            .inner
-            .heap
-            .lock()
-            .alloc(size, align)
-            .map_err(|e| self.heap_err(e))?;
-        Ok(self.ptr(off))
+        self.mgr
+            .dom_op(ops::D_ALLOC, self.d, size as u64, align as u64, 0)
+            .map(Self::ptr)
     }
 
     /// Allocates `n` whole pages inside the domain.
     ///
     /// # Errors
     ///
-    /// [`Error::OutOfMemory`] when the reservation is full.
+    /// [`crate::Error::OutOfMemory`] when the reservation is full.
     pub fn alloc_pages(&self, n: usize) -> Result<NonNull<u8>> {
-        let off = self
-            .inner
-            .heap
-            .lock()
-            .alloc_pages(n)
-            .map_err(|e| self.heap_err(e))?;
-        Ok(self.ptr(off))
+        self.mgr
+            .dom_op(ops::D_ALLOC_PAGES, self.d, n as u64, 0, 0)
+            .map(Self::ptr)
     }
 
     /// Frees an allocation made by [`Domain::alloc`], [`Domain::alloc_pages`] or
     /// [`Domain::map_fd`]; returns its size. Page runs (allocations of a page or more, and file
     /// mappings) are given back to the system and read as zero when reused; small blocks keep
-    /// their contents until reused, as with `malloc`.
+    /// their contents until reused, as with `malloc`. Safe to call from several threads.
     ///
     /// # Errors
     ///
-    /// [`Error::NotAllocated`] for any other pointer (double frees included).
+    /// [`crate::Error::NotAllocated`] for any other pointer (double frees included).
     pub fn free(&self, ptr: NonNull<u8>) -> Result<usize> {
-        let addr = ptr.as_ptr() as usize;
-        if !self.contains(addr) {
-            return Err(Error::NotAllocated {
-                domain: self.id(),
-                addr,
-            });
-        }
-        let freed = self
-            .inner
-            .heap
-            .lock()
-            .free(addr - self.inner.base)
-            .map_err(|e| self.heap_err(e))?;
-        if let Some((start, len)) = freed.run {
-            self.mgr.zero_run(self, self.inner.base + start, len)?;
-        }
-        Ok(freed.size)
+        self.mgr
+            .dom_op(ops::D_FREE, self.d, ptr.as_ptr() as u64, 0, 0)
     }
 
     /// Bytes allocated in the domain.
     pub fn in_use(&self) -> usize {
-        self.inner.heap.lock().in_use()
+        self.mgr.dom_op(ops::D_IN_USE, self.d, 0, 0, 0).unwrap_or(0)
     }
 
-    fn ptr(&self, off: usize) -> NonNull<u8> {
-        NonNull::new((self.inner.base + off) as *mut u8).expect("inside the reservation")
-    }
-
-    /// Changes the domain's page protection for every thread (libmpk's `mpk_mprotect`): one
-    /// `pkey_mprotect` when resident, applied at the next bind otherwise. Views still decide
-    /// which threads reach the pages; the protection bounds what they may do.
+    /// Changes the domain's page protection for every thread: one `pkey_mprotect` when
+    /// resident, applied at the next bind otherwise. Views still decide which threads reach
+    /// the pages; the protection bounds what they may do.
     ///
     /// # Errors
     ///
-    /// [`Error::Retag`] when the kernel refuses.
+    /// [`crate::Error::Retag`] when the kernel refuses.
     pub fn protect(&self, prot: Prot) -> Result<()> {
-        self.mgr.protect(self, prot)
+        self.mgr
+            .dom_op(ops::D_PROTECT, self.d, prot.bits() as u64, 0, 0)
     }
 
     /// Discards the domain's contents and allocations: fresh zero pages, an empty heap. The
@@ -241,9 +216,9 @@ impl<B: Backend> Domain<B> {
     ///
     /// # Errors
     ///
-    /// [`Error::Retag`] when the kernel refuses.
+    /// [`crate::Error::Retag`] when the kernel refuses.
     pub fn reset(&self) -> Result<()> {
-        self.mgr.reset(self)
+        self.mgr.dom_op(ops::D_RESET, self.d, 0, 0, 0)
     }
 
     /// Maps `len` bytes of `fd` from `offset` (page-aligned) privately, copy-on-write, at a
@@ -252,27 +227,23 @@ impl<B: Backend> Domain<B> {
     ///
     /// # Errors
     ///
-    /// [`Error::OutOfMemory`] when the reservation has no room, [`Error::Retag`] when the
+    /// [`crate::Error::OutOfMemory`] when the reservation has no room, [`crate::Error::Remap`] when the
     /// kernel refuses the mapping.
     pub fn map_fd(&self, fd: BorrowedFd<'_>, offset: u64, len: usize) -> Result<NonNull<u8>> {
-        let pages = mman::page_round_up(len.max(1)) / mman::page_size();
-        let ptr = self.alloc_pages(pages)?;
-        if let Err(e) = self.mgr.map_fd(
-            self,
-            ptr.as_ptr() as usize,
-            pages * mman::page_size(),
-            fd,
-            offset,
-        ) {
-            let _ = self.free(ptr);
-            return Err(e);
-        }
-        Ok(ptr)
+        self.mgr
+            .dom_op(
+                ops::D_MAP_FD,
+                self.d,
+                fd.as_raw_fd() as u64,
+                offset,
+                len as u64,
+            )
+            .map(Self::ptr)
     }
 }
 
 impl<B: Backend> Drop for Domain<B> {
     fn drop(&mut self) {
-        self.mgr.destroy(&self.inner);
+        let _ = self.mgr.dom_op::<()>(ops::D_DESTROY, self.d, 0, 0, 0);
     }
 }

@@ -53,6 +53,25 @@ pub enum Error {
         /// How long the caller waited.
         waited: Duration,
     },
+    /// The view needs more keys than the thread's own other live views leave free: waiting
+    /// cannot help (those views end only when the thread goes on).
+    ViewsExceedKeys {
+        /// Keys the view needs beyond those the thread already holds.
+        needed: usize,
+        /// Keys the thread's other live views hold.
+        held: usize,
+        /// Keys the manager can bind.
+        keys: usize,
+    },
+    /// A signal handler tried to end a view of the code it interrupted (that code would
+    /// resume with the view's rights but without its pins); a handler may end only the views
+    /// it entered itself.
+    InterruptedView,
+    /// The thread is already inside the library: a signal handler interrupted a library call
+    /// and called the library again. Nothing was done.
+    Reentrant,
+    /// A configuration value is out of range.
+    InvalidConfig(&'static str),
     /// A view names more domains than there are keys.
     ViewTooLarge {
         /// Domains in the view.
@@ -124,6 +143,19 @@ impl fmt::Display for Error {
                     "all {keys} protection keys are pinned by active views (waited {waited:?})"
                 )
             }
+            Error::ViewsExceedKeys { needed, held, keys } => write!(
+                f,
+                "the view needs {needed} more keys but the thread's other views hold {held} of {keys}"
+            ),
+            Error::InterruptedView => write!(
+                f,
+                "a signal handler cannot end a view of the code it interrupted"
+            ),
+            Error::Reentrant => write!(
+                f,
+                "mpkvirt was called from a signal handler that interrupted a call into it"
+            ),
+            Error::InvalidConfig(what) => write!(f, "invalid configuration: {what}"),
             Error::ViewTooLarge { domains, keys } => {
                 write!(
                     f,
@@ -169,13 +201,15 @@ impl Error {
             | Error::Retag { source: e, .. }
             | Error::Remap { source: e, .. } => e.errno().0,
             Error::KeysBusy { .. } => libc::EBUSY,
-            Error::ViewTooLarge { .. } => libc::E2BIG,
+            Error::ViewTooLarge { .. } | Error::ViewsExceedKeys { .. } => libc::E2BIG,
+            Error::InterruptedView | Error::Reentrant => libc::EDEADLK,
             Error::OutOfMemory { .. } => libc::ENOMEM,
             Error::Fault(_) => libc::EFAULT,
             Error::DuplicateDomain(_)
             | Error::ForeignDomain(_)
             | Error::BadAlignment(_)
             | Error::NotAllocated { .. }
+            | Error::InvalidConfig(_)
             | Error::Config(_) => libc::EINVAL,
         }
     }

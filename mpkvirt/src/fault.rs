@@ -7,9 +7,10 @@
 //!
 //! 1. the interrupted instruction is a probe's access (`mpkvirt_probe_*_insn`): the probe is
 //!    resumed and returns "faulted";
-//! 2. the thread is inside a guarded call and the address is domain memory (one of the
-//!    registered arenas) or the guarded stack's guard page: the guarded call is resumed at
-//!    `mpkvirt_stack_call_resume` and returns the fault;
+//! 2. the thread is inside a guarded call and the address is domain memory (the arena map of
+//!    `backend/arena.rs`: O(1), however many arenas) or the guarded stack's guard page: the
+//!    guarded call is resumed at `mpkvirt_stack_call_resume` with the deny PKRU (key 0 only)
+//!    in the frame, and returns the fault;
 //! 3. otherwise, for domain memory, a one-line report is written to stderr;
 //!
 //! and then every fault it does not resume goes to the previously installed handler (Rust's
@@ -18,13 +19,16 @@
 //!
 //! # Guarded calls
 //!
-//! `run_guarded` runs a closure on a separate stack (mpkvirt-asm's `mpkvirt_stack_call`).
-//! When the closure faults on domain memory, its frames are *abandoned*: never resumed, their
-//! destructors never run (locks they hold stay held), and their stack is never reused or
-//! freed, because something the closure started (a scoped thread) might still refer to it.
-//! The closure must be `'static`, so abandoning it cannot leave dangling borrows of the
-//! caller's data. Panics inside the closure are caught on its stack and resumed on the
-//! caller's.
+//! `run_guarded` runs a closure on a separate stack (mpkvirt-asm's `mpkvirt_stack_call`),
+//! calling it through a reference held in the caller's frame. When the closure faults on
+//! domain memory, the frames on the guarded stack are *abandoned*: never resumed, their
+//! destructors never run (locks they hold stay held). The closure object itself — what it
+//! captured — lives in the caller's frame and is dropped normally, and the stack's pages are
+//! given back and the stack reused, so a million faults cost no more memory than one. This is
+//! sound only if nothing refers to the abandoned frames afterwards: `run_guarded` is `unsafe`
+//! and its callers promise that no thread the closure started still borrows from it. Panics
+//! inside the closure are caught on its stack and resumed on the caller's; a fault while a
+//! panic unwinds aborts (see `run_guarded`).
 //!
 //! # Safety
 //!
@@ -33,17 +37,16 @@
 //! stack pointer they expect. The probes access arbitrary addresses, so they are reachable
 //! only through backends that check the address lies in their reservations (memory no Rust
 //! reference points to). The guarded call hands a pointer to a stack-allocated closure record
-//! to the trampoline and reads it back only after the call returned or was abandoned.
+//! to the trampoline and reads it back only after the call returned or was abandoned. When it
+//! redirects a guarded call, the handler writes the deny value into the frame's PKRU.
 #![allow(unsafe_code, reason = "signal handler, probes and stack switching")]
 
 use std::any::Any;
 use std::cell::{Cell, RefCell};
 use std::ffi::c_void;
 use std::fmt;
-use std::io::Write;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::OnceLock;
-use std::sync::atomic::{AtomicUsize, Ordering};
 
 use mpkvirt_asm::{PROBE_FAULTED, addr};
 use mpkvirt_sys::Pkey;
@@ -110,42 +113,8 @@ impl fmt::Display for FaultReport {
     }
 }
 
-// ---- arenas: which addresses are domain memory ------------------------------------------
-
-const MAX_ARENAS: usize = 256;
-static ARENA_START: [AtomicUsize; MAX_ARENAS] = [const { AtomicUsize::new(0) }; MAX_ARENAS];
-static ARENA_END: [AtomicUsize; MAX_ARENAS] = [const { AtomicUsize::new(0) }; MAX_ARENAS];
-
-/// Records `[start, start + len)` as domain memory for the handler.
-pub(crate) fn register_arena(start: usize, len: usize) {
-    for i in 0..MAX_ARENAS {
-        if ARENA_START[i]
-            .compare_exchange(0, start, Ordering::AcqRel, Ordering::Relaxed)
-            .is_ok()
-        {
-            ARENA_END[i].store(start + len, Ordering::Release);
-            return;
-        }
-    }
-    eprintln!(
-        "mpkvirt: more than {MAX_ARENAS} arenas; faults in {start:#x}+{len:#x} will not be reported"
-    );
-}
-
-pub(crate) fn unregister_arena(start: usize) {
-    for i in 0..MAX_ARENAS {
-        if ARENA_START[i].load(Ordering::Acquire) == start {
-            ARENA_END[i].store(0, Ordering::Release);
-            ARENA_START[i].store(0, Ordering::Release);
-        }
-    }
-}
-
 fn in_arena(a: usize) -> bool {
-    (0..MAX_ARENAS).any(|i| {
-        let s = ARENA_START[i].load(Ordering::Acquire);
-        s != 0 && a >= s && a < ARENA_END[i].load(Ordering::Acquire)
-    })
+    crate::backend::arena_map_contains(a)
 }
 
 // ---- per-thread recovery state (async-signal-safe: const-initialised, no destructors) -------
@@ -183,6 +152,9 @@ static PREV: OnceLock<std::result::Result<PrevAction, mpkvirt_sys::Error>> = Onc
 ///
 /// [`Error::Unsupported`] when `sigaction` fails.
 pub(crate) fn install_handler() -> Result<()> {
+    if std::env::var_os("MPKVIRT_DEBUG_FAULTS").is_some_and(|v| v == "1") {
+        DEBUG.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
     let prev = PREV.get_or_init(|| {
         // SAFETY: `on_segv` is async-signal-safe (atomics, const thread-locals, write(2)) and
         // chains every fault it does not recover to the action it replaces.
@@ -242,16 +214,63 @@ fn handle_segv(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut c_void) {
             LAST_FAULT.set(Some(raw));
             // SAFETY: the thread was running on this call's stack (checked above) and `sp` is
             // the non-zero stack pointer mpkvirt_stack_call saved for exactly this resume
-            // point, which expects %rax = 1. The frames left behind are never resumed and
-            // their stack is never reused (`run_guarded` leaks it).
+            // point, which expects %rax = 1. The frames left behind are never resumed.
             unsafe { signal::redirect(uc, addr::stack_call_resume(), sp, 1) };
+            // Whatever PKRU the faulting code had (it may have reached a gate's WRPKRU with a
+            // forged value before faulting), it resumes with none but key 0; the guarded
+            // call's caller installs its legitimate view again through the gate.
+            // SAFETY: `uc` is this handler's own context; mpkvirt owns the interrupted
+            // thread's PKRU, and the deny value keeps key 0 (the stack, the code) readable.
+            unsafe { signal::set_frame_pkru(uc, mpkvirt_sys::Pkru::LINUX_INIT.bits()) };
             return;
         }
     }
     if in_arena(raw.addr) {
         report_unhandled(&raw);
     }
+    if DEBUG.load(std::sync::atomic::Ordering::Relaxed) {
+        report_debug(&raw, ip, signal::sp(uc), signal::frame_pkru(uc));
+    }
     chain_prev(sig, info, ctx);
+}
+
+/// `MPKVIRT_DEBUG_FAULTS=1`: every fault the handler does not recover is described on
+/// stderr before it goes on (instruction pointer, address, code, key, PKRU).
+static DEBUG: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+fn report_debug(raw: &RawFault, ip: usize, sp: usize, pkru: Option<u32>) {
+    let mut buf = [0u8; 240];
+    let mut w = Cursor {
+        buf: &mut buf,
+        len: 0,
+    };
+    w.put(b"mpkvirt: fault: ip 0x");
+    w.hex(ip as u64);
+    w.put(b" (handler at 0x");
+    w.hex(handle_segv as *const () as u64);
+    w.put(b") sp 0x");
+    w.hex(sp as u64);
+    w.put(b" addr 0x");
+    w.hex(raw.addr as u64);
+    w.put(b" code ");
+    w.hex(match raw.code {
+        SegvCode::MapErr => 1,
+        SegvCode::AccErr => 2,
+        SegvCode::PkuErr => 4,
+        SegvCode::Other(c) => c as u64,
+    });
+    if let Some(k) = raw.pkey {
+        w.put(b" key ");
+        w.hex(u64::from(k.index()));
+    }
+    if let Some(p) = pkru {
+        w.put(b" pkru 0x");
+        w.hex(u64::from(p));
+    }
+    w.put(b"\n");
+    let len = w.len;
+    // SAFETY: write(2) is async-signal-safe; the buffer is a live local of `len` bytes.
+    unsafe { libc::write(2, buf.as_ptr().cast(), len) };
 }
 
 /// Passes the signal to the handler that was installed before ours.
@@ -292,6 +311,19 @@ fn report_unhandled(raw: &RawFault) {
 struct Cursor<'a> {
     buf: &'a mut [u8],
     len: usize,
+}
+
+impl fmt::Write for Cursor<'_> {
+    fn write_str(&mut self, s: &str) -> fmt::Result {
+        // Cut at a character boundary so the buffer stays UTF-8.
+        let room = self.buf.len() - self.len;
+        let mut n = s.len().min(room);
+        while !s.is_char_boundary(n) {
+            n -= 1;
+        }
+        self.put(&s.as_bytes()[..n]);
+        Ok(())
+    }
 }
 
 impl Cursor<'_> {
@@ -380,10 +412,22 @@ impl GuardStack {
     }
 }
 
+impl GuardStack {
+    /// Gives the stack's touched pages back (after its frames were abandoned).
+    fn release_pages(&self) {
+        let page = mman::page_size();
+        // SAFETY: the usable part of a stack whose frames were abandoned and are never
+        // resumed; nothing refers to it (see `run_guarded`'s contract). It reads as zero
+        // afterwards and stays mapped.
+        let _ = unsafe { mman::madvise_dontneed((self.base + page) as *mut u8, self.len - page) };
+    }
+}
+
 impl Drop for GuardStack {
     fn drop(&mut self) {
-        // SAFETY: only stacks whose guarded call returned normally are dropped (abandoned ones
-        // are leaked), so no frame lives on it any more.
+        // SAFETY: a stack is dropped only from the thread's pool (thread exit), when no
+        // guarded call runs on it; by `run_guarded`'s contract nothing refers to abandoned
+        // frames on it.
         let _ = unsafe { mman::munmap(self.base as *mut u8, self.len) };
     }
 }
@@ -393,19 +437,17 @@ thread_local! {
     static FREE_STACKS: RefCell<Vec<GuardStack>> = const { RefCell::new(Vec::new()) };
 }
 
-struct Call<F, R> {
-    f: Option<F>,
+struct Call<'f, F, R> {
+    f: &'f mut F,
     out: Option<std::thread::Result<R>>,
 }
 
-unsafe extern "sysv64" fn trampoline<F: FnOnce() -> R, R>(arg: *mut c_void) {
+unsafe extern "sysv64" fn trampoline<F: FnMut() -> R, R>(arg: *mut c_void) {
     // SAFETY: `arg` is the `Call` record `run_guarded` passed to mpkvirt_stack_call; it
     // outlives this call and nothing else touches it while the closure runs.
-    let call = unsafe { &mut *arg.cast::<Call<F, R>>() };
-    if let Some(f) = call.f.take() {
-        // Panics must not unwind through the assembly frame: catch them here.
-        call.out = Some(catch_unwind(AssertUnwindSafe(f)));
-    }
+    let call = unsafe { &mut *arg.cast::<Call<'_, F, R>>() };
+    // Panics must not unwind through the assembly frame: catch them here.
+    call.out = Some(catch_unwind(AssertUnwindSafe(&mut *call.f)));
 }
 
 /// Makes sure the thread has an alternate signal stack, so the handler can run when a
@@ -436,12 +478,18 @@ fn ensure_altstack() {
 }
 
 /// Runs `f` on a separate stack. Returns `Ok` with `f`'s result (or its panic payload), or
-/// the fault that made the handler abandon it (see the module docs).
-pub(crate) fn run_guarded<F, R>(
-    f: F,
+/// the fault that made the handler abandon it (see the module docs). The stack goes back to
+/// the thread's pool either way.
+///
+/// # Safety
+///
+/// No thread `f` starts may keep borrowing from it once it returns or is abandoned (see
+/// `Manager::guarded`).
+pub(crate) unsafe fn run_guarded<F, R>(
+    mut f: F,
 ) -> std::result::Result<std::thread::Result<R>, (RawFault, FaultKind)>
 where
-    F: FnOnce() -> R + 'static,
+    F: FnMut() -> R,
 {
     ensure_altstack();
     let stack = match FREE_STACKS.with_borrow_mut(Vec::pop) {
@@ -455,8 +503,9 @@ where
             }
         },
     };
+    let was_panicking = std::thread::panicking();
     let mut call = Call {
-        f: Some(f),
+        f: &mut f,
         out: None,
     };
     let mut jmp: usize = 0;
@@ -466,10 +515,11 @@ where
         guard_end: stack.guard().1,
     });
     // SAFETY: `stack.top()` is 16-byte aligned (the mapping is page-aligned and its length a
-    // page multiple) and tops a read-write stack with a guard page below that no frame uses
-    // (a fresh one, or one whose previous guarded call returned normally); `jmp` and `call`
-    // outlive the call; the trampoline catches panics, so nothing unwinds through the
-    // assembly.
+    // page multiple) and tops a read-write stack with a guard page below that no live frame
+    // uses (a fresh one, or one whose previous call returned or was abandoned — abandoned
+    // frames are never resumed, and by this function's contract nothing else refers to
+    // them); `jmp` and `call` outlive the call; the trampoline catches panics, so nothing
+    // unwinds through the assembly.
     let faulted = unsafe {
         mpkvirt_asm::mpkvirt_stack_call(
             (&raw mut call).cast(),
@@ -480,6 +530,15 @@ where
     };
     RECOVERY.set(prev);
     if faulted != 0 {
+        if std::thread::panicking() && !was_panicking {
+            // The fault interrupted a panic's unwinding: the unwinder cannot go on from the
+            // fault, and abandoning it leaves the thread's panic state set for good (Rust
+            // treats a panic in a destructor during unwinding the same way).
+            log_line(
+                "mpkvirt: a guarded call faulted while a panic was unwinding through it; aborting\n",
+            );
+            std::process::abort();
+        }
         let raw = LAST_FAULT.take().unwrap_or(RawFault {
             addr: 0,
             access: None,
@@ -491,8 +550,11 @@ where
         } else {
             FaultKind::Violation
         };
-        // The abandoned frames may still be referred to: never reuse or unmap the stack.
-        std::mem::forget(stack);
+        // The touched pages of the abandoned frames go back to the system; the stack (and
+        // its two mappings) is reused.
+        stack.release_pages();
+        FREE_STACKS.with_borrow_mut(|v| v.push(stack));
+        drop(call);
         return Err((raw, kind));
     }
     FREE_STACKS.with_borrow_mut(|v| v.push(stack));
@@ -502,7 +564,43 @@ where
         .unwrap_or_else(|| Err(Box::new("guarded call did not run"))))
 }
 
-/// Writes a line to stderr in one `write` (used by reports outside signal context).
+/// Writes a line to stderr in one `write(2)` system call: no allocation, no lock, and not a
+/// cancellation point (library code calls it).
 pub(crate) fn log_line(line: &str) {
-    let _ = std::io::stderr().write_all(line.as_bytes());
+    // SAFETY: a raw write of a live buffer of that length to file descriptor 2.
+    unsafe {
+        libc::syscall(
+            libc::SYS_write,
+            2 as libc::c_long,
+            line.as_ptr(),
+            line.len(),
+        )
+    };
+}
+
+/// Formats into a fixed buffer (truncating) and writes it with [`log_line`]: usable from
+/// library code, which must not allocate.
+pub(crate) fn log_fmt(args: fmt::Arguments<'_>) {
+    let mut buf = [0u8; 512];
+    let mut w = Cursor {
+        buf: &mut buf,
+        len: 0,
+    };
+    let _ = fmt::Write::write_fmt(&mut w, args);
+    let len = w.len;
+    log_line(std::str::from_utf8(&buf[..len]).unwrap_or("mpkvirt: (unprintable message)\n"));
+}
+
+/// Logs `prefix` and an error on one line (see [`log_fmt`]).
+pub(crate) fn log_error(prefix: &str, e: &Error) {
+    log_fmt(format_args!("{prefix}{e}\n"));
+}
+
+/// Runs `f` with `fd` borrowed.
+pub(crate) fn with_borrowed_fd<R>(fd: i32, f: impl FnOnce(std::os::fd::BorrowedFd<'_>) -> R) -> R {
+    assert!(fd >= 0, "callers pass non-negative descriptors");
+    // SAFETY: `fd` is not negative, so not the -1 niche `BorrowedFd` reserves; the kernel
+    // checks that it names an open file when it is used (EBADF otherwise), and the borrow
+    // lasts only for `f`, which hands it to one system call.
+    f(unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) })
 }

@@ -45,6 +45,15 @@ use crate::primitive::{AtomicU32, AtomicU64, Ordering, compiler_fence, fence};
 pub(crate) const FREE: u64 = 0;
 /// `owner` value while the evictor checks for pins.
 pub(crate) const EVICTING: u64 = u64::MAX;
+/// `owner` value of a slot whose domain was destroyed while a view (forgotten, or of a thread
+/// that has not backed off yet) still pinned it: bound to nobody, and free again once no
+/// thread pins it (`try_claim(.., RETIRED, ..)`).
+pub(crate) const RETIRED: u64 = u64::MAX - 1;
+/// `owner` value of a slot that can never be used again (its pages could not be parked).
+pub(crate) const DEAD: u64 = u64::MAX - 2;
+/// Bit set in `owner` while a waiter drains the slot: pins for the owner fail (new users
+/// queue behind the waiter) until the slot is claimed or the drain is abandoned.
+pub(crate) const DRAINING: u64 = 1 << 63;
 /// `Domain::slot` value of a domain without a key.
 pub(crate) const NO_SLOT: u32 = u32::MAX;
 /// Slots a cache can have (one per PKRU key).
@@ -85,6 +94,12 @@ impl Slot {
     /// Call only under the manager's lock.
     pub(crate) fn set_owner(&self, uid: u64) {
         self.owner.store(uid, Ordering::SeqCst);
+    }
+
+    /// The owner word (uid, [`FREE`], [`RETIRED`], [`DEAD`], possibly with [`DRAINING`]).
+    /// Stable under the manager's lock.
+    pub(crate) fn owner_locked(&self) -> u64 {
+        self.owner.load(Ordering::Relaxed)
     }
 }
 
@@ -127,7 +142,9 @@ impl ThreadPins {
         self.words[slot].store(w - PIN, Ordering::Release);
     }
 
-    /// Pins `slot` for domain `uid` if the slot is (still) bound to it. The hit path.
+    /// Pins `slot` for domain `uid` if the slot is (still) bound to it: the hit path's
+    /// protocol for one slot (the manager batches several pins under one fence).
+    #[cfg(all(test, loom))]
     #[inline]
     pub(crate) fn try_pin(&self, slots: &[Slot], slot: usize, uid: u64, mode: FenceMode) -> bool {
         if !self.add(slot) {
@@ -149,14 +166,22 @@ impl ThreadPins {
         self.add(slot)
     }
 
-    /// Whether this thread holds any of the slots in `mask`.
-    pub(crate) fn pins_any(&self, mask: u16) -> bool {
-        (0..MAX_SLOTS).any(|s| mask & (1 << s) != 0 && self.pinned(s))
-    }
-
     /// Whether this thread holds `slot`.
     pub(crate) fn pinned(&self, slot: usize) -> bool {
         self.words[slot].load(Ordering::Acquire) & PIN_MASK != 0
+    }
+
+    /// The slots this thread holds, as a mask.
+    pub(crate) fn pinned_mask(&self) -> u16 {
+        (0..MAX_SLOTS).fold(0, |m, s| if self.pinned(s) { m | (1 << s) } else { m })
+    }
+
+    /// Adds a pin on `slot` without validating the owner: the hit path pins every domain of a
+    /// view first, then fences once and validates them all ([`validate`]). Owner thread only;
+    /// `false` when the thread already holds the maximum of 255 pins on it.
+    #[inline]
+    pub(crate) fn pin_unvalidated(&self, slot: usize) -> bool {
+        self.add(slot)
     }
 
     /// This thread's use counter of `slot` (wraps).
@@ -165,8 +190,9 @@ impl ThreadPins {
     }
 }
 
+/// The light half of the fence, for the hit path's batch of pins (see [`FenceMode`]).
 #[inline]
-fn light_fence(mode: FenceMode) {
+pub(crate) fn light_fence(mode: FenceMode) {
     match mode {
         FenceMode::Asymmetric => compiler_fence(Ordering::SeqCst),
         FenceMode::Symmetric => fence(Ordering::SeqCst),
@@ -193,10 +219,57 @@ pub(crate) fn try_claim<'a>(
     true
 }
 
+/// Whether `slot` is (still) bound to `uid`, read after the pins and the light fence.
+#[inline]
+pub(crate) fn validate(slots: &[Slot], slot: usize, uid: u64) -> bool {
+    slots[slot].owner.load(Ordering::SeqCst) == uid
+}
+
+/// Whether a thread's registration in an evictor's list is still current.
+///
+/// Evictors look only at the pins of *registered* threads, so that a miss does not sweep
+/// every thread that ever used the manager. An evictor drops a thread that holds no pin:
+/// it clears the registration, runs its heavy fence, and removes the thread only if it still
+/// holds no pin. The hit path checks the registration after its pins and its light fence; a
+/// thread that finds it cleared re-registers under the manager's lock before it trusts its
+/// pins. Dekker's pattern once more: either the evictor sees the new pin and keeps the
+/// thread, or the thread sees the cleared registration.
+#[derive(Debug)]
+pub(crate) struct Registered(AtomicU32);
+
+impl Registered {
+    pub(crate) fn new() -> Registered {
+        Registered(AtomicU32::new(0))
+    }
+
+    /// Whether evictors see this thread's pins (read by the thread itself, after its light
+    /// fence).
+    #[inline]
+    pub(crate) fn is_set(&self) -> bool {
+        self.0.load(Ordering::SeqCst) != 0
+    }
+
+    /// Marks the thread registered (under the manager's lock, when it joins the list).
+    pub(crate) fn set(&self) {
+        self.0.store(1, Ordering::SeqCst);
+    }
+
+    /// Marks it unregistered (the evictor, before its heavy fence).
+    pub(crate) fn clear(&self) {
+        self.0.store(0, Ordering::SeqCst);
+    }
+}
+
 /// A domain's link to its slot: [`NO_SLOT`] or a slot index. Written under the manager's
 /// lock, read by the hit path.
 #[derive(Debug)]
 pub(crate) struct SlotRef(AtomicU32);
+
+impl Default for SlotRef {
+    fn default() -> SlotRef {
+        SlotRef::new()
+    }
+}
 
 impl SlotRef {
     pub(crate) fn new() -> SlotRef {

@@ -61,12 +61,20 @@ pub mod config;
 mod domain;
 mod error;
 pub mod fault;
+mod gate;
 mod keycache;
 mod manager;
+mod meta;
+mod ops;
 pub mod policy;
 mod primitive;
+mod slab;
+#[cfg(test)]
+mod test_alloc;
 #[cfg(feature = "testing")]
 pub mod testing;
+pub mod thread;
+mod treap;
 
 pub use backend::{Backend, BackendKind, Emulated, Hardware, Machine, Simulated};
 pub use config::{Config, Mode, Selection, select};
@@ -74,6 +82,7 @@ pub use domain::{Domain, DomainId, DomainOptions};
 pub use error::{Error, Result};
 pub use fault::{FaultKind, FaultReport};
 pub use manager::{Manager, OwnedViewGuard, Rights, Stats, ThreadStats, ViewGuard};
+pub use meta::{MetadataMode, is_metadata};
 pub use mpkvirt_sys::mman::Prot;
 pub use mpkvirt_sys::signal::{Access, SegvCode};
 pub use mpkvirt_sys::{Pkey, Pkru};

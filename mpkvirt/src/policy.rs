@@ -16,7 +16,10 @@
 //! - [`simulate`] with [`PolicyKind::Opt`]: Belady's offline optimum (MIN), the lower bound
 //!   on misses for a trace, used to judge the others.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
+
+use allocator_api2::alloc::{Allocator, Global};
+use allocator_api2::vec::Vec as AVec;
 
 /// Which policy a cache uses.
 #[derive(Clone, Copy, PartialEq, Eq, Debug, Default)]
@@ -54,33 +57,99 @@ pub trait Policy: Send + std::fmt::Debug {
     /// Announces upcoming uses, soonest first; replaces earlier hints. Policies that do not
     /// look ahead ignore it.
     fn hint(&mut self, _future: &[u64]) {}
+    /// `domain` is gone for good: forget what is known about it.
+    fn forget(&mut self, _domain: u64) {}
     /// Picks the victim among `candidates` (bound, unpinned slots; never empty).
     fn victim(&mut self, candidates: &[usize]) -> usize;
 }
 
+/// The live policy of a manager: one of the policies, in the allocator `A` (the manager keeps
+/// it in its metadata; replays use the global allocator).
+#[derive(Debug, Clone)]
+pub enum LivePolicy<A: Allocator + Clone = Global> {
+    /// [`Lru`].
+    Lru(Lru<A>),
+    /// [`Hinted`].
+    Hinted(Hinted<A>),
+}
+
+impl<A: Allocator + Clone + Send + std::fmt::Debug> Policy for LivePolicy<A> {
+    fn bind(&mut self, slot: usize, domain: u64) {
+        match self {
+            LivePolicy::Lru(p) => p.bind(slot, domain),
+            LivePolicy::Hinted(p) => p.bind(slot, domain),
+        }
+    }
+    fn touch(&mut self, slot: usize) {
+        match self {
+            LivePolicy::Lru(p) => p.touch(slot),
+            LivePolicy::Hinted(p) => p.touch(slot),
+        }
+    }
+    fn unbind(&mut self, slot: usize) {
+        match self {
+            LivePolicy::Lru(p) => p.unbind(slot),
+            LivePolicy::Hinted(p) => p.unbind(slot),
+        }
+    }
+    fn hint(&mut self, future: &[u64]) {
+        match self {
+            LivePolicy::Lru(p) => p.hint(future),
+            LivePolicy::Hinted(p) => p.hint(future),
+        }
+    }
+    fn forget(&mut self, domain: u64) {
+        match self {
+            LivePolicy::Lru(p) => p.forget(domain),
+            LivePolicy::Hinted(p) => p.forget(domain),
+        }
+    }
+    fn victim(&mut self, candidates: &[usize]) -> usize {
+        match self {
+            LivePolicy::Lru(p) => p.victim(candidates),
+            LivePolicy::Hinted(p) => p.victim(candidates),
+        }
+    }
+}
+
 /// Creates the live policy for `kind` (`Opt` needs the whole trace and falls back to
 /// [`Hinted`], which is optimal when the hints are complete).
-pub fn new_policy(kind: PolicyKind, capacity: usize) -> Box<dyn Policy> {
+pub fn new_policy(kind: PolicyKind, capacity: usize) -> LivePolicy {
+    new_policy_in(kind, capacity, Global)
+}
+
+/// [`new_policy`] with its state in `alloc`.
+pub fn new_policy_in<A: Allocator + Clone>(
+    kind: PolicyKind,
+    capacity: usize,
+    alloc: A,
+) -> LivePolicy<A> {
     match kind {
-        PolicyKind::Lru => Box::new(Lru::new(capacity)),
-        PolicyKind::Hinted | PolicyKind::Opt => Box::new(Hinted::new(capacity)),
+        PolicyKind::Lru => LivePolicy::Lru(Lru::new_in(capacity, alloc)),
+        PolicyKind::Hinted | PolicyKind::Opt => LivePolicy::Hinted(Hinted::new_in(capacity, alloc)),
     }
 }
 
 /// Least recently used: a logical clock stamped on every use.
 #[derive(Debug, Clone)]
-pub struct Lru {
+pub struct Lru<A: Allocator + Clone = Global> {
     clock: u64,
-    last_use: Vec<u64>,
+    last_use: AVec<u64, A>,
 }
 
 impl Lru {
     /// A policy for `capacity` slots.
     pub fn new(capacity: usize) -> Lru {
-        Lru {
-            clock: 0,
-            last_use: vec![0; capacity],
-        }
+        Lru::new_in(capacity, Global)
+    }
+}
+
+impl<A: Allocator + Clone> Lru<A> {
+    /// A policy for `capacity` slots, its state in `alloc`.
+    pub fn new_in(capacity: usize, alloc: A) -> Lru<A> {
+        let mut last_use = AVec::with_capacity_in(capacity, alloc);
+        last_use.resize(capacity, 0);
+        Lru { clock: 0, last_use }
     }
 
     fn stamp(&mut self, slot: usize) {
@@ -89,15 +158,12 @@ impl Lru {
     }
 
     /// The least recently used of `candidates` (lowest slot on ties).
-    fn oldest(&self, candidates: &[usize]) -> usize {
-        *candidates
-            .iter()
-            .min_by_key(|&&s| (self.last_use[s], s))
-            .expect("candidates")
+    fn oldest(&self, candidates: impl Iterator<Item = usize>) -> Option<usize> {
+        candidates.min_by_key(|&s| (self.last_use[s], s))
     }
 }
 
-impl Policy for Lru {
+impl<A: Allocator + Clone + Send + std::fmt::Debug> Policy for Lru<A> {
     fn bind(&mut self, slot: usize, _domain: u64) {
         self.stamp(slot);
     }
@@ -108,13 +174,15 @@ impl Policy for Lru {
         self.last_use[slot] = 0;
     }
     fn victim(&mut self, candidates: &[usize]) -> usize {
-        self.oldest(candidates)
+        self.oldest(candidates.iter().copied()).expect("candidates")
     }
 }
 
 /// Uses closer together than this many accesses are one reference to the hinted policy's
 /// reuse prediction (LRU-K's "correlated reference period").
 pub const CORRELATED_PERIOD: u64 = 16;
+
+type Map<K, V, A> = hashbrown::HashMap<K, V, hashbrown::DefaultHashBuilder, A>;
 
 /// Furthest announced next use; for domains that are not announced, the furthest
 /// *predicted* next use.
@@ -123,29 +191,46 @@ pub const CORRELATED_PERIOD: u64 = 16;
 /// previous)`), the estimate LRU-2 (O'Neil et al., SIGMOD 1993) ranks by; a domain used only
 /// once is predicted never to return and goes first. Announced uses are certain and come
 /// before any prediction (an unannounced domain is not needed within the window), so they
-/// are evicted last. The history of a domain is kept after it is evicted, as LRU-K does.
+/// are evicted last. The history of a domain is kept after it is evicted, as LRU-K does,
+/// until the domain is destroyed ([`Policy::forget`]).
 #[derive(Debug, Clone)]
-pub struct Hinted {
-    lru: Lru,
+pub struct Hinted<A: Allocator + Clone = Global> {
+    lru: Lru<A>,
     clock: u64,
     /// Per domain: its last two use times.
-    history: HashMap<u64, [u64; 2]>,
-    domains: Vec<Option<u64>>,
-    /// Positions of each domain's announced uses in the current hint, soonest first. A use
-    /// of the domain consumes the front one.
-    next_use: HashMap<u64, VecDeque<usize>>,
+    history: Map<u64, [u64; 2], A>,
+    domains: AVec<Option<u64>, A>,
+    /// Positions of each domain's announced uses in the current hint, *latest first* (a use
+    /// of the domain pops the soonest from the back).
+    next_use: Map<u64, AVec<usize, A>, A>,
+    alloc: A,
 }
 
 impl Hinted {
     /// A policy for `capacity` slots.
     pub fn new(capacity: usize) -> Hinted {
+        Hinted::new_in(capacity, Global)
+    }
+}
+
+impl<A: Allocator + Clone> Hinted<A> {
+    /// A policy for `capacity` slots, its state in `alloc`.
+    pub fn new_in(capacity: usize, alloc: A) -> Hinted<A> {
+        let mut domains = AVec::with_capacity_in(capacity, alloc.clone());
+        domains.resize(capacity, None);
         Hinted {
-            lru: Lru::new(capacity),
+            lru: Lru::new_in(capacity, alloc.clone()),
             clock: 0,
-            history: HashMap::new(),
-            domains: vec![None; capacity],
-            next_use: HashMap::new(),
+            history: Map::with_hasher_in(Default::default(), alloc.clone()),
+            domains,
+            next_use: Map::with_hasher_in(Default::default(), alloc.clone()),
+            alloc,
         }
+    }
+
+    /// Domains whose history is kept (resident or not, not yet forgotten).
+    pub fn remembered(&self) -> usize {
+        self.history.len()
     }
 
     /// Records a use of `domain`. Uses closer than [`CORRELATED_PERIOD`] to the previous
@@ -171,11 +256,21 @@ impl Hinted {
 
     /// The first announced use of the domain in `slot`, `None` if it is not announced.
     fn next_use_of(&self, slot: usize) -> Option<usize> {
-        self.domains[slot].and_then(|d| self.next_use.get(&d).and_then(|q| q.front().copied()))
+        self.domains[slot].and_then(|d| self.next_use.get(&d).and_then(|q| q.last().copied()))
+    }
+
+    /// A use of `domain` happened: its soonest announced use is consumed.
+    fn consume(&mut self, domain: u64) {
+        if let Some(q) = self.next_use.get_mut(&domain) {
+            q.pop();
+            if q.is_empty() {
+                self.next_use.remove(&domain);
+            }
+        }
     }
 }
 
-impl Policy for Hinted {
+impl<A: Allocator + Clone + Send + std::fmt::Debug> Policy for Hinted<A> {
     fn bind(&mut self, slot: usize, domain: u64) {
         self.domains[slot] = Some(domain);
         self.lru.bind(slot, domain);
@@ -195,41 +290,37 @@ impl Policy for Hinted {
     }
     fn hint(&mut self, future: &[u64]) {
         self.next_use.clear();
-        for (i, &d) in future.iter().enumerate() {
-            self.next_use.entry(d).or_default().push_back(i);
+        for (i, &d) in future.iter().enumerate().rev() {
+            let alloc = self.alloc.clone();
+            self.next_use
+                .entry(d)
+                .or_insert_with(|| AVec::new_in(alloc))
+                .push(i);
         }
+    }
+    fn forget(&mut self, domain: u64) {
+        self.history.remove(&domain);
+        self.next_use.remove(&domain);
     }
     fn victim(&mut self, candidates: &[usize]) -> usize {
         // Not announced: the furthest predicted use of those (LRU among equals). Else: the
-        // furthest announced.
-        let unannounced: Vec<usize> = candidates
-            .iter()
-            .copied()
-            .filter(|&s| self.next_use_of(s).is_none())
-            .collect();
-        if let Some(furthest) = unannounced.iter().map(|&s| self.predicted_use_of(s)).max() {
-            let tied: Vec<usize> = unannounced
-                .into_iter()
-                .filter(|&s| self.predicted_use_of(s) == furthest)
-                .collect();
-            return self.lru.oldest(&tied);
+        // furthest announced. No allocation: this runs inside the library.
+        let unannounced = || {
+            candidates
+                .iter()
+                .copied()
+                .filter(|&s| self.next_use_of(s).is_none())
+        };
+        if let Some(furthest) = unannounced().map(|s| self.predicted_use_of(s)).max() {
+            return self
+                .lru
+                .oldest(unannounced().filter(|&s| self.predicted_use_of(s) == furthest))
+                .expect("a tied candidate");
         }
         *candidates
             .iter()
             .max_by_key(|&&s| (self.next_use_of(s), std::cmp::Reverse(s)))
             .expect("candidates")
-    }
-}
-
-impl Hinted {
-    /// A use of `domain` happened: its soonest announced use is consumed.
-    fn consume(&mut self, domain: u64) {
-        if let Some(q) = self.next_use.get_mut(&domain) {
-            q.pop_front();
-            if q.is_empty() {
-                self.next_use.remove(&domain);
-            }
-        }
     }
 }
 

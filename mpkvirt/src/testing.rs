@@ -209,6 +209,15 @@ impl Model {
         prot_ok && granted
     }
 
+    /// Domains pinned by `thread`'s live views.
+    fn pinned_by(&self, thread: usize) -> HashSet<u64> {
+        self.views[thread]
+            .iter()
+            .flatten()
+            .map(|(d, _)| *d)
+            .collect()
+    }
+
     fn pinned(&self) -> HashSet<u64> {
         self.views
             .iter()
@@ -308,8 +317,13 @@ pub fn run<B: Backend>(
                         .collect();
                     let mut pinned = model.pinned();
                     pinned.extend(ids.iter().map(|(d, _)| *d));
+                    let mut own = model.pinned_by(*thread);
+                    own.extend(ids.iter().map(|(d, _)| *d));
                     let expect = if view.len() > model.keys {
                         "ViewTooLarge"
+                    } else if own.len() > model.keys {
+                        // The thread's own views keep the keys: waiting cannot help.
+                        "ViewsExceedKeys"
                     } else if pinned.len() > model.keys {
                         "KeysBusy"
                     } else {
@@ -335,6 +349,7 @@ pub fn run<B: Backend>(
                             out.enters += 1;
                         }
                         (Err(Error::KeysBusy { .. }), "KeysBusy") => out.busy += 1,
+                        (Err(Error::ViewsExceedKeys { .. }), "ViewsExceedKeys") => out.busy += 1,
                         (Err(Error::ViewTooLarge { .. }), "ViewTooLarge") => {}
                         (r, expect) => {
                             return Err(fail(format!("enter gave {r:?}, model expected {expect}")));

@@ -1,6 +1,11 @@
 //! Fault reports: guarded calls turn domain violations into errors naming the domain,
 //! unwind the views the abandoned code entered, report stack overflows, let panics through,
 //! and leave every fault that is not theirs to the previous handler (the process dies).
+//!
+//! # Safety
+//!
+//! The tests access domain memory through raw pointers (no Rust reference ever points
+//! there), and call `Manager::guarded` with closures that start no threads.
 #![allow(
     unsafe_code,
     reason = "the tests access domain memory through raw pointers"
@@ -30,6 +35,13 @@ fn peek(addr: usize) -> u8 {
     unsafe { (addr as *const u8).read_volatile() }
 }
 
+/// `Manager::guarded` for closures that start no threads.
+fn guard<B: Backend, R>(mgr: &Manager<B>, f: impl FnMut() -> R) -> mpkvirt::Result<R> {
+    // SAFETY: the closures of these tests start no thread, so nothing can use their frames
+    // after a fault abandons them.
+    unsafe { mgr.guarded(f) }
+}
+
 /// `resident_code`: how the backend reports a denied access to a domain that holds a key
 /// (a parked domain is always `SEGV_ACCERR`: its pages have no access at all).
 fn guarded_calls_report_violations<B: Backend>(mgr: &Manager<B>, resident_code: SegvCode) {
@@ -42,7 +54,7 @@ fn guarded_calls_report_violations<B: Backend>(mgr: &Manager<B>, resident_code: 
             drop(mgr.enter(&[(&d, Rights::ReadWrite)]).unwrap());
         }
         assert_eq!(d.is_resident(), resident);
-        let err = mgr.guarded(move || poke(addr, 7)).unwrap_err();
+        let err = guard(mgr, move || poke(addr, 7)).unwrap_err();
         let Error::Fault(report) = err else {
             panic!("expected a fault, got {err:?}")
         };
@@ -57,7 +69,7 @@ fn guarded_calls_report_violations<B: Backend>(mgr: &Manager<B>, resident_code: 
     // Inside a view granting it, the same code runs to completion.
     let v = mgr
         .with_view(&[(&d, Rights::ReadWrite)], || {
-            mgr.guarded(move || {
+            guard(mgr, move || {
                 poke(addr, 9);
                 peek(addr)
             })
@@ -69,7 +81,7 @@ fn guarded_calls_report_violations<B: Backend>(mgr: &Manager<B>, resident_code: 
     // Read-only: reads work, the write is reported as a write.
     let err = mgr
         .with_view(&[(&d, Rights::ReadOnly)], || {
-            mgr.guarded(move || poke(addr, 1))
+            guard(mgr, move || poke(addr, 1))
         })
         .unwrap()
         .unwrap_err();
@@ -78,8 +90,7 @@ fn guarded_calls_report_violations<B: Backend>(mgr: &Manager<B>, resident_code: 
         "{err:?}"
     );
     assert_eq!(
-        mgr.with_view(&[(&d, Rights::ReadOnly)], || mgr
-            .guarded(move || peek(addr)))
+        mgr.with_view(&[(&d, Rights::ReadOnly)], || guard(mgr, move || peek(addr)))
             .unwrap()
             .unwrap(),
         9
@@ -90,7 +101,7 @@ fn guarded_calls_report_violations<B: Backend>(mgr: &Manager<B>, resident_code: 
 fn emulated_guarded_calls_report_violations() {
     let _g = common::real_backend();
     guarded_calls_report_violations(
-        &Manager::with_backend(Emulated::new(4).unwrap(), config(4)),
+        &Manager::with_backend(Emulated::new(4).unwrap(), config(4)).unwrap(),
         SegvCode::AccErr,
     );
 }
@@ -99,12 +110,12 @@ fn emulated_guarded_calls_report_violations() {
 fn pku_guarded_calls_report_violations_with_the_hardware_key() {
     let _pku = require_pku!();
     let _g = common::real_backend();
-    let mgr = Manager::with_backend(Hardware::new(4).unwrap(), config(4));
+    let mgr = Manager::with_backend(Hardware::new(4).unwrap(), config(4)).unwrap();
     guarded_calls_report_violations(&mgr, SegvCode::PkuErr);
     let d = mgr.create_domain(DomainOptions::default()).unwrap();
     let addr = d.base().as_ptr() as usize;
     drop(mgr.enter(&[(&d, Rights::ReadWrite)]).unwrap()); // resident, not granted
-    let Err(Error::Fault(r)) = mgr.guarded(move || peek(addr)) else {
+    let Err(Error::Fault(r)) = guard(&mgr, move || peek(addr)) else {
         panic!("expected a fault")
     };
     assert_eq!(r.hw_key, d.key(), "si_pkey names the domain's key");
@@ -118,12 +129,13 @@ fn abandoned_views_are_unwound<B: Backend>(mgr: &Manager<B>) {
     let b_addr = b.base().as_ptr() as usize;
     let before = mgr.current_pkru();
     let (m, a2) = (mgr.clone(), Arc::clone(&a));
-    let err = mgr
-        .guarded(move || {
-            let _view = m.enter_owned(&[(a2, Rights::ReadWrite)]).unwrap();
-            poke(b_addr, 1); // b is not in the view
-        })
-        .unwrap_err();
+    let err = guard(mgr, move || {
+        let _view = m
+            .enter_owned(&[(Arc::clone(&a2), Rights::ReadWrite)])
+            .unwrap();
+        poke(b_addr, 1); // b is not in the view
+    })
+    .unwrap_err();
     assert!(
         matches!(err, Error::Fault(r) if r.domain == Some(b.id())),
         "{err:?}"
@@ -142,14 +154,18 @@ fn abandoned_views_are_unwound<B: Backend>(mgr: &Manager<B>) {
 #[test]
 fn emulated_abandoned_views_are_unwound() {
     let _g = common::real_backend();
-    abandoned_views_are_unwound(&Manager::with_backend(Emulated::new(1).unwrap(), config(1)));
+    abandoned_views_are_unwound(
+        &Manager::with_backend(Emulated::new(1).unwrap(), config(1)).unwrap(),
+    );
 }
 
 #[test]
 fn pku_abandoned_views_are_unwound() {
     let _pku = require_pku!();
     let _g = common::real_backend();
-    abandoned_views_are_unwound(&Manager::with_backend(Hardware::new(1).unwrap(), config(1)));
+    abandoned_views_are_unwound(
+        &Manager::with_backend(Hardware::new(1).unwrap(), config(1)).unwrap(),
+    );
 }
 
 #[inline(never)]
@@ -162,22 +178,22 @@ fn recurse(depth: u64) -> u64 {
 #[test]
 fn a_stack_overflow_in_a_guarded_call_is_reported() {
     let _g = common::real_backend();
-    let mgr = Manager::with_backend(Emulated::new(2).unwrap(), config(2));
-    let err = mgr.guarded(|| recurse(0)).unwrap_err();
+    let mgr = Manager::with_backend(Emulated::new(2).unwrap(), config(2)).unwrap();
+    let err = guard(&mgr, || recurse(0)).unwrap_err();
     assert!(
         matches!(err, Error::Fault(r) if r.kind == FaultKind::StackOverflow),
         "{err:?}"
     );
     // The thread is fine afterwards and guarded calls still work.
-    assert_eq!(mgr.guarded(|| 41 + 1).unwrap(), 42);
+    assert_eq!(guard(&mgr, || 41 + 1).unwrap(), 42);
 }
 
 #[test]
 fn a_panic_in_a_guarded_call_propagates() {
     let _g = common::real_backend();
-    let mgr = Manager::with_backend(Emulated::new(2).unwrap(), config(2));
+    let mgr = Manager::with_backend(Emulated::new(2).unwrap(), config(2)).unwrap();
     let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        mgr.guarded(|| panic!("boom"))
+        guard(&mgr, || panic!("boom"))
     }));
     let payload = caught.expect_err("the panic reaches the caller");
     assert_eq!(payload.downcast_ref::<&str>(), Some(&"boom"));
@@ -185,18 +201,18 @@ fn a_panic_in_a_guarded_call_propagates() {
 
 #[test]
 fn guarded_calls_are_unsupported_on_the_simulated_backend() {
-    let mgr = Manager::simulated(2, config(2));
-    assert!(matches!(mgr.guarded(|| 1), Err(Error::Unsupported(_))));
+    let mgr = Manager::simulated(2, config(2)).unwrap();
+    assert!(matches!(guard(&mgr, || 1), Err(Error::Unsupported(_))));
 }
 
 /// Child-process scenarios, run by `faults_that_are_not_ours_kill_the_process`.
 #[test]
 #[ignore = "run as a child process by faults_that_are_not_ours_kill_the_process"]
 fn crash_child() {
-    let mgr = Manager::with_backend(Emulated::new(2).unwrap(), config(2));
+    let mgr = Manager::with_backend(Emulated::new(2).unwrap(), config(2)).unwrap();
     match std::env::var("MPKVIRT_CRASH").as_deref() {
         // A wild pointer inside a guarded call is not a domain violation.
-        Ok("wild") => drop(mgr.guarded(|| poke(16, 1))),
+        Ok("wild") => drop(guard(&mgr, || poke(16, 1))),
         // A domain violation outside a guarded call is reported, then the process dies.
         Ok("unguarded") => {
             let d = mgr.create_domain(DomainOptions::default()).unwrap();

@@ -65,14 +65,14 @@ fn the_counter_sees_system_calls() {
 
 #[test]
 fn simulated_hit_path_makes_no_system_call() {
-    check_hit_path(&Manager::simulated(4, config(4)));
+    check_hit_path(&Manager::simulated(4, config(4)).unwrap());
 }
 
 #[test]
 fn pku_hit_path_makes_no_system_call_and_one_pkru_write_per_change() {
     let _pku = require_pku!();
     let _g = common::real_backend();
-    check_hit_path(&Manager::with_backend(Hardware::new(4).unwrap(), config(4)));
+    check_hit_path(&Manager::with_backend(Hardware::new(4).unwrap(), config(4)).unwrap());
 }
 
 #[test]
@@ -81,7 +81,7 @@ fn pku_a_miss_does_make_system_calls() {
     // and each miss parks the victim and tags the new domain: two system calls.
     let _pku = require_pku!();
     let _g = common::real_backend();
-    let mgr = Manager::with_backend(Hardware::new(1).unwrap(), config(1));
+    let mgr = Manager::with_backend(Hardware::new(1).unwrap(), config(1)).unwrap();
     let a = mgr.create_domain(DomainOptions::reserve(4096)).unwrap();
     let b = mgr.create_domain(DomainOptions::reserve(4096)).unwrap();
     drop(mgr.enter(&[(&a, Rights::ReadWrite)]).unwrap());
@@ -139,7 +139,7 @@ fn miss_calls<B: Backend>(mgr: &Manager<B>, len: usize, touched: usize) -> Vec<i
 #[test]
 fn emulated_miss_cost_does_not_grow_with_domain_size() {
     let _g = common::real_backend();
-    let mgr = Manager::with_backend(Emulated::new(1).unwrap(), config(1));
+    let mgr = Manager::with_backend(Emulated::new(1).unwrap(), config(1)).unwrap();
     let one_page = miss_calls(&mgr, 4096, 1);
     let one_gib = miss_calls(&mgr, 1 << 30, 64);
     // Park the victim, tag the new domain (still closed: no thread grants it), open it for
@@ -153,7 +153,7 @@ fn emulated_miss_cost_does_not_grow_with_domain_size() {
 fn pku_miss_cost_does_not_grow_with_domain_size() {
     let _pku = require_pku!();
     let _g = common::real_backend();
-    let mgr = Manager::with_backend(Hardware::new(1).unwrap(), config(1));
+    let mgr = Manager::with_backend(Hardware::new(1).unwrap(), config(1)).unwrap();
     let one_page = miss_calls(&mgr, 4096, 1);
     let one_gib = miss_calls(&mgr, 1 << 30, 64);
     let pkey_mprotect = libc::SYS_pkey_mprotect as i32;

@@ -128,7 +128,7 @@ fn run<B: Backend>(mgr: &Manager<B>, rounds: usize, semantics: Semantics) -> (u6
 
 #[test]
 fn simulated_100k_domains_two_threads() {
-    let mgr = Manager::simulated(15, config());
+    let mgr = Manager::simulated(15, config()).unwrap();
     let (accesses, faults, evictions) = run(&mgr, rounds(), Semantics::PerThread);
     assert!(evictions > DOMAINS as u64 / 2, "{evictions} evictions");
     assert!(accesses > DOMAINS as u64 && faults > 0);
@@ -137,7 +137,7 @@ fn simulated_100k_domains_two_threads() {
 #[test]
 fn emulated_100k_domains_two_threads() {
     let _g = common::real_backend();
-    let mgr = Manager::with_backend(Emulated::new(15).unwrap(), config());
+    let mgr = Manager::with_backend(Emulated::new(15).unwrap(), config()).unwrap();
     let (accesses, _, evictions) = run(&mgr, rounds(), Semantics::Union);
     assert!(
         evictions > DOMAINS as u64 / 2 && accesses > DOMAINS as u64,
@@ -149,7 +149,7 @@ fn emulated_100k_domains_two_threads() {
 fn pku_100k_domains_two_threads() {
     let _pku = require_pku!();
     let _g = common::real_backend();
-    let mgr = Manager::with_backend(Hardware::new(15).unwrap(), config());
+    let mgr = Manager::with_backend(Hardware::new(15).unwrap(), config()).unwrap();
     let (accesses, faults, evictions) = run(&mgr, rounds(), Semantics::PerThread);
     eprintln!(
         "hardware: {accesses} accesses ({faults} faults) agreed with the model; {evictions} evictions"

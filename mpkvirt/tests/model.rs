@@ -15,7 +15,7 @@ use mpkvirt_sys::require_pku;
 use proptest::prelude::*;
 
 fn run_simulated(bytes: &[u8], keys: usize) -> Outcome {
-    let mgr = Manager::simulated(keys, config(keys));
+    let mgr = Manager::simulated(keys, config(keys)).unwrap();
     testing::run(&mgr, &testing::decode(bytes), Semantics::PerThread)
         .unwrap_or_else(|d| panic!("{d}"))
 }
@@ -35,7 +35,7 @@ proptest! {
     #[test]
     fn emulated_programs_agree_with_the_union_model(bytes in proptest::collection::vec(any::<u8>(), 0..800), keys in 1usize..5) {
         let _g = common::real_backend();
-        let mgr = Manager::with_backend(Emulated::new(keys).expect("emulated backend"), config(keys));
+        let mgr = Manager::with_backend(Emulated::new(keys).expect("emulated backend"), config(keys)).unwrap();
         testing::run(&mgr, &testing::decode(&bytes), Semantics::Union).unwrap_or_else(|d| panic!("{d}"));
     }
 }
@@ -68,7 +68,8 @@ fn pku_hardware_programs_agree_with_the_model() {
     for seed in 0..24 {
         let keys = 1 + (seed as usize % 4);
         let mgr =
-            Manager::with_backend(Hardware::new(keys).expect("hardware backend"), config(keys));
+            Manager::with_backend(Hardware::new(keys).expect("hardware backend"), config(keys))
+                .unwrap();
         let o = testing::run(
             &mgr,
             &testing::decode(&testing::program_bytes(seed, 250)),
@@ -86,7 +87,8 @@ fn pku_hardware_programs_agree_with_the_model() {
 fn pku_hardware_with_every_key_and_more_than_15_domains() {
     let _pku = require_pku!();
     let _g = common::real_backend();
-    let mgr = Manager::with_backend(Hardware::new(15).expect("hardware backend"), config(15));
+    let mgr =
+        Manager::with_backend(Hardware::new(15).expect("hardware backend"), config(15)).unwrap();
     assert!(mgr.keys().len() >= 14, "keys: {:?}", mgr.keys());
     // 40 domains first, then a long program over them: well over 15 in use, so keys cycle.
     let mut bytes: Vec<u8> = (0..40u8).flat_map(|i| [0, i, 0, 0]).collect();

@@ -85,13 +85,13 @@ fn tempfile() -> std::fs::File {
 
 #[test]
 fn simulated_reset_reapplies_the_key() {
-    reset_reapplies_the_key(&Manager::simulated(2, config(2)));
+    reset_reapplies_the_key(&Manager::simulated(2, config(2)).unwrap());
 }
 
 #[test]
 fn emulated_reset_and_file_mappings_reapply_the_key() {
     let _g = common::real_backend();
-    let mgr = Manager::with_backend(Emulated::new(2).unwrap(), config(2));
+    let mgr = Manager::with_backend(Emulated::new(2).unwrap(), config(2)).unwrap();
     reset_reapplies_the_key(&mgr);
     map_fd_reapplies_the_key(&mgr);
 }
@@ -100,7 +100,7 @@ fn emulated_reset_and_file_mappings_reapply_the_key() {
 fn pku_reset_and_file_mappings_reapply_the_key() {
     let _pku = require_pku!();
     let _g = common::real_backend();
-    let mgr = Manager::with_backend(Hardware::new(2).unwrap(), config(2));
+    let mgr = Manager::with_backend(Hardware::new(2).unwrap(), config(2)).unwrap();
     reset_reapplies_the_key(&mgr);
     map_fd_reapplies_the_key(&mgr);
 }
@@ -158,20 +158,24 @@ fn destroyed_pages_stay_closed_once<B: Backend>(mgr: &Manager<B>, new_len: usize
 
 #[test]
 fn simulated_destroyed_pages_stay_closed() {
-    destroyed_pages_stay_closed(&Manager::simulated(1, config(1)));
+    destroyed_pages_stay_closed(&Manager::simulated(1, config(1)).unwrap());
 }
 
 #[test]
 fn emulated_destroyed_pages_stay_closed() {
     let _g = common::real_backend();
-    destroyed_pages_stay_closed(&Manager::with_backend(Emulated::new(1).unwrap(), config(1)));
+    destroyed_pages_stay_closed(
+        &Manager::with_backend(Emulated::new(1).unwrap(), config(1)).unwrap(),
+    );
 }
 
 #[test]
 fn pku_destroyed_pages_stay_closed() {
     let _pku = require_pku!();
     let _g = common::real_backend();
-    destroyed_pages_stay_closed(&Manager::with_backend(Hardware::new(1).unwrap(), config(1)));
+    destroyed_pages_stay_closed(
+        &Manager::with_backend(Hardware::new(1).unwrap(), config(1)).unwrap(),
+    );
 }
 
 /// Mapping a file into a resident domain while a view is open must not leave the rest of
@@ -202,12 +206,16 @@ fn map_fd_keeps_the_rest_closed<B: Backend>(mgr: &Manager<B>) {
 #[test]
 fn emulated_map_fd_keeps_the_rest_closed() {
     let _g = common::real_backend();
-    map_fd_keeps_the_rest_closed(&Manager::with_backend(Emulated::new(2).unwrap(), config(2)));
+    map_fd_keeps_the_rest_closed(
+        &Manager::with_backend(Emulated::new(2).unwrap(), config(2)).unwrap(),
+    );
 }
 
 #[test]
 fn pku_map_fd_keeps_the_rest_closed() {
     let _pku = require_pku!();
     let _g = common::real_backend();
-    map_fd_keeps_the_rest_closed(&Manager::with_backend(Hardware::new(2).unwrap(), config(2)));
+    map_fd_keeps_the_rest_closed(
+        &Manager::with_backend(Hardware::new(2).unwrap(), config(2)).unwrap(),
+    );
 }

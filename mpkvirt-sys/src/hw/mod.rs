@@ -7,3 +7,4 @@ pub(crate) mod cpu;
 pub(crate) mod membarrier;
 pub(crate) mod pkey;
 pub(crate) mod signal;
+pub(crate) mod thread;

@@ -58,6 +58,105 @@ pub fn fault_access(ctx: &libc::ucontext_t) -> Option<Access> {
     Some(access_from_error_code(gregs[libc::REG_ERR as usize] as u64))
 }
 
+/// `FP_XSTATE_MAGIC1`: marks a signal frame's FXSAVE area as followed by XSAVE state.
+const FP_XSTATE_MAGIC1: u32 = 0x4650_5853;
+/// Offset of the software-reserved bytes (`struct _fpx_sw_bytes`) in the FXSAVE area.
+const SW_BYTES_OFFSET: usize = 464;
+/// Offset of the XSAVE header (`xstate_bv` first) in the XSAVE area.
+const XSAVE_HEADER_OFFSET: usize = 512;
+/// XSAVE state component of PKRU.
+const XFEATURE_PKRU: u32 = 9;
+
+/// Offset of the PKRU component in the standard (non-compacted) XSAVE layout the kernel
+/// uses for signal frames: CPUID.(EAX=0DH, ECX=9):EBX; `None` when the CPU has no PKRU state.
+fn pkru_xsave_offset() -> Option<usize> {
+    use std::arch::x86_64::__cpuid_count;
+    static OFFSET: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
+    *OFFSET.get_or_init(|| {
+        if __cpuid_count(0, 0).eax < 0xd {
+            return None;
+        }
+        let supported = __cpuid_count(0xd, 0).eax;
+        if supported & (1 << XFEATURE_PKRU) == 0 {
+            return None;
+        }
+        let leaf = __cpuid_count(0xd, XFEATURE_PKRU);
+        (leaf.eax >= 4).then_some(leaf.ebx as usize)
+    })
+}
+
+/// The XSAVE area of a signal frame, as bytes, when it holds the PKRU component (with the
+/// component's offset).
+fn frame_xsave(ctx: &libc::ucontext_t) -> Option<(*mut u8, usize, usize)> {
+    let offset = pkru_xsave_offset()?;
+    let area = ctx.uc_mcontext.fpregs.cast::<u8>();
+    if area.is_null() {
+        return None;
+    }
+    // SAFETY: `fpregs` points to the frame's 512-byte FXSAVE area (the kernel sets it for every
+    // signal on x86-64), which this handler invocation owns; only read here.
+    let fx: &[u8; 512] = unsafe { &*area.cast::<[u8; 512]>() };
+    let sw = &fx[SW_BYTES_OFFSET..];
+    let word = |at: usize, n: usize| {
+        sw[at..at + n]
+            .iter()
+            .rev()
+            .fold(0u64, |v, &b| v << 8 | u64::from(b))
+    };
+    let (magic, xfeatures, xstate_size) = (word(0, 4), word(8, 8), word(16, 4) as usize);
+    if magic != u64::from(FP_XSTATE_MAGIC1)
+        || xfeatures & (1 << XFEATURE_PKRU) == 0
+        || offset + 4 > xstate_size
+        || xstate_size < XSAVE_HEADER_OFFSET + 8
+    {
+        return None;
+    }
+    Some((area, xstate_size, offset))
+}
+
+/// The PKRU value `rt_sigreturn` will restore for the interrupted context, when the frame
+/// holds one.
+pub fn frame_pkru(ctx: &libc::ucontext_t) -> Option<u32> {
+    let (area, size, offset) = frame_xsave(ctx)?;
+    // SAFETY: `frame_xsave` checked that the frame's XSAVE area is `size` bytes (its own
+    // `xstate_size`) and includes PKRU; only read here.
+    let x = unsafe { std::slice::from_raw_parts(area.cast_const(), size) };
+    let bv = u64::from_le_bytes(
+        x[XSAVE_HEADER_OFFSET..XSAVE_HEADER_OFFSET + 8]
+            .try_into()
+            .ok()?,
+    );
+    if bv & (1 << XFEATURE_PKRU) == 0 {
+        // The component is in its initial state, which for PKRU is 0.
+        return Some(0);
+    }
+    Some(u32::from_le_bytes(x[offset..offset + 4].try_into().ok()?))
+}
+
+/// Sets the PKRU value `rt_sigreturn` restores for the interrupted context. Returns `false`
+/// when the frame holds no PKRU (no PKU, or no XSAVE frame).
+///
+/// # Safety
+///
+/// `ctx` must be the context the kernel passed to the running handler of this thread, and
+/// the caller must own the interrupted code's PKRU (the value decides which memory it may
+/// touch once the handler returns).
+pub unsafe fn set_frame_pkru(ctx: &mut libc::ucontext_t, pkru: u32) -> bool {
+    let Some((area, size, offset)) = frame_xsave(ctx) else {
+        return false;
+    };
+    // SAFETY: as in `frame_pkru`; the area belongs to this handler invocation, which the
+    // caller owns (`ctx` is `&mut`), so nothing else reads or writes it meanwhile.
+    let x = unsafe { std::slice::from_raw_parts_mut(area, size) };
+    // Marking the component present in `xstate_bv` makes XRSTOR load the value instead of
+    // the initial state.
+    let bv = &mut x[XSAVE_HEADER_OFFSET..XSAVE_HEADER_OFFSET + 8];
+    let v = u64::from_le_bytes((&*bv).try_into().unwrap_or([0; 8])) | (1 << XFEATURE_PKRU);
+    bv.copy_from_slice(&v.to_le_bytes());
+    x[offset..offset + 4].copy_from_slice(&pkru.to_le_bytes());
+    true
+}
+
 /// The interrupted instruction pointer.
 pub fn ip(ctx: &libc::ucontext_t) -> usize {
     ctx.uc_mcontext.gregs[libc::REG_RIP as usize] as usize

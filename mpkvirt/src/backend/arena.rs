@@ -1,49 +1,156 @@
 //! The address space the real backends hand out: reservations and the ways of mapping over
-//! them, shared by the hardware and emulated backends.
+//! them, shared by the hardware and emulated backends; and the process-wide *arena map* the
+//! fault handler asks "is this domain memory?".
+//!
+//! Reservations are kept in library memory (a treap by start address: `owns` is
+//! O(log n)). Each is aligned to and a multiple of [`GRANULE`] (2 MiB), so that the arena map
+//! — one bit per granule of the 47-bit user address space, 8 MiB of lazily touched address
+//! space — can say in O(1), without locks and from a signal handler, whether an address lies
+//! in some arena, however many there are.
 //!
 //! # Safety
 //!
 //! Every operation acts only on a range inside a reservation made here (checked first), and
 //! mpkvirt hands out only raw pointers into reservations, never Rust references, so no
-//! reference can observe the change. Dropping [`Arenas`] unmaps the reservations; the
-//! backend owning it is dropped only after every domain in them is gone (domains keep their
-//! manager, and so its backend, alive).
+//! reference can observe the change. Dropping [`Arenas`] unmaps the reservations; the live
+//! backend owning it is dropped only after every domain in them is gone. The arena map is a
+//! private anonymous mapping made once and never unmapped; its words are atomics.
 #![allow(
     unsafe_code,
-    reason = "mmap, madvise and munmap over the backend's own reservations"
+    reason = "mmap, madvise and munmap over the backend's own reservations; the arena map"
 )]
 
 use std::os::fd::BorrowedFd;
+use std::sync::RwLock;
+use std::sync::atomic::{AtomicPtr, AtomicU64, Ordering};
 
 use mpkvirt_sys::Error as SysError;
 use mpkvirt_sys::mman::{self, Prot};
 
-use super::Reservations;
 use crate::error::{Error, Result};
-use crate::fault;
+use crate::meta::Meta;
+use crate::treap::Treap;
 
-/// Reservations of a real backend, registered with the fault handler as domain memory.
-#[derive(Debug, Default)]
-pub(crate) struct Arenas(Reservations);
+/// Alignment and size unit of reservations (and of the arena map's bits).
+pub(crate) const GRANULE: usize = 2 << 20;
+const GRANULE_SHIFT: u32 = GRANULE.trailing_zeros();
+/// User address space covered by the arena map (x86-64, 4-level paging).
+const USER_SPACE: usize = 1 << 47;
+const MAP_WORDS: usize = USER_SPACE / GRANULE / 64;
+
+static ARENA_MAP: AtomicPtr<AtomicU64> = AtomicPtr::new(std::ptr::null_mut());
+
+fn arena_map() -> Option<&'static [AtomicU64]> {
+    let mut p = ARENA_MAP.load(Ordering::Acquire);
+    if p.is_null() {
+        let bytes = MAP_WORDS * 8;
+        let fresh = mman::reserve(bytes, Prot::READ_WRITE)
+            .ok()?
+            .cast::<AtomicU64>();
+        match ARENA_MAP.compare_exchange(
+            std::ptr::null_mut(),
+            fresh,
+            Ordering::AcqRel,
+            Ordering::Acquire,
+        ) {
+            Ok(_) => p = fresh,
+            Err(winner) => {
+                // SAFETY: `fresh` was just mapped by this call and lost the race: no one else
+                // has seen it.
+                let _ = unsafe { mman::munmap(fresh.cast(), bytes) };
+                p = winner;
+            }
+        }
+    }
+    // SAFETY: the map is a private zero-filled mapping of MAP_WORDS u64 words, never unmapped
+    // once published; AtomicU64 has the layout of u64 and all-zero is a valid value.
+    Some(unsafe { std::slice::from_raw_parts(p, MAP_WORDS) })
+}
+
+/// Marks (or unmarks) `[start, start + len)` — granule-aligned — as domain memory.
+pub(crate) fn arena_map_mark(start: usize, len: usize, on: bool) {
+    let Some(map) = arena_map() else {
+        return;
+    };
+    for g in (start >> GRANULE_SHIFT)..((start + len) >> GRANULE_SHIFT) {
+        let (word, bit) = (g / 64, 1u64 << (g % 64));
+        if let Some(w) = map.get(word) {
+            if on {
+                w.fetch_or(bit, Ordering::Release);
+            } else {
+                w.fetch_and(!bit, Ordering::Release);
+            }
+        }
+    }
+}
+
+/// Whether `addr` lies in an arena of any real backend of the process. Lock-free and
+/// async-signal-safe (the map exists once any arena does).
+pub(crate) fn arena_map_contains(addr: usize) -> bool {
+    let p = ARENA_MAP.load(Ordering::Acquire);
+    if p.is_null() || addr >= USER_SPACE {
+        return false;
+    }
+    let g = addr >> GRANULE_SHIFT;
+    // SAFETY: a published map has MAP_WORDS words and `g / 64 < MAP_WORDS` for addresses
+    // below USER_SPACE (checked above).
+    let w = p.wrapping_add(g / 64);
+    // SAFETY: see above; a shared reference to an atomic word of the live map.
+    let w = unsafe { &*w };
+    w.load(Ordering::Acquire) & (1 << (g % 64)) != 0
+}
+
+/// Reservations of a real backend, in library memory: start -> len.
+#[derive(Debug)]
+pub(crate) struct Arenas(RwLock<Treap<(), Meta>>);
+
+impl Default for Arenas {
+    fn default() -> Arenas {
+        Arenas(RwLock::new(Treap::new_in(Meta)))
+    }
+}
 
 fn remap_error(addr: usize, len: usize) -> impl FnOnce(SysError) -> Error {
     move |source| Error::Remap { addr, len, source }
 }
 
 impl Arenas {
-    /// Reserves `len` bytes: inaccessible, key 0, primed to stay mergeable
-    /// ([`mman::reserve_mergeable`]).
-    pub(crate) fn reserve(&self, len: usize) -> Result<usize> {
-        let start =
-            mman::reserve_mergeable(len).map_err(|source| Error::Reserve { len, source })? as usize;
-        self.0.add(start, len);
-        fault::register_arena(start, len);
-        Ok(start)
+    /// Reserves at least `len` bytes, granule-aligned: inaccessible, key 0, primed to stay
+    /// mergeable ([`mman::reserve_mergeable`]). Returns the start and the reserved length.
+    pub(crate) fn reserve(&self, len: usize) -> Result<(usize, usize)> {
+        let len = len
+            .checked_next_multiple_of(GRANULE)
+            .ok_or(Error::Reserve {
+                len,
+                source: SysError::Sys {
+                    op: mpkvirt_sys::Op::Mmap,
+                    errno: mpkvirt_sys::Errno(libc::ENOMEM),
+                },
+            })?;
+        let start = mman::reserve_mergeable_aligned(len, GRANULE)
+            .map_err(|source| Error::Reserve { len, source })? as usize;
+        if crate::meta::lock_rw(&self.0)
+            .try_insert(start, len, ())
+            .is_err()
+        {
+            // SAFETY: just reserved by us; nothing refers to it.
+            let _ = unsafe { mman::munmap(start as *mut u8, len) };
+            return Err(Error::Unsupported(
+                "recording a reservation (metadata exhausted)",
+            ));
+        }
+        arena_map_mark(start, len, true);
+        Ok((start, len))
     }
 
     /// Whether `[addr, addr + len)` lies in one reservation.
     pub(crate) fn contains(&self, addr: usize, len: usize) -> bool {
-        self.0.contains(addr, len)
+        let Some(end) = addr.checked_add(len) else {
+            return false;
+        };
+        crate::meta::read_rw(&self.0)
+            .floor(addr)
+            .is_some_and(|(s, l, ())| end <= s + l)
     }
 
     /// Panics unless `[addr, addr + len)` lies in one reservation (a manager bug otherwise).
@@ -89,13 +196,22 @@ impl Arenas {
     }
 }
 
-impl Drop for Arenas {
-    fn drop(&mut self) {
-        for (start, len) in self.0.take() {
-            fault::unregister_arena(start);
+impl Arenas {
+    /// Unmaps every reservation (the backend's manager is gone: no domain is left in them).
+    pub(crate) fn unmap_all(&self) {
+        let mut t = crate::meta::lock_rw(&self.0);
+        while let Some((start, len, ())) = t.ceiling(0) {
+            t.remove(start);
+            arena_map_mark(start, len, false);
             // SAFETY: the reservation was made here and every domain in it is gone (see the
             // module docs); nothing refers to it any more.
             let _ = unsafe { mman::munmap(start as *mut u8, len) };
         }
+    }
+}
+
+impl Drop for Arenas {
+    fn drop(&mut self) {
+        self.unmap_all();
     }
 }

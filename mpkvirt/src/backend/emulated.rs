@@ -12,16 +12,17 @@
 #![allow(unsafe_code, reason = "mprotect over the backend's own reservations")]
 
 use std::os::fd::BorrowedFd;
+use std::sync::Mutex;
 
 use mpkvirt_sys::mman::{self, Prot};
 use mpkvirt_sys::{AccessRights, Pkey, Pkru};
-use parking_lot::Mutex;
 
 use super::arena::Arenas;
-use super::sealed::BackendOps;
-use super::{BackendKind, RawFault, ThreadRegs, effective};
+use super::sealed::{LiveOps, Spec};
+use super::{BackendKind, Regs, effective};
 use crate::error::{Error, Result};
 use crate::fault;
+use crate::meta::{MVec, Meta, lock};
 
 #[derive(Clone, Copy, Debug, Default)]
 struct KeyState {
@@ -44,21 +45,11 @@ impl KeyState {
     }
 }
 
-/// The range starting at `addr` leaves whichever key it was bound to.
-fn unbind(state: &mut [KeyState; Pkey::COUNT], addr: usize) {
-    for ks in state.iter_mut() {
-        if ks.bound.is_some_and(|(a, _, _)| a == addr) {
-            ks.bound = None;
-        }
-    }
-}
-
-/// `mprotect` emulation of protection keys (no PKU needed).
+/// `mprotect` emulation of protection keys (no PKU needed). A specification: the live state
+/// is built when a manager is.
 #[derive(Debug)]
 pub struct Emulated {
-    keys: Vec<Pkey>,
-    state: Box<Mutex<[KeyState; Pkey::COUNT]>>,
-    arenas: Arenas,
+    keys: usize,
 }
 
 impl Emulated {
@@ -66,19 +57,54 @@ impl Emulated {
     ///
     /// # Errors
     ///
-    /// Fails only when the SIGSEGV handler cannot be installed.
+    /// [`Error::InvalidConfig`] when `keys` is not 1 to 15.
     pub fn new(keys: usize) -> Result<Emulated> {
+        if !(1..=15).contains(&keys) {
+            return Err(Error::InvalidConfig("keys must be 1 to 15"));
+        }
+        Ok(Emulated { keys })
+    }
+}
+
+/// The live emulated backend, in library memory. Each virtual key has its own lock, so
+/// threads changing rights for different keys do not serialise.
+#[derive(Debug)]
+pub struct EmulatedLive {
+    keys: MVec<Pkey>,
+    state: [Mutex<KeyState>; Pkey::COUNT],
+    arenas: Arenas,
+}
+
+impl Spec for Emulated {
+    type Live = EmulatedLive;
+    const TAG: u32 = 2;
+    fn kind(&self) -> BackendKind {
+        BackendKind::Emulated
+    }
+    fn to_pod(&self) -> crate::manager::ops::SpecPod {
+        super::pod(BackendKind::Emulated, self.keys)
+    }
+    fn from_pod(p: crate::manager::ops::SpecPod) -> Result<Self> {
+        if p.kind != BackendKind::Emulated.tag() {
+            return Err(Error::InvalidConfig("backend"));
+        }
+        Emulated::new(p.keys as usize)
+    }
+    fn build(self) -> Result<EmulatedLive> {
         fault::install_handler()?;
-        let keys = (1..=keys.clamp(1, 15) as u8)
-            .filter_map(Pkey::new)
-            .collect();
-        Ok(Emulated {
+        let mut keys = MVec::new_in(Meta);
+        for k in (1..=self.keys as u8).filter_map(Pkey::new) {
+            keys.push(k);
+        }
+        Ok(EmulatedLive {
             keys,
-            state: Box::new(Mutex::new([KeyState::default(); Pkey::COUNT])),
+            state: std::array::from_fn(|_| Mutex::new(KeyState::default())),
             arenas: Arenas::default(),
         })
     }
+}
 
+impl EmulatedLive {
     fn mprotect(addr: usize, len: usize, prot: Prot, key: Pkey) -> Result<()> {
         // SAFETY: callers pass ranges inside this backend's reservations (checked in `tag`,
         // or recorded by it), into which mpkvirt hands out no Rust references.
@@ -90,9 +116,19 @@ impl Emulated {
             source,
         })
     }
+
+    /// The range starting at `addr` leaves whichever key it was bound to.
+    fn unbind(&self, addr: usize) {
+        for ks in &self.state {
+            let mut ks = lock(ks);
+            if ks.bound.is_some_and(|(a, _, _)| a == addr) {
+                ks.bound = None;
+            }
+        }
+    }
 }
 
-impl BackendOps for Emulated {
+impl LiveOps for EmulatedLive {
     fn kind(&self) -> BackendKind {
         BackendKind::Emulated
     }
@@ -102,17 +138,16 @@ impl BackendOps for Emulated {
     }
 
     fn reserve(&self, len: usize) -> Result<usize> {
-        self.arenas.reserve(len)
+        self.arenas.reserve(len).map(|(start, _)| start)
     }
 
     fn tag(&self, addr: usize, len: usize, prot: Prot, key: Option<Pkey>) -> Result<()> {
         self.arenas.check(addr, len);
-        let mut state = self.state.lock();
-        unbind(&mut state, addr);
+        self.unbind(addr);
         match key {
             None => Self::mprotect(addr, len, Prot::NONE, Pkey::DEFAULT),
             Some(k) => {
-                let ks = &mut state[k.index() as usize];
+                let mut ks = lock(&self.state[k.index() as usize]);
                 ks.bound = Some((addr, len, prot));
                 Self::mprotect(addr, len, effective(prot, ks.rights()), k)
             }
@@ -121,7 +156,7 @@ impl BackendOps for Emulated {
 
     fn discard(&self, addr: usize, len: usize, mapped_files: bool) -> Result<()> {
         if mapped_files {
-            unbind(&mut self.state.lock(), addr);
+            self.unbind(addr);
             return self.arenas.replace(addr, len);
         }
         // Park first (see the hardware backend), then empty in place (keeps it mergeable).
@@ -141,19 +176,18 @@ impl BackendOps for Emulated {
         self.arenas.map_file(addr, len, fd, offset)
     }
 
-    fn read_pkru(&self, regs: &ThreadRegs) -> Pkru {
-        regs.pkru
+    fn read_pkru(&self, regs: &Regs<'_>) -> Pkru {
+        *regs.virt
     }
 
-    fn write_pkru(&self, regs: &mut ThreadRegs, new: Pkru) {
-        let old = std::mem::replace(&mut regs.pkru, new);
-        let mut state = self.state.lock();
-        for &k in &self.keys {
+    fn write_pkru(&self, regs: &mut Regs<'_>, new: Pkru) {
+        let old = std::mem::replace(regs.virt, new);
+        for &k in self.keys.iter() {
             let (before, after) = (old.rights(k), new.rights(k));
             if before == after {
                 continue;
             }
-            let ks = &mut state[k.index() as usize];
+            let mut ks = lock(&self.state[k.index() as usize]);
             let union_before = ks.rights();
             for (rights, delta) in [(before, -1i32), (after, 1)] {
                 let counter = if rights.can_write() {
@@ -175,27 +209,22 @@ impl BackendOps for Emulated {
                 // Failing to *grant* leaves the pages closed: accesses fault, the safe
                 // direction. Failing to *revoke* would leave a domain open to threads whose
                 // view no longer grants it; there is no safe way to continue.
-                if union_after.can_write() || (union_after.can_read() && !union_before.can_write())
-                {
-                    eprintln!("mpkvirt: emulated backend could not grant rights: {e}");
-                } else {
-                    eprintln!("mpkvirt: emulated backend could not revoke rights: {e}; aborting");
+                let granting = union_after.can_write()
+                    || (union_after.can_read() && !union_before.can_write());
+                fault::log_error("mpkvirt: emulated backend could not change rights: ", &e);
+                if !granting {
+                    fault::log_line("mpkvirt: a revocation failed; aborting\n");
                     std::process::abort();
                 }
             }
         }
     }
 
-    fn access(
-        &self,
-        _regs: &ThreadRegs,
-        addr: usize,
-        write: Option<u8>,
-    ) -> std::result::Result<u8, RawFault> {
-        fault::probe(addr, write)
-    }
-
     fn owns(&self, addr: usize, len: usize) -> bool {
         self.arenas.contains(addr, len)
+    }
+
+    fn release(&self, _retired: bool) {
+        self.arenas.unmap_all();
     }
 }

@@ -1,89 +1,92 @@
-//! The hardware backend: real protection keys (`pkey_alloc`, `pkey_mprotect`) and PKRU
-//! written through mpkvirt-asm's checked gate.
+//! The hardware backend: real protection keys (`pkey_alloc`, `pkey_mprotect`), and a thread's
+//! rights in its record, which the gates install with WRPKRU.
+//!
+//! Keys come from mpkvirt's process-wide pool (`meta::Root::take_keys`): a manager's keys go
+//! back to the pool when it is dropped (or are retired for good if a forgotten view may still
+//! grant them), never to the kernel, so no other code of the process is ever handed a key a
+//! thread may still hold rights to.
 //!
 //! # Safety
 //!
-//! This file changes page protections and PKRU. Both are confined: `tag` acts only on
-//! ranges inside this backend's reservations (checked first), into which mpkvirt hands out
-//! only raw pointers, never Rust references, so no reference can observe a protection
-//! change (mapping over reservations is `arena.rs`'s business). PKRU is written only through `write_pkru`, which the manager calls with values
-//! that change nothing but the bits of this backend's keys (invariant 2 is the manager's
-//! business; see `keycache.rs`).
-#![allow(
-    unsafe_code,
-    reason = "pkey_mprotect over reservations and the WRPKRU gate"
-)]
+//! `tag` changes page protections only on ranges inside this backend's reservations (checked
+//! first), into which mpkvirt hands out only raw pointers, never Rust references, so no
+//! reference can observe the change (mapping over reservations is `arena.rs`'s business).
+#![allow(unsafe_code, reason = "pkey_mprotect over reservations")]
 
 use std::os::fd::BorrowedFd;
 
 use mpkvirt_sys::mman::Prot;
-use mpkvirt_sys::pkey::{pkey_alloc, pkey_free, pkey_mprotect};
-use mpkvirt_sys::{AccessRights, Error as SysError, Pkey, Pkru, Pku};
+use mpkvirt_sys::pkey::pkey_mprotect;
+use mpkvirt_sys::{Pkey, Pkru, Pku};
 
 use super::arena::Arenas;
-use super::sealed::BackendOps;
-use super::{BackendKind, RawFault, ThreadRegs};
+use super::sealed::{LiveOps, Spec};
+use super::{BackendKind, Regs};
 use crate::error::{Error, Result};
-use crate::fault;
+use crate::meta::{MVec, root};
 
-/// Real PKU: keys from `pkey_alloc`, tags with `pkey_mprotect`, rights with WRPKRU.
+/// Real PKU: keys from `pkey_alloc` (through mpkvirt's pool), tags with `pkey_mprotect`,
+/// rights with WRPKRU through the gates. A specification: the keys are taken when a manager
+/// is built from it.
 #[derive(Debug)]
 pub struct Hardware {
-    pku: Pku,
-    keys: Vec<Pkey>,
-    arenas: Arenas,
-    /// Set when a thread may still be granted a key: the keys are then never freed.
-    keys_retired: std::sync::atomic::AtomicBool,
+    _pku: Pku,
+    max_keys: usize,
 }
 
 impl Hardware {
-    /// Allocates up to `max_keys` protection keys (at least one) with access disabled for the
-    /// calling thread.
+    /// Asks for up to `max_keys` protection keys (at least one is taken when a manager is
+    /// built; fewer than asked when other code holds keys).
     ///
     /// # Errors
     ///
-    /// [`Error::HardwareRequired`] when PKU is unusable; [`Error::AllocKeys`] when no key can
-    /// be allocated.
+    /// [`Error::HardwareRequired`] when PKU is unusable; [`Error::InvalidConfig`] when `max_keys`
+    /// is not 1 to 15.
     pub fn new(max_keys: usize) -> Result<Hardware> {
         let pku = mpkvirt_sys::detect::pku().map_err(Error::HardwareRequired)?;
-        let mut keys = Vec::new();
-        while keys.len() < max_keys.min(15) {
-            match pkey_alloc(AccessRights::DISABLE_ACCESS) {
-                Ok(k) => keys.push(k),
-                Err(SysError::KeysExhausted) if !keys.is_empty() => break,
-                Err(source) => {
-                    for k in keys {
-                        let _ = pkey_free(k);
-                    }
-                    return Err(Error::AllocKeys(source));
-                }
-            }
+        if !(1..=15).contains(&max_keys) {
+            return Err(Error::InvalidConfig("max_keys must be 1 to 15"));
         }
-        fault::install_handler()?;
         Ok(Hardware {
-            pku,
-            keys,
-            arenas: Arenas::default(),
-            keys_retired: std::sync::atomic::AtomicBool::new(false),
+            _pku: pku,
+            max_keys,
         })
     }
 }
 
-impl Drop for Hardware {
-    fn drop(&mut self) {
-        // Pages first, keys after: a key freed while pages still carry it would hand those
-        // pages to the next owner of the key number.
-        drop(std::mem::take(&mut self.arenas));
-        if self.keys_retired.load(std::sync::atomic::Ordering::Relaxed) {
-            return;
+/// The live hardware backend, in library memory.
+#[derive(Debug)]
+pub struct HardwareLive {
+    keys: MVec<Pkey>,
+    arenas: Arenas,
+}
+
+impl Spec for Hardware {
+    type Live = HardwareLive;
+    const TAG: u32 = 3;
+    fn kind(&self) -> BackendKind {
+        BackendKind::Hardware
+    }
+    fn to_pod(&self) -> crate::manager::ops::SpecPod {
+        super::pod(BackendKind::Hardware, self.max_keys)
+    }
+    fn from_pod(p: crate::manager::ops::SpecPod) -> Result<Self> {
+        if p.kind != BackendKind::Hardware.tag() {
+            return Err(Error::InvalidConfig("backend"));
         }
-        for &k in &self.keys {
-            let _ = pkey_free(k);
-        }
+        Hardware::new(p.keys as usize)
+    }
+    fn build(self) -> Result<HardwareLive> {
+        let keys = root().take_keys(self.max_keys)?;
+        crate::fault::install_handler()?;
+        Ok(HardwareLive {
+            keys,
+            arenas: Arenas::default(),
+        })
     }
 }
 
-impl BackendOps for Hardware {
+impl LiveOps for HardwareLive {
     fn kind(&self) -> BackendKind {
         BackendKind::Hardware
     }
@@ -93,7 +96,7 @@ impl BackendOps for Hardware {
     }
 
     fn reserve(&self, len: usize) -> Result<usize> {
-        self.arenas.reserve(len)
+        self.arenas.reserve(len).map(|(start, _)| start)
     }
 
     fn tag(&self, addr: usize, len: usize, prot: Prot, key: Option<Pkey>) -> Result<()> {
@@ -135,41 +138,29 @@ impl BackendOps for Hardware {
         }
     }
 
-    fn retire_keys(&self) {
-        self.keys_retired
-            .store(true, std::sync::atomic::Ordering::Relaxed);
-    }
-
     fn map_fd(&self, addr: usize, len: usize, fd: BorrowedFd<'_>, offset: u64) -> Result<()> {
         self.arenas.map_file(addr, len, fd, offset)
     }
 
     #[inline]
-    fn read_pkru(&self, _regs: &ThreadRegs) -> Pkru {
-        self.pku.rdpkru()
+    fn read_pkru(&self, regs: &Regs<'_>) -> Pkru {
+        Pkru::from_bits(*regs.real)
     }
 
     #[inline]
-    fn write_pkru(&self, regs: &mut ThreadRegs, new: Pkru) {
-        regs.gate_slot = new.bits();
-        // SAFETY: `self.pku` proves OSPKE (the gate's WRPKRU is legal). `regs` is the calling
-        // thread's own (its context, or a local during thread exit), so no other thread writes
-        // the slot during the gate, and it is key-0 memory, readable under every value the
-        // manager writes (it never restricts key 0). The manager grants only keys this thread
-        // has pinned, and revokes before unpinning (see `keycache.rs`).
-        unsafe { mpkvirt_asm::mpkvirt_gate_write(&regs.gate_slot) };
-    }
-
-    fn access(
-        &self,
-        _regs: &ThreadRegs,
-        addr: usize,
-        write: Option<u8>,
-    ) -> std::result::Result<u8, RawFault> {
-        fault::probe(addr, write)
+    fn write_pkru(&self, regs: &mut Regs<'_>, new: Pkru) {
+        // The thread record's value; the gate installs it when the op returns.
+        *regs.real = new.bits();
     }
 
     fn owns(&self, addr: usize, len: usize) -> bool {
         self.arenas.contains(addr, len)
+    }
+
+    fn release(&self, retired: bool) {
+        // Pages first, keys after: a key handed on while pages still carry it would give
+        // those pages to the next owner of the key number.
+        self.arenas.unmap_all();
+        root().return_keys(&self.keys, retired);
     }
 }

@@ -5,11 +5,19 @@
 //!
 //! | backend | keys | tagging | thread rights | enforcement |
 //! |---|---|---|---|---|
-//! | [`Hardware`] | `pkey_alloc`ed | `pkey_mprotect` | WRPKRU through the checked gate | per thread, by the CPU |
+//! | [`Hardware`] | `pkey_alloc`ed (pooled by mpkvirt) | `pkey_mprotect` | the thread record's PKRU, installed by the gates | per thread, by the CPU |
 //! | [`Emulated`] | virtual 1..=n | `mprotect` of the bound range | a per-thread PKRU value; pages get the *union* of the rights of all threads | process-wide, by the MMU |
 //! | [`Simulated`] | virtual 1..=n | a model page table | a per-thread PKRU value | none: a model answers "would this fault" |
 //!
 //! [`Machine`] is the run-time choice between the two real ones (see [`crate::Mode`]).
+//!
+//! # Specification and live state
+//!
+//! A backend value the program builds ([`Hardware::new`], [`Emulated::new`],
+//! [`Simulated::new`], [`Machine`]) is only a *specification*: how many keys, which machine.
+//! The manager builds the *live* backend from it inside the library — keys allocated, arenas
+//! recorded, the model's page table — in library memory, so nothing the program can write
+//! decides which keys or ranges the backend believes it owns.
 //!
 //! # Emulated: what "process-wide" means
 //!
@@ -24,7 +32,7 @@
 //! of rights that changes a key's union costs one `mprotect` — this is also the
 //! mprotect-per-switch baseline MPK papers compare against.
 //!
-//! The trait is sealed: its methods are crate-internal, so code outside mpkvirt cannot
+//! The traits are sealed: their methods are crate-internal, so code outside mpkvirt cannot
 //! change protections or PKRU behind the manager's back.
 
 mod arena;
@@ -39,6 +47,7 @@ use mpkvirt_sys::mman::Prot;
 use mpkvirt_sys::signal::{Access, SegvCode};
 use mpkvirt_sys::{Pkey, Pkru};
 
+pub(crate) use arena::arena_map_contains;
 pub use emulated::Emulated;
 pub use hardware::Hardware;
 pub use simulated::Simulated;
@@ -56,6 +65,25 @@ pub enum BackendKind {
     Simulated,
 }
 
+impl BackendKind {
+    pub(crate) fn tag(self) -> u32 {
+        match self {
+            BackendKind::Simulated => 1,
+            BackendKind::Emulated => 2,
+            BackendKind::Hardware => 3,
+        }
+    }
+
+    pub(crate) fn from_tag(tag: u32) -> Option<BackendKind> {
+        match tag {
+            1 => Some(BackendKind::Simulated),
+            2 => Some(BackendKind::Emulated),
+            3 => Some(BackendKind::Hardware),
+            _ => None,
+        }
+    }
+}
+
 impl fmt::Display for BackendKind {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
@@ -66,22 +94,13 @@ impl fmt::Display for BackendKind {
     }
 }
 
-/// The calling thread's rights as a backend tracks them (kept by the manager per thread).
-#[derive(Clone, Copy, Debug)]
-pub struct ThreadRegs {
-    /// The thread's (virtual) PKRU for the emulated and simulated backends.
-    pub(crate) pkru: Pkru,
-    /// The trusted memory slot the hardware gate writes PKRU from and re-checks against.
-    pub(crate) gate_slot: u32,
-}
-
-impl Default for ThreadRegs {
-    fn default() -> ThreadRegs {
-        ThreadRegs {
-            pkru: Pkru::LINUX_INIT,
-            gate_slot: Pkru::LINUX_INIT.bits(),
-        }
-    }
+/// The calling thread's rights registers as a live backend sees them during an op: the
+/// thread's virtual PKRU for this manager (emulated, simulated) and the thread record's real
+/// PKRU (hardware: the gate installs it when the op returns).
+#[derive(Debug)]
+pub struct Regs<'a> {
+    pub(crate) virt: &'a mut Pkru,
+    pub(crate) real: &'a mut u32,
 }
 
 /// A memory access that faulted (or, for the simulated backend, would have).
@@ -97,15 +116,31 @@ pub struct RawFault {
     pub pkey: Option<Pkey>,
 }
 
-/// A machine the manager can run on. Sealed: implemented by [`Hardware`], [`Emulated`],
-/// [`Simulated`] and [`Machine`] only.
-pub trait Backend: sealed::BackendOps + Send + Sync + fmt::Debug + 'static {}
+/// A machine the manager can run on: the specification the program builds. Sealed:
+/// implemented by [`Hardware`], [`Emulated`], [`Simulated`] and [`Machine`] only.
+pub trait Backend: sealed::Spec + Send + Sync + fmt::Debug + 'static {}
 
 pub(crate) mod sealed {
     use super::*;
 
-    /// The operations behind [`Backend`](super::Backend); crate-internal.
-    pub trait BackendOps {
+    /// The specification half (program side); crate-internal.
+    pub trait Spec: Sized {
+        /// The live state the manager keeps in library memory.
+        type Live: LiveOps;
+        /// The registry tag of managers of this type (one per Rust type).
+        const TAG: u32;
+        /// Which machine this specification asks for.
+        fn kind(&self) -> BackendKind;
+        /// Builds the live backend (inside the library: keys, tables).
+        fn build(self) -> Result<Self::Live>;
+        /// The specification as plain data, to cross into the library.
+        fn to_pod(&self) -> crate::manager::ops::SpecPod;
+        /// The specification back from plain data (inside the library: validated).
+        fn from_pod(p: crate::manager::ops::SpecPod) -> Result<Self>;
+    }
+
+    /// The live backend (library side); crate-internal.
+    pub trait LiveOps: Send + Sync + fmt::Debug + 'static {
         fn kind(&self) -> BackendKind;
         /// The keys domains may be bound to (distinct, none is key 0).
         fn keys(&self) -> &[Pkey];
@@ -125,31 +160,34 @@ pub(crate) mod sealed {
         /// holds no file mappings; with `mapped_files` the range comes back parked and the
         /// caller re-tags it.
         fn zero(&self, addr: usize, len: usize, mapped_files: bool) -> Result<()>;
-        /// The keys may still be granted by a thread whose view was forgotten: never give
-        /// them back to the kernel.
-        fn retire_keys(&self) {}
         /// Maps `fd` privately (copy-on-write) over `[addr, addr + len)`, parked; the caller
         /// re-applies the domain's tag.
         fn map_fd(&self, addr: usize, len: usize, fd: BorrowedFd<'_>, offset: u64) -> Result<()>;
         /// The calling thread's rights.
-        fn read_pkru(&self, regs: &ThreadRegs) -> Pkru;
+        fn read_pkru(&self, regs: &Regs<'_>) -> Pkru;
         /// Sets the calling thread's rights. The manager only changes the bits of
-        /// [`BackendOps::keys`].
-        fn write_pkru(&self, regs: &mut ThreadRegs, new: Pkru);
-        /// Reads (`write == None`) or writes one byte at `addr` as the calling thread,
-        /// reporting a fault instead of dying.
-        fn access(
+        /// [`LiveOps::keys`].
+        fn write_pkru(&self, regs: &mut Regs<'_>, new: Pkru);
+        /// For backends without memory: the outcome of a read (`write == None`) or write of
+        /// one byte at `addr` by a thread with rights `pkru`. `None`: the access must be made
+        /// for real, by the caller.
+        fn model_access(
             &self,
-            regs: &ThreadRegs,
-            addr: usize,
-            write: Option<u8>,
-        ) -> std::result::Result<u8, RawFault>;
+            _pkru: Pkru,
+            _addr: usize,
+            _write: Option<u8>,
+        ) -> Option<std::result::Result<u8, RawFault>> {
+            None
+        }
         /// Whether `[addr, addr + len)` lies in one of this backend's reservations.
         fn owns(&self, addr: usize, len: usize) -> bool;
+        /// Called when the manager goes away: `retired` when a thread may still hold rights
+        /// to the keys (a forgotten view), which must then never be handed out again.
+        fn release(&self, retired: bool);
     }
 }
 
-use sealed::BackendOps;
+use sealed::{LiveOps, Spec};
 
 /// The real machine chosen at run time: [`Hardware`] when PKU is usable (or required),
 /// [`Emulated`] otherwise. See [`crate::Mode`].
@@ -161,21 +199,72 @@ pub enum Machine {
     Emulated(Emulated),
 }
 
+/// The live state of a [`Machine`].
+#[derive(Debug)]
+#[allow(
+    clippy::large_enum_variant,
+    reason = "one per manager, inside library memory: boxing would only add an indirection"
+)]
+pub enum MachineLive {
+    /// Real PKU.
+    Hardware(hardware::HardwareLive),
+    /// `mprotect` emulation.
+    Emulated(emulated::EmulatedLive),
+}
+
 impl Backend for Machine {}
 impl Backend for Hardware {}
 impl Backend for Emulated {}
 impl Backend for Simulated {}
 
+impl Spec for Machine {
+    type Live = MachineLive;
+    const TAG: u32 = 4;
+    fn kind(&self) -> BackendKind {
+        match self {
+            Machine::Hardware(_) => BackendKind::Hardware,
+            Machine::Emulated(_) => BackendKind::Emulated,
+        }
+    }
+    fn build(self) -> Result<MachineLive> {
+        Ok(match self {
+            Machine::Hardware(h) => MachineLive::Hardware(h.build()?),
+            Machine::Emulated(e) => MachineLive::Emulated(e.build()?),
+        })
+    }
+    fn to_pod(&self) -> crate::manager::ops::SpecPod {
+        match self {
+            Machine::Hardware(h) => h.to_pod(),
+            Machine::Emulated(e) => e.to_pod(),
+        }
+    }
+    fn from_pod(p: crate::manager::ops::SpecPod) -> Result<Machine> {
+        match BackendKind::from_tag(p.kind) {
+            Some(BackendKind::Hardware) => Hardware::from_pod(p).map(Machine::Hardware),
+            Some(BackendKind::Emulated) => Emulated::from_pod(p).map(Machine::Emulated),
+            _ => Err(crate::error::Error::InvalidConfig("backend")),
+        }
+    }
+}
+
+/// The plain-data form of a specification with `keys` keys.
+pub(crate) fn pod(kind: BackendKind, keys: usize) -> crate::manager::ops::SpecPod {
+    crate::manager::ops::SpecPod {
+        kind: kind.tag(),
+        keys: u32::try_from(keys).unwrap_or(u32::MAX),
+    }
+}
+
 macro_rules! dispatch {
     ($self:ident, $b:ident => $e:expr) => {
         match $self {
-            Machine::Hardware($b) => $e,
-            Machine::Emulated($b) => $e,
+            MachineLive::Hardware($b) => $e,
+            MachineLive::Emulated($b) => $e,
         }
     };
 }
 
-impl BackendOps for Machine {
+impl LiveOps for MachineLive {
     fn kind(&self) -> BackendKind {
         dispatch!(self, b => b.kind())
     }
@@ -194,50 +283,22 @@ impl BackendOps for Machine {
     fn zero(&self, addr: usize, len: usize, mapped_files: bool) -> Result<()> {
         dispatch!(self, b => b.zero(addr, len, mapped_files))
     }
-    fn retire_keys(&self) {
-        dispatch!(self, b => b.retire_keys())
-    }
     fn map_fd(&self, addr: usize, len: usize, fd: BorrowedFd<'_>, offset: u64) -> Result<()> {
         dispatch!(self, b => b.map_fd(addr, len, fd, offset))
     }
     #[inline]
-    fn read_pkru(&self, regs: &ThreadRegs) -> Pkru {
+    fn read_pkru(&self, regs: &Regs<'_>) -> Pkru {
         dispatch!(self, b => b.read_pkru(regs))
     }
     #[inline]
-    fn write_pkru(&self, regs: &mut ThreadRegs, new: Pkru) {
+    fn write_pkru(&self, regs: &mut Regs<'_>, new: Pkru) {
         dispatch!(self, b => b.write_pkru(regs, new))
-    }
-    fn access(
-        &self,
-        regs: &ThreadRegs,
-        addr: usize,
-        write: Option<u8>,
-    ) -> std::result::Result<u8, RawFault> {
-        dispatch!(self, b => b.access(regs, addr, write))
     }
     fn owns(&self, addr: usize, len: usize) -> bool {
         dispatch!(self, b => b.owns(addr, len))
     }
-}
-
-/// Reservations made by a backend: `(start, len)` pairs, checked by `owns`.
-#[derive(Debug, Default)]
-pub(crate) struct Reservations(parking_lot::RwLock<Vec<(usize, usize)>>);
-
-impl Reservations {
-    pub(crate) fn add(&self, start: usize, len: usize) {
-        self.0.write().push((start, len));
-    }
-    pub(crate) fn contains(&self, addr: usize, len: usize) -> bool {
-        let end = addr.saturating_add(len);
-        self.0
-            .read()
-            .iter()
-            .any(|&(s, l)| addr >= s && end <= s + l)
-    }
-    pub(crate) fn take(&self) -> Vec<(usize, usize)> {
-        std::mem::take(&mut *self.0.write())
+    fn release(&self, retired: bool) {
+        dispatch!(self, b => b.release(retired))
     }
 }
 

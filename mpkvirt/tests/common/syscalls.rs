@@ -80,7 +80,9 @@ fn filter() -> Vec<libc::sock_filter> {
     );
     vec![
         stmt(ld, 0),                                    // nr
-        jump(jeq, libc::SYS_rt_sigreturn as u32, 6, 0), // -> allow
+        jump(jeq, libc::SYS_rt_sigreturn as u32, 8, 0), // -> allow
+        jump(jeq, libc::SYS_munmap as u32, 7, 0),       // -> allow
+        jump(jeq, libc::SYS_sigaltstack as u32, 6, 0),  // -> allow
         stmt(ld, 12),                                   // ip >> 32
         jump(jeq, (start >> 32) as u32, 0, 5),          // else -> trap
         stmt(ld, 8),                                    // ip & 0xffff_ffff
@@ -122,10 +124,12 @@ pub(crate) fn count_syscalls<R: Send>(f: impl FnOnce(&Meter) -> R + Send) -> R {
     static HANDLER: Once = Once::new();
     HANDLER.call_once(|| {
         // SAFETY: the handler counts, re-issues the trapped call through the trampoline and
-        // writes the result back; it is async-signal-safe (an atomic and a raw syscall). No
-        // SA_ONSTACK: the thread's exit unmaps its alternate stack through a trapped munmap,
-        // and the handler must not be running on that stack then.
-        unsafe { mpkvirt_sys::signal::install(libc::SIGSYS, on_sigsys, 0) }
+        // writes the result back; it is async-signal-safe (an atomic and a raw syscall).
+        // SA_ONSTACK: a call trapped inside mpkvirt interrupts code on its library stack,
+        // which a handler cannot use (its PKRU denies the library's key). The filter lets
+        // munmap and sigaltstack through, so the thread's exit, which takes its alternate
+        // stack down, never runs the handler on that stack.
+        unsafe { mpkvirt_sys::signal::install(libc::SIGSYS, on_sigsys, libc::SA_ONSTACK) }
             .expect("install SIGSYS handler");
     });
     let _one_at_a_time = COUNTING.lock().unwrap_or_else(|e| e.into_inner());

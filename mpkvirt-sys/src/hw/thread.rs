@@ -1,0 +1,185 @@
+//! Thread identity and waiting (x86-64 Linux): kernel thread ids, `tgkill`, the FS/GS base
+//! registers, and futexes.
+//!
+//! # Safety
+//!
+//! RDFSBASE/RDGSBASE are executed with inline assembly only through an [`FsGsBase`] token,
+//! which exists only when the kernel reports `HWCAP2_FSGSBASE` (it set CR4.FSGSBASE; without
+//! it the instructions raise #UD). They read a register and touch no memory. Setting the GS
+//! base (`arch_prctl(ARCH_SET_GS)`) changes what every `%gs:`-relative access of the thread
+//! reads; it is `unsafe` and its contract is on [`set_gs_base`]. The futex calls pass the
+//! address of an `AtomicU32` the caller borrows for the duration of the call; the kernel
+//! only reads it (wait) or uses it as a key (wake).
+
+#![allow(
+    unsafe_code,
+    reason = "RDFSBASE/RDGSBASE, arch_prctl and futex system calls"
+)]
+
+use std::arch::asm;
+use std::sync::atomic::AtomicU32;
+use std::time::Duration;
+
+use crate::error::{Errno, Error, Op, Result};
+
+/// The calling thread's kernel thread id (`gettid(2)`).
+pub fn gettid() -> i32 {
+    // SAFETY: gettid takes no arguments and cannot fail.
+    unsafe { libc::gettid() }
+}
+
+/// Sends `sig` to thread `tid` of this process (`tgkill(2)`). With `sig == 0` only checks
+/// that the thread exists.
+///
+/// # Errors
+///
+/// `ESRCH` when no such thread of this process exists any more.
+pub fn tgkill(tid: i32, sig: i32) -> Result<()> {
+    let pid = std::process::id();
+    // SAFETY: tgkill takes three integers and touches no memory of ours.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_tgkill,
+            libc::c_long::from(pid),
+            libc::c_long::from(tid),
+            libc::c_long::from(sig),
+        )
+    };
+    if ret < 0 {
+        Err(Error::last(Op::Tgkill))
+    } else {
+        Ok(())
+    }
+}
+
+const HWCAP2_FSGSBASE: u64 = 1 << 1;
+
+/// Proof that user space may execute RDFSBASE/RDGSBASE (the kernel set CR4.FSGSBASE, Linux
+/// 5.9 or later on a CPU with the instructions).
+#[derive(Clone, Copy, Debug)]
+pub struct FsGsBase {
+    _private: (),
+}
+
+impl FsGsBase {
+    /// The token, if the kernel advertises `HWCAP2_FSGSBASE` in the auxiliary vector.
+    pub fn new() -> Option<FsGsBase> {
+        // SAFETY: getauxval reads the process's auxiliary vector; it has no preconditions.
+        let hwcap2 = unsafe { libc::getauxval(libc::AT_HWCAP2) };
+        (hwcap2 & HWCAP2_FSGSBASE != 0).then_some(FsGsBase { _private: () })
+    }
+
+    /// The calling thread's FS base (its thread pointer: glibc's TCB).
+    #[inline]
+    pub fn fs_base(self) -> usize {
+        let v: usize;
+        // SAFETY: `self` proves CR4.FSGSBASE is set, so RDFSBASE does not fault; it only
+        // writes the destination register.
+        unsafe { asm!("rdfsbase {}", out(reg) v, options(nomem, nostack, preserves_flags)) };
+        v
+    }
+
+    /// The calling thread's GS base (0 unless someone set it; mpkvirt keeps its per-thread
+    /// record there).
+    #[inline]
+    pub fn gs_base(self) -> usize {
+        let v: usize;
+        // SAFETY: as for `fs_base`, with RDGSBASE.
+        unsafe { asm!("rdgsbase {}", out(reg) v, options(nomem, nostack, preserves_flags)) };
+        v
+    }
+}
+
+const ARCH_SET_GS: libc::c_long = 0x1001;
+
+/// Sets the calling thread's GS base (`arch_prctl(ARCH_SET_GS)`).
+///
+/// # Errors
+///
+/// `EPERM`/`EINVAL` when the kernel refuses (a non-canonical address).
+///
+/// # Safety
+///
+/// Every `%gs:`-relative access the thread makes afterwards reads and writes at `addr`: the
+/// caller must own the thread's GS base (nothing else in the process may use it) and `addr`
+/// must point to memory laid out as those accesses expect, for as long as it is installed.
+pub unsafe fn set_gs_base(addr: usize) -> Result<()> {
+    // SAFETY: arch_prctl(ARCH_SET_GS, addr) changes only this thread's GS base register;
+    // what the thread then reads through it is the caller's obligation (above).
+    let ret = unsafe { libc::syscall(libc::SYS_arch_prctl, ARCH_SET_GS, addr as libc::c_long) };
+    if ret < 0 {
+        Err(Error::last(Op::ArchPrctl))
+    } else {
+        Ok(())
+    }
+}
+
+/// Sleeps while `*word == expected`, until [`futex_wake`] on the same word, a signal, or
+/// `timeout` (none: no limit). Returns `Ok(false)` when the time ran out, `Ok(true)` otherwise
+/// (woken, the value had already changed, or a signal interrupted the wait: callers re-check
+/// their condition in a loop).
+///
+/// This is a raw `futex(FUTEX_WAIT_PRIVATE)` system call, not a POSIX cancellation point.
+///
+/// # Errors
+///
+/// Unexpected kernel errors (`EINVAL`, `EFAULT`) only.
+pub fn futex_wait(word: &AtomicU32, expected: u32, timeout: Option<Duration>) -> Result<bool> {
+    let ts = timeout.map(|t| libc::timespec {
+        tv_sec: libc::time_t::try_from(t.as_secs()).unwrap_or(libc::time_t::MAX),
+        tv_nsec: libc::c_long::from(t.subsec_nanos()),
+    });
+    let ts_ptr = ts
+        .as_ref()
+        .map_or(std::ptr::null(), |t| t as *const libc::timespec);
+    // SAFETY: `word` is a live AtomicU32 (4-byte aligned) the kernel only reads; `ts_ptr` is
+    // null or points to a timespec on this stack that outlives the call.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_futex,
+            word.as_ptr(),
+            libc::FUTEX_WAIT | libc::FUTEX_PRIVATE_FLAG,
+            expected,
+            ts_ptr,
+        )
+    };
+    if ret == 0 {
+        return Ok(true);
+    }
+    match Errno::last().0 {
+        libc::EAGAIN | libc::EINTR => Ok(true),
+        libc::ETIMEDOUT => Ok(false),
+        errno => Err(Error::Sys {
+            op: Op::Futex,
+            errno: Errno(errno),
+        }),
+    }
+}
+
+/// Wakes up to `n` threads sleeping in [`futex_wait`] on `word`.
+pub fn futex_wake(word: &AtomicU32, n: i32) {
+    // SAFETY: `word` is a live AtomicU32; FUTEX_WAKE only uses its address as a key.
+    unsafe {
+        libc::syscall(
+            libc::SYS_futex,
+            word.as_ptr(),
+            libc::FUTEX_WAKE | libc::FUTEX_PRIVATE_FLAG,
+            n,
+        )
+    };
+}
+
+/// The kernel thread ids of this process's threads (`/proc/self/task`).
+///
+/// # Errors
+///
+/// When `/proc` is not mounted.
+pub fn list_threads() -> std::io::Result<Vec<i32>> {
+    let mut tids = Vec::new();
+    for entry in std::fs::read_dir("/proc/self/task")? {
+        if let Some(tid) = entry?.file_name().to_str().and_then(|s| s.parse().ok()) {
+            tids.push(tid);
+        }
+    }
+    Ok(tids)
+}

@@ -1,0 +1,14 @@
+//! Thread identity and waiting: kernel thread ids, `tgkill`, the FS/GS base registers (the
+//! thread pointer, and the register mpkvirt keeps its per-thread record in), futexes, and the
+//! list of the process's threads.
+//!
+//! The FS/GS base instructions need `HWCAP2_FSGSBASE` (Linux 5.9 or later on a CPU with
+//! FSGSBASE, which every CPU with PKU has); [`FsGsBase`] is the proof.
+//!
+//! # References
+//!
+//! gettid(2), tgkill(2), arch_prctl(2), futex(2); Intel SDM Vol. 2 RDFSBASE/RDGSBASE.
+
+pub use crate::imp::thread::{
+    FsGsBase, futex_wait, futex_wake, gettid, list_threads, set_gs_base, tgkill,
+};

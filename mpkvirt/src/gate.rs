@@ -1,0 +1,331 @@
+//! How application code calls library code: thread records, registration and the three
+//! calling paths of [`MetadataMode`].
+//!
+//! Every library operation that reads or changes library state is an *op*: a code and a
+//! plain argument block in the caller's memory, run by [`mpkvirt_dispatch`].
+//!
+//! - **Protected**: through `mpkvirt_gate_call` (`asm/x86_64/callgate.S`): PKRU raised to the
+//!   library's value, the thread identified by its record (`%gs`), a switch to its library
+//!   stack, the dispatcher, and PKRU lowered to the record's value — the thread's legitimate
+//!   view, which the op just computed.
+//! - **GateOnly**: the same path without the PKRU writes (`mpkvirt_gate_call_nopku`).
+//! - **Cooperative**: the dispatcher is called directly on the caller's stack; on PKU
+//!   hardware the lowering gate (`mpkvirt_gate_sync`) installs the record's PKRU afterwards.
+//!
+//! # Thread records
+//!
+//! Each thread that uses the library has a [`ThreadRecord`] in the metadata region; its GS
+//! base points at it (`arch_prctl(ARCH_SET_GS)`), so both the assembly and Rust find it as
+//! `%gs:0` without trusting any application memory. The record names its owner by FS base
+//! (the thread pointer): a thread created by `clone` inherits its creator's GS base, and the
+//! gate, seeing a foreign owner, registers the new thread with a record of its own. A thread's
+//! exit (a thread-local destructor) ends its views and marks the record dead; the record is
+//! reused once `tgkill(tid, 0)` says the thread is gone.
+//!
+//! # Safety
+//!
+//! This file calls the assembly gates, reads the record through `%gs`, sets the GS base, and
+//! turns the record's address back into a reference. Each record is used only by the thread
+//! that owns it (the gate checks ownership before the dispatcher runs, and the dispatcher is
+//! not re-entered: the record's `busy` word); records are never freed, only reused after
+//! their thread is gone.
+#![allow(
+    unsafe_code,
+    reason = "the call gates, %gs-relative record access and the GS base"
+)]
+
+use std::arch::asm;
+use std::ptr::NonNull;
+use std::sync::OnceLock;
+use std::sync::atomic::AtomicU32;
+
+use mpkvirt_asm::{GATE_BUSY, GATE_UNREGISTERED, GateRecord};
+use mpkvirt_sys::thread::{FsGsBase, gettid, set_gs_base, tgkill};
+use mpkvirt_sys::{Pkru, Pku};
+
+use crate::error::{Error, Result};
+use crate::manager::ThreadCx;
+use crate::meta::{self, MBox, MVec, Meta, MetadataMode, lock, root};
+
+/// Usable size of a thread's library stack (touched on demand).
+const LIB_STACK: usize = 1 << 20;
+
+/// `active_mgr` when no op is running.
+pub(crate) const NO_MGR: u32 = u32::MAX;
+
+/// A thread's record: the gate's fields first (`%gs` points here), then the library's
+/// per-thread state.
+#[repr(C)]
+pub(crate) struct ThreadRecord {
+    pub(crate) gate: GateRecord,
+    /// Kernel thread id of the owner.
+    tid: i32,
+    /// Whether the owner ended (its views are gone); reused once the thread is gone.
+    dead: bool,
+    /// The PKRU the thread had when it entered the current op (0 without PKU).
+    pub(crate) entry_pkru: Pkru,
+    /// Whether that PKRU differed, for the keys the library manages, from the value the
+    /// library last set for the thread: the op was called from a signal handler (whose PKRU
+    /// the kernel reset) or after some other change the library did not make.
+    pub(crate) interrupted: bool,
+    /// The registry slot of the manager the current op works on (`NO_MGR`: none). A manager
+    /// is not torn down while some thread's op is on it.
+    pub(crate) active_mgr: AtomicU32,
+    /// Views entered so far by the thread, with any manager (each view records its number:
+    /// a faulting guarded call ends the views entered after it started).
+    pub(crate) view_seq: u64,
+    /// The thread's PKRU while it creates a thread without rights (`OP_SPAWN_PREPARE`).
+    pub(crate) spawn_saved: Option<u32>,
+    /// Per manager registry slot: the thread's state for that manager.
+    pub(crate) cxs: MVec<Option<NonNull<ThreadCx>>>,
+    /// The C API's per-thread state.
+    pub(crate) capi: crate::capi::ThreadBegun,
+}
+
+fn fsgs() -> FsGsBase {
+    static TOKEN: OnceLock<Option<FsGsBase>> = OnceLock::new();
+    TOKEN
+        .get_or_init(FsGsBase::new)
+        .expect("meta::init checked FSGSBASE")
+}
+
+impl ThreadRecord {
+    /// The calling thread's record, if it has one (its GS base points at a record it owns).
+    pub(crate) fn current() -> Option<&'static mut ThreadRecord> {
+        let t = fsgs();
+        let gs = t.gs_base();
+        if gs == 0 {
+            return None;
+        }
+        let owner: u64;
+        // SAFETY: a non-zero GS base is only ever set by `register` to a record in the
+        // metadata region (mpkvirt owns the thread's GS base), which stays mapped forever;
+        // the owner field is a plain u64 at offset 32.
+        unsafe {
+            asm!("mov {}, gs:[32]", out(reg) owner, options(nostack, readonly, preserves_flags))
+        };
+        if owner != t.fs_base() as u64 {
+            return None;
+        }
+        // SAFETY: the record belongs to this thread (checked above) and is only ever used by
+        // its owner, one op at a time (the `busy` word); records are never freed.
+        Some(unsafe { &mut *(gs as *mut ThreadRecord) })
+    }
+
+    /// The calling thread's record inside an op (the gate identified the thread).
+    ///
+    /// # Safety
+    ///
+    /// Only inside the dispatcher (or registration), where the gate — or the cooperative
+    /// path — has checked that `%gs` points at the calling thread's own record, and only one
+    /// reference to it may be live.
+    pub(crate) unsafe fn current_unchecked() -> &'static mut ThreadRecord {
+        let rec: usize;
+        // SAFETY: per the contract the GS base points at a record, whose first word is its own
+        // address.
+        unsafe {
+            asm!("mov {}, gs:[0]", out(reg) rec, options(nostack, readonly, preserves_flags))
+        };
+        // SAFETY: per the contract this is the calling thread's record, used by it alone.
+        unsafe { &mut *(rec as *mut ThreadRecord) }
+    }
+}
+
+/// Registers the calling thread: a record (a dead one whose thread is gone, or a new one)
+/// with a library stack, and the GS base pointing at it. Called by the gate on the boot stack
+/// (one thread at a time), or directly in cooperative mode. Returns 1, or 0 on failure.
+#[unsafe(no_mangle)]
+pub(crate) extern "sysv64" fn mpkvirt_register_thread(entry_pkru: u32) -> u64 {
+    match std::panic::catch_unwind(|| register(Pkru::from_bits(entry_pkru))) {
+        Ok(Ok(())) => 1,
+        Ok(Err(_)) => 0,
+        Err(payload) => {
+            // Freeing the payload would call the program's allocator from library code.
+            std::mem::forget(payload);
+            0
+        }
+    }
+}
+
+fn register(entry: Pkru) -> Result<()> {
+    let r = root();
+    let t = fsgs();
+    let tid = gettid();
+    let mut records = lock(&r.records);
+    let reusable = records.iter().copied().find(|&addr| {
+        // SAFETY: every entry is a record made below; reading a dead record's `dead` and
+        // `tid` is safe: no thread uses a dead record's fields any more (its owner ended).
+        let rec = unsafe { &*(addr as *const ThreadRecord) };
+        rec.dead && tgkill(rec.tid, 0).is_err()
+    });
+    let addr = match reusable {
+        Some(addr) => addr,
+        None => {
+            let (_, top) = meta::alloc_stack(LIB_STACK)?;
+            let rec = MBox::new_in(
+                ThreadRecord {
+                    gate: GateRecord {
+                        self_addr: 0,
+                        pkru: 0,
+                        busy: 0,
+                        saved_rsp: 0,
+                        stack_top: top as u64,
+                        owner_fs: 0,
+                    },
+                    tid: 0,
+                    dead: true,
+                    entry_pkru: Pkru::ALLOW_ALL,
+                    interrupted: false,
+                    active_mgr: AtomicU32::new(NO_MGR),
+                    view_seq: 0,
+                    spawn_saved: None,
+                    cxs: MVec::new_in(Meta),
+                    capi: crate::capi::ThreadBegun::default(),
+                },
+                Meta,
+            );
+            let addr = MBox::into_raw(rec) as usize;
+            records.push(addr);
+            addr
+        }
+    };
+    // SAFETY: `addr` is a record that no live thread uses (new, or dead with its thread gone);
+    // it becomes this thread's alone.
+    let rec = unsafe { &mut *(addr as *mut ThreadRecord) };
+    debug_assert!(
+        rec.cxs.iter().all(Option::is_none),
+        "dead records hold no state"
+    );
+    rec.gate.self_addr = addr as u64;
+    rec.gate.pkru = r.base_pkru(entry).bits();
+    rec.gate.busy = 0;
+    rec.tid = tid;
+    rec.dead = false;
+    rec.gate.owner_fs = t.fs_base() as u64;
+    drop(records);
+    // SAFETY: mpkvirt owns the thread's GS base; the record is laid out as the gates and
+    // `ThreadRecord::current` expect and lives forever.
+    unsafe { set_gs_base(addr) }.map_err(|_| Error::Unsupported("setting the GS base"))
+}
+
+/// Marks the calling thread's record dead (its thread is ending; its views are already
+/// gone). Inside an op.
+pub(crate) fn retire_record(rec: &mut ThreadRecord) {
+    rec.gate.owner_fs = 0;
+    rec.dead = true;
+}
+
+/// Every live thread record's address (for process-wide operations).
+pub(crate) fn live_records() -> MVec<usize> {
+    let records = lock(&root().records);
+    let mut live = MVec::with_capacity_in(records.len(), Meta);
+    for &addr in records.iter() {
+        // SAFETY: see `register`: reading `dead` of any record is safe.
+        if !unsafe { &*(addr as *const ThreadRecord) }.dead {
+            live.push(addr);
+        }
+    }
+    live
+}
+
+/// The dispatcher the gate calls, on the thread's library stack, after identifying the
+/// thread. Returns the op's status word.
+#[unsafe(no_mangle)]
+pub(crate) extern "sysv64" fn mpkvirt_dispatch(op: u64, args: *mut u8, entry_pkru: u32) -> u64 {
+    // SAFETY: the gate (or `call` in cooperative mode) checked that %gs points at this
+    // thread's record and that no other op of the thread is running.
+    let rec = unsafe { ThreadRecord::current_unchecked() };
+    rec.entry_pkru = Pkru::from_bits(entry_pkru);
+    let managed = root()
+        .managed_mask
+        .load(std::sync::atomic::Ordering::Relaxed);
+    rec.interrupted = Pku::new().is_some() && (entry_pkru ^ rec.gate.pkru) & managed != 0;
+    // SAFETY: `args` is what the caller passed with `op` through the gate: the block of that
+    // op in its memory (`Args::new`'s contract is the caller's, and a hostile caller only
+    // makes the library fault).
+    let args = unsafe { crate::ops::Args::new(args) };
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        crate::ops::run(op, args, rec)
+    })) {
+        Ok(status) => status,
+        Err(payload) => {
+            // Freeing the payload would call the program's allocator from library code.
+            std::mem::forget(payload);
+            crate::ops::STATUS_PANIC
+        }
+    }
+}
+
+thread_local! {
+    /// Ends the thread's views when it exits (registered at its first op).
+    static EXIT: ExitHook = const { ExitHook };
+}
+
+struct ExitHook;
+
+impl Drop for ExitHook {
+    fn drop(&mut self) {
+        let _ = call(crate::ops::OP_THREAD_EXIT, std::ptr::null_mut());
+    }
+}
+
+/// Runs op `op` with argument block `args` through the path of this process's mode and
+/// returns the op's status word.
+///
+/// # Errors
+///
+/// [`Error::Reentrant`] when the thread is already inside the library (a signal handler that
+/// interrupted it); [`Error::Unsupported`] when the thread cannot be registered or the
+/// metadata cannot be initialised.
+pub(crate) fn call(op: u64, args: *mut u8) -> Result<u64> {
+    let mode = meta::init()?;
+    if op != crate::ops::OP_THREAD_EXIT {
+        // Registers the exit hook; fails (and nothing is registered) while the thread's
+        // thread-locals are being destroyed.
+        if EXIT.try_with(|_| ()).is_err() {
+            return Err(Error::Unsupported(
+                "library calls while the thread is exiting",
+            ));
+        }
+    }
+    let status = match mode {
+        // SAFETY: `init` set up the root (boot stack, PKRU values) and checked OSPKE and
+        // FSGSBASE; mpkvirt owns the GS base; `args` is the block the op expects.
+        MetadataMode::Protected => unsafe { mpkvirt_asm::mpkvirt_gate_call(op, args) },
+        // SAFETY: as above, minus OSPKE (this variant executes no PKRU instruction).
+        MetadataMode::GateOnly => unsafe { mpkvirt_asm::mpkvirt_gate_call_nopku(op, args) },
+        MetadataMode::Cooperative => cooperative_call(op, args)?,
+    };
+    match status {
+        GATE_BUSY => Err(Error::Reentrant),
+        GATE_UNREGISTERED => Err(Error::Unsupported("registering the calling thread")),
+        s => Ok(s),
+    }
+}
+
+fn cooperative_call(op: u64, args: *mut u8) -> Result<u64> {
+    let pku = Pku::new();
+    let entry = pku.map_or(Pkru::ALLOW_ALL, |p| p.rdpkru());
+    if ThreadRecord::current().is_none() && mpkvirt_register_thread(entry.bits()) == 0 {
+        return Ok(GATE_UNREGISTERED);
+    }
+    let rec =
+        ThreadRecord::current().ok_or(Error::Unsupported("registering the calling thread"))?;
+    if rec.gate.busy != 0 {
+        return Ok(GATE_BUSY);
+    }
+    rec.gate.busy = 1;
+    let status = mpkvirt_dispatch(op, args, entry.bits());
+    // The dispatcher's reference is gone; look the record up again.
+    let rec =
+        ThreadRecord::current().ok_or(Error::Unsupported("registering the calling thread"))?;
+    rec.gate.busy = 0;
+    if let Some(_pku) = pku
+        && rec.gate.pkru != entry.bits()
+    {
+        // SAFETY: OSPKE is set (token); the GS base points at this thread's record, whose
+        // value the op computed and which keeps key 0 accessible.
+        unsafe { mpkvirt_asm::mpkvirt_gate_sync() };
+    }
+    Ok(status)
+}

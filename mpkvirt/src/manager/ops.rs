@@ -1,0 +1,680 @@
+//! The manager's ops, inside the library: their plain-data inputs, validation of the names
+//! they carry, and dispatch to binding, views and lifecycle.
+//!
+//! # Safety
+//!
+//! Managers live in the metadata region as raw allocations named by registry slots; this file
+//! turns a validated registry entry back into a reference (`shared`), allocates and frees the
+//! per-thread contexts (`ThreadCx`) that thread records point to, and hands `serve` the
+//! caller's argument block. Each reference is used only while the object is known to live:
+//! a manager is freed only after every thread's op on it has finished (`active_mgr`), a cx
+//! only by its own thread after unlisting it under the manager's lock.
+#![allow(
+    unsafe_code,
+    reason = "managers and thread contexts as raw metadata allocations"
+)]
+
+use std::ptr::NonNull;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use mpkvirt_sys::Pkey;
+use mpkvirt_sys::mman::Prot;
+
+use crate::backend::RawFault;
+use crate::backend::sealed::{LiveOps, Spec};
+use crate::backend::{Backend, BackendKind, Emulated, Hardware, Machine, Simulated};
+use crate::config::{Config, Mode};
+use crate::domain::DomainId;
+use crate::error::{Error, Result};
+use crate::gate::{NO_MGR, ThreadRecord};
+use crate::meta::{MBox, MVec, Meta, lock, root};
+use crate::ops::{Args, Pod, STATUS_BAD_CALL};
+use crate::policy::{Policy, PolicyKind};
+
+use super::binding::{self, Bound};
+use super::lifecycle::{self, DomInfo};
+use super::shared::{DomRef, MgrRef, Shared, ThreadCx};
+use super::views::{self, ViewItem};
+
+pub(crate) const M_CREATE: u64 = 1;
+pub(crate) const M_RELEASE: u64 = 2;
+pub(crate) const M_STATS: u64 = 3;
+pub(crate) const M_THREAD_STATS: u64 = 4;
+pub(crate) const M_PKRU: u64 = 5;
+pub(crate) const D_CREATE: u64 = 10;
+pub(crate) const D_DESTROY: u64 = 11;
+pub(crate) const D_ALLOC: u64 = 12;
+pub(crate) const D_ALLOC_PAGES: u64 = 13;
+pub(crate) const D_FREE: u64 = 14;
+pub(crate) const D_IN_USE: u64 = 15;
+pub(crate) const D_PROTECT: u64 = 16;
+pub(crate) const D_RESET: u64 = 17;
+pub(crate) const D_MAP_FD: u64 = 18;
+pub(crate) const D_INFO: u64 = 19;
+pub(crate) const D_AT: u64 = 20;
+pub(crate) const V_ENTER: u64 = 30;
+pub(crate) const V_LEAVE: u64 = 31;
+pub(crate) const V_HINT: u64 = 32;
+pub(crate) const V_PREFETCH: u64 = 33;
+pub(crate) const ACCESS: u64 = 34;
+
+/// The op code of `op` for managers of type `B`.
+pub(crate) fn code<B: Backend>(op: u64) -> u64 {
+    op | (u64::from(B::TAG) << 16)
+}
+
+// SAFETY: integers only.
+unsafe impl Pod for MgrRef {}
+// SAFETY: integers only.
+unsafe impl Pod for DomRef {}
+
+/// A backend specification as plain data.
+#[derive(Clone, Copy, Debug, Default)]
+#[repr(C)]
+pub struct SpecPod {
+    /// `BackendKind::tag` (for `Machine`: of the variant).
+    pub(crate) kind: u32,
+    pub(crate) keys: u32,
+}
+// SAFETY: integers only.
+unsafe impl Pod for SpecPod {}
+
+/// A `Config` as plain data.
+#[derive(Clone, Copy, Debug, Default)]
+#[repr(C)]
+pub(crate) struct ConfigPod {
+    pub(crate) mode: u32,
+    pub(crate) policy: u32,
+    pub(crate) max_keys: u64,
+    pub(crate) arena_chunk: u64,
+    pub(crate) default_reserve: u64,
+    pub(crate) pin_wait_secs: u64,
+    pub(crate) pin_wait_nanos: u32,
+    pub(crate) _pad: u32,
+}
+// SAFETY: integers only.
+unsafe impl Pod for ConfigPod {}
+
+impl ConfigPod {
+    pub(crate) fn of(c: &Config) -> ConfigPod {
+        ConfigPod {
+            mode: match c.mode {
+                Mode::Auto => 0,
+                Mode::Hardware => 1,
+                Mode::Emulated => 2,
+            },
+            policy: match c.policy {
+                PolicyKind::Lru => 0,
+                PolicyKind::Hinted => 1,
+                PolicyKind::Opt => 2,
+            },
+            max_keys: c.max_keys as u64,
+            arena_chunk: c.arena_chunk as u64,
+            default_reserve: c.default_reserve as u64,
+            pin_wait_secs: c.pin_wait.as_secs(),
+            pin_wait_nanos: c.pin_wait.subsec_nanos(),
+            _pad: 0,
+        }
+    }
+
+    /// The configuration, validated (inside the library).
+    fn config(self) -> Result<Config> {
+        let policy = match self.policy {
+            0 => PolicyKind::Lru,
+            1 => PolicyKind::Hinted,
+            2 => PolicyKind::Opt,
+            _ => return Err(Error::InvalidConfig("policy")),
+        };
+        let mode = match self.mode {
+            0 => Mode::Auto,
+            1 => Mode::Hardware,
+            2 => Mode::Emulated,
+            _ => return Err(Error::InvalidConfig("mode")),
+        };
+        if !(1..=15).contains(&self.max_keys) {
+            return Err(Error::InvalidConfig("max_keys must be 1 to 15"));
+        }
+        if self.arena_chunk == 0 || self.arena_chunk > 1 << 46 {
+            return Err(Error::InvalidConfig("arena_chunk must be 1 byte to 64 TiB"));
+        }
+        if self.default_reserve == 0 || self.default_reserve > 1 << 46 {
+            return Err(Error::InvalidConfig(
+                "default_reserve must be 1 byte to 64 TiB",
+            ));
+        }
+        if self.pin_wait_nanos >= 1_000_000_000 {
+            return Err(Error::InvalidConfig("pin_wait"));
+        }
+        Ok(Config {
+            mode,
+            max_keys: self.max_keys as usize,
+            policy,
+            arena_chunk: self.arena_chunk as usize,
+            default_reserve: self.default_reserve as usize,
+            pin_wait: Duration::new(self.pin_wait_secs, self.pin_wait_nanos),
+        })
+    }
+}
+
+/// What a new manager is, for its handle.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct MgrInfo {
+    pub(crate) m: MgrRef,
+    pub(crate) keys: [Pkey; 16],
+    pub(crate) nkeys: usize,
+    pub(crate) kind: BackendKind,
+}
+
+#[derive(Clone, Copy, Debug)]
+#[repr(C)]
+pub(crate) struct CreateIn {
+    pub(crate) spec: SpecPod,
+    pub(crate) config: ConfigPod,
+}
+// SAFETY: integers only.
+unsafe impl Pod for CreateIn {}
+
+#[derive(Clone, Copy, Debug)]
+#[repr(C)]
+pub(crate) struct DomIn {
+    pub(crate) m: MgrRef,
+    pub(crate) d: DomRef,
+    pub(crate) a: u64,
+    pub(crate) b: u64,
+    pub(crate) c: u64,
+}
+// SAFETY: integers only.
+unsafe impl Pod for DomIn {}
+
+#[derive(Clone, Copy, Debug)]
+#[repr(C)]
+pub(crate) struct MgrIn {
+    pub(crate) m: MgrRef,
+    pub(crate) a: u64,
+    pub(crate) b: u64,
+}
+// SAFETY: integers only.
+unsafe impl Pod for MgrIn {}
+
+/// A view as plain data: up to 16 (domain, read-only) pairs.
+#[derive(Clone, Copy, Debug)]
+#[repr(C)]
+pub(crate) struct EnterIn {
+    pub(crate) m: MgrRef,
+    pub(crate) n: u32,
+    pub(crate) ro: u32,
+    pub(crate) doms: [DomRef; 16],
+}
+// SAFETY: integers only.
+unsafe impl Pod for EnterIn {}
+
+/// A list of domains in the caller's memory (hints): address and length, read one element at
+/// a time.
+#[derive(Clone, Copy, Debug)]
+#[repr(C)]
+pub(crate) struct ListIn {
+    pub(crate) m: MgrRef,
+    pub(crate) ptr: u64,
+    pub(crate) len: u64,
+}
+// SAFETY: integers only.
+unsafe impl Pod for ListIn {}
+
+/// The state of the manager `m`, if `m` names a live manager of type `B`.
+fn shared<'a, B: Backend>(m: MgrRef) -> Option<&'a Shared<B>> {
+    let p = root().lookup(m.idx, m.uid, B::TAG)?;
+    // SAFETY: the registry maps a live (slot, uid) of tag `B::TAG` to the `Shared<B>` made by
+    // `create`; it is freed only after the slot is cleared and every thread's op on it ended
+    // (`release`), and the calling thread announced its op (`active_mgr`) before this lookup.
+    let sh = unsafe { &*p.as_ptr().cast::<Shared<B>>() };
+    (!sh.dying.load(Ordering::Acquire)).then_some(sh)
+}
+
+/// A cx pointer from a thread record or a manager's list, as a reference.
+pub(crate) fn cx_ref<'a>(p: *const ThreadCx) -> &'a ThreadCx {
+    // SAFETY: cx pointers are made by `cx_of` from `MBox::into_raw` and freed only by their
+    // own thread after it unlisted them under the manager's lock (which the callers of this
+    // hold, or they are that thread).
+    unsafe { &*p }
+}
+
+/// The calling thread's cx for `sh` (made on first use).
+fn cx_of<'a, B: Backend>(sh: &Shared<B>, rec: &mut ThreadRecord) -> Result<&'a mut ThreadCx> {
+    let idx = sh.slot_idx as usize;
+    if rec.cxs.len() <= idx {
+        rec.cxs
+            .try_reserve(idx + 1 - rec.cxs.len())
+            .map_err(|_| Error::Unsupported("a thread context (metadata exhausted)"))?;
+        rec.cxs.resize(idx + 1, None);
+    }
+    if let Some(p) = rec.cxs[idx] {
+        // SAFETY: the thread's own cx (see `cx_ref`); the record is the thread's.
+        let cx = unsafe { &mut *p.as_ptr() };
+        if cx.mgr_uid == sh.uid {
+            return Ok(cx);
+        }
+        // A cx of a manager that is gone (its slot reused): it is listed nowhere any more.
+        rec.cxs[idx] = None;
+        // SAFETY: made by `MBox::into_raw` below, unlisted (its manager is gone), ours.
+        drop(unsafe { MBox::from_raw_in(p.as_ptr(), Meta) });
+    }
+    let cx = MBox::into_raw(MBox::new_in(ThreadCx::new(sh.uid), Meta));
+    {
+        // Registered with evictors from the start (pruned again once idle), so the thread's
+        // first views take the hit path.
+        let mut inner = lock(&sh.inner);
+        if inner.threads.try_reserve(1).is_ok() {
+            inner.threads.push(cx);
+            // SAFETY: just made; not yet shared with any other thread.
+            unsafe { &*cx }.registered.set();
+        }
+    }
+    rec.cxs[idx] = NonNull::new(cx);
+    // SAFETY: just made; the thread's own.
+    Ok(unsafe { &mut *cx })
+}
+
+/// Runs manager op `code` for managers of type `B`.
+pub(crate) fn run<B: Backend>(code: u64, args: Args, rec: &mut ThreadRecord) -> u64 {
+    match code {
+        M_CREATE => args.serve(|i: CreateIn| create::<B>(i)),
+        M_RELEASE => args.serve(|m: MgrRef| release::<B>(rec, m)),
+        _ => {
+            // Every other op names a manager first: announce it (the manager is not torn down
+            // while an op is on it), then look it up.
+            let status = on_manager::<B>(code, args, rec);
+            rec.active_mgr.store(NO_MGR, Ordering::Release);
+            status
+        }
+    }
+}
+
+fn with_mgr<'a, B: Backend>(rec: &mut ThreadRecord, m: MgrRef) -> Result<&'a Shared<B>> {
+    rec.active_mgr.store(m.idx, Ordering::SeqCst);
+    shared::<B>(m).ok_or(Error::Unsupported("a manager that no longer exists"))
+}
+
+fn on_manager<B: Backend>(code: u64, args: Args, rec: &mut ThreadRecord) -> u64 {
+    {
+        match code {
+            M_STATS => args.serve(|m: MgrRef| {
+                let sh = with_mgr::<B>(rec, m)?;
+                Ok(lock(&sh.inner).stats)
+            }),
+            M_THREAD_STATS => args.serve(|m: MgrRef| {
+                let sh = with_mgr::<B>(rec, m)?;
+                Ok(cx_of(sh, rec)?.stats)
+            }),
+            M_PKRU => args.serve(|m: MgrRef| {
+                let sh = with_mgr::<B>(rec, m)?;
+                let cx = cx_of(sh, rec)?;
+                let regs = sh.regs(cx, &mut rec.gate.pkru);
+                Ok(sh.live.read_pkru(&regs))
+            }),
+            D_CREATE => args.serve(|i: DomIn| -> Result<DomInfo> {
+                let sh = with_mgr::<B>(rec, i.m)?;
+                let reserve = (i.a != 0).then(|| usize::try_from(i.b).unwrap_or(usize::MAX));
+                let prot = Prot::from_bits(i.c as i32).ok_or(Error::InvalidConfig("prot"))?;
+                lifecycle::create(sh, reserve, prot)
+            }),
+            D_DESTROY => args.serve(|i: DomIn| {
+                let sh = with_mgr::<B>(rec, i.m)?;
+                lifecycle::destroy(sh, i.d);
+                Ok(())
+            }),
+            D_ALLOC => args.serve(|i: DomIn| {
+                let sh = with_mgr::<B>(rec, i.m)?;
+                lifecycle::alloc(sh, i.d, i.a as usize, i.b as usize)
+            }),
+            D_ALLOC_PAGES => args.serve(|i: DomIn| {
+                let sh = with_mgr::<B>(rec, i.m)?;
+                lifecycle::alloc_pages(sh, i.d, i.a as usize)
+            }),
+            D_FREE => args.serve(|i: DomIn| {
+                let sh = with_mgr::<B>(rec, i.m)?;
+                lifecycle::free(sh, i.d, i.a as usize)
+            }),
+            D_IN_USE => args.serve(|i: DomIn| {
+                let sh = with_mgr::<B>(rec, i.m)?;
+                lifecycle::in_use(sh, i.d)
+            }),
+            D_PROTECT => args.serve(|i: DomIn| {
+                let sh = with_mgr::<B>(rec, i.m)?;
+                let prot = Prot::from_bits(i.a as i32).ok_or(Error::InvalidConfig("prot"))?;
+                lifecycle::protect(sh, i.d, prot)
+            }),
+            D_RESET => args.serve(|i: DomIn| {
+                let sh = with_mgr::<B>(rec, i.m)?;
+                lifecycle::reset(sh, i.d)
+            }),
+            D_MAP_FD => args.serve(|i: DomIn| {
+                let sh = with_mgr::<B>(rec, i.m)?;
+                lifecycle::map_fd(sh, i.d, i.a as i32, i.b, i.c as usize)
+            }),
+            D_INFO => args.serve(|i: DomIn| -> Result<(Option<Pkey>, Prot)> {
+                let sh = with_mgr::<B>(rec, i.m)?;
+                let r = sh
+                    .domain(i.d)
+                    .ok_or(Error::ForeignDomain(DomainId(i.d.uid)))?;
+                Ok((r.slot.get().map(|s| sh.key(s)), r.prot()))
+            }),
+            D_AT => args.serve(|i: MgrIn| {
+                let sh = with_mgr::<B>(rec, i.m)?;
+                Ok(lifecycle::domain_at(sh, i.a as usize))
+            }),
+            V_ENTER => args.serve(|i: EnterIn| -> Result<u64> {
+                let sh = with_mgr::<B>(rec, i.m)?;
+                let n = (i.n as usize).min(16);
+                if i.n as usize > sh.nkeys {
+                    return Err(Error::ViewTooLarge {
+                        domains: i.n as usize,
+                        keys: sh.nkeys,
+                    });
+                }
+                let mut view = [ViewItem {
+                    d: DomRef::default(),
+                    read_only: false,
+                }; 16];
+                for (k, v) in view[..n].iter_mut().enumerate() {
+                    *v = ViewItem {
+                        d: i.doms[k],
+                        read_only: i.ro & (1 << k) != 0,
+                    };
+                }
+                let cx = cx_of(sh, rec)?;
+                views::enter(sh, rec, cx, &view[..n]).map(|t| t.id)
+            }),
+            V_LEAVE => args.serve(|i: MgrIn| {
+                let sh = with_mgr::<B>(rec, i.m)?;
+                let cx = cx_of(sh, rec)?;
+                views::leave(sh, rec, cx, i.a)
+            }),
+            V_HINT => args.serve(|i: ListIn| {
+                let sh = with_mgr::<B>(rec, i.m)?;
+                let uids = read_list(sh, i)?;
+                lock(&sh.inner).policy.hint(&uids);
+                Ok(())
+            }),
+            V_PREFETCH => args.serve(|i: ListIn| {
+                let sh = with_mgr::<B>(rec, i.m)?;
+                let me: *const ThreadCx = cx_of(sh, rec)?;
+                prefetch(sh, me, i)
+            }),
+            ACCESS => args.serve(|i: MgrIn| -> Result<Access> {
+                let sh = with_mgr::<B>(rec, i.m)?;
+                let addr = i.a as usize;
+                if !sh.live.owns(addr, 1) {
+                    return Ok(Access::NotOwned(lifecycle::domain_at(sh, addr)));
+                }
+                let write = (i.b >> 8 != 0).then_some(i.b as u8);
+                let cx = cx_of(sh, rec)?;
+                let pkru = {
+                    let regs = sh.regs(cx, &mut rec.gate.pkru);
+                    sh.live.read_pkru(&regs)
+                };
+                Ok(match sh.live.model_access(pkru, addr, write) {
+                    Some(Ok(v)) => Access::Done(v),
+                    Some(Err(f)) => Access::Faulted(f, lifecycle::domain_at(sh, addr)),
+                    None => Access::Probe,
+                })
+            }),
+            _ => STATUS_BAD_CALL,
+        }
+    }
+}
+
+/// What the `ACCESS` op found.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Access {
+    /// Not memory of this manager (the domain that has the address, if any, for the report).
+    NotOwned(Option<DomainId>),
+    /// The model's answer (simulated backend).
+    Done(u8),
+    /// The model's fault, and the domain it hit.
+    Faulted(RawFault, Option<DomainId>),
+    /// Real memory: the caller makes the access itself.
+    Probe,
+}
+
+/// Reads a list of domains from the caller's memory, one element at a time, keeping those of
+/// this manager (their uids).
+fn read_list<B: Backend>(sh: &Shared<B>, i: ListIn) -> Result<MVec<u64>> {
+    let len = usize::try_from(i.len).map_err(|_| Error::InvalidConfig("list length"))?;
+    let base = i.ptr as *const DomRef;
+    if len > 0 && (base.is_null() || !base.is_aligned()) {
+        return Err(Error::InvalidConfig("list address"));
+    }
+    let mut uids = MVec::new_in(Meta);
+    uids.try_reserve(len.min(1 << 20))
+        .map_err(|_| Error::Unsupported("a hint list (metadata exhausted)"))?;
+    for k in 0..len.min(1 << 20) {
+        // SAFETY: the caller passes an array of `len` DomRefs (checked for null and
+        // alignment); each element is read once, and any bits are a valid DomRef.
+        let d = unsafe { std::ptr::read_volatile(base.wrapping_add(k)) };
+        if sh.domain(d).is_some() {
+            uids.push(d.uid);
+        }
+    }
+    Ok(uids)
+}
+
+/// Binds keys for the listed domains ahead of use (see `Manager::prefetch`).
+fn prefetch<B: Backend>(sh: &Shared<B>, me: *const ThreadCx, i: ListIn) -> Result<usize> {
+    let len = usize::try_from(i.len).map_err(|_| Error::InvalidConfig("list length"))?;
+    let base = i.ptr as *const DomRef;
+    if len > 0 && (base.is_null() || !base.is_aligned()) {
+        return Err(Error::InvalidConfig("list address"));
+    }
+    let uids = read_list(sh, i)?;
+    let mut inner = lock(&sh.inner);
+    binding::sweep_uses(sh, &mut inner);
+    inner.policy.hint(&uids);
+    let mut bound = 0;
+    for k in 0..len.min(1 << 20) {
+        // SAFETY: as in `read_list`.
+        let d = unsafe { std::ptr::read_volatile(base.wrapping_add(k)) };
+        let Some(r) = sh.domain(d) else {
+            continue;
+        };
+        if r.slot.get().is_some() {
+            continue;
+        }
+        match binding::bind(sh, &mut inner, me, d, r, 0, |uid| !uids.contains(&uid))? {
+            Bound::Slot(_) => {
+                bound += 1;
+                inner.stats.prefetched += 1;
+            }
+            Bound::Busy => break,
+        }
+    }
+    Ok(bound)
+}
+
+/// Builds a manager from a specification (inside the library) and registers it.
+fn create<B: Backend>(i: CreateIn) -> Result<MgrInfo> {
+    let config = i.config.config()?;
+    let spec = B::from_pod(i.spec)?;
+    let uid = root().next_uid();
+    let sh = Shared::<B>::build(spec, config, uid)?;
+    let kind = sh.live.kind();
+    let mut keys = [Pkey::DEFAULT; 16];
+    keys[..sh.nkeys].copy_from_slice(sh.keys());
+    let nkeys = sh.nkeys;
+    let ptr = MBox::into_raw(MBox::new_in(sh, Meta));
+    let Some(idx) = root().claim_slot(uid, B::TAG, ptr.cast()) else {
+        // SAFETY: just made, never published.
+        let sh = unsafe { MBox::from_raw_in(ptr, Meta) };
+        sh.live.release(false);
+        drop(sh);
+        return Err(Error::Unsupported(
+            "more managers alive than the registry holds",
+        ));
+    };
+    // SAFETY: published just now; no op can name it before its handle exists (returned
+    // below), and `slot_idx` is written once here.
+    unsafe { (*ptr).slot_idx = idx as u32 };
+    Ok(MgrInfo {
+        m: MgrRef {
+            idx: idx as u32,
+            uid,
+        },
+        keys,
+        nkeys,
+        kind,
+    })
+}
+
+/// Tears manager `m` down (its last handle is gone).
+fn release<B: Backend>(rec: &mut ThreadRecord, m: MgrRef) -> Result<()> {
+    let Some(p) = root().lookup(m.idx, m.uid, B::TAG) else {
+        return Ok(());
+    };
+    let sh_ptr = p.as_ptr().cast::<Shared<B>>();
+    // SAFETY: as in `shared`; this thread is the only one releasing (the slot is cleared
+    // below before anything is freed, and later lookups fail).
+    let sh = unsafe { &*sh_ptr };
+    if sh.dying.swap(true, Ordering::AcqRel) {
+        return Ok(());
+    }
+    // Stop new ops, then wait for those in flight on other threads.
+    root().release_slot(m.idx as usize);
+    let _ = binding::heavy_fence(sh.fence);
+    let me = rec as *const ThreadRecord as usize;
+    loop {
+        let busy = crate::gate::live_records().iter().any(|&r| {
+            r != me && {
+                // SAFETY: live record addresses (see `gate::live_records`).
+                let r = unsafe { &*(r as *const ThreadRecord) };
+                r.active_mgr.load(Ordering::SeqCst) == m.idx
+            }
+        });
+        if !busy {
+            break;
+        }
+        std::thread::yield_now();
+    }
+    // A view whose guard was forgotten still pins its key, and its thread may still have the
+    // rights: such keys must never be handed on.
+    let retired = {
+        let inner = lock(&sh.inner);
+        inner
+            .threads
+            .iter()
+            .any(|&t| cx_ref(t).pins.pinned_mask() != 0)
+    };
+    if retired {
+        crate::fault::log_line(
+            "mpkvirt: manager dropped while views of it are live (forgotten guards); its keys are retired\n",
+        );
+    }
+    // The calling thread's own cx for it goes now; other threads drop theirs lazily.
+    if let Some(Some(p)) = rec.cxs.get(m.idx as usize).copied()
+        && cx_ref(p.as_ptr()).mgr_uid == m.uid
+    {
+        rec.cxs[m.idx as usize] = None;
+        // SAFETY: this thread's own cx, listed only in the manager being freed.
+        drop(unsafe { MBox::from_raw_in(p.as_ptr(), Meta) });
+    }
+    sh.live.release(retired);
+    // SAFETY: made by `create` with `MBox::into_raw`; unpublished above and no op is on it.
+    drop(unsafe { MBox::from_raw_in(sh_ptr, Meta) });
+    Ok(())
+}
+
+/// Thread exit: every manager's views of the thread end (rights revoked, pins released), its
+/// cxs are unlisted and freed.
+pub(crate) fn thread_exit(rec: &mut ThreadRecord) {
+    for idx in 0..rec.cxs.len() {
+        let Some(p) = rec.cxs[idx] else {
+            continue;
+        };
+        rec.cxs[idx] = None;
+        let uid = cx_ref(p.as_ptr()).mgr_uid;
+        let slot = &root().managers[idx];
+        if slot.uid.load(Ordering::Acquire) == uid {
+            rec.active_mgr.store(idx as u32, Ordering::SeqCst);
+            let tag = slot.kind.load(Ordering::Relaxed);
+            let m = MgrRef {
+                idx: idx as u32,
+                uid,
+            };
+            // SAFETY: the thread's own cx (see `cx_ref`).
+            let cx = unsafe { &mut *p.as_ptr() };
+            match tag {
+                Simulated::TAG => end_and_unlist::<Simulated>(rec, m, cx),
+                Emulated::TAG => end_and_unlist::<Emulated>(rec, m, cx),
+                Hardware::TAG => end_and_unlist::<Hardware>(rec, m, cx),
+                Machine::TAG => end_and_unlist::<Machine>(rec, m, cx),
+                _ => {}
+            }
+            rec.active_mgr.store(NO_MGR, Ordering::Release);
+        }
+        // SAFETY: made by `cx_of`, unlisted above (or its manager is gone), ours.
+        drop(unsafe { MBox::from_raw_in(p.as_ptr(), Meta) });
+    }
+}
+
+fn end_and_unlist<B: Backend>(rec: &mut ThreadRecord, m: MgrRef, cx: &mut ThreadCx) {
+    let Some(sh) = shared::<B>(m) else {
+        return;
+    };
+    views::end_views_since(sh, &mut rec.gate.pkru, cx, 0);
+    let me: *const ThreadCx = cx;
+    let mut inner = lock(&sh.inner);
+    inner.threads.retain(|&t| t != me);
+    inner.queue.retain(|&t| t != me);
+}
+
+/// Ends the calling thread's views entered after `mark`, with every manager.
+pub(crate) fn end_views_since(rec: &mut ThreadRecord, mark: u64) {
+    for idx in 0..rec.cxs.len() {
+        let Some(p) = rec.cxs[idx] else {
+            continue;
+        };
+        let uid = cx_ref(p.as_ptr()).mgr_uid;
+        let slot = &root().managers[idx];
+        if slot.uid.load(Ordering::Acquire) != uid {
+            continue;
+        }
+        rec.active_mgr.store(idx as u32, Ordering::SeqCst);
+        let m = MgrRef {
+            idx: idx as u32,
+            uid,
+        };
+        // SAFETY: the thread's own cx.
+        let cx = unsafe { &mut *p.as_ptr() };
+        match slot.kind.load(Ordering::Relaxed) {
+            Simulated::TAG => end_since::<Simulated>(rec, m, cx, mark),
+            Emulated::TAG => end_since::<Emulated>(rec, m, cx, mark),
+            Hardware::TAG => end_since::<Hardware>(rec, m, cx, mark),
+            Machine::TAG => end_since::<Machine>(rec, m, cx, mark),
+            _ => {}
+        }
+        rec.active_mgr.store(NO_MGR, Ordering::Release);
+    }
+}
+
+fn end_since<B: Backend>(rec: &mut ThreadRecord, m: MgrRef, cx: &mut ThreadCx, mark: u64) {
+    if let Some(sh) = shared::<B>(m) {
+        views::end_views_since(sh, &mut rec.gate.pkru, cx, mark);
+    }
+}
+
+/// [`shared`] for the C API.
+pub(crate) fn shared_pub<'a, B: Backend>(m: MgrRef) -> Option<&'a Shared<B>> {
+    shared::<B>(m)
+}
+
+/// [`create`] for the C API.
+pub(crate) fn create_pub<B: Backend>(i: CreateIn) -> Result<MgrInfo> {
+    create::<B>(i)
+}
+
+/// [`cx_of`] for the C API.
+pub(crate) fn cx_pub<'a, B: Backend>(
+    sh: &Shared<B>,
+    rec: &mut ThreadRecord,
+) -> Result<&'a mut ThreadCx> {
+    cx_of(sh, rec)
+}

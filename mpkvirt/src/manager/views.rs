@@ -1,0 +1,514 @@
+//! Entering and leaving views, inside the library.
+//!
+//! # Hit path
+//!
+//! Every domain of the view that holds a key is pinned in the thread's own cell (plain
+//! stores), one light fence, then each pin is validated against the slot's owner and the
+//! thread's registration (see `keycache.rs`). When all validate, the view's bits are pushed
+//! and written: no lock, no system call, no shared cache line written.
+//!
+//! # Slow path: binding, and waiting fairly
+//!
+//! Otherwise every pin of the view is released first (a thread never holds some of a view's
+//! keys while it waits for the others: two views that fit together can never block each
+//! other), and the whole view is pinned under the manager's lock, binding keys as needed.
+//!
+//! When every key is pinned by other views, the thread joins the manager's FIFO queue. Only
+//! the head of the queue binds; it *drains* as many victims as it needs — their owner words
+//! get the DRAINING bit, so new users of those domains fall to the slow path and queue behind
+//! it — and sleeps on a futex until their pins drop. Leaving threads wake waiters when any
+//! exist (one shared-counter load on the leave path). Each waiter's wait is bounded by
+//! `Config::pin_wait`. A view that needs more keys than the thread's *own* other views leave
+//! free can never succeed by waiting and fails at once with [`Error::ViewsExceedKeys`];
+//! [`Error::KeysBusy`] means only that other threads' views kept the keys.
+//!
+//! # Signal handlers
+//!
+//! A handler runs with the kernel's PKRU, and `rt_sigreturn` restores the interrupted PKRU.
+//! If a handler could end a view of the code it interrupted, that code would resume with the
+//! view's rights but without its pins. So a call whose entry PKRU differs from the one the
+//! library last set for the thread (on PKU hardware: a handler) marks the views entered
+//! before it as sealed: the handler may enter and end views of its own, and ending a sealed
+//! view fails with [`Error::InterruptedView`]. The seal lifts when a call arrives with the
+//! library's PKRU again and the handler's views are gone.
+
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use mpkvirt_sys::Pkru;
+use mpkvirt_sys::thread::{futex_wait, futex_wake};
+
+use crate::backend::Backend;
+use crate::backend::sealed::LiveOps;
+use crate::error::{Error, Result};
+use crate::gate::ThreadRecord;
+use crate::keycache::{self, DRAINING};
+use crate::meta::lock;
+use crate::policy::Policy;
+
+use super::binding::{self, Bound};
+use super::shared::{DomRef, DomainRec, Entry, Inner, Shared, SlotIter, ThreadCx};
+
+/// One domain of a view, as the op received it.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct ViewItem {
+    pub(crate) d: DomRef,
+    pub(crate) read_only: bool,
+}
+
+/// A live view's identity, handed to its guard.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Token {
+    pub(crate) id: u64,
+}
+
+/// Updates the seal for the op's situation (see the module docs): `rec.interrupted` says
+/// whether the thread entered the op with a PKRU other than the one the library last set for
+/// it (a signal handler's, on PKU hardware).
+fn note_context<B: Backend>(sh: &Shared<B>, rec: &ThreadRecord, cx: &mut ThreadCx) {
+    if sh.live.kind() != crate::BackendKind::Hardware {
+        return;
+    }
+    if rec.interrupted {
+        if cx.sig_floor.is_none() {
+            cx.sig_floor = Some(cx.stack.len());
+        }
+    } else if cx.sig_floor.is_some_and(|f| cx.stack.len() <= f) {
+        cx.sig_floor = None;
+    }
+}
+
+/// Enters `view` for the calling thread.
+pub(crate) fn enter<B: Backend>(
+    sh: &Shared<B>,
+    rec: &mut ThreadRecord,
+    cx: &mut ThreadCx,
+    view: &[ViewItem],
+) -> Result<Token> {
+    if view.len() > sh.nkeys {
+        return Err(Error::ViewTooLarge {
+            domains: view.len(),
+            keys: sh.nkeys,
+        });
+    }
+    note_context(sh, rec, cx);
+    let mut recs: [Option<&DomainRec>; 16] = [None; 16];
+    for (i, item) in view.iter().enumerate() {
+        let r = sh
+            .domain(item.d)
+            .ok_or(Error::ForeignDomain(crate::DomainId(item.d.uid)))?;
+        if view[..i].iter().any(|e| e.d == item.d) {
+            return Err(Error::DuplicateDomain(crate::DomainId(item.d.uid)));
+        }
+        recs[i] = Some(r);
+    }
+    // Hit path: pin, one light fence, validate.
+    let mut pinned: u16 = 0;
+    let mut slot_of = [usize::MAX; 16];
+    let mut all = true;
+    for (i, r) in recs[..view.len()].iter().enumerate() {
+        let r = r.expect("filled above");
+        match r.slot.get() {
+            Some(s) if cx.pins.pin_unvalidated(s) => slot_of[i] = s,
+            _ => all = false,
+        }
+    }
+    let (bits, pinned) = 'fast: {
+        if !all {
+            break 'fast None;
+        }
+        keycache::light_fence(sh.fence);
+        if !cx.registered.is_set() {
+            break 'fast None;
+        }
+        let mut bits = sh.base_bits;
+        for (i, item) in view.iter().enumerate() {
+            let s = slot_of[i];
+            if !keycache::validate(&sh.slots, s, item.d.uid) {
+                break 'fast None;
+            }
+            pinned |= 1 << s;
+            bits = sh.grant(bits, s, item.read_only);
+        }
+        Some((bits, pinned))
+    }
+    .map_or_else(
+        || {
+            // Release every pin of this view before waiting for anything (no hold-and-wait).
+            for &s in slot_of[..view.len()].iter().filter(|&&s| s != usize::MAX) {
+                cx.pins.unpin(s);
+            }
+            cx.stats.slow_paths += 1;
+            slow_enter(sh, cx, view, &recs[..view.len()])
+        },
+        Ok,
+    )?;
+    cx.next_id += 1;
+    let id = cx.next_id;
+    rec_seq_bump(rec);
+    if cx.stack.try_reserve(1).is_err() {
+        for s in SlotIter(pinned) {
+            cx.pins.unpin(s);
+        }
+        return Err(Error::Unsupported("recording a view (metadata exhausted)"));
+    }
+    cx.stack.push(Entry {
+        id,
+        seq: rec_seq(rec),
+        bits,
+        pinned,
+    });
+    cx.stats.enters += 1;
+    sh.apply(cx, &mut rec.gate.pkru, bits);
+    Ok(Token { id })
+}
+
+/// The thread-wide view sequence (views of every manager, in order of entry).
+fn rec_seq(rec: &ThreadRecord) -> u64 {
+    rec.view_seq
+}
+
+fn rec_seq_bump(rec: &mut ThreadRecord) {
+    rec.view_seq += 1;
+}
+
+/// How the slow path ended one attempt.
+enum Attempt {
+    Done(Pkru, u16),
+    /// Keys are pinned by other views (or drained for another waiter).
+    Wait,
+}
+
+fn slow_enter<B: Backend>(
+    sh: &Shared<B>,
+    cx: &mut ThreadCx,
+    view: &[ViewItem],
+    recs: &[Option<&DomainRec>],
+) -> Result<(Pkru, u16)> {
+    let mut inner = lock(&sh.inner);
+    register(&mut inner, cx)?;
+    binding::sweep_uses(sh, &mut inner);
+    // Views this thread already holds: those keys stay pinned while it waits.
+    let own = binding::own_pins(cx);
+    let mut needed_new = 0usize;
+    for r in recs {
+        let r = r.expect("filled");
+        match r.slot.get() {
+            Some(s) if own & (1 << s) != 0 => {}
+            _ => needed_new += 1,
+        }
+    }
+    let usable = sh.nkeys - binding::dead_slots(sh).count_ones() as usize;
+    if own.count_ones() as usize + needed_new > usable {
+        return Err(Error::ViewsExceedKeys {
+            needed: needed_new,
+            held: own.count_ones() as usize,
+            keys: usable,
+        });
+    }
+    let me: *const ThreadCx = cx;
+    let mut deadline: Option<Option<Instant>> = None;
+    let mut queued = false;
+    let result = loop {
+        let is_head = !queued || inner.queue.first() == Some(&me);
+        let seen = sh.wake.load(Ordering::SeqCst);
+        if queued && !binding::heavy_fence(sh.fence) {
+            break Err(Error::Unsupported("membarrier failed"));
+        }
+        if is_head {
+            match attempt(sh, &mut inner, cx, view, recs) {
+                Ok(Attempt::Done(bits, pinned)) => {
+                    // An eviction in this attempt may have pruned this thread (it held no pin
+                    // then): evictors must see the pins it holds now.
+                    if let Err(e) = register(&mut inner, cx) {
+                        for s in SlotIter(pinned) {
+                            cx.pins.unpin(s);
+                        }
+                        break Err(e);
+                    }
+                    break Ok((bits, pinned));
+                }
+                Ok(Attempt::Wait) => {}
+                Err(e) => break Err(e),
+            }
+        }
+        // Keys are pinned by other threads' views (or others are ahead in the queue).
+        let until = *deadline.get_or_insert_with(|| Instant::now().checked_add(sh.config.pin_wait));
+        let now = Instant::now();
+        if sh.config.pin_wait.is_zero() || until.is_some_and(|u| now >= u) {
+            break Err(Error::KeysBusy {
+                keys: sh.nkeys,
+                waited: sh.config.pin_wait,
+            });
+        }
+        if !queued {
+            if inner.queue.try_reserve(1).is_err() {
+                break Err(Error::Unsupported(
+                    "queueing for a key (metadata exhausted)",
+                ));
+            }
+            inner.queue.push(me);
+            sh.waiters.fetch_add(1, Ordering::SeqCst);
+            queued = true;
+            continue; // re-check after announcing ourselves (no lost wake-up)
+        }
+        if inner.queue.first() == Some(&me) {
+            drain(sh, &mut inner, cx, view, recs);
+        }
+        drop(inner);
+        let timeout = until.map(|u| u.saturating_duration_since(now));
+        let _ = futex_wait(
+            &sh.wake,
+            seen,
+            timeout.map(|t| t.min(Duration::from_secs(1))),
+        );
+        inner = lock(&sh.inner);
+    };
+    if queued {
+        let was_head = inner.queue.first() == Some(&me);
+        inner.queue.retain(|&p| p != me);
+        sh.waiters.fetch_sub(1, Ordering::SeqCst);
+        if was_head {
+            binding::undrain(sh, &mut inner);
+        }
+        drop(inner);
+        // The next waiter may be the head now.
+        sh.wake.fetch_add(1, Ordering::SeqCst);
+        futex_wake(&sh.wake, i32::MAX);
+    }
+    result
+}
+
+/// Lists the thread with the evictors (under the lock) unless it is.
+fn register(inner: &mut Inner, cx: &ThreadCx) -> Result<()> {
+    if cx.registered.is_set() {
+        return Ok(());
+    }
+    let p: *const ThreadCx = cx;
+    if !inner.threads.contains(&p) {
+        inner
+            .threads
+            .try_reserve(1)
+            .map_err(|_| Error::Unsupported("registering a thread (metadata exhausted)"))?;
+        inner.threads.push(p);
+    }
+    cx.registered.set();
+    Ok(())
+}
+
+/// Pins the whole view under the lock, binding what is unbound; undoes its pins when some key
+/// cannot be had.
+fn attempt<B: Backend>(
+    sh: &Shared<B>,
+    inner: &mut Inner,
+    cx: &mut ThreadCx,
+    view: &[ViewItem],
+    recs: &[Option<&DomainRec>],
+) -> Result<Attempt> {
+    // Drained slots whose pins are gone are taken now (parked, free).
+    for s in SlotIter(inner.draining) {
+        let owner = sh.slots[s].owner_locked();
+        if let Some(v) = inner.bound[s]
+            && owner == v.uid | DRAINING
+            && binding::claim(sh, inner, s, owner)
+        {
+            binding::park(sh, inner, s, v)?;
+            inner.stats.evictions += 1;
+            inner.draining &= !(1 << s);
+        }
+    }
+    let mut pinned: u16 = 0;
+    let mut bits = sh.base_bits;
+    let undo = |cx: &ThreadCx, pinned: u16| {
+        for s in SlotIter(pinned) {
+            cx.pins.unpin(s);
+        }
+    };
+    // The view's domains that hold keys: pinned first, so binding the others cannot evict
+    // them.
+    let mut unbound = [false; 16];
+    for (i, item) in view.iter().enumerate() {
+        let r = recs[i].expect("filled");
+        match r.slot.get() {
+            Some(s) if sh.slots[s].owner_locked() == item.d.uid => {
+                if !cx.pins.pin_locked(s) {
+                    undo(cx, pinned);
+                    return Err(Error::Unsupported(
+                        "more than 255 nested views of one domain on a thread",
+                    ));
+                }
+                pinned |= 1 << s;
+                bits = sh.grant(bits, s, item.read_only);
+            }
+            _ => unbound[i] = true,
+        }
+    }
+    for (i, item) in view.iter().enumerate() {
+        if !unbound[i] {
+            continue;
+        }
+        let r = recs[i].expect("filled");
+        let s = match r.slot.get() {
+            // Bound but draining (someone ahead drains it) or being evicted: wait.
+            Some(_) => {
+                undo(cx, pinned);
+                return Ok(Attempt::Wait);
+            }
+            None => match binding::bind(sh, inner, cx, item.d, r, pinned, |_| true) {
+                Ok(Bound::Slot(s)) => s,
+                Ok(Bound::Busy) => {
+                    undo(cx, pinned);
+                    return Ok(Attempt::Wait);
+                }
+                Err(e) => {
+                    undo(cx, pinned);
+                    return Err(e);
+                }
+            },
+        };
+        // Owners change only under the lock, which we hold: no validation needed.
+        if !cx.pins.pin_locked(s) {
+            undo(cx, pinned);
+            return Err(Error::Unsupported(
+                "more than 255 nested views of one domain on a thread",
+            ));
+        }
+        pinned |= 1 << s;
+        bits = sh.grant(bits, s, item.read_only);
+    }
+    Ok(Attempt::Done(bits, pinned))
+}
+
+/// The head of the queue marks as many victims as it still needs as draining.
+fn drain<B: Backend>(
+    sh: &Shared<B>,
+    inner: &mut Inner,
+    cx: &ThreadCx,
+    view: &[ViewItem],
+    recs: &[Option<&DomainRec>],
+) {
+    let missing = recs
+        .iter()
+        .filter(|r| r.is_some_and(|r| r.slot.get().is_none()))
+        .count();
+    let have = inner.draining.count_ones() as usize;
+    if missing <= have {
+        return;
+    }
+    // Slots the view itself uses, and slots held by queued threads (they cannot leave until
+    // served: draining those would wait for ourselves).
+    let mut exclude = cx.pins.pinned_mask() | inner.draining;
+    for (i, r) in recs.iter().enumerate() {
+        if let Some(s) = r.and_then(|r| r.slot.get()) {
+            let _ = view[i];
+            exclude |= 1 << s;
+        }
+    }
+    for &p in inner.queue.iter() {
+        exclude |= binding::deref_cx(p).pins.pinned_mask();
+    }
+    let mut candidates = [0usize; 16];
+    let mut nc = 0;
+    for s in 0..sh.nkeys {
+        if exclude & (1 << s) == 0
+            && let Some(v) = inner.bound[s]
+            && sh.slots[s].owner_locked() == v.uid
+        {
+            candidates[nc] = s;
+            nc += 1;
+        }
+    }
+    for _ in have..missing {
+        if nc == 0 {
+            break;
+        }
+        let v = inner.policy.victim(&candidates[..nc]);
+        let owner = sh.slots[v].owner_locked();
+        sh.slots[v].set_owner(owner | DRAINING);
+        inner.draining |= 1 << v;
+        let pos = candidates[..nc]
+            .iter()
+            .position(|&c| c == v)
+            .expect("chosen");
+        candidates[pos] = candidates[nc - 1];
+        nc -= 1;
+    }
+}
+
+/// Ends the view `id` of the calling thread: rights revoked first (PKRU back to the newest
+/// remaining view), pins released second. An id that is not live (ended already, after a
+/// fault) is not an error.
+pub(crate) fn leave<B: Backend>(
+    sh: &Shared<B>,
+    rec: &mut ThreadRecord,
+    cx: &mut ThreadCx,
+    id: u64,
+) -> Result<()> {
+    note_context(sh, rec, cx);
+    // Views usually end in reverse order of entry: the top of the stack.
+    let pos = match cx.stack.last() {
+        Some(top) if top.id == id => Some(cx.stack.len() - 1),
+        _ => cx.stack.iter().rposition(|e| e.id == id),
+    };
+    let Some(pos) = pos else {
+        return Ok(());
+    };
+    if cx.sig_floor.is_some_and(|f| pos < f) {
+        return Err(Error::InterruptedView);
+    }
+    let entry = cx.stack.remove(pos);
+    let top = cx.top_bits(sh.base_bits);
+    sh.apply(cx, &mut rec.gate.pkru, top);
+    unpin_and_wake(sh, cx, entry.pinned);
+    Ok(())
+}
+
+/// Releases `pinned` (after the rights were revoked) and wakes waiters if there are any.
+pub(crate) fn unpin_and_wake<B: Backend>(sh: &Shared<B>, cx: &ThreadCx, pinned: u16) {
+    if pinned == 0 {
+        return;
+    }
+    for s in SlotIter(pinned) {
+        cx.pins.unpin(s);
+    }
+    // Dekker with a waiter: it announces itself, fences, then looks at pins; we unpinned,
+    // fence, then look for waiters.
+    keycache::light_fence(sh.fence);
+    if sh.waiters.load(Ordering::SeqCst) != 0 {
+        sh.wake.fetch_add(1, Ordering::SeqCst);
+        futex_wake(&sh.wake, i32::MAX);
+    }
+}
+
+/// Ends every view of `cx` whose thread-wide sequence number is above `mark` (their guards
+/// were abandoned with a faulting guarded call), or all of them (`mark == 0` at thread exit).
+pub(crate) fn end_views_since<B: Backend>(
+    sh: &Shared<B>,
+    rec_pkru: &mut u32,
+    cx: &mut ThreadCx,
+    mark: u64,
+) {
+    if cx.stack.iter().all(|e| e.seq <= mark) {
+        return;
+    }
+    // Revoke first: the newest view that stays decides the rights.
+    let top = cx
+        .stack
+        .iter()
+        .rev()
+        .find(|e| e.seq <= mark)
+        .map_or(sh.base_bits, |e| e.bits);
+    sh.apply(cx, rec_pkru, top);
+    let mut i = 0;
+    while i < cx.stack.len() {
+        if cx.stack[i].seq > mark {
+            let e = cx.stack.remove(i);
+            unpin_and_wake(sh, cx, e.pinned);
+        } else {
+            i += 1;
+        }
+    }
+    if cx.sig_floor.is_some_and(|f| cx.stack.len() < f) {
+        cx.sig_floor = Some(cx.stack.len());
+    }
+}

@@ -1,0 +1,187 @@
+//! Ops: the calls from application code into library code.
+//!
+//! An op is a code and an argument block `Call<I, O>` in the caller's memory: the input `I`
+//! is plain data (integers only, [`Pod`]), which the library copies out once and validates
+//! against its own tables; the output is a `Result<O>` the library writes back. The input is
+//! application memory that another thread may change at any moment, so it is read exactly
+//! once, and any bit pattern is a valid value of it.
+//!
+//! Op codes: bits 0..16 name the op, bits 16..24 the backend type of the manager it works on
+//! (`Spec::TAG`; 0 for ops that need no manager).
+//!
+//! # Safety
+//!
+//! The dispatcher turns the argument pointer into reads of `I` and a write of the output.
+//! It checks the pointer for null and alignment; the caller (the application, possibly
+//! hostile) is responsible for it pointing to memory it owns — a bad pointer faults in the
+//! library, which is a crash, not an escalation (the fault handler gives the thread the deny
+//! PKRU). `Pod` may only be implemented for types without invalid bit patterns.
+#![allow(
+    unsafe_code,
+    reason = "reading argument blocks from application memory"
+)]
+
+use std::mem::MaybeUninit;
+
+use crate::backend::sealed::Spec;
+use crate::backend::{Emulated, Hardware, Machine, Simulated};
+use crate::error::{Error, Result};
+use crate::gate::{self, ThreadRecord};
+
+/// The op ran; its output is written.
+pub(crate) const STATUS_OK: u64 = 0;
+/// The argument block was unusable (null or misaligned) or the op code unknown.
+pub(crate) const STATUS_BAD_CALL: u64 = 0x8000_0000_0000_0010;
+/// Library code panicked (a bug); nothing is written.
+pub(crate) const STATUS_PANIC: u64 = 0x8000_0000_0000_0011;
+
+/// Ends the calling thread's views and retires its record.
+pub(crate) const OP_THREAD_EXIT: u64 = 1;
+/// Does nothing (the gate's exit re-installs the thread's legitimate PKRU).
+pub(crate) const OP_NOP: u64 = 2;
+/// Ends every view entered since a mark (a faulting guarded call).
+pub(crate) const OP_END_VIEWS_SINCE: u64 = 3;
+/// The thread's current view mark.
+pub(crate) const OP_VIEW_MARK: u64 = 4;
+/// Lowers the thread to no view for a moment (thread creation) / restores it.
+pub(crate) const OP_SPAWN_PREPARE: u64 = 5;
+pub(crate) const OP_SPAWN_DONE: u64 = 6;
+
+/// Plain data: every bit pattern is a valid value, so it can be copied out of memory another
+/// thread may be writing.
+///
+/// # Safety
+///
+/// Only for `#[repr(C)]` types made of integers (and arrays and `Pod` structs of them),
+/// without padding that matters.
+pub(crate) unsafe trait Pod: Copy {}
+
+// SAFETY: integers and arrays of them accept every bit pattern.
+unsafe impl Pod for () {}
+// SAFETY: as above.
+unsafe impl Pod for u32 {}
+// SAFETY: as above.
+unsafe impl Pod for u64 {}
+// SAFETY: as above.
+unsafe impl Pod for i32 {}
+// SAFETY: as above.
+unsafe impl<T: Pod, const N: usize> Pod for [T; N] {}
+
+/// The argument block of an op.
+#[repr(C)]
+pub(crate) struct Call<I, O> {
+    pub(crate) input: I,
+    pub(crate) output: MaybeUninit<Result<O>>,
+}
+
+/// Runs op `code` with `input` (application side) and returns its output.
+///
+/// # Errors
+///
+/// The op's own error, [`Error::Reentrant`] from a signal handler that interrupted the
+/// library, or [`Error::Unsupported`] when the library failed (a bug, reported as such).
+pub(crate) fn call<I: Pod, O>(code: u64, input: I) -> Result<O> {
+    let mut c = Call {
+        input,
+        output: MaybeUninit::<Result<O>>::uninit(),
+    };
+    match gate::call(code, (&raw mut c).cast())? {
+        // SAFETY: STATUS_OK means the dispatcher wrote the output (`finish`).
+        STATUS_OK => unsafe { c.output.assume_init() },
+        STATUS_PANIC => Err(Error::Unsupported(
+            "an internal error of mpkvirt (a panic inside the library)",
+        )),
+        _ => Err(Error::Unsupported("an unknown library call")),
+    }
+}
+
+/// The argument block of the op being served (library side).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Args(*mut u8);
+
+impl Args {
+    /// The block at `p`.
+    ///
+    /// # Safety
+    ///
+    /// `p` must be null or point to memory the calling thread may read and write as the
+    /// `Call<I, O>` of the op being served (checked for null and alignment in `serve`; a
+    /// hostile caller's bad pointer faults inside the library, see the module docs).
+    pub(crate) unsafe fn new(p: *mut u8) -> Args {
+        Args(p)
+    }
+
+    /// Copies the input out of the block, runs `f`, writes its output.
+    pub(crate) fn serve<I: Pod, O>(self, f: impl FnOnce(I) -> Result<O>) -> u64 {
+        let call = self.0.cast::<Call<I, O>>();
+        if call.is_null() || !call.is_aligned() {
+            return STATUS_BAD_CALL;
+        }
+        // `input` is the first field of the `#[repr(C)]` block; `output` is at its offset.
+        let input = call.cast::<I>();
+        let output = call
+            .cast::<u8>()
+            .wrapping_add(std::mem::offset_of!(Call<I, O>, output))
+            .cast::<MaybeUninit<Result<O>>>();
+        // SAFETY: non-null and aligned (checked, and the field is aligned within the block);
+        // valid for reads by `Args::new`'s contract. A volatile copy: the input is read
+        // exactly once, and `I: Pod` accepts any bits.
+        let input = unsafe { std::ptr::read_volatile(input) };
+        let out = f(input);
+        // SAFETY: as above, valid for writes; the output slot is uninitialised memory of the
+        // caller's block (nothing to drop).
+        unsafe { output.write(MaybeUninit::new(out)) };
+        STATUS_OK
+    }
+}
+
+/// The dispatcher's router (inside the library).
+pub(crate) fn run(op: u64, args: Args, rec: &mut ThreadRecord) -> u64 {
+    let tag = ((op >> 16) & 0xff) as u32;
+    let code = op & 0xffff;
+    match tag {
+        0 => run_global(code, args, rec),
+        Simulated::TAG => crate::manager::ops::run::<Simulated>(code, args, rec),
+        Emulated::TAG => crate::manager::ops::run::<Emulated>(code, args, rec),
+        Hardware::TAG => crate::manager::ops::run::<Hardware>(code, args, rec),
+        Machine::TAG => crate::manager::ops::run::<Machine>(code, args, rec),
+        _ => STATUS_BAD_CALL,
+    }
+}
+
+fn run_global(code: u64, args: Args, rec: &mut ThreadRecord) -> u64 {
+    match code {
+        OP_NOP => STATUS_OK,
+        OP_THREAD_EXIT => {
+            crate::manager::ops::thread_exit(rec);
+            crate::capi::thread_exit(rec);
+            gate::retire_record(rec);
+            STATUS_OK
+        }
+        OP_VIEW_MARK => args.serve(|(): ()| Ok(rec.view_seq)),
+        OP_END_VIEWS_SINCE => {
+            // The recovery of a faulting guarded call: the thread runs with the deny PKRU the
+            // fault handler left, not in a signal handler.
+            rec.interrupted = false;
+            args.serve(|mark: u64| {
+                crate::manager::ops::end_views_since(rec, mark);
+                Ok(())
+            })
+        }
+        OP_SPAWN_PREPARE => args.serve(|(): ()| {
+            if rec.spawn_saved.is_none() {
+                rec.spawn_saved = Some(rec.gate.pkru);
+            }
+            rec.gate.pkru = crate::meta::root().base_pkru(rec.entry_pkru).bits();
+            Ok(())
+        }),
+        OP_SPAWN_DONE => args.serve(|(): ()| {
+            if let Some(saved) = rec.spawn_saved.take() {
+                rec.gate.pkru = saved;
+            }
+            Ok(())
+        }),
+        c if c >= crate::capi::OP_BASE => crate::capi::run(c, args, rec),
+        _ => STATUS_BAD_CALL,
+    }
+}

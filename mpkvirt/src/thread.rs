@@ -1,0 +1,42 @@
+//! Creating threads without rights they did not begin.
+//!
+//! The kernel copies the creating thread's PKRU into a new thread. Created inside a view,
+//! the new thread would hold the view's rights without holding its pins: once the view ends
+//! and the key is bound to another domain, it could read and write the new owner's pages.
+//! [`spawn`] (and `mpk_pthread_create` in the C API) create the thread while the calling
+//! thread has, for that moment, no view's rights; the caller's views stay live and pinned,
+//! and its rights come back right after.
+//!
+//! Threads created any other way inside a view (plain `std::thread::spawn`, `pthread_create`)
+//! keep the view's rights: create them outside views, or through these functions. The host
+//! creates all its threads itself, outside views.
+
+use crate::error::Result;
+use crate::ops::{OP_SPAWN_DONE, OP_SPAWN_PREPARE, call};
+
+/// Runs `f` (which creates threads) while the calling thread holds no view's rights.
+///
+/// # Errors
+///
+/// [`crate::Error::Reentrant`] from a signal handler that interrupted the library.
+pub fn without_rights<R>(f: impl FnOnce() -> R) -> Result<R> {
+    call::<(), ()>(OP_SPAWN_PREPARE, ())?;
+    let r = f();
+    call::<(), ()>(OP_SPAWN_DONE, ())?;
+    Ok(r)
+}
+
+/// [`std::thread::spawn`] that starts the new thread with no view's rights, whatever views
+/// the calling thread is in.
+///
+/// # Errors
+///
+/// As [`std::thread::Builder::spawn`], and [`crate::Error::Reentrant`] (as an `io::Error`).
+pub fn spawn<F, T>(f: F) -> std::io::Result<std::thread::JoinHandle<T>>
+where
+    F: FnOnce() -> T + Send + 'static,
+    T: Send + 'static,
+{
+    without_rights(|| std::thread::Builder::new().spawn(f))
+        .map_err(|e| std::io::Error::other(e.to_string()))?
+}
