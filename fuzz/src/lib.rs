@@ -3,7 +3,7 @@
 //! `tests/smoke.rs` calls them on fixed seeds under plain `cargo test`.
 
 use mpkvirt::policy::{PolicyKind, simulate};
-use mpkvirt::testing::{self, Semantics};
+use mpkvirt::testing::{self, Semantics, concurrent, linearize};
 use mpkvirt::{Config, Manager};
 
 /// Runs the domain program encoded in `data` on the simulated backend against the
@@ -25,6 +25,37 @@ pub fn domain_ops(data: &[u8]) {
     let mgr = Manager::simulated(keys, config).unwrap();
     if let Err(d) = testing::run(&mgr, &testing::decode(program), Semantics::PerThread) {
         panic!("divergence from the model with {keys} keys: {d}");
+    }
+}
+
+/// Node budget of the linearizability check per fuzz input: enough for any history the
+/// generator makes with ordinary schedules (they need about one node per event), small
+/// enough that a pathological schedule cannot stall the fuzzer.
+const CONCURRENT_BUDGET: usize = 200_000;
+
+/// Runs the concurrent program encoded in `data` on the simulated backend with three threads
+/// that really overlap, and panics unless the history is linearizable against the reference
+/// model (unlimited keys, per-thread rights).
+///
+/// The first byte picks the number of keys (1 to 4); the rest is the program
+/// (`mpkvirt::testing::concurrent::decode_concurrent`). The schedule is not part of the
+/// input: an input that crashed once may pass the next time, so a crash is replayed by
+/// running its input several times. A history whose check runs out of budget counts as
+/// passing (the check could not decide).
+pub fn domain_ops_concurrent(data: &[u8]) {
+    let Some((&keys, program)) = data.split_first() else {
+        return;
+    };
+    let keys = 1 + usize::from(keys % 4);
+    let config = Config {
+        max_keys: keys,
+        pin_wait: std::time::Duration::ZERO,
+        ..Config::default()
+    };
+    let mgr = Manager::simulated(keys, config).expect("a simulated manager");
+    let history = concurrent::record_concurrent(&mgr, &concurrent::decode_concurrent(program));
+    if let Err(d) = linearize::check(&history, keys, Semantics::PerThread, CONCURRENT_BUDGET) {
+        panic!("no linearization agrees with the model ({keys} keys): {d}");
     }
 }
 

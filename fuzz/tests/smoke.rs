@@ -23,6 +23,22 @@ fn domain_ops_on_degenerate_inputs() {
 }
 
 #[test]
+fn domain_ops_concurrent_on_fixed_seeds() {
+    // Each input runs three real threads; 48 programs of 90 operations take well under a
+    // second.
+    for seed in 0..48 {
+        mpkvirt_fuzz::domain_ops_concurrent(&seeded(seed, 2 + 4 * 90));
+    }
+}
+
+#[test]
+fn domain_ops_concurrent_on_degenerate_inputs() {
+    for data in [&[][..], &[0], &[3, 7], &[255; 64], &[0; 400], &[1; 1200]] {
+        mpkvirt_fuzz::domain_ops_concurrent(data);
+    }
+}
+
+#[test]
 fn policy_trace_on_fixed_seeds() {
     for seed in 0..300 {
         mpkvirt_fuzz::policy_trace(&seeded(seed, 1 + (seed as usize * 7) % 500));

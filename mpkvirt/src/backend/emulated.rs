@@ -117,13 +117,19 @@ impl EmulatedLive {
         })
     }
 
-    /// The range starting at `addr` leaves whichever key it was bound to.
-    fn unbind(&self, addr: usize) {
-        for ks in &self.state {
-            let mut ks = lock(ks);
-            if ks.bound.is_some_and(|(a, _, _)| a == addr) {
-                ks.bound = None;
-            }
+    /// Every key's state, locked in key order: tags (binding and parking ranges, which
+    /// happen under the manager's lock, so rarely) are atomic with respect to every change
+    /// of rights, while rights changes lock only the keys they change.
+    fn lock_all(&self) -> [std::sync::MutexGuard<'_, KeyState>; Pkey::COUNT] {
+        std::array::from_fn(|k| lock(&self.state[k]))
+    }
+}
+
+/// The range starting at `addr` leaves whichever key it was bound to.
+fn unbind(states: &mut [std::sync::MutexGuard<'_, KeyState>], addr: usize) {
+    for ks in states.iter_mut() {
+        if ks.bound.is_some_and(|(a, _, _)| a == addr) {
+            ks.bound = None;
         }
     }
 }
@@ -143,11 +149,12 @@ impl LiveOps for EmulatedLive {
 
     fn tag(&self, addr: usize, len: usize, prot: Prot, key: Option<Pkey>) -> Result<()> {
         self.arenas.check(addr, len);
-        self.unbind(addr);
+        let mut states = self.lock_all();
+        unbind(&mut states, addr);
         match key {
             None => Self::mprotect(addr, len, Prot::NONE, Pkey::DEFAULT),
             Some(k) => {
-                let mut ks = lock(&self.state[k.index() as usize]);
+                let ks = &mut states[k.index() as usize];
                 ks.bound = Some((addr, len, prot));
                 Self::mprotect(addr, len, effective(prot, ks.rights()), k)
             }
@@ -156,7 +163,8 @@ impl LiveOps for EmulatedLive {
 
     fn discard(&self, addr: usize, len: usize, mapped_files: bool) -> Result<()> {
         if mapped_files {
-            self.unbind(addr);
+            let mut states = self.lock_all();
+            unbind(&mut states, addr);
             return self.arenas.replace(addr, len);
         }
         // Park first (see the hardware backend), then empty in place (keeps it mergeable).

@@ -10,6 +10,12 @@
 //! fixed seeds all drive the same generator), and [`run`] executes the program against a
 //! [`Manager`] on real threads — one OS thread per logical thread, because PKRU is per
 //! thread — comparing every outcome with the model.
+//!
+//! [`concurrent`] runs programs whose threads really overlap and checks the recorded
+//! history for linearizability against the same model ([`linearize`]).
+
+pub mod concurrent;
+pub mod linearize;
 
 use std::collections::{HashMap, HashSet};
 use std::fmt;
