@@ -74,7 +74,11 @@ pub(crate) mod pkey {
     }
 
     /// Unsupported on this target.
-    pub fn pkey_free(_key: Pkey) -> Result<()> {
+    ///
+    /// # Safety
+    ///
+    /// Trivially satisfied: nothing happens.
+    pub unsafe fn pkey_free(_key: Pkey) -> Result<()> {
         Err(Error::Unsupported { op: Op::PkeyFree })
     }
 
@@ -251,7 +255,8 @@ mod tests {
             Err(Error::Unsupported { op: Op::PkeyAlloc })
         );
         assert_eq!(
-            pkey::pkey_free(Pkey::DEFAULT),
+            // SAFETY: the twin does nothing.
+            unsafe { pkey::pkey_free(Pkey::DEFAULT) },
             Err(Error::Unsupported { op: Op::PkeyFree })
         );
         let page = mman::reserve(mman::page_size(), mman::Prot::NONE).expect("mmap is portable");

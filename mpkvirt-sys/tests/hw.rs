@@ -143,7 +143,8 @@ fn with_tagged_page<R>(pku: Pku, f: impl FnOnce(Pkey, *mut u8, Pkru) -> R) -> R 
     let r = f(key, page.0, saved);
     set_pkru(pku, saved);
     drop(page);
-    pkey_free(key).expect("free");
+    // SAFETY: the page carrying the key was unmapped above and PKRU restored.
+    unsafe { pkey_free(key) }.expect("free");
     r
 }
 
@@ -186,14 +187,16 @@ fn pku_allocating_every_key_ends_in_the_typed_exhausted_error() {
     );
     // A freed key can be allocated again, then the pool is exhausted once more.
     let last = keys.pop().expect("a key");
-    pkey_free(last).expect("pkey_free");
+    // SAFETY: allocated by this test, tagged no page.
+    unsafe { pkey_free(last) }.expect("pkey_free");
     keys.push(pkey_alloc(AccessRights::DISABLE_ACCESS).expect("re-allocate"));
     assert_eq!(
         pkey_alloc(AccessRights::DISABLE_ACCESS),
         Err(Error::KeysExhausted)
     );
     for k in keys {
-        pkey_free(k).expect("pkey_free");
+        // SAFETY: allocated by this test, tagged no page.
+        unsafe { pkey_free(k) }.expect("pkey_free");
     }
 }
 
@@ -202,8 +205,11 @@ fn pku_freeing_an_unallocated_key_is_einval() {
     let _pku = require_pku!();
     let _guard = lock_keys();
     let key = pkey_alloc(AccessRights::DISABLE_ACCESS).expect("alloc");
-    pkey_free(key).expect("free");
-    let err = pkey_free(key).expect_err("double free must fail");
+    // SAFETY: allocated just now, tagged no page; freeing twice is what is tested (the
+    // second call only fails).
+    unsafe { pkey_free(key) }.expect("free");
+    // SAFETY: as above.
+    let err = unsafe { pkey_free(key) }.expect_err("double free must fail");
     assert_eq!(err.errno().0, libc::EINVAL, "{err}");
 }
 
@@ -364,7 +370,8 @@ fn pku_pkey_mprotect_with_an_unallocated_key_is_einval() {
     let _pku = require_pku!();
     let _guard = lock_keys();
     let key = pkey_alloc(AccessRights::DISABLE_ACCESS).expect("alloc");
-    pkey_free(key).expect("free");
+    // SAFETY: allocated just now, tagged no page.
+    unsafe { pkey_free(key) }.expect("free");
     let page = Page::new();
     // SAFETY: the page is ours and holds no Rust values.
     let err = unsafe { pkey_mprotect(page.0, mman::page_size(), Prot::READ_WRITE, key) }

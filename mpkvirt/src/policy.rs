@@ -112,6 +112,16 @@ impl<A: Allocator + Clone + Send + std::fmt::Debug> Policy for LivePolicy<A> {
     }
 }
 
+impl<A: Allocator + Clone> LivePolicy<A> {
+    /// Domains whose history the policy keeps (0 for LRU).
+    pub fn remembered(&self) -> usize {
+        match self {
+            LivePolicy::Lru(_) => 0,
+            LivePolicy::Hinted(p) => p.remembered(),
+        }
+    }
+}
+
 /// Creates the live policy for `kind` (`Opt` needs the whole trace and falls back to
 /// [`Hinted`], which is optimal when the hints are complete).
 pub fn new_policy(kind: PolicyKind, capacity: usize) -> LivePolicy {

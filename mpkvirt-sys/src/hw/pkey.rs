@@ -65,11 +65,18 @@ pub fn pkey_alloc(init: AccessRights) -> Result<Pkey> {
 ///
 /// `EINVAL` when the key is not allocated.
 ///
+/// # Safety
+///
+/// No page may still carry `key`, and no thread may still hold rights to it that matter: the
+/// next `pkey_alloc` (of any code in the process) can return the same number, and its pages
+/// would then be reachable through those rights, and stale pages through its rights.
+///
 /// # References
 ///
 /// pkey_free(2)
-pub fn pkey_free(key: Pkey) -> Result<()> {
-    // SAFETY: pkey_free takes one integer and touches no user memory.
+pub unsafe fn pkey_free(key: Pkey) -> Result<()> {
+    // SAFETY: pkey_free takes one integer and touches no user memory; what the freed number
+    // means afterwards is the caller's obligation (above).
     let ret = unsafe { libc::syscall(libc::SYS_pkey_free, libc::c_long::from(key.index())) };
     if ret < 0 {
         Err(Error::last(Op::PkeyFree))

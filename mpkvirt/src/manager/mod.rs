@@ -81,6 +81,12 @@ pub struct Stats {
     pub evictions: u64,
     /// Bindings made ahead of use by [`Manager::prefetch`].
     pub prefetched: u64,
+    /// Threads whose pins a miss looks at now: threads in views, and those recently in one
+    /// (idle threads are dropped by the next misses, exited ones at once).
+    pub watched_threads: u64,
+    /// Domains the eviction policy keeps a history of (the hinted policy; forgotten when a
+    /// domain is destroyed).
+    pub policy_entries: u64,
 }
 
 /// Counters of the calling thread for one manager.

@@ -300,7 +300,11 @@ fn on_manager<B: Backend>(code: u64, args: Args, rec: &mut ThreadRecord) -> u64 
         match code {
             M_STATS => args.serve(|m: MgrRef| {
                 let sh = with_mgr::<B>(rec, m)?;
-                Ok(lock(&sh.inner).stats)
+                let inner = lock(&sh.inner);
+                let mut stats = inner.stats;
+                stats.watched_threads = inner.threads.len() as u64;
+                stats.policy_entries = inner.policy.remembered() as u64;
+                Ok(stats)
             }),
             M_THREAD_STATS => args.serve(|m: MgrRef| {
                 let sh = with_mgr::<B>(rec, m)?;
@@ -404,7 +408,8 @@ fn on_manager<B: Backend>(code: u64, args: Args, rec: &mut ThreadRecord) -> u64 
             ACCESS => args.serve(|i: MgrIn| -> Result<Access> {
                 let sh = with_mgr::<B>(rec, i.m)?;
                 let addr = i.a as usize;
-                if !sh.live.owns(addr, 1) {
+                // Only live domains' memory: a destroyed domain's range is parked (or reused).
+                if !sh.live.owns(addr, 1) || lifecycle::domain_at(sh, addr).is_none() {
                     return Ok(Access::NotOwned(lifecycle::domain_at(sh, addr)));
                 }
                 let write = (i.b >> 8 != 0).then_some(i.b as u8);
