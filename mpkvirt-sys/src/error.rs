@@ -87,6 +87,8 @@ pub enum Op {
     Futex,
     /// `tgkill(2)`
     Tgkill,
+    /// Listing the process's threads (`/proc/self/task`)
+    ListThreads,
 }
 
 impl Op {
@@ -106,6 +108,7 @@ impl Op {
             Op::ArchPrctl => "arch_prctl",
             Op::Futex => "futex",
             Op::Tgkill => "tgkill",
+            Op::ListThreads => "listing /proc/self/task",
         }
     }
 }

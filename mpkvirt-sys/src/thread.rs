@@ -10,5 +10,5 @@
 //! gettid(2), tgkill(2), arch_prctl(2), futex(2); Intel SDM Vol. 2 RDFSBASE/RDGSBASE.
 
 pub use crate::imp::thread::{
-    FsGsBase, futex_wait, futex_wake, gettid, list_threads, set_gs_base, tgkill,
+    FsGsBase, for_each_thread, futex_wait, futex_wake, gettid, set_gs_base, tgkill,
 };

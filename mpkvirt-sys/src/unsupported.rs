@@ -237,8 +237,10 @@ pub(crate) mod thread {
     pub fn futex_wake(_word: &AtomicU32, _n: i32) {}
 
     /// Unsupported on this target.
-    pub fn list_threads() -> std::io::Result<Vec<i32>> {
-        Err(std::io::Error::from(std::io::ErrorKind::Unsupported))
+    pub fn for_each_thread(_f: impl FnMut(i32)) -> Result<()> {
+        Err(Error::Unsupported {
+            op: Op::ListThreads,
+        })
     }
 }
 

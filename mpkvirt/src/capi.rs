@@ -46,10 +46,10 @@ use crate::domain::DomainId;
 use crate::error::Error;
 use crate::fault::FaultReport;
 use crate::gate::ThreadRecord;
-use crate::manager::lifecycle;
 use crate::manager::ops as mops;
 use crate::manager::shared::{DomRef, MgrRef, Shared};
 use crate::manager::views::{self, ViewItem};
+use crate::manager::{Rights, global, lifecycle};
 use crate::meta::{MBox, MMap, MVec, Meta, lock_rw, mmap, read_rw, root};
 use crate::ops::{Pod, STATUS_BAD_CALL, call};
 
@@ -97,6 +97,13 @@ struct Table {
 #[derive(Debug, Default)]
 pub(crate) struct ThreadBegun {
     set: Option<MBox<BegunSet>>,
+}
+
+impl ThreadBegun {
+    /// Whether the thread has C API state (begun vkeys).
+    pub(crate) fn holds_state(&self) -> bool {
+        self.set.is_some()
+    }
 }
 
 /// Begun vkeys: (vkey, domain, read-only).
@@ -474,10 +481,10 @@ pub(crate) fn run(code: u64, a: crate::ops::Args, rec: &mut ThreadRecord) -> u64
         match code {
             C_INIT => a.serve(|i: mops::CreateIn| Ok(init(i))),
             C_MMAP => a.serve(|i: CArgs| Ok(mmap_op(i))),
-            C_MUNMAP => a.serve(|i: CArgs| Ok(munmap_op(i))),
+            C_MUNMAP => a.serve(|i: CArgs| Ok(munmap_op(rec, i))),
             C_BEGIN => a.serve(|i: CArgs| Ok(begin_op(rec, i))),
             C_END => a.serve(|i: CArgs| Ok(end_op(rec, i))),
-            C_MPROTECT => a.serve(|i: CArgs| Ok(mprotect_op(i))),
+            C_MPROTECT => a.serve(|i: CArgs| Ok(mprotect_op(rec, i))),
             C_MALLOC => a.serve(|i: CArgs| Ok(malloc_op(i))),
             C_FREE => a.serve(|i: CArgs| Ok(free_op(i))),
             C_GUARD_START => a.serve(|_: CArgs| Ok(guard_start(rec))),
@@ -601,7 +608,7 @@ fn mmap_op(i: CArgs) -> Result<usize, c_int> {
     })
 }
 
-fn munmap_op(i: CArgs) -> Result<(), c_int> {
+fn munmap_op(rec: &mut ThreadRecord, i: CArgs) -> Result<(), c_int> {
     let st = state()?;
     let sh = shared(st)?;
     let mut table = lock_rw(&st.table);
@@ -612,6 +619,10 @@ fn munmap_op(i: CArgs) -> Result<(), c_int> {
     table.by_vkey.remove(&i.vkey);
     table.vkey_of.remove(&v.d.uid);
     drop(table);
+    // Every thread drops process-wide rights first (see `manager::global`).
+    if let Ok(cx) = mops::cx_pub(sh, rec) {
+        let _ = global::set(sh, rec, cx, v.d, None);
+    }
     lifecycle::destroy(sh, v.d);
     Ok(())
 }
@@ -720,15 +731,51 @@ fn end_op(rec: &mut ThreadRecord, i: CArgs) -> Result<(), c_int> {
     Ok(())
 }
 
-fn mprotect_op(i: CArgs) -> Result<(), c_int> {
+/// libmpk's `mpk_mprotect`: every thread of the process gets `prot`'s read/write rights
+/// (`manager::global`). The page protection only grows to allow them (and takes `prot`'s
+/// `PROT_EXEC`, which keys cannot express): with the domain resident, a change of rights is
+/// no page-table change at all, and threads that begun the vkey keep what they begun.
+fn mprotect_op(rec: &mut ThreadRecord, i: CArgs) -> Result<(), c_int> {
     let prot = prot_of(i.prot)?;
+    let rights = if prot.contains(Prot::WRITE) {
+        Some(Rights::ReadWrite)
+    } else if prot.contains(Prot::READ) {
+        Some(Rights::ReadOnly)
+    } else {
+        None
+    };
     let st = state()?;
     let sh = shared(st)?;
-    let mut table = lock_rw(&st.table);
-    let v = table.by_vkey.get_mut(&i.vkey).ok_or(libc::EINVAL)?;
-    lifecycle::protect(sh, v.d, prot).map_err(|e| errno_of(&e))?;
-    v.prot = prot;
-    Ok(())
+    let (d, old) = {
+        let mut table = lock_rw(&st.table);
+        let v = table.by_vkey.get_mut(&i.vkey).ok_or(libc::EINVAL)?;
+        let old = v.prot;
+        let page = (old - Prot::EXEC) | (prot & Prot::READ_WRITE) | (prot & Prot::EXEC);
+        if page != old {
+            lifecycle::protect(sh, v.d, page).map_err(|e| errno_of(&e))?;
+            v.prot = page;
+        }
+        (v.d, old)
+    };
+    // The table lock is not held while every thread takes the rights.
+    let cx = mops::cx_pub(sh, rec).map_err(|e| errno_of(&e))?;
+    match global::set(sh, rec, cx, d, rights) {
+        Ok(()) => Ok(()),
+        // Taken by every other thread: the call did its work; the caller learns of the rest.
+        Err(e @ Error::ThreadsNotSynced { .. }) => Err(errno_of(&e)),
+        Err(e) => {
+            // Nothing changed for any thread: the protection goes back too.
+            let mut table = lock_rw(&st.table);
+            if let Some(v) = table.by_vkey.get_mut(&i.vkey)
+                && v.d == d
+                && v.prot != old
+                && lifecycle::protect(sh, d, old).is_ok()
+            {
+                v.prot = old;
+            }
+            Err(errno_of(&e))
+        }
+    }
 }
 
 fn malloc_op(i: CArgs) -> Result<usize, c_int> {

@@ -8,9 +8,9 @@ use mpkvirt_sys::mman::Prot;
 
 use crate::backend::Backend;
 use crate::error::Result;
-use crate::manager::Manager;
 use crate::manager::ops;
 use crate::manager::shared::{DomRef, MgrRef};
+use crate::manager::{Manager, Rights};
 
 /// A domain's identity: unique for the life of the process, never reused, so a stale id
 /// cannot name a later domain (libmpk's "protection-key use-after-free" cannot recur at the
@@ -207,6 +207,32 @@ impl<B: Backend> Domain<B> {
     pub fn protect(&self, prot: Prot) -> Result<()> {
         self.mgr
             .dom_op(ops::D_PROTECT, self.d, prot.bits() as u64, 0, 0)
+    }
+
+    /// Gives every thread of the process `rights` to the domain without entering a view
+    /// (`None` takes them back): libmpk's `mpk_mprotect` mode. When this returns, every
+    /// thread has the new rights — threads that never called mpkvirt included, and threads
+    /// created later. A thread's rights are the union of its own view's and these; views keep
+    /// their thread-local meaning.
+    ///
+    /// The domain holds its key while it has process-wide rights (no view can evict it). On
+    /// PKU hardware every thread's PKRU changes: each thread is sent a signal (`SIGRTMIN + 7`,
+    /// or `MPKVIRT_SYNC_SIGNAL`) and updates its own; on the emulated backend this is one
+    /// `mprotect`. See `manager/global.rs` for the protocol and its limits.
+    ///
+    /// # Errors
+    ///
+    /// [`crate::Error::KeysBusy`] when every key is pinned by views (for a grant),
+    /// [`crate::Error::ThreadsNotSynced`] when some thread did not take the change in time
+    /// (it blocks the signal): every other thread has it, and a key whose revocation a thread
+    /// missed is never handed to another domain.
+    pub fn set_process_wide(&self, rights: Option<Rights>) -> Result<()> {
+        let code = match rights {
+            None => 0,
+            Some(Rights::ReadOnly) => 1,
+            Some(Rights::ReadWrite) => 2,
+        };
+        self.mgr.dom_op(ops::D_PROCESS_WIDE, self.d, code, 0, 0)
     }
 
     /// Discards the domain's contents and allocations: fresh zero pages, an empty heap. The

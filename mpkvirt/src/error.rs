@@ -70,6 +70,16 @@ pub enum Error {
     /// The thread is already inside the library: a signal handler interrupted a library call
     /// and called the library again. Nothing was done.
     Reentrant,
+    /// Process-wide rights changed, but some threads did not take the change within the
+    /// wait (they block mpkvirt's sync signal or replaced its handler). Every other thread
+    /// has the new rights; a revoked key stays with its domain and is never handed to
+    /// another one.
+    ThreadsNotSynced {
+        /// Threads that had not acknowledged.
+        threads: usize,
+        /// How long the caller waited.
+        waited: Duration,
+    },
     /// A configuration value is out of range.
     InvalidConfig(&'static str),
     /// A view names more domains than there are keys.
@@ -155,6 +165,10 @@ impl fmt::Display for Error {
                 f,
                 "mpkvirt was called from a signal handler that interrupted a call into it"
             ),
+            Error::ThreadsNotSynced { threads, waited } => write!(
+                f,
+                "{threads} threads did not take new process-wide rights within {waited:?}"
+            ),
             Error::InvalidConfig(what) => write!(f, "invalid configuration: {what}"),
             Error::ViewTooLarge { domains, keys } => {
                 write!(
@@ -201,6 +215,7 @@ impl Error {
             | Error::Retag { source: e, .. }
             | Error::Remap { source: e, .. } => e.errno().0,
             Error::KeysBusy { .. } => libc::EBUSY,
+            Error::ThreadsNotSynced { .. } => libc::ETIMEDOUT,
             Error::ViewTooLarge { .. } | Error::ViewsExceedKeys { .. } => libc::E2BIG,
             Error::InterruptedView | Error::Reentrant => libc::EDEADLK,
             Error::OutOfMemory { .. } => libc::ENOMEM,

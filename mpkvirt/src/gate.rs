@@ -74,6 +74,13 @@ pub(crate) struct ThreadRecord {
     /// Views entered so far by the thread, with any manager (each view records its number:
     /// a faulting guarded call ends the views entered after it started).
     pub(crate) view_seq: u64,
+    /// The last process-wide rights epoch the thread took (see `manager::global`).
+    pub(crate) synced: std::sync::atomic::AtomicU64,
+    /// Whether the thread was registered by the current op (its PKRU until now was inherited,
+    /// not set by the library).
+    pub(crate) fresh: bool,
+    /// An alternate signal stack for the thread, made with the record and reused with it.
+    altstack: usize,
     /// The thread's PKRU while it creates a thread without rights (`OP_SPAWN_PREPARE`).
     pub(crate) spawn_saved: Option<u32>,
     /// Per manager registry slot: the thread's state for that manager.
@@ -153,10 +160,13 @@ fn register(entry: Pkru) -> Result<()> {
     let tid = gettid();
     let mut records = lock(&r.records);
     let reusable = records.iter().copied().find(|&addr| {
-        // SAFETY: every entry is a record made below; reading a dead record's `dead` and
-        // `tid` is safe: no thread uses a dead record's fields any more (its owner ended).
+        // SAFETY: every entry is a record made below; reading a record's `dead`, `tid` and
+        // state under the records lock is safe once its thread is gone (checked first), and
+        // `dead`/`tid` change only under this lock.
         let rec = unsafe { &*(addr as *const ThreadRecord) };
-        rec.dead && tgkill(rec.tid, 0).is_err()
+        // A dead record, or one whose thread never left state behind (registered by the
+        // sync signal, no exit hook): reusable once its thread is gone.
+        (rec.dead || !rec.holds_state()) && tgkill(rec.tid, 0).is_err()
     });
     let addr = match reusable {
         Some(addr) => addr,
@@ -178,6 +188,9 @@ fn register(entry: Pkru) -> Result<()> {
                     interrupted: false,
                     active_mgr: AtomicU32::new(NO_MGR),
                     view_seq: 0,
+                    synced: std::sync::atomic::AtomicU64::new(0),
+                    fresh: false,
+                    altstack: 0,
                     spawn_saved: None,
                     cxs: MVec::new_in(Meta),
                     capi: crate::capi::ThreadBegun::default(),
@@ -192,20 +205,98 @@ fn register(entry: Pkru) -> Result<()> {
     // SAFETY: `addr` is a record that no live thread uses (new, or dead with its thread gone);
     // it becomes this thread's alone.
     let rec = unsafe { &mut *(addr as *mut ThreadRecord) };
-    debug_assert!(
-        rec.cxs.iter().all(Option::is_none),
-        "dead records hold no state"
-    );
+    debug_assert!(!rec.holds_state(), "dead records hold no state");
     rec.gate.self_addr = addr as u64;
     rec.gate.pkru = r.base_pkru(entry).bits();
     rec.gate.busy = 0;
     rec.tid = tid;
     rec.dead = false;
     rec.gate.owner_fs = t.fs_base() as u64;
+    rec.fresh = true;
+    rec.interrupted = false;
+    rec.spawn_saved = None;
     drop(records);
+    // The process-wide rights in force.
+    rec.synced.store(0, std::sync::atomic::Ordering::Relaxed);
+    crate::manager::global::acknowledge(rec, None);
+    rec.ensure_altstack();
     // SAFETY: mpkvirt owns the thread's GS base; the record is laid out as the gates and
     // `ThreadRecord::current` expect and lives forever.
     unsafe { set_gs_base(addr) }.map_err(|_| Error::Unsupported("setting the GS base"))
+}
+
+impl ThreadRecord {
+    /// The thread's kernel id.
+    pub(crate) fn tid(&self) -> i32 {
+        self.tid
+    }
+
+    /// Whether the record holds library state of its thread (views, C API state).
+    fn holds_state(&self) -> bool {
+        self.cxs.iter().any(Option::is_some) || self.capi.holds_state()
+    }
+
+    /// Gives the thread an alternate signal stack if it has none (signal handlers of
+    /// mpkvirt run on it: the interrupted stack may be in a domain the handler's initial PKRU
+    /// cannot write). The stack belongs to the record and is reused with it.
+    fn ensure_altstack(&mut self) {
+        const SIZE: usize = 64 << 10;
+        let mut old = std::mem::MaybeUninit::<libc::stack_t>::zeroed();
+        // SAFETY: querying (null new stack) only writes `old`.
+        if unsafe { libc::sigaltstack(std::ptr::null(), old.as_mut_ptr()) } != 0 {
+            return;
+        }
+        // SAFETY: sigaltstack succeeded and filled `old`.
+        if unsafe { old.assume_init() }.ss_flags & libc::SS_DISABLE == 0 {
+            return;
+        }
+        if self.altstack == 0 {
+            match mpkvirt_sys::mman::reserve(SIZE, mpkvirt_sys::mman::Prot::READ_WRITE) {
+                Ok(p) => self.altstack = p as usize,
+                Err(_) => return,
+            }
+        }
+        let new = libc::stack_t {
+            ss_sp: self.altstack as *mut libc::c_void,
+            ss_flags: 0,
+            ss_size: SIZE,
+        };
+        // SAFETY: the stack is a private mapping owned by this record, which only this thread
+        // uses until it is gone (records are reused only after their thread ended).
+        unsafe { libc::sigaltstack(&new, std::ptr::null_mut()) };
+    }
+}
+
+/// How many of the threads `tids` (still alive) have not taken the process-wide rights of
+/// `epoch`; calls `each` with each of them. A thread without a record has not: its PKRU is
+/// inherited from its creator and may predate the change (its handler registers it). A
+/// record of an earlier thread with the same id may linger: any record acknowledging is the
+/// live thread's.
+pub(crate) fn unacknowledged(tids: &[i32], epoch: u64, mut each: impl FnMut(i32)) -> usize {
+    let mut acked: MVec<i32> = MVec::new_in(Meta);
+    {
+        let records = lock(&root().records);
+        if acked.try_reserve(records.len()).is_err() {
+            return tids.len();
+        }
+        for &addr in records.iter() {
+            // SAFETY: see `register`: `dead`, `tid` and the atomic `synced` of any record
+            // may be read under the records lock.
+            let rec = unsafe { &*(addr as *const ThreadRecord) };
+            if !rec.dead && rec.synced.load(std::sync::atomic::Ordering::SeqCst) >= epoch {
+                acked.push(rec.tid);
+            }
+        }
+    }
+    acked.sort_unstable();
+    let mut pending = 0;
+    for &tid in tids {
+        if acked.binary_search(&tid).is_err() && tgkill(tid, 0).is_ok() {
+            pending += 1;
+            each(tid);
+        }
+    }
+    pending
 }
 
 /// Marks the calling thread's record dead (its thread is ending; its views are already
@@ -245,7 +336,15 @@ pub(crate) extern "sysv64" fn mpkvirt_dispatch(op: u64, args: *mut u8, entry_pkr
     // makes the library fault).
     let args = unsafe { crate::ops::Args::new(args) };
     match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        crate::ops::run(op, args, rec)
+        let status = crate::ops::run(op, args, rec);
+        // Process-wide rights that changed during the op (the thread may have been signalled
+        // while it ran). Not in a signal handler's context: the context it interrupted would
+        // keep its old PKRU.
+        if !rec.interrupted {
+            crate::manager::global::acknowledge(rec, None);
+        }
+        rec.fresh = false;
+        status
     })) {
         Ok(status) => status,
         Err(payload) => {
@@ -259,6 +358,14 @@ pub(crate) extern "sysv64" fn mpkvirt_dispatch(op: u64, args: *mut u8, entry_pkr
 thread_local! {
     /// Ends the thread's views when it exits (registered at its first op).
     static EXIT: ExitHook = const { ExitHook };
+    /// Calls into the library in progress on this thread (a signal handler that finds one
+    /// leaves the process-wide rights to the call's end).
+    static IN_CALL: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
+}
+
+/// Whether the calling thread is inside (or entering) a library call.
+pub(crate) fn in_call() -> bool {
+    IN_CALL.try_with(|c| c.get() > 0).unwrap_or(true)
 }
 
 struct ExitHook;
@@ -279,7 +386,9 @@ impl Drop for ExitHook {
 /// metadata cannot be initialised.
 pub(crate) fn call(op: u64, args: *mut u8) -> Result<u64> {
     let mode = meta::init()?;
-    if op != crate::ops::OP_THREAD_EXIT {
+    // (Not from the thread-exit hook itself, nor from the sync signal's handler, which must
+    // not allocate.)
+    if op != crate::ops::OP_THREAD_EXIT && op != crate::ops::OP_SYNC {
         // Registers the exit hook; fails (and nothing is registered) while the thread's
         // thread-locals are being destroyed.
         if EXIT.try_with(|_| ()).is_err() {
@@ -288,14 +397,17 @@ pub(crate) fn call(op: u64, args: *mut u8) -> Result<u64> {
             ));
         }
     }
+    let _ = IN_CALL.try_with(|c| c.set(c.get() + 1));
     let status = match mode {
         // SAFETY: `init` set up the root (boot stack, PKRU values) and checked OSPKE and
         // FSGSBASE; mpkvirt owns the GS base; `args` is the block the op expects.
-        MetadataMode::Protected => unsafe { mpkvirt_asm::mpkvirt_gate_call(op, args) },
+        MetadataMode::Protected => Ok(unsafe { mpkvirt_asm::mpkvirt_gate_call(op, args) }),
         // SAFETY: as above, minus OSPKE (this variant executes no PKRU instruction).
-        MetadataMode::GateOnly => unsafe { mpkvirt_asm::mpkvirt_gate_call_nopku(op, args) },
-        MetadataMode::Cooperative => cooperative_call(op, args)?,
+        MetadataMode::GateOnly => Ok(unsafe { mpkvirt_asm::mpkvirt_gate_call_nopku(op, args) }),
+        MetadataMode::Cooperative => cooperative_call(op, args),
     };
+    let _ = IN_CALL.try_with(|c| c.set(c.get() - 1));
+    let status = status?;
     match status {
         GATE_BUSY => Err(Error::Reentrant),
         GATE_UNREGISTERED => Err(Error::Unsupported("registering the calling thread")),

@@ -69,6 +69,7 @@ mod ops;
 pub mod policy;
 mod primitive;
 mod slab;
+mod sync;
 #[cfg(test)]
 mod test_alloc;
 #[cfg(feature = "testing")]

@@ -46,7 +46,7 @@
 use std::cell::UnsafeCell;
 use std::ptr::NonNull;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicPtr, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 
 use allocator_api2::alloc::{AllocError, Allocator, Layout};
 use mpkvirt_asm::GateRoot;
@@ -107,6 +107,13 @@ pub(crate) struct MgrSlot {
     pub(crate) kind: AtomicU32,
     /// The manager's state (`Shared<B>` for that kind), in the region.
     pub(crate) ptr: AtomicPtr<()>,
+    /// The PKRU fields of the manager's keys (all of them access-disabled).
+    pub(crate) mask: AtomicU32,
+    /// The process-wide rights of the manager's keys, as PKRU fields (`mask` when none): every
+    /// thread's rights are its view's and these (see `manager::global`).
+    pub(crate) global: AtomicU32,
+    /// Whether the manager's keys are hardware keys (threads' PKRU must follow `global`).
+    pub(crate) hardware: AtomicBool,
 }
 
 /// Hardware keys mpkvirt allocated from the kernel, by number.
@@ -151,6 +158,15 @@ pub(crate) struct Root {
     next_slot: AtomicUsize,
     /// Uids of managers and domains: unique for the life of the process.
     next_uid: AtomicU64,
+    /// Bumped whenever process-wide rights change; each thread acknowledges it (see
+    /// `manager::global`).
+    pub(crate) sync_epoch: AtomicU64,
+    /// Bumped by every acknowledgement (a futex word initiators wait on), and the number of
+    /// initiators waiting.
+    pub(crate) sync_acks: AtomicU32,
+    pub(crate) sync_waiters: AtomicU32,
+    /// One past the highest registry slot ever claimed (scans stop there).
+    pub(crate) slots_high: AtomicUsize,
     /// The C API's state (`capi::CState`), in the region.
     pub(crate) capi: AtomicPtr<()>,
     /// Every thread record ever made (`gate::ThreadRecord`, in the region); dead ones are
@@ -194,10 +210,17 @@ static mpkvirt_gate_root: Root = Root {
             uid: AtomicU64::new(0),
             kind: AtomicU32::new(0),
             ptr: AtomicPtr::new(std::ptr::null_mut()),
+            mask: AtomicU32::new(0),
+            global: AtomicU32::new(0),
+            hardware: AtomicBool::new(false),
         }
     }; MAX_MANAGERS],
     next_slot: AtomicUsize::new(0),
     next_uid: AtomicU64::new(1),
+    sync_epoch: AtomicU64::new(0),
+    sync_acks: AtomicU32::new(0),
+    sync_waiters: AtomicU32::new(0),
+    slots_high: AtomicUsize::new(0),
     capi: AtomicPtr::new(std::ptr::null_mut()),
     records: Mutex::new(MVec::new_in(Meta)),
 };
@@ -289,7 +312,14 @@ impl Root {
     }
 
     /// A free registry slot for a new manager; `None` when all are taken.
-    pub(crate) fn claim_slot(&self, uid: u64, kind: u32, ptr: *mut ()) -> Option<usize> {
+    pub(crate) fn claim_slot(
+        &self,
+        uid: u64,
+        kind: u32,
+        ptr: *mut (),
+        mask: u32,
+        hardware: bool,
+    ) -> Option<usize> {
         let start = self.next_slot.load(Ordering::Relaxed);
         for i in 0..MAX_MANAGERS {
             let idx = (start + i) % MAX_MANAGERS;
@@ -300,8 +330,12 @@ impl Root {
                 .is_ok()
             {
                 slot.kind.store(kind, Ordering::Relaxed);
+                slot.mask.store(mask, Ordering::Relaxed);
+                slot.global.store(mask, Ordering::Relaxed);
+                slot.hardware.store(hardware, Ordering::Relaxed);
                 slot.ptr.store(ptr, Ordering::Release);
                 self.next_slot.store(idx + 1, Ordering::Relaxed);
+                self.slots_high.fetch_max(idx + 1, Ordering::Release);
                 return Some(idx);
             }
         }
@@ -324,6 +358,7 @@ impl Root {
     /// Frees registry slot `idx` (its manager is gone).
     pub(crate) fn release_slot(&self, idx: usize) {
         let slot = &self.managers[idx];
+        slot.hardware.store(false, Ordering::Release);
         slot.ptr.store(std::ptr::null_mut(), Ordering::Relaxed);
         slot.uid.store(0, Ordering::Release);
     }

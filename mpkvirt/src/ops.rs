@@ -46,6 +46,11 @@ pub(crate) const OP_VIEW_MARK: u64 = 4;
 /// Lowers the thread to no view for a moment (thread creation) / restores it.
 pub(crate) const OP_SPAWN_PREPARE: u64 = 5;
 pub(crate) const OP_SPAWN_DONE: u64 = 6;
+/// Takes new process-wide rights from the sync signal's handler (`crate::sync`): input the
+/// interrupted context's PKRU, output the PKRU it must resume with (or `sync::NOT_NOW`).
+pub(crate) const OP_SYNC: u64 = 7;
+/// Makes every thread take the current process-wide rights (`thread::sync_process_wide`).
+pub(crate) const OP_SYNC_ALL: u64 = 8;
 
 /// Plain data: every bit pattern is a valid value, so it can be copied out of memory another
 /// thread may be writing.
@@ -181,6 +186,24 @@ fn run_global(code: u64, args: Args, rec: &mut ThreadRecord) -> u64 {
             }
             Ok(())
         }),
+        OP_SYNC => args.serve(|frame: u64| {
+            // The interrupted context is the thread's normal one when it runs with the value
+            // the library set (or inherited its PKRU and was registered just now).
+            let normal =
+                rec.fresh || mpkvirt_sys::Pku::new().is_none() || frame == u64::from(rec.gate.pkru);
+            if !normal {
+                return Ok(crate::sync::NOT_NOW);
+            }
+            let epoch = crate::meta::root()
+                .sync_epoch
+                .load(std::sync::atomic::Ordering::SeqCst);
+            crate::manager::global::resync(rec, None);
+            rec.synced
+                .fetch_max(epoch, std::sync::atomic::Ordering::SeqCst);
+            crate::manager::global::announce_ack();
+            Ok(u64::from(rec.gate.pkru))
+        }),
+        OP_SYNC_ALL => args.serve(|(): ()| crate::manager::global::broadcast(rec, None)),
         c if c >= crate::capi::OP_BASE => crate::capi::run(c, args, rec),
         _ => STATUS_BAD_CALL,
     }

@@ -40,3 +40,18 @@ where
     without_rights(|| std::thread::Builder::new().spawn(f))
         .map_err(|e| std::io::Error::other(e.to_string()))?
 }
+
+/// Makes every thread of the process take the process-wide rights in force now
+/// ([`crate::Domain::set_process_wide`] does this itself). Useful after
+/// [`crate::Error::ThreadsNotSynced`], once the threads that blocked mpkvirt's sync signal
+/// unblocked it, and to measure the mechanism: on PKU hardware each thread is signalled and
+/// rewrites its PKRU; without PKU the signals go out and are acknowledged all the same.
+///
+/// # Errors
+///
+/// [`crate::Error::ThreadsNotSynced`] when some thread did not acknowledge in time,
+/// [`crate::Error::Unsupported`] when the signal handler cannot be installed (the signal
+/// has another handler: see `MPKVIRT_SYNC_SIGNAL`) or the threads cannot be listed.
+pub fn sync_process_wide() -> Result<()> {
+    call::<(), ()>(crate::ops::OP_SYNC_ALL, ())
+}

@@ -166,7 +166,15 @@ fn locked_pages_retire_key_and_range<B: Backend>(mgr: &Manager<B>) {
         addr,
         "the retired range is not reused"
     );
-    assert!(matches!(mgr.read_byte(addr), Err(Error::Fault(r)) if r.domain.is_none()));
+    // No domain's memory any more, and closed.
+    let got = mgr.read_byte(addr);
+    assert!(matches!(got, Err(Error::NotAllocated { .. })), "{got:?}");
+    // SAFETY: a raw read of the retired page, recovered by the guarded call.
+    let got = guard(mgr, || unsafe { (addr as *const u8).read_volatile() });
+    assert!(
+        matches!(got, Err(Error::Fault(r)) if r.domain.is_none()),
+        "{got:?}"
+    );
 }
 
 #[test]
@@ -240,9 +248,10 @@ fn pku_keys_of_a_forgotten_view_are_never_handed_on() {
             std::mem::forget(mgr.enter(&[(&d, Rights::ReadWrite)]).unwrap());
             drop(d);
             drop(mgr);
-            assert_eq!(
-                mpkvirt_sys::detect::count_free_keys().unwrap(),
-                before - 2,
+            // (The two keys may have come from mpkvirt's pool rather than the kernel: the
+            // kernel's count can only have gone down.)
+            assert!(
+                mpkvirt_sys::detect::count_free_keys().unwrap() <= before,
                 "not given back to the kernel"
             );
             let m2 = Manager::with_backend(Hardware::new(15).unwrap(), config(15)).unwrap();
@@ -252,6 +261,11 @@ fn pku_keys_of_a_forgotten_view_are_never_handed_on() {
                 "{got:?} reuses a retired key of {retired:?}"
             );
             drop(m2);
+            assert_eq!(
+                mpkvirt_sys::detect::count_free_keys().unwrap(),
+                0,
+                "m2 took every key the kernel had, and kept them in the pool when dropped"
+            );
             let m3 = Manager::with_backend(Hardware::new(15).unwrap(), config(15)).unwrap();
             let mut again = m3.keys().to_vec();
             got.sort_by_key(|k| k.index());

@@ -169,17 +169,125 @@ pub fn futex_wake(word: &AtomicU32, n: i32) {
     };
 }
 
-/// The kernel thread ids of this process's threads (`/proc/self/task`).
+/// Calls `f` with the kernel thread id of each of this process's threads (the entries of
+/// `/proc/self/task`), without allocating: safe to call where the program's allocator must
+/// not run.
 ///
 /// # Errors
 ///
-/// When `/proc` is not mounted.
-pub fn list_threads() -> std::io::Result<Vec<i32>> {
-    let mut tids = Vec::new();
-    for entry in std::fs::read_dir("/proc/self/task")? {
-        if let Some(tid) = entry?.file_name().to_str().and_then(|s| s.parse().ok()) {
-            tids.push(tid);
-        }
+/// When `/proc` is not mounted or cannot be read.
+pub fn for_each_thread(mut f: impl FnMut(i32)) -> Result<()> {
+    const PATH: &[u8] = b"/proc/self/task\0";
+    // SAFETY: `PATH` is a NUL-terminated string; open touches no other memory of ours.
+    let fd = unsafe {
+        libc::open(
+            PATH.as_ptr().cast(),
+            libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC,
+        )
+    };
+    if fd < 0 {
+        return Err(Error::last(Op::ListThreads));
     }
-    Ok(tids)
+    let mut buf = [0u64; 512];
+    let result = loop {
+        // SAFETY: the kernel writes at most `size_of_val(&buf)` bytes into `buf`, which we
+        // own for the call.
+        let n = unsafe {
+            libc::syscall(
+                libc::SYS_getdents64,
+                fd,
+                buf.as_mut_ptr(),
+                std::mem::size_of_val(&buf),
+            )
+        };
+        if n < 0 {
+            break Err(Error::last(Op::ListThreads));
+        }
+        if n == 0 {
+            break Ok(());
+        }
+        let bytes = &buf_bytes(&buf)[..n as usize];
+        let mut at = 0;
+        // Each record: d_ino (8), d_off (8), d_reclen (2), d_type (1), d_name (NUL-ended).
+        while at + 19 <= bytes.len() {
+            let reclen = usize::from(u16::from_ne_bytes([bytes[at + 16], bytes[at + 17]]));
+            if reclen == 0 || at + reclen > bytes.len() {
+                break;
+            }
+            let name = &bytes[at + 19..at + reclen];
+            let name = &name[..name.iter().position(|&b| b == 0).unwrap_or(name.len())];
+            if let Some(tid) = parse_tid(name) {
+                f(tid);
+            }
+            at += reclen;
+        }
+    };
+    // SAFETY: `fd` was opened above and is closed once.
+    unsafe { libc::close(fd) };
+    result
+}
+
+/// The bytes of the directory buffer (aligned as `linux_dirent64` records need).
+fn buf_bytes(buf: &[u64; 512]) -> &[u8] {
+    // SAFETY: any initialised u64 array is a valid byte array of 8x its length, same lifetime.
+    unsafe { std::slice::from_raw_parts(buf.as_ptr().cast::<u8>(), std::mem::size_of_val(buf)) }
+}
+
+/// A decimal thread id (not `.` or `..`).
+fn parse_tid(name: &[u8]) -> Option<i32> {
+    if name.is_empty() || name.len() > 10 {
+        return None;
+    }
+    name.iter().try_fold(0i32, |v, &b| {
+        b.is_ascii_digit()
+            .then(|| v.checked_mul(10)?.checked_add(i32::from(b - b'0')))
+            .flatten()
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn for_each_thread_lists_every_live_thread_and_only_numbers() {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let stop = std::sync::Arc::new(std::sync::Barrier::new(5));
+        let threads: Vec<_> = (0..4)
+            .map(|_| {
+                let (tx, stop) = (tx.clone(), stop.clone());
+                std::thread::spawn(move || {
+                    tx.send(gettid()).unwrap();
+                    stop.wait();
+                })
+            })
+            .collect();
+        let mut want: Vec<i32> = (0..4).map(|_| rx.recv().unwrap()).collect();
+        want.push(gettid());
+        let mut seen = Vec::new();
+        for_each_thread(|t| seen.push(t)).unwrap();
+        stop.wait();
+        for t in threads {
+            t.join().unwrap();
+        }
+        for t in &want {
+            assert!(seen.contains(t), "{t} missing from {seen:?}");
+        }
+        assert!(seen.iter().all(|&t| t > 0), "{seen:?}");
+        let mut dedup = seen.clone();
+        dedup.sort_unstable();
+        dedup.dedup();
+        assert_eq!(dedup.len(), seen.len(), "{seen:?}");
+    }
+
+    #[test]
+    fn thread_ids_parse_only_as_decimal_numbers() {
+        assert_eq!(parse_tid(b"1234"), Some(1234));
+        assert_eq!(parse_tid(b"."), None);
+        assert_eq!(parse_tid(b".."), None);
+        assert_eq!(parse_tid(b""), None);
+        assert_eq!(parse_tid(b"99999999999"), None);
+        assert_eq!(parse_tid(b"2147483648"), None);
+        assert_eq!(parse_tid(b"2147483647"), Some(i32::MAX));
+    }
 }

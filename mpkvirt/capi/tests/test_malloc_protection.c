@@ -1,5 +1,5 @@
 /* mpk_malloc memory is reachable only between mpk_begin and mpk_end, with the rights
- * begun; mpk_mprotect changes the domain's protection for everybody; frees are checked. */
+ * begun; mpk_mprotect gives every thread rights without mpk_begin; frees are checked. */
 #include <sys/mman.h>
 #include "check.h"
 #include "mpkvirt.h"
@@ -28,13 +28,17 @@ int main(void) {
     CHECK(mpk_end(1) == 0);
     CHECK_ERR(mpkvirt_guarded_call(read_byte, a, &f), EFAULT);
 
-    /* Process-wide protection: read-only for everybody, even with read-write rights. */
+    /* Process-wide rights: read-only for everybody without mpk_begin; a thread that begun
+     * read-write keeps its own rights (a thread's rights are its own and the process's). */
     CHECK(mpk_mprotect(1, PROT_READ) == 0);
-    CHECK(mpk_begin(1, PROT_READ | PROT_WRITE) == 0);
     CHECK(a[0] == 1 && b[4999] == 'b');
     CHECK_ERR(mpkvirt_guarded_call(write_byte, a, &f), EFAULT);
+    CHECK(mpk_begin(1, PROT_READ | PROT_WRITE) == 0);
+    CHECK(mpkvirt_guarded_call(write_byte, a, &f) == 0);
     CHECK(mpk_end(1) == 0);
-    CHECK(mpk_mprotect(1, PROT_READ | PROT_WRITE) == 0);
+    CHECK_ERR(mpkvirt_guarded_call(write_byte, a, &f), EFAULT);
+    CHECK(mpk_mprotect(1, PROT_NONE) == 0);
+    CHECK_ERR(mpkvirt_guarded_call(read_byte, a, &f), EFAULT);
 
     CHECK(mpk_free(a) == 0);
     CHECK_ERR(mpk_free(a), EINVAL); /* double free */

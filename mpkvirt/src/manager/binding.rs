@@ -211,7 +211,8 @@ fn evict<B: Backend>(
     exclude: u16,
     evictable: &impl Fn(u64) -> bool,
 ) -> Result<Option<usize>> {
-    let mut tried = exclude | inner.draining;
+    // Domains with process-wide rights keep their keys.
+    let mut tried = exclude | inner.draining | inner.global_pins | inner.tainted;
     let mut pruned = false;
     loop {
         let mut candidates = [0usize; 16];
@@ -291,6 +292,9 @@ pub(crate) enum Released {
     Freed(usize),
     /// A view still pins it: it is retired until no thread does, bound to nobody.
     Retired(usize),
+    /// Threads may hold process-wide rights to it (a revocation they did not acknowledge,
+    /// or a grant racing with the destruction): it is never handed on.
+    Dead(usize),
 }
 
 /// Takes the key of domain `d` (being destroyed) back. The slot is read again under the lock
@@ -314,6 +318,18 @@ pub(crate) fn release_key<B: Backend>(
     inner.bound[s] = None;
     inner.policy.unbind(s);
     inner.draining &= !(1 << s);
+    let bit = 1 << s;
+    if (inner.global_pins | inner.tainted) & bit != 0 {
+        inner.global_pins &= !bit;
+        inner.tainted &= !bit;
+        // Threads drop the rights at their next sync; the key tags nothing from now on.
+        let slot = super::global::slot_of(sh);
+        let (mask, _) = sh.key_fields[s];
+        slot.global
+            .fetch_or(mask, std::sync::atomic::Ordering::SeqCst);
+        sh.slots[s].set_owner(DEAD);
+        return Released::Dead(s);
+    }
     if claimed {
         sh.slots[s].set_owner(FREE);
         Released::Freed(s)

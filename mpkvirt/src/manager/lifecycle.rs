@@ -134,7 +134,14 @@ pub(crate) fn destroy<B: Backend>(sh: &Shared<B>, d: DomRef) {
             sh.key(s),
         ));
     }
-    if let Released::Freed(s) | Released::Retired(s) = released
+    if let Released::Dead(s) = released {
+        fault::log_fmt(format_args!(
+            "mpkvirt: domain {} destroyed while threads may hold process-wide rights to its key {}; the key is retired for good\n",
+            DomainId(d.uid),
+            sh.key(s),
+        ));
+    }
+    if let Released::Freed(s) | Released::Retired(s) | Released::Dead(s) = released
         && let Err(e) = sh.live.tag(base, len, rec.prot(), None)
     {
         // The pages still carry the key: it can never be handed to anyone again.

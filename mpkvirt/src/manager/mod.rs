@@ -37,6 +37,7 @@
 #![allow(unsafe_code, reason = "Manager::guarded forwards an unsafe contract")]
 
 pub(crate) mod binding;
+pub(crate) mod global;
 pub(crate) mod lifecycle;
 pub(crate) mod ops;
 pub(crate) mod shared;

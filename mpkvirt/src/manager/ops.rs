@@ -32,7 +32,9 @@ use crate::meta::{MBox, MVec, Meta, lock, root};
 use crate::ops::{Args, Pod, STATUS_BAD_CALL};
 use crate::policy::{Policy, PolicyKind};
 
+use super::Rights;
 use super::binding::{self, Bound};
+use super::global;
 use super::lifecycle::{self, DomInfo};
 use super::shared::{DomRef, MgrRef, Shared, ThreadCx};
 use super::views::{self, ViewItem};
@@ -53,6 +55,7 @@ pub(crate) const D_RESET: u64 = 17;
 pub(crate) const D_MAP_FD: u64 = 18;
 pub(crate) const D_INFO: u64 = 19;
 pub(crate) const D_AT: u64 = 20;
+pub(crate) const D_PROCESS_WIDE: u64 = 21;
 pub(crate) const V_ENTER: u64 = 30;
 pub(crate) const V_LEAVE: u64 = 31;
 pub(crate) const V_HINT: u64 = 32;
@@ -324,8 +327,23 @@ fn on_manager<B: Backend>(code: u64, args: Args, rec: &mut ThreadRecord) -> u64 
             }),
             D_DESTROY => args.serve(|i: DomIn| {
                 let sh = with_mgr::<B>(rec, i.m)?;
+                // Process-wide rights go first (every thread drops them); the key could not be
+                // handed on otherwise.
+                let cx = cx_of(sh, rec)?;
+                let _ = global::set(sh, rec, cx, i.d, None);
                 lifecycle::destroy(sh, i.d);
                 Ok(())
+            }),
+            D_PROCESS_WIDE => args.serve(|i: DomIn| {
+                let sh = with_mgr::<B>(rec, i.m)?;
+                let rights = match i.a {
+                    0 => None,
+                    1 => Some(Rights::ReadOnly),
+                    2 => Some(Rights::ReadWrite),
+                    _ => return Err(Error::InvalidConfig("rights")),
+                };
+                let cx = cx_of(sh, rec)?;
+                global::set(sh, rec, cx, i.d, rights)
             }),
             D_ALLOC => args.serve(|i: DomIn| {
                 let sh = with_mgr::<B>(rec, i.m)?;
@@ -418,6 +436,8 @@ fn on_manager<B: Backend>(code: u64, args: Args, rec: &mut ThreadRecord) -> u64 
                     let regs = sh.regs(cx, &mut rec.gate.pkru);
                     sh.live.read_pkru(&regs)
                 };
+                // The model's threads have the process-wide rights too.
+                let pkru = global::with_globals(sh, pkru);
                 Ok(match sh.live.model_access(pkru, addr, write) {
                     Some(Ok(v)) => Access::Done(v),
                     Some(Err(f)) => Access::Faulted(f, lifecycle::domain_at(sh, addr)),
@@ -503,11 +523,12 @@ fn create<B: Backend>(i: CreateIn) -> Result<MgrInfo> {
     let uid = root().next_uid();
     let sh = Shared::<B>::build(spec, config, uid)?;
     let kind = sh.live.kind();
+    let (mask, hardware) = (sh.our_mask, sh.hardware);
     let mut keys = [Pkey::DEFAULT; 16];
     keys[..sh.nkeys].copy_from_slice(sh.keys());
     let nkeys = sh.nkeys;
     let ptr = MBox::into_raw(MBox::new_in(sh, Meta));
-    let Some(idx) = root().claim_slot(uid, B::TAG, ptr.cast()) else {
+    let Some(idx) = root().claim_slot(uid, B::TAG, ptr.cast(), mask, hardware) else {
         // SAFETY: just made, never published.
         let sh = unsafe { MBox::from_raw_in(ptr, Meta) };
         sh.live.release(false);
@@ -542,6 +563,9 @@ fn release<B: Backend>(rec: &mut ThreadRecord, m: MgrRef) -> Result<()> {
     if sh.dying.swap(true, Ordering::AcqRel) {
         return Ok(());
     }
+    // Every thread drops the manager's process-wide rights before its keys can go to
+    // another manager; a thread that does not leaves them retired.
+    let synced = global::revoke_all(sh, rec);
     // Stop new ops, then wait for those in flight on other threads.
     root().release_slot(m.idx as usize);
     let _ = binding::heavy_fence(sh.fence);
@@ -561,12 +585,13 @@ fn release<B: Backend>(rec: &mut ThreadRecord, m: MgrRef) -> Result<()> {
     }
     // A view whose guard was forgotten still pins its key, and its thread may still have the
     // rights: such keys must never be handed on.
-    let retired = {
+    let retired = !synced || {
         let inner = lock(&sh.inner);
-        inner
-            .threads
-            .iter()
-            .any(|&t| cx_ref(t).pins.pinned_mask() != 0)
+        inner.tainted != 0
+            || inner
+                .threads
+                .iter()
+                .any(|&t| cx_ref(t).pins.pinned_mask() != 0)
     };
     if retired {
         crate::fault::log_line(

@@ -156,6 +156,14 @@ pub(crate) struct Inner {
     pub(crate) queue: MVec<*const ThreadCx>,
     /// Slots being drained for the head of the queue (bit i: slot i).
     pub(crate) draining: u16,
+    /// Slots whose domain has process-wide rights (never evicted or drained; see
+    /// `global.rs`).
+    pub(crate) global_pins: u16,
+    /// Slots some thread may hold stale process-wide rights to (a revocation it did not
+    /// acknowledge): they become dead instead of free when their domain lets go.
+    pub(crate) tainted: u16,
+    /// The process-wide rights as one more contributor (emulated backend).
+    pub(crate) global_virt: Pkru,
     pub(crate) stats: Stats,
 }
 
@@ -179,6 +187,8 @@ pub(crate) struct Shared<B: Backend> {
     pub(crate) our_mask: u32,
     /// Every key of the manager access-disabled.
     pub(crate) base_bits: Pkru,
+    /// Whether the keys are hardware keys (threads' PKRU carries the process-wide rights).
+    pub(crate) hardware: bool,
     pub(crate) inner: Mutex<Inner>,
     pub(crate) domains: Slab<DomainRec>,
     pub(crate) fence: FenceMode,
@@ -229,6 +239,11 @@ impl<B: Backend> Shared<B> {
             real,
         };
         let cur = self.live.read_pkru(&regs);
+        let bits = if self.hardware {
+            super::global::with_globals(self, bits)
+        } else {
+            bits
+        };
         let new = cur.merge(bits, self.our_mask);
         if new == cur {
             cx.stats.pkru_writes_skipped += 1;
@@ -281,6 +296,7 @@ impl<B: Backend> Shared<B> {
         };
         let free_records = MVec::new_in(Meta);
         let bound = [None; MAX_SLOTS];
+        let hardware = live.kind() == crate::backend::BackendKind::Hardware;
         Ok(Shared {
             uid,
             slot_idx: u32::MAX,
@@ -291,6 +307,7 @@ impl<B: Backend> Shared<B> {
             slots: std::array::from_fn(|_| Slot::new()),
             our_mask,
             base_bits,
+            hardware,
             inner: Mutex::new(Inner {
                 policy: crate::policy::new_policy_in(config.policy, nkeys, Meta),
                 bound,
@@ -301,6 +318,9 @@ impl<B: Backend> Shared<B> {
                 next_arena: 0,
                 queue: MVec::new_in(Meta),
                 draining: 0,
+                global_pins: 0,
+                tainted: 0,
+                global_virt: base_bits,
                 stats: Stats::default(),
             }),
             domains: Slab::new(),

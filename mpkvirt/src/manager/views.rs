@@ -139,7 +139,7 @@ pub(crate) fn enter<B: Backend>(
                 cx.pins.unpin(s);
             }
             cx.stats.slow_paths += 1;
-            slow_enter(sh, cx, view, &recs[..view.len()])
+            slow_enter(sh, rec, cx, view, &recs[..view.len()])
         },
         Ok,
     )?;
@@ -172,6 +172,9 @@ fn rec_seq_bump(rec: &mut ThreadRecord) {
     rec.view_seq += 1;
 }
 
+/// The longest a waiting thread sleeps before it looks at the process-wide rights again.
+const SYNC_POLL: Duration = Duration::from_millis(10);
+
 /// How the slow path ended one attempt.
 enum Attempt {
     Done(Pkru, u16),
@@ -181,6 +184,7 @@ enum Attempt {
 
 fn slow_enter<B: Backend>(
     sh: &Shared<B>,
+    rec: &mut ThreadRecord,
     cx: &mut ThreadCx,
     view: &[ViewItem],
     recs: &[Option<&DomainRec>],
@@ -198,7 +202,15 @@ fn slow_enter<B: Backend>(
             _ => needed_new += 1,
         }
     }
-    let usable = sh.nkeys - binding::dead_slots(sh).count_ones() as usize;
+    // Keys views can use: not dead, not held by a domain with process-wide rights (unless
+    // that domain is in this view).
+    let in_view = recs
+        .iter()
+        .filter_map(|r| r.and_then(|r| r.slot.get()))
+        .fold(0u16, |m, s| m | (1 << s));
+    let unusable =
+        binding::dead_slots(sh) | ((inner.global_pins | inner.tainted) & !in_view & !own);
+    let usable = sh.nkeys - unusable.count_ones() as usize;
     if own.count_ones() as usize + needed_new > usable {
         return Err(Error::ViewsExceedKeys {
             needed: needed_new,
@@ -257,11 +269,14 @@ fn slow_enter<B: Backend>(
         }
         drop(inner);
         let timeout = until.map(|u| u.saturating_duration_since(now));
+        // Short sleeps: a waiting thread takes process-wide rights that change meanwhile
+        // (their initiator waits for it).
         let _ = futex_wait(
             &sh.wake,
             seen,
-            timeout.map(|t| t.min(Duration::from_secs(1))),
+            Some(timeout.map_or(SYNC_POLL, |t| t.min(SYNC_POLL))),
         );
+        super::global::acknowledge(rec, Some((sh.slot_idx, cx.top_bits(sh.base_bits))));
         inner = lock(&sh.inner);
     };
     if queued {
@@ -397,7 +412,7 @@ fn drain<B: Backend>(
     }
     // Slots the view itself uses, and slots held by queued threads (they cannot leave until
     // served: draining those would wait for ourselves).
-    let mut exclude = cx.pins.pinned_mask() | inner.draining;
+    let mut exclude = cx.pins.pinned_mask() | inner.draining | inner.global_pins | inner.tainted;
     for (i, r) in recs.iter().enumerate() {
         if let Some(s) = r.and_then(|r| r.slot.get()) {
             let _ = view[i];

@@ -1,0 +1,333 @@
+//! Process-wide rights: libmpk's `mpk_mprotect` mode, where a domain is reachable by every
+//! thread of the process without entering a view.
+//!
+//! A domain with process-wide rights holds its key for as long as it has them (a *global
+//! pin*: no eviction or drain takes it). Every thread's rights for a manager's keys are the
+//! union of its own current view and the process-wide rights — as PKRU fields, the AND of the
+//! two (a set bit denies). The process-wide fields live in the manager's registry slot
+//! (`MgrSlot::global`), which is never freed, so any thread can recompute its PKRU at any time
+//! without touching a manager that may be going away.
+//!
+//! - **Emulated backend**: rights are already process-wide: the grant is one more
+//!   contributor to the key's union, one `mprotect`.
+//! - **Simulated backend**: the model adds the grant at every access.
+//! - **Hardware**: every thread's PKRU must change. The initiator bumps the process's sync
+//!   epoch and signals every thread of the process (`crate::sync`, `SIGRTMIN + 7` by
+//!   default); each handler enters the library (registering the thread if it never did),
+//!   recomputes the thread's PKRU from its views and the process-wide rights, writes it into
+//!   the signal frame (so `rt_sigreturn` installs it) and acknowledges the epoch. A thread
+//!   inside the library when the signal comes acknowledges when its op ends (the dispatcher
+//!   checks the epoch after every op) or while it waits for keys; the initiator signals
+//!   threads that have not acknowledged again every few milliseconds. It then lists the
+//!   threads again (a thread created meanwhile copied its creator's PKRU, which may predate
+//!   the change) and repeats until no new thread appears.
+//!
+//! A thread that does not acknowledge within [`SYNC_WAIT`] (it blocks the signal, or replaced
+//! the handler) fails the call with [`Error::ThreadsNotSynced`]. For a grant that thread
+//! merely lacks the rights; for a revocation it may keep them, so the key is *tainted*: it
+//! stays with the domain and, once the domain lets go of it, is never handed to another
+//! domain (it becomes dead).
+//!
+//! Limits (documented in `ARCHITECTURE.md`): a signal frame older than the handler that
+//! received the sync signal (a handler interrupted by it) restores the PKRU it saved when that
+//! handler returns — the same behaviour libmpk's kernel `pkey_sync` has — so a thread that
+//! sits in a signal handler acknowledges only once it is back in its normal context.
+//!
+//! This is what libmpk did with a kernel patch (`pkey_sync`: an IPI and a task-work hook), on
+//! a stock kernel.
+
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use mpkvirt_sys::Pkru;
+
+use crate::backend::sealed::LiveOps;
+use crate::backend::{Backend, BackendKind, Regs};
+use crate::error::{Error, Result};
+use crate::gate::{self, ThreadRecord};
+use crate::meta::{MVec, Meta, MgrSlot, lock, root};
+
+use super::binding::{self, Bound};
+use super::shared::{DomRef, Shared, ThreadCx};
+use super::{Rights, ops::cx_ref};
+
+/// How long the initiator waits for every thread to take new process-wide rights.
+pub(crate) const SYNC_WAIT: Duration = Duration::from_secs(2);
+
+/// How often threads that have not acknowledged are signalled again.
+const RESEND: Duration = Duration::from_millis(2);
+
+/// The PKRU field value (AD|WD bits) of `rights` for slot `s`: 0 read-write, WD read-only,
+/// AD|WD none.
+fn field<B: Backend>(sh: &Shared<B>, s: usize, rights: Option<Rights>) -> u32 {
+    let (mask, ro) = sh.key_fields[s];
+    match rights {
+        Some(Rights::ReadWrite) => 0,
+        Some(Rights::ReadOnly) => ro,
+        None => mask,
+    }
+}
+
+/// The manager's registry slot.
+pub(crate) fn slot_of<B: Backend>(sh: &Shared<B>) -> &'static MgrSlot {
+    &root().managers[sh.slot_idx as usize]
+}
+
+/// The process-wide rights of `sh`'s keys, as PKRU fields (see [`MgrSlot::global`]).
+#[inline]
+pub(crate) fn globals<B: Backend>(sh: &Shared<B>) -> u32 {
+    slot_of(sh).global.load(Ordering::Acquire)
+}
+
+/// `bits` (a thread's view of `sh`'s keys) with the process-wide rights added.
+#[inline]
+pub(crate) fn with_globals<B: Backend>(sh: &Shared<B>, bits: Pkru) -> Pkru {
+    Pkru::from_bits(normalized(bits.bits()) & (globals(sh) | !sh.our_mask))
+}
+
+/// PKRU fields with every access-disabled field write-disabled too, so that the AND of two
+/// values is the union of their rights (none `11`, read-only `10`, read-write `00`).
+#[inline]
+pub(crate) fn normalized(bits: u32) -> u32 {
+    bits | ((bits & 0x5555_5555) << 1)
+}
+
+/// Gives domain `d` process-wide `rights` (`None`: takes them back), and waits until every
+/// thread of the process has them.
+///
+/// # Errors
+///
+/// [`Error::ForeignDomain`] for a dead domain, [`Error::KeysBusy`] when no key can be bound
+/// for a grant (every key pinned by views), a backend error from binding, and
+/// [`Error::ThreadsNotSynced`] when some thread did not acknowledge in time (see the module
+/// docs: the grant or revocation holds for every other thread).
+pub(crate) fn set<B: Backend>(
+    sh: &Shared<B>,
+    rec: &mut ThreadRecord,
+    cx: &mut ThreadCx,
+    d: DomRef,
+    rights: Option<Rights>,
+) -> Result<()> {
+    let rec_d = sh
+        .domain(d)
+        .ok_or(Error::ForeignDomain(crate::DomainId(d.uid)))?;
+    let slot = {
+        let mut inner = lock(&sh.inner);
+        let s = match rec_d.slot.get() {
+            Some(s) => s,
+            // Unbound: it has no process-wide rights to take back.
+            None if rights.is_none() => return Ok(()),
+            None => match binding::bind(sh, &mut inner, cx, d, rec_d, 0, |_| true)? {
+                Bound::Slot(s) => s,
+                Bound::Busy => {
+                    return Err(Error::KeysBusy {
+                        keys: sh.nkeys,
+                        waited: Duration::ZERO,
+                    });
+                }
+            },
+        };
+        if rights.is_none() && inner.global_pins & (1 << s) == 0 {
+            return Ok(());
+        }
+        let (mask, _) = sh.key_fields[s];
+        let g = slot_of(sh).global.load(Ordering::Relaxed);
+        let g = (g & !mask) | field(sh, s, rights);
+        slot_of(sh).global.store(g, Ordering::SeqCst);
+        if rights.is_some() {
+            inner.global_pins |= 1 << s;
+        }
+        if sh.live.kind() == BackendKind::Emulated {
+            // One more contributor to the key's union of rights.
+            let new = (inner.global_virt.bits() & !sh.our_mask) | (g & sh.our_mask);
+            let mut unused = 0;
+            let mut regs = Regs {
+                virt: &mut inner.global_virt,
+                real: &mut unused,
+            };
+            sh.live.write_pkru(&mut regs, Pkru::from_bits(new));
+        }
+        s
+    };
+    let acked = if sh.hardware {
+        broadcast(rec, Some((sh.slot_idx, cx.top_bits(sh.base_bits))))
+    } else {
+        Ok(())
+    };
+    if rights.is_none() {
+        let mut inner = lock(&sh.inner);
+        let (mask, _) = sh.key_fields[slot];
+        // Unless another thread granted again meanwhile.
+        if globals(sh) & mask == mask {
+            inner.global_pins &= !(1 << slot);
+        }
+        if acked.is_err() {
+            // Some thread may still hold the rights: the key goes to no other domain.
+            inner.tainted |= 1 << slot;
+            crate::fault::log_line(
+                "mpkvirt: a thread did not take back process-wide rights in time; the key is tainted\n",
+            );
+        }
+    }
+    acked
+}
+
+/// Takes back every process-wide right of `sh` (it is being torn down); `false` when some
+/// thread did not acknowledge (the keys must then be retired).
+pub(crate) fn revoke_all<B: Backend>(sh: &Shared<B>, rec: &mut ThreadRecord) -> bool {
+    let slot = slot_of(sh);
+    if slot.global.load(Ordering::Acquire) & sh.our_mask == sh.our_mask {
+        return true;
+    }
+    slot.global.store(sh.our_mask, Ordering::SeqCst);
+    !sh.hardware || broadcast(rec, None).is_ok()
+}
+
+/// Makes every thread of the process take the current process-wide rights (see the module
+/// docs). `current` is the manager the calling thread is inside an op of, with its view bits
+/// (its cx is borrowed by the caller).
+pub(crate) fn broadcast(rec: &mut ThreadRecord, current: Option<(u32, Pkru)>) -> Result<()> {
+    let epoch = root().sync_epoch.fetch_add(1, Ordering::SeqCst) + 1;
+    // The initiator has its rights at once (its gate exit installs them).
+    resync(rec, current);
+    rec.synced.fetch_max(epoch, Ordering::SeqCst);
+    announce_ack();
+    crate::sync::install_handler()?;
+    let sig = crate::sync::signal_number();
+    let me = rec.tid();
+    let mut signalled: MVec<i32> = MVec::new_in(Meta);
+    let deadline = Instant::now() + SYNC_WAIT;
+    let not_synced = |n: usize| Error::ThreadsNotSynced {
+        threads: n,
+        waited: SYNC_WAIT,
+    };
+    loop {
+        let mut new = false;
+        let mut oom = false;
+        let listed = mpkvirt_sys::thread::for_each_thread(|tid| {
+            let Err(at) = signalled.binary_search(&tid) else {
+                return;
+            };
+            if tid == me || oom {
+                return;
+            }
+            if signalled.try_reserve(1).is_err() {
+                oom = true;
+                return;
+            }
+            signalled.insert(at, tid);
+            new = true;
+            // A thread that exited meanwhile has nothing to take.
+            let _ = mpkvirt_sys::thread::tgkill(tid, sig);
+        });
+        if listed.is_err() {
+            return Err(Error::Unsupported("listing the process's threads"));
+        }
+        if oom {
+            return Err(not_synced(signalled.len()));
+        }
+        if !new {
+            return Ok(());
+        }
+        // Wait for every signalled thread that still exists to acknowledge.
+        let mut last_send = Instant::now();
+        loop {
+            let seen = root().sync_acks.load(Ordering::SeqCst);
+            let resend = last_send.elapsed() >= RESEND;
+            let pending = gate::unacknowledged(&signalled, epoch, |tid| {
+                if resend {
+                    let _ = mpkvirt_sys::thread::tgkill(tid, sig);
+                }
+            });
+            if resend {
+                last_send = Instant::now();
+            }
+            if pending == 0 {
+                break;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(not_synced(pending));
+            }
+            // Another initiator may be waiting for this thread meanwhile.
+            acknowledge(rec, current);
+            let r = root();
+            r.sync_waiters.fetch_add(1, Ordering::SeqCst);
+            let _ = mpkvirt_sys::thread::futex_wait(
+                &r.sync_acks,
+                seen,
+                Some(RESEND.min(deadline - now)),
+            );
+            r.sync_waiters.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+}
+
+/// Counts an acknowledgement and wakes the initiators waiting for one.
+pub(crate) fn announce_ack() {
+    let r = root();
+    r.sync_acks.fetch_add(1, Ordering::SeqCst);
+    if r.sync_waiters.load(Ordering::SeqCst) != 0 {
+        mpkvirt_sys::thread::futex_wake(&r.sync_acks, i32::MAX);
+    }
+}
+
+/// Takes the current process-wide rights if an epoch passed since the thread last did.
+/// `current` as for [`broadcast`].
+pub(crate) fn acknowledge(rec: &mut ThreadRecord, current: Option<(u32, Pkru)>) {
+    let epoch = root().sync_epoch.load(Ordering::SeqCst);
+    if rec.synced.load(Ordering::Relaxed) < epoch {
+        resync(rec, current);
+        rec.synced.fetch_max(epoch, Ordering::SeqCst);
+        announce_ack();
+    }
+}
+
+/// Recomputes the thread's PKRU for every hardware manager: its current view's bits (or none)
+/// with the process-wide rights. `current`: the registry slot whose view bits the caller
+/// passes instead of reading the thread's cx (borrowed by the caller).
+pub(crate) fn resync(rec: &mut ThreadRecord, current: Option<(u32, Pkru)>) {
+    // While the thread creates a thread without rights, the record holds the no-view value
+    // and the saved one is restored afterwards: recompute both.
+    let mut with_views = rec.spawn_saved.unwrap_or(rec.gate.pkru);
+    let mut without_views = rec.gate.pkru;
+    let high = root().slots_high.load(Ordering::Acquire);
+    for (idx, slot) in root().managers[..high].iter().enumerate() {
+        let Some((uid, mask, global)) = read_slot(slot) else {
+            continue;
+        };
+        let bits = match current {
+            Some((i, bits)) if i as usize == idx => bits.bits(),
+            _ => match rec.cxs.get(idx).copied().flatten() {
+                Some(p) if cx_ref(p.as_ptr()).mgr_uid == uid => {
+                    cx_ref(p.as_ptr()).top_bits(Pkru::from_bits(mask)).bits()
+                }
+                _ => mask,
+            },
+        };
+        with_views = (with_views & !mask) | (normalized(bits) & global & mask);
+        without_views = (without_views & !mask) | (global & mask);
+    }
+    if rec.spawn_saved.is_some() {
+        rec.spawn_saved = Some(with_views);
+        rec.gate.pkru = without_views;
+    } else {
+        rec.gate.pkru = with_views;
+    }
+}
+
+/// A live hardware manager's slot: `(uid, mask, global)`, read consistently.
+fn read_slot(slot: &MgrSlot) -> Option<(u64, u32, u32)> {
+    if !slot.hardware.load(Ordering::Acquire) {
+        return None;
+    }
+    let uid = slot.uid.load(Ordering::Acquire);
+    if uid == 0 || slot.ptr.load(Ordering::Acquire).is_null() {
+        return None;
+    }
+    let mask = slot.mask.load(Ordering::Acquire);
+    let global = slot.global.load(Ordering::Acquire);
+    // The slot was not released and claimed again meanwhile (uids are never reused).
+    (slot.uid.load(Ordering::Acquire) == uid && slot.hardware.load(Ordering::Acquire))
+        .then_some((uid, mask, global))
+}

@@ -1,0 +1,105 @@
+//! The sync signal: how a thread takes new process-wide rights (`manager::global`) while it
+//! runs application code.
+//!
+//! The initiator of a change sends every thread of the process this signal (`SIGRTMIN + 7`,
+//! or the number in `MPKVIRT_SYNC_SIGNAL`). The handler calls the library (`OP_SYNC`), which
+//! recomputes the thread's PKRU and acknowledges the change, and writes the new value into
+//! the signal frame, so that `rt_sigreturn` installs it in the interrupted context.
+//!
+//! The handler leaves the frame alone when the thread was inside a library call (the call
+//! acknowledges when it ends) or when the interrupted context is not the thread's normal one
+//! (its PKRU is not the value the library last set: another signal handler, whose own frame
+//! would restore the old value later). The initiator signals such threads again.
+//!
+//! # Safety
+//!
+//! Installing a handler is a foreign call with a process-wide effect; the handler reads and
+//! rewrites the signal frame the kernel passed to it.
+#![allow(unsafe_code, reason = "a signal handler and its frame")]
+
+use std::sync::OnceLock;
+
+use mpkvirt_sys::signal;
+
+use crate::error::{Error, Result};
+use crate::gate;
+
+/// `OP_SYNC`'s answer when the interrupted context must keep its PKRU (see the module docs).
+pub(crate) const NOT_NOW: u64 = u64::MAX;
+
+/// The signal number (`SIGRTMIN + 7` unless `MPKVIRT_SYNC_SIGNAL` names another one).
+pub(crate) fn signal_number() -> i32 {
+    static SIG: OnceLock<i32> = OnceLock::new();
+    *SIG.get_or_init(|| {
+        std::env::var("MPKVIRT_SYNC_SIGNAL")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .filter(|&s| s >= libc::SIGRTMIN() && s <= libc::SIGRTMAX())
+            .unwrap_or(libc::SIGRTMIN() + 7)
+    })
+}
+
+/// Installs the handler (once per process).
+///
+/// # Errors
+///
+/// [`Error::Unsupported`] when the signal already has a handler that is not mpkvirt's, or
+/// `sigaction` fails.
+pub(crate) fn install_handler() -> Result<()> {
+    static INSTALLED: OnceLock<bool> = OnceLock::new();
+    let ok = *INSTALLED.get_or_init(|| {
+        let sig = signal_number();
+        let mut old = std::mem::MaybeUninit::<libc::sigaction>::zeroed();
+        // SAFETY: a null new action only queries the current one into `old`.
+        if unsafe { libc::sigaction(sig, std::ptr::null(), old.as_mut_ptr()) } != 0 {
+            return false;
+        }
+        // SAFETY: sigaction succeeded and filled `old`.
+        let old = unsafe { old.assume_init() };
+        if old.sa_sigaction != libc::SIG_DFL && old.sa_sigaction != on_sync as *const () as usize {
+            crate::fault::log_line(
+                "mpkvirt: the sync signal already has a handler; set MPKVIRT_SYNC_SIGNAL to a free real-time signal\n",
+            );
+            return false;
+        }
+        // SAFETY: `on_sync` is async-signal-safe (see its docs); the signal had no handler,
+        // so nothing is replaced. On its alternate stack: the interrupted stack may belong to
+        // a domain the handler's initial PKRU cannot write.
+        unsafe { signal::install(sig, on_sync, libc::SA_ONSTACK | libc::SA_RESTART) }.is_ok()
+    });
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::Unsupported("installing the sync signal handler"))
+    }
+}
+
+/// The handler. Async-signal-safe: a `const` thread-local, the library gate (which takes no
+/// lock the interrupted code can hold: the code was not inside the library, or the handler
+/// returns at once), and writes to its own frame.
+extern "C" fn on_sync(_sig: libc::c_int, _info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
+    if gate::in_call() {
+        return;
+    }
+    // The interrupted code may be reading errno; system calls below change it.
+    // SAFETY: __errno_location takes no arguments and returns this thread's errno slot,
+    // valid for reads and writes for the thread's lifetime.
+    let errno = unsafe { libc::__errno_location() };
+    // SAFETY: as above.
+    let saved = unsafe { *errno };
+    // SAFETY: installed with SA_SIGINFO: the kernel passes a valid `ucontext_t` that belongs
+    // to this handler invocation.
+    let uc = unsafe { &mut *ctx.cast::<libc::ucontext_t>() };
+    let frame = signal::frame_pkru(uc);
+    if let Ok(new) = crate::ops::call::<u64, u64>(crate::ops::OP_SYNC, frame.map_or(0, u64::from))
+        && new != NOT_NOW
+        && frame.is_some()
+    {
+        // SAFETY: `uc` is this invocation's frame; the library computed the value for this
+        // thread (its views and the process-wide rights), which the interrupted context ran
+        // with already but for the change being synchronised.
+        unsafe { signal::set_frame_pkru(uc, new as u32) };
+    }
+    // SAFETY: as above.
+    unsafe { *errno = saved };
+}
