@@ -52,9 +52,11 @@ extern "C" {
 
 /*
  * Initialises the library: picks the backend (MPKVIRT_MODE=auto|hardware|emulated,
- * default auto), the number of keys (MPKVIRT_MAX_KEYS=1..15, default 15) and the eviction
- * policy (MPKVIRT_POLICY=lru|hinted), and allocates the keys. Call once, before any other
- * function. evict_rate is accepted for compatibility; see above.
+ * default auto), the number of keys (MPKVIRT_MAX_KEYS=1..15, default 15), the eviction
+ * policy (MPKVIRT_POLICY=lru|hinted) and how long mpk_begin waits for a key when every key
+ * is in use by other threads' views (MPKVIRT_PIN_WAIT_MS, milliseconds, default 1000; 0
+ * fails at once), and allocates the keys. Call once, before any other function.
+ * evict_rate is accepted for compatibility; see above.
  *
  * Returns 0, or -1 with errno: EBUSY (already initialised), EOPNOTSUPP (MPKVIRT_MODE=
  * hardware without usable PKU, including when every key is already taken by other code,
@@ -94,7 +96,7 @@ int mpk_munmap(int vkey);
  *
  * Returns 0, or -1 with errno: EINVAL (no such domain, or prot grants neither read nor
  * write), E2BIG (more domains begun than mpkvirt_key_count()), EBUSY (every key is in use
- * by other threads' views for longer than a second), or the errno of a failed re-tag of
+ * by other threads' views for longer than the pin wait, MPKVIRT_PIN_WAIT_MS), or the errno of a failed re-tag of
  * the domain's pages (ENOMEM when the process's mapping limit is reached).
  */
 int mpk_begin(int vkey, int prot);
