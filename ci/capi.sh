@@ -6,8 +6,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 cargo build -p mpkvirt
-lib=target/debug
-out=target/capi
+# Cargo's output directory: CARGO_TARGET_DIR when set (relative to the workspace root, as cargo
+# reads it), target/ otherwise.
+target=${CARGO_TARGET_DIR:-target}
+lib=$target/debug
+out=$target/capi
 mkdir -p "$out"
 
 echo "--- header vs exported symbols"
