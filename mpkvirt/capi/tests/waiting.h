@@ -56,7 +56,21 @@ static inline void wait_until_waiting_in_library(atomic_int *entering) {
 static int saved_stderr = -1;
 static FILE *captured;
 
+/* Restores stderr; returns what was written to it meanwhile (malloc'd, NUL-terminated). */
+static inline char *capture_stderr_end(void);
+
+/* A check that fails while stderr is captured exits: show what it printed. */
+static inline void capture_stderr_at_exit(void) {
+    if (saved_stderr < 0) return;
+    char *text = capture_stderr_end();
+    fputs(text, stderr);
+    free(text);
+}
+
 static inline void capture_stderr_begin(void) {
+    static int registered;
+    if (!registered) CHECK(atexit(capture_stderr_at_exit) == 0);
+    registered = 1;
     fflush(stderr);
     captured = tmpfile();
     CHECK(captured != NULL);
@@ -65,11 +79,12 @@ static inline void capture_stderr_begin(void) {
     CHECK(dup2(fileno(captured), 2) == 2);
 }
 
-/* Restores stderr; returns what was written to it meanwhile (malloc'd, NUL-terminated). */
 static inline char *capture_stderr_end(void) {
     fflush(stderr);
-    CHECK(dup2(saved_stderr, 2) == 2);
-    close(saved_stderr);
+    int fd = saved_stderr;
+    saved_stderr = -1;
+    CHECK(dup2(fd, 2) == 2);
+    close(fd);
     struct stat st;
     CHECK(fstat(fileno(captured), &st) == 0);
     char *text = calloc((size_t)st.st_size + 1, 1);
