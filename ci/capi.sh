@@ -6,8 +6,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 cargo build -p mpkvirt
-lib=target/debug
-out=target/capi
+# Cargo's output directory: CARGO_TARGET_DIR when set (relative to the workspace root, as cargo
+# reads it), target/ otherwise.
+target=${CARGO_TARGET_DIR:-target}
+lib=$target/debug
+out=$target/capi
 mkdir -p "$out"
 
 echo "--- header vs exported symbols"
@@ -34,10 +37,17 @@ for ex in hello paper_api; do
 done
 
 echo "--- natively"
-for b in "${bins[@]}"; do "$b"; done
+# Every binary runs, so one failure does not hide the others; the step fails at the end.
+failed=()
+for b in "${bins[@]}"; do "$b" || failed+=("$(basename "$b")"); done
 LD_LIBRARY_PATH="$lib" "$out/hello-shared" | grep -q "denied: vkey 7"
 LD_LIBRARY_PATH="$lib" "$out/paper_api-shared"
 echo "hello-shared, paper_api-shared (-lmpkvirt, libmpkvirt.so): ok"
+if [ ${#failed[@]} -gt 0 ]; then
+    echo "capi.sh: ${#failed[@]} of ${#bins[@]} C programs failed natively: ${failed[*]}" >&2
+fi
 
 echo "--- inside the PKU guest, hardware backend"
-MPKVIRT_MODE=hardware scripts/pku-vm batch "${bins[@]}"
+guest=0
+MPKVIRT_MODE=hardware scripts/pku-vm batch "${bins[@]}" || guest=$?
+[ ${#failed[@]} -eq 0 ] && [ "$guest" -eq 0 ]

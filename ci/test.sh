@@ -40,7 +40,13 @@ run_step() {
         RUSTFLAGS="--cfg loom" CARGO_TARGET_DIR=target/loom \
             cargo test -p mpkvirt --lib --release loom ;;
     capi)
-        if [ -x ci/capi.sh ]; then section "C API"; ci/capi.sh; fi ;;
+        section "C API"
+        # A lost run bit must not turn the step into a silent pass.
+        if [ ! -x ci/capi.sh ]; then
+            echo "ci/test.sh: ci/capi.sh is missing or not executable: the C API step cannot run" >&2
+            exit 1
+        fi
+        ci/capi.sh ;;
     vm)
         section "hardware tests inside the PKU guest (QEMU TCG, -cpu max)"
         scripts/pku-vm test ;;

@@ -16,8 +16,8 @@
  *   - Thread-safe: any number of threads may begin, end, allocate and free concurrently.
  *     A key is handed to another domain only when no thread's view uses it. When every
  *     begun domain holds a key, mpk_begin/mpk_end make no system call with the hardware
- *     backend (one WRPKRU, a shared read lock on the vkey table); with the emulated backend
- *     each change of rights costs an mprotect.
+ *     backend (a call gate into the library, WRPKRU, the vkey table's lock); with the
+ *     emulated backend each change of rights costs an mprotect.
  *   - Unlimited virtual keys: any int is a vkey, any number of them may exist. Up to
  *     mpkvirt_key_count() (at most 15) are resident at a time, and a thread may have at most
  *     that many begun.
@@ -29,7 +29,8 @@
  *     its begun domains. With the emulated backend (no PKU) rights are process-wide: a
  *     domain is reachable by every thread while any thread has it begun. A thread created
  *     while its creator has domains begun inherits the creator's rights (the kernel copies
- *     PKRU) without having begun them: create threads with nothing begun.
+ *     PKRU) without having begun them: create threads with nothing begun, or with
+ *     mpk_pthread_create.
  *   - A domain has one page protection, set by its first mpk_mmap (read-write for domains
  *     created by mpk_malloc) and changed with mpk_mprotect.
  *
@@ -38,6 +39,47 @@
  * mpk_free(NULL) (does nothing), mpkvirt_backend() (NULL) and mpkvirt_key_count() (-1).
  * A memory access that a thread's rights forbid raises SIGSEGV; run it through
  * mpkvirt_guarded_call() to get a report instead.
+ *
+ * Sizes: a domain is one address range reserved when it is created. A domain created by
+ * mpk_malloc holds 64 MiB in all (its allocations together, each rounded up); one created by
+ * mpk_mmap(len) holds len + 64 MiB (rounded to pages), shared by its later mappings and
+ * allocations. Past that, mpk_malloc and mpk_mmap fail with ENOMEM: use more vkeys. A length
+ * or size that cannot be mapped at all (above PTRDIFF_MAX, or one that would wrap when
+ * rounded up to pages, such as SIZE_MAX) fails with ENOMEM and creates no domain.
+ *
+ * Threads and cancellation: every function may be called from any thread. Each disables
+ * the calling thread's cancellation while it runs (pthread_setcancelstate), so
+ * pthread_cancel of a thread blocked in mpk_begin takes effect at the thread's next
+ * cancellation point after the call returned, never inside the library. A thread's begun
+ * domains end when it exits.
+ *
+ * Thread exit: pthread_key destructors (and anything else glibc runs after a thread's
+ * thread_local destructors) are too late to call the library: such a call fails with
+ * EOPNOTSUPP and changes nothing. End domains before the thread function returns. (In a
+ * thread that never called the library before, such a call is not detected: it may succeed,
+ * and a domain it begins then stays begun, and its key pinned, after the thread is gone.)
+ *
+ * Signal handlers: a handler that interrupted code outside any mpk_* call may use the
+ * library: it may begin, end, allocate and free, and should end what it began before it
+ * returns. With the hardware backend it cannot end a domain the interrupted code has begun
+ * (EDEADLK): that code resumes with the rights the kernel saved. With the emulated backend
+ * the library cannot tell a handler from other code, so such an mpk_end ends the domain and
+ * the interrupted code faults on its next access to it. A handler that interrupted an mpk_*
+ * call (of the same thread) cannot use the library: every call fails with EDEADLK (NULL,
+ * MAP_FAILED; mpkvirt_key_count() returns -1, mpk_pthread_create returns EDEADLK) and
+ * changes nothing — only mpk_free(NULL) and mpkvirt_backend() answer as usual — and the
+ * interrupted call then completes normally. With the hardware backend, while a thread is
+ * inside an mpk_* call it runs on the library's own stack, which signal handlers cannot
+ * use: a handler that may run while its thread is inside a call (whether or not it calls
+ * the library) must be installed with SA_ONSTACK and the thread must have an alternate
+ * signal stack (sigaltstack); otherwise such a signal kills the process with SIGSEGV.
+ *
+ * fork(): the child has one thread, a copy of the caller, with the caller's begun domains.
+ * It may use the library as usual (mpk_init says EBUSY), with one loss: domains begun by the
+ * parent's other threads, which do not exist in the child, stay begun for good (mpk_munmap
+ * fails with EBUSY) and their keys stay pinned, so the child has that many keys fewer for
+ * its own views (an mpk_begin that needs one of them waits and fails with EBUSY). Do not fork
+ * while another thread is inside an mpk_* call: the child may find the library's locks held.
  */
 #ifndef MPKVIRT_H
 #define MPKVIRT_H
@@ -52,14 +94,19 @@ extern "C" {
 
 /*
  * Initialises the library: picks the backend (MPKVIRT_MODE=auto|hardware|emulated,
- * default auto), the number of keys (MPKVIRT_MAX_KEYS=1..15, default 15) and the eviction
- * policy (MPKVIRT_POLICY=lru|hinted), and allocates the keys. Call once, before any other
- * function. evict_rate is accepted for compatibility; see above.
+ * default auto), the number of keys (MPKVIRT_MAX_KEYS=1..15, default 15), the eviction
+ * policy (MPKVIRT_POLICY=lru|hinted) and how long mpk_begin waits for a key when every key
+ * is in use by other threads' views (MPKVIRT_PIN_WAIT_MS, milliseconds, default 1000; 0
+ * fails at once), and allocates the keys. Call once, before any other function.
+ * evict_rate is accepted for compatibility; see above.
  *
- * Returns 0, or -1 with errno: EBUSY (already initialised), EOPNOTSUPP (MPKVIRT_MODE=
- * hardware without usable PKU, including when every key is already taken by other code,
- * or the SIGSEGV handler cannot be installed), EINVAL (an MPKVIRT_* variable does not
- * parse).
+ * May be called concurrently: exactly one call initialises (and takes the keys); the
+ * others fail with EBUSY.
+ *
+ * Returns 0, or -1 with errno: EBUSY (already initialised, or being initialised by another
+ * thread), EOPNOTSUPP (MPKVIRT_MODE=hardware without usable PKU, including when every key
+ * is already taken by other code, or the SIGSEGV handler cannot be installed), EINVAL (an
+ * MPKVIRT_* variable does not parse).
  */
 int mpk_init(int evict_rate);
 
@@ -72,9 +119,12 @@ int mpk_init(int evict_rate);
  * hint and is ignored. prot is the domain's page protection (PROT_READ, PROT_WRITE,
  * PROT_EXEC); the memory is reachable only by threads that have begun vkey.
  *
+ * The first mpk_mmap of a vkey reserves len + 64 MiB for the domain (see Sizes above).
+ *
  * Returns the address, or MAP_FAILED with errno: EINVAL (len 0, MAP_FIXED or MAP_SHARED
  * given, negative offset, unknown prot bits, or prot differing from the domain's),
- * ENOMEM (the domain's address space is full), or mmap's errors for fd (EBADF, EACCES).
+ * ENOMEM (the domain's address space is full, or len cannot be mapped), or mmap's errors
+ * for fd (EBADF, EACCES).
  */
 void *mpk_mmap(int vkey, void *addr, size_t len, int prot, int flags, int fd, off_t offset);
 
@@ -94,7 +144,8 @@ int mpk_munmap(int vkey);
  *
  * Returns 0, or -1 with errno: EINVAL (no such domain, or prot grants neither read nor
  * write), E2BIG (more domains begun than mpkvirt_key_count()), EBUSY (every key is in use
- * by other threads' views for longer than a second), or the errno of a failed re-tag of
+ * by other threads' views for longer than the pin wait, MPKVIRT_PIN_WAIT_MS), EDEADLK (from
+ * a signal handler that interrupted an mpk_* call; see Signal handlers above), or the errno of a failed re-tag of
  * the domain's pages (ENOMEM when the process's mapping limit is reached).
  */
 int mpk_begin(int vkey, int prot);
@@ -102,7 +153,8 @@ int mpk_begin(int vkey, int prot);
 /*
  * Ends the calling thread's access to the domain of vkey.
  *
- * Returns 0, or -1 with errno: EINVAL (the thread has not begun vkey).
+ * Returns 0, or -1 with errno: EINVAL (the thread has not begun vkey), EDEADLK (from a
+ * signal handler: see Signal handlers above).
  */
 int mpk_end(int vkey);
 
@@ -119,7 +171,8 @@ int mpk_mprotect(int vkey, int prot);
  * Allocates size bytes (16-byte aligned) in the domain of vkey, creating a read-write
  * domain if needed. The allocator keeps its metadata outside the domain.
  *
- * Returns the pointer, or NULL with errno: ENOMEM (the domain's address space is full).
+ * Returns the pointer, or NULL with errno: ENOMEM (the domain's address space is full: a
+ * domain created by mpk_malloc holds 64 MiB in all; see Sizes above).
  */
 void *mpk_malloc(int vkey, size_t size);
 
@@ -167,8 +220,11 @@ int mpkvirt_guarded_call(void (*fn)(void *), void *arg, struct mpkvirt_fault *fa
  * are begun would keep their rights without having begun them, and keep them after the keys
  * go to other domains. Use this (or create threads with nothing begun).
  *
- * Returns as pthread_create; EDEADLK when called from a signal handler that interrupted an
- * mpk_* call.
+ * With the emulated backend rights are process-wide anyway (see above), so the new thread
+ * reaches whatever any thread has begun.
+ *
+ * Returns as pthread_create (an error number, not -1/errno): EINVAL when start is NULL;
+ * EDEADLK when called from a signal handler that interrupted an mpk_* call.
  */
 #include <pthread.h>
 int mpk_pthread_create(pthread_t *thread, const pthread_attr_t *attr,

@@ -68,7 +68,8 @@ impl Default for Config {
 
 impl Config {
     /// The defaults, overridden by `MPKVIRT_MODE` (`auto`/`hardware`/`emulated`),
-    /// `MPKVIRT_MAX_KEYS` (1–15) and `MPKVIRT_POLICY` (`lru`/`hinted`).
+    /// `MPKVIRT_MAX_KEYS` (1–15), `MPKVIRT_POLICY` (`lru`/`hinted`) and
+    /// `MPKVIRT_PIN_WAIT_MS` ([`Config::pin_wait`] in milliseconds, 0 to fail at once).
     ///
     /// # Errors
     ///
@@ -95,6 +96,13 @@ impl Config {
                 .ok_or_else(|| {
                     Error::Config(format!("MPKVIRT_POLICY={v}: expected lru or hinted"))
                 })?;
+        }
+        if let Ok(v) = std::env::var("MPKVIRT_PIN_WAIT_MS") {
+            c.pin_wait = v.parse().map(Duration::from_millis).map_err(|_| {
+                Error::Config(format!(
+                    "MPKVIRT_PIN_WAIT_MS={v}: expected a number of milliseconds"
+                ))
+            })?;
         }
         Ok(c)
     }

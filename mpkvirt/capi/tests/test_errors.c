@@ -11,6 +11,12 @@ int main(void) {
     CHECK(mpk_malloc(1, 8) == NULL && errno == EINVAL);
     CHECK(mpkvirt_backend() == NULL && mpkvirt_key_count() == -1);
 
+    /* A configuration variable that does not parse fails mpk_init, which can then be retried. */
+    CHECK(setenv("MPKVIRT_PIN_WAIT_MS", "soon", 1) == 0);
+    CHECK_ERR(mpk_init(-1), EINVAL);
+    CHECK(mpkvirt_backend() == NULL);
+    CHECK(unsetenv("MPKVIRT_PIN_WAIT_MS") == 0);
+
     CHECK(mpk_init(-1) == 0);
     CHECK_ERR(mpk_init(-1), EBUSY);
     CHECK_ERR(mpk_begin(7, PROT_READ), EINVAL); /* no such domain */
