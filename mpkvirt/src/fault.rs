@@ -194,6 +194,12 @@ fn handle_segv(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut c_void) {
         code: decoded.code,
         pkey: decoded.pkey,
     };
+    // A grant this thread has not taken yet (grants reach threads at their next access).
+    if let (SegvCode::PkuErr, Some(key)) = (decoded.code, decoded.pkey)
+        && crate::sync::take_lazy_grant(uc, key)
+    {
+        return; // the access runs again with the new rights
+    }
     let ip = signal::ip(uc);
     if ip == addr::probe_read8_insn() || ip == addr::probe_write8_insn() {
         LAST_FAULT.set(Some(raw));

@@ -76,6 +76,11 @@ pub(crate) struct ThreadRecord {
     pub(crate) view_seq: u64,
     /// The last process-wide rights epoch the thread took (see `manager::global`).
     pub(crate) synced: std::sync::atomic::AtomicU64,
+    /// The PKRU fields of keys to which the thread's last sync took process-wide rights
+    /// (a revocation of those signals it; see `manager::global`).
+    pub(crate) holds: AtomicU32,
+    /// Whether the thread is computing its rights right now.
+    pub(crate) resyncing: std::sync::atomic::AtomicBool,
     /// Whether the thread was registered by the current op (its PKRU until now was inherited,
     /// not set by the library).
     pub(crate) fresh: bool,
@@ -189,6 +194,8 @@ fn register(entry: Pkru) -> Result<()> {
                     active_mgr: AtomicU32::new(NO_MGR),
                     view_seq: 0,
                     synced: std::sync::atomic::AtomicU64::new(0),
+                    holds: AtomicU32::new(0),
+                    resyncing: std::sync::atomic::AtomicBool::new(false),
                     fresh: false,
                     altstack: 0,
                     spawn_saved: None,
@@ -265,6 +272,51 @@ impl ThreadRecord {
         // uses until it is gone (records are reused only after their thread ended).
         unsafe { libc::sigaltstack(&new, std::ptr::null_mut()) };
     }
+}
+
+/// What a sync initiator needs to know of a live thread.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct SyncState {
+    tid: i32,
+    pub(crate) holds: u32,
+    pub(crate) resyncing: bool,
+}
+
+/// Every live record's sync state, sorted by thread id (`None`: out of metadata).
+pub(crate) fn sync_snapshot() -> Option<MVec<SyncState>> {
+    let records = lock(&root().records);
+    let mut v = MVec::new_in(Meta);
+    v.try_reserve(records.len()).ok()?;
+    for &addr in records.iter() {
+        // SAFETY: see `register`: `dead`, `tid` and the atomics of any record may be read
+        // under the records lock.
+        let rec = unsafe { &*(addr as *const ThreadRecord) };
+        if !rec.dead {
+            v.push(SyncState {
+                tid: rec.tid,
+                holds: rec.holds.load(std::sync::atomic::Ordering::SeqCst),
+                resyncing: rec.resyncing.load(std::sync::atomic::Ordering::SeqCst),
+            });
+        }
+    }
+    drop(records);
+    v.sort_unstable_by_key(|s| s.tid);
+    Some(v)
+}
+
+/// The state of `tid` in a snapshot: with several records of one id (an earlier thread's
+/// lingering), the union of what they may hold.
+pub(crate) fn find(snapshot: &[SyncState], tid: i32) -> Option<SyncState> {
+    let start = snapshot.partition_point(|s| s.tid < tid);
+    snapshot[start..]
+        .iter()
+        .take_while(|s| s.tid == tid)
+        .copied()
+        .reduce(|a, b| SyncState {
+            tid,
+            holds: a.holds | b.holds,
+            resyncing: a.resyncing || b.resyncing,
+        })
 }
 
 /// How many of the threads `tids` (still alive) have not taken the process-wide rights of

@@ -203,7 +203,7 @@ fn run_global(code: u64, args: Args, rec: &mut ThreadRecord) -> u64 {
             crate::manager::global::announce_ack();
             Ok(u64::from(rec.gate.pkru))
         }),
-        OP_SYNC_ALL => args.serve(|(): ()| crate::manager::global::broadcast(rec, None)),
+        OP_SYNC_ALL => args.serve(|(): ()| crate::manager::global::broadcast(rec, None, None)),
         c if c >= crate::capi::OP_BASE => crate::capi::run(c, args, rec),
         _ => STATUS_BAD_CALL,
     }

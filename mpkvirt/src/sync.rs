@@ -74,6 +74,35 @@ pub(crate) fn install_handler() -> Result<()> {
     }
 }
 
+/// A protection-key fault on `key` in the context `uc`: if the thread's PKRU predates
+/// process-wide rights granted since (grants reach threads lazily), takes them and rewrites
+/// the frame's PKRU. Returns whether the key's rights grew (the access is worth retrying).
+/// Called from the SIGSEGV handler.
+pub(crate) fn take_lazy_grant(uc: &mut libc::ucontext_t, key: mpkvirt_sys::Pkey) -> bool {
+    if gate::in_call() {
+        return false;
+    }
+    let Some(frame) = signal::frame_pkru(uc) else {
+        return false;
+    };
+    let Ok(new) = crate::ops::call::<u64, u64>(crate::ops::OP_SYNC, u64::from(frame)) else {
+        return false;
+    };
+    if new == NOT_NOW || new as u32 == frame {
+        return false;
+    }
+    let new = new as u32;
+    // SAFETY: `uc` is the handler's own frame; the value is the thread's legitimate PKRU as
+    // the library computed it (its views and the process-wide rights).
+    unsafe { signal::set_frame_pkru(uc, new) };
+    let denied = |p: u32| {
+        let f = (p >> (2 * u32::from(key.index()))) & 3;
+        // Access-disabled denies writes too.
+        if f & 1 != 0 { 3 } else { f }
+    };
+    denied(new) & !denied(frame) == 0 && denied(new) != denied(frame)
+}
+
 /// The handler. Async-signal-safe: a `const` thread-local, the library gate (which takes no
 /// lock the interrupted code can hold: the code was not inside the library, or the handler
 /// returns at once), and writes to its own frame.

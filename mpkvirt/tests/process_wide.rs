@@ -1,7 +1,7 @@
 //! Process-wide rights (`Domain::set_process_wide`, libmpk's `mpk_mprotect` mode): every
 //! thread of the process gets them — threads that never called mpkvirt, threads blocked in
-//! a system call, threads spinning in user code, threads created later — and loses them on
-//! revocation; a domain holding them keeps its key; a thread that blocks the sync signal
+//! a system call, threads spinning in user code, threads created later (on hardware at its
+//! first access: a fault the library resolves) — and loses them on revocation; a domain holding them keeps its key; a thread that blocks the sync signal
 //! makes the call fail with `ThreadsNotSynced` and never sees the key handed on.
 //!
 //! # Safety
@@ -26,6 +26,7 @@ use mpkvirt_sys::{AccessRights, Pkey, Pkru, Pku, require_pku};
 
 enum Cmd {
     Read(usize),
+    Write(usize, u8),
     Pkru,
 }
 
@@ -65,6 +66,11 @@ impl Bystander {
                 let answer = match cmd {
                     // SAFETY: see the module docs: a live domain's address, raw access.
                     Cmd::Read(addr) => u64::from(unsafe { (addr as *const u8).read_volatile() }),
+                    Cmd::Write(addr, v) => {
+                        // SAFETY: as for reads.
+                        unsafe { (addr as *mut u8).write_volatile(v) };
+                        0
+                    }
                     Cmd::Pkru => Pku::new().map_or(u64::MAX, |p| u64::from(p.rdpkru().bits())),
                 };
                 answers.send(answer).unwrap();
@@ -140,10 +146,11 @@ fn reaches_every_thread<B: Backend>(mgr: &Manager<B>, pku: bool) {
         .key()
         .expect("a domain with process-wide rights holds its key");
     for b in &bystanders {
+        // (On hardware the first access takes the grant: a fault the handler resolves.)
+        assert_eq!(b.read(addr), 42);
         if pku {
             assert_eq!(b.rights(key), AccessRights::READ_ONLY);
         }
-        assert_eq!(b.read(addr), 42);
     }
     // Threads created later inherit them; the caller has them without a view.
     let late = Bystander::new(false, false);
@@ -156,8 +163,10 @@ fn reaches_every_thread<B: Backend>(mgr: &Manager<B>, pku: bool) {
     // Read-write for everyone, then nothing.
     d.set_process_wide(Some(Rights::ReadWrite)).unwrap();
     mgr.write_byte(addr, 44).unwrap();
-    if pku {
-        for b in &bystanders {
+    for (i, b) in bystanders.iter().enumerate() {
+        assert_eq!(b.read(addr), 44 + i as u8);
+        b.ask(Cmd::Write(addr, 45 + i as u8));
+        if pku {
             assert_eq!(b.rights(key), AccessRights::READ_WRITE);
         }
     }
@@ -171,7 +180,7 @@ fn reaches_every_thread<B: Backend>(mgr: &Manager<B>, pku: bool) {
     assert!(matches!(mgr.read_byte(addr), Err(Error::Fault(_))));
     // Views keep their thread-local meaning.
     let _view = mgr.enter(&[(&d, Rights::ReadOnly)]).unwrap();
-    assert_eq!(mgr.read_byte(addr).unwrap(), 44);
+    assert_eq!(mgr.read_byte(addr).unwrap(), 48);
 }
 
 #[test]

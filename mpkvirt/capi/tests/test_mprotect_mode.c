@@ -3,7 +3,9 @@
  * mpkvirt, blocked in a system call or spinning in user code, and threads created later.
  * The reader threads below never call any mpk_ or mpkvirt_ function: they read the pages
  * with plain loads (a wrong answer is a SIGSEGV, which fails the test) and, on PKU hardware,
- * report their own PKRU. */
+ * report their own PKRU. With PKU a grant reaches a thread at its first access (a fault
+ * the library's handler resolves); a revocation reaches every thread before mpk_mprotect
+ * returns. */
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdint.h>
@@ -94,8 +96,10 @@ int main(void) {
     }
     int key = -1;
     CHECK(mpk_mprotect(VKEY, PROT_READ) == 0);
+    /* (On hardware a reader's first access takes the grant: a fault the library resolves.) */
+    CHECK(ask(&readers[0], READ, 0) == 42);
     if (hardware) {
-        /* The domain's key: the one field every reader now has read-only. */
+        /* The domain's key: the one field the reader now has read-only. */
         uint32_t p = (uint32_t)ask(&readers[0], PKRU, 0);
         for (int k = 1; k < 16; k++)
             if (field(p, k) == 2) key = k;

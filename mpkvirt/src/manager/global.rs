@@ -92,15 +92,17 @@ pub(crate) fn normalized(bits: u32) -> u32 {
     bits | ((bits & 0x5555_5555) << 1)
 }
 
-/// Gives domain `d` process-wide `rights` (`None`: takes them back), and waits until every
-/// thread of the process has them.
+/// Gives domain `d` process-wide `rights` (`None`: takes them back). A grant takes effect
+/// for each thread at its next access (hardware: a thread whose PKRU predates it faults once
+/// and the fault handler syncs it) or its next library call; anything that takes a right
+/// away waits until every thread that may hold it has dropped it.
 ///
 /// # Errors
 ///
 /// [`Error::ForeignDomain`] for a dead domain, [`Error::KeysBusy`] when no key can be bound
 /// for a grant (every key pinned by views), a backend error from binding, and
-/// [`Error::ThreadsNotSynced`] when some thread did not acknowledge in time (see the module
-/// docs: the grant or revocation holds for every other thread).
+/// [`Error::ThreadsNotSynced`] when some thread did not acknowledge a revocation in time
+/// (see the module docs: it holds for every other thread, and the key is tainted).
 pub(crate) fn set<B: Backend>(
     sh: &Shared<B>,
     rec: &mut ThreadRecord,
@@ -111,7 +113,7 @@ pub(crate) fn set<B: Backend>(
     let rec_d = sh
         .domain(d)
         .ok_or(Error::ForeignDomain(crate::DomainId(d.uid)))?;
-    let slot = {
+    let (slot, revoked) = {
         let mut inner = lock(&sh.inner);
         let s = match rec_d.slot.get() {
             Some(s) => s,
@@ -131,27 +133,33 @@ pub(crate) fn set<B: Backend>(
             return Ok(());
         }
         let (mask, _) = sh.key_fields[s];
-        let g = slot_of(sh).global.load(Ordering::Relaxed);
-        let g = (g & !mask) | field(sh, s, rights);
-        slot_of(sh).global.store(g, Ordering::SeqCst);
+        let old = slot_of(sh).global.load(Ordering::Relaxed);
+        let new = (old & !mask) | field(sh, s, rights);
+        slot_of(sh).global.store(new, Ordering::SeqCst);
         if rights.is_some() {
             inner.global_pins |= 1 << s;
         }
         if sh.live.kind() == BackendKind::Emulated {
             // One more contributor to the key's union of rights.
-            let new = (inner.global_virt.bits() & !sh.our_mask) | (g & sh.our_mask);
+            let virt = (inner.global_virt.bits() & !sh.our_mask) | (new & sh.our_mask);
             let mut unused = 0;
             let mut regs = Regs {
                 virt: &mut inner.global_virt,
                 real: &mut unused,
             };
-            sh.live.write_pkru(&mut regs, Pkru::from_bits(new));
+            sh.live.write_pkru(&mut regs, Pkru::from_bits(virt));
         }
-        s
+        // Deny bits the new value sets that the old one did not: something was taken away.
+        (s, new & !old & mask != 0)
     };
-    let acked = if sh.hardware {
-        broadcast(rec, Some((sh.slot_idx, cx.top_bits(sh.base_bits))))
+    let current = Some((sh.slot_idx, cx.top_bits(sh.base_bits)));
+    let acked = if !sh.hardware {
+        Ok(())
+    } else if revoked {
+        broadcast(rec, current, Some(sh.key_fields[slot].0))
     } else {
+        // A grant: every thread takes it lazily (its next access or call); the caller now.
+        bump(rec, current);
         Ok(())
     };
     if rights.is_none() {
@@ -161,13 +169,13 @@ pub(crate) fn set<B: Backend>(
         if globals(sh) & mask == mask {
             inner.global_pins &= !(1 << slot);
         }
-        if acked.is_err() {
-            // Some thread may still hold the rights: the key goes to no other domain.
-            inner.tainted |= 1 << slot;
-            crate::fault::log_line(
-                "mpkvirt: a thread did not take back process-wide rights in time; the key is tainted\n",
-            );
-        }
+    }
+    if acked.is_err() {
+        // Some thread may still hold the rights: the key goes to no other domain.
+        lock(&sh.inner).tainted |= 1 << slot;
+        crate::fault::log_line(
+            "mpkvirt: a thread did not drop process-wide rights in time; the key is tainted\n",
+        );
     }
     acked
 }
@@ -180,45 +188,73 @@ pub(crate) fn revoke_all<B: Backend>(sh: &Shared<B>, rec: &mut ThreadRecord) -> 
         return true;
     }
     slot.global.store(sh.our_mask, Ordering::SeqCst);
-    !sh.hardware || broadcast(rec, None).is_ok()
+    !sh.hardware || broadcast(rec, None, Some(sh.our_mask)).is_ok()
 }
 
-/// Makes every thread of the process take the current process-wide rights (see the module
-/// docs). `current` is the manager the calling thread is inside an op of, with its view bits
-/// (its cx is borrowed by the caller).
-pub(crate) fn broadcast(rec: &mut ThreadRecord, current: Option<(u32, Pkru)>) -> Result<()> {
+/// A new epoch, taken by the calling thread at once: threads inside the library take it
+/// when their op ends, every other thread lazily.
+fn bump(rec: &mut ThreadRecord, current: Option<(u32, Pkru)>) -> u64 {
     let epoch = root().sync_epoch.fetch_add(1, Ordering::SeqCst) + 1;
     // The initiator has its rights at once (its gate exit installs them).
     resync(rec, current);
     rec.synced.fetch_max(epoch, Ordering::SeqCst);
     announce_ack();
+    epoch
+}
+
+/// Makes threads of the process take the current process-wide rights and waits for them:
+/// every thread (`fields: None`), or those that may hold rights to any key of the PKRU
+/// `fields` (threads mpkvirt does not know — their PKRU is inherited — and threads whose
+/// last sync took process-wide rights to those keys, or that are syncing right now).
+/// `current` is the manager the calling thread is inside an op of, with its view bits (its
+/// cx is borrowed by the caller).
+pub(crate) fn broadcast(
+    rec: &mut ThreadRecord,
+    current: Option<(u32, Pkru)>,
+    fields: Option<u32>,
+) -> Result<()> {
+    // (Dekker with `resync`: the new rights are stored, then the threads' `holds` and
+    // `resyncing` are read; a thread sets `resyncing`, then reads the rights.)
+    std::sync::atomic::fence(Ordering::SeqCst);
+    let epoch = bump(rec, current);
     crate::sync::install_handler()?;
     let sig = crate::sync::signal_number();
     let me = rec.tid();
     let mut signalled: MVec<i32> = MVec::new_in(Meta);
+    let mut skipped: MVec<i32> = MVec::new_in(Meta);
     let deadline = Instant::now() + SYNC_WAIT;
     let not_synced = |n: usize| Error::ThreadsNotSynced {
         threads: n,
         waited: SYNC_WAIT,
     };
     loop {
+        let known = gate::sync_snapshot();
         let mut new = false;
-        let mut oom = false;
+        let mut oom = known.is_none();
         let listed = mpkvirt_sys::thread::for_each_thread(|tid| {
-            let Err(at) = signalled.binary_search(&tid) else {
-                return;
-            };
             if tid == me || oom {
                 return;
             }
-            if signalled.try_reserve(1).is_err() {
+            let (Err(at), Err(at_skip)) =
+                (signalled.binary_search(&tid), skipped.binary_search(&tid))
+            else {
+                return;
+            };
+            let needed = match (fields, known.as_ref().and_then(|k| gate::find(k, tid))) {
+                (None, _) | (_, None) => true,
+                (Some(f), Some(t)) => t.resyncing || t.holds & f != 0,
+            };
+            let list = if needed { &mut signalled } else { &mut skipped };
+            if list.try_reserve(1).is_err() {
                 oom = true;
                 return;
             }
-            signalled.insert(at, tid);
+            list.insert(if needed { at } else { at_skip }, tid);
             new = true;
-            // A thread that exited meanwhile has nothing to take.
-            let _ = mpkvirt_sys::thread::tgkill(tid, sig);
+            if needed {
+                // A thread that exited meanwhile has nothing to take.
+                let _ = mpkvirt_sys::thread::tgkill(tid, sig);
+            }
         });
         if listed.is_err() {
             return Err(Error::Unsupported("listing the process's threads"));
@@ -287,10 +323,14 @@ pub(crate) fn acknowledge(rec: &mut ThreadRecord, current: Option<(u32, Pkru)>) 
 /// with the process-wide rights. `current`: the registry slot whose view bits the caller
 /// passes instead of reading the thread's cx (borrowed by the caller).
 pub(crate) fn resync(rec: &mut ThreadRecord, current: Option<(u32, Pkru)>) {
+    // (Dekker with `broadcast`: announce, then read the rights.)
+    rec.resyncing.store(true, Ordering::SeqCst);
+    std::sync::atomic::fence(Ordering::SeqCst);
     // While the thread creates a thread without rights, the record holds the no-view value
     // and the saved one is restored afterwards: recompute both.
     let mut with_views = rec.spawn_saved.unwrap_or(rec.gate.pkru);
     let mut without_views = rec.gate.pkru;
+    let mut holds = 0;
     let high = root().slots_high.load(Ordering::Acquire);
     for (idx, slot) in root().managers[..high].iter().enumerate() {
         let Some((uid, mask, global)) = read_slot(slot) else {
@@ -307,6 +347,7 @@ pub(crate) fn resync(rec: &mut ThreadRecord, current: Option<(u32, Pkru)>) {
         };
         with_views = (with_views & !mask) | (normalized(bits) & global & mask);
         without_views = (without_views & !mask) | (global & mask);
+        holds |= granted_fields(global & mask, mask);
     }
     if rec.spawn_saved.is_some() {
         rec.spawn_saved = Some(with_views);
@@ -314,6 +355,16 @@ pub(crate) fn resync(rec: &mut ThreadRecord, current: Option<(u32, Pkru)>) {
     } else {
         rec.gate.pkru = with_views;
     }
+    rec.holds.store(holds, Ordering::SeqCst);
+    rec.resyncing.store(false, Ordering::SeqCst);
+}
+
+/// The fields (both bits) of the keys in `mask` whose value in `g` grants some access.
+fn granted_fields(g: u32, mask: u32) -> u32 {
+    // A field denies everything when both its bits are set.
+    let none = g & (g >> 1) & 0x5555_5555;
+    let some = mask & 0x5555_5555 & !none;
+    some | (some << 1)
 }
 
 /// A live hardware manager's slot: `(uid, mask, global)`, read consistently.
