@@ -68,7 +68,7 @@ const C_MPROTECT: u64 = OP_BASE + 5;
 const C_MALLOC: u64 = OP_BASE + 6;
 const C_FREE: u64 = OP_BASE + 7;
 const C_GUARD_START: u64 = OP_BASE + 8;
-const C_GUARD_END: u64 = OP_BASE + 9;
+pub(crate) const C_GUARD_END: u64 = OP_BASE + 9;
 const C_FAULT_VKEY: u64 = OP_BASE + 10;
 const C_KEYS: u64 = OP_BASE + 11;
 
@@ -115,6 +115,10 @@ struct BegunSet {
     view: Option<u64>,
     /// Begun sets saved by guarded calls in progress, innermost last.
     saved: MVec<(u64, BegunList)>,
+    /// While signal handlers run on the thread (hardware): the interrupted code's begun set
+    /// and view, which the handlers may add to but not take from. Restored when the thread
+    /// is back in its normal context (`gate::note_context`).
+    interrupted: Option<(BegunList, Option<u64>)>,
 }
 
 /// `root().capi` while `mpk_init` runs.
@@ -488,12 +492,9 @@ pub(crate) fn run(code: u64, a: crate::ops::Args, rec: &mut ThreadRecord) -> u64
             C_MALLOC => a.serve(|i: CArgs| Ok(malloc_op(i))),
             C_FREE => a.serve(|i: CArgs| Ok(free_op(i))),
             C_GUARD_START => a.serve(|_: CArgs| Ok(guard_start(rec))),
-            C_GUARD_END => {
-                // The end of a guarded call, after a fault too: the thread runs with the deny
-                // PKRU the fault handler left, not in a signal handler.
-                rec.interrupted = false;
-                a.serve(|i: CArgs| Ok(guard_end(rec, i.a, i.b != 0)))
-            }
+            // The end of a guarded call, after a fault too (it stays in its context:
+            // `gate::note_context`).
+            C_GUARD_END => a.serve(|i: CArgs| Ok(guard_end(rec, i.a, i.b != 0))),
             C_FAULT_VKEY => a.serve(|i: CArgs| Ok(fault_vkey(i.a as usize))),
             C_KEYS => a.serve(|_: CArgs| -> crate::Result<Result<u64, c_int>> {
                 Ok(state().and_then(|st| shared(st).map(|sh| sh.nkeys as u64)))
@@ -634,6 +635,7 @@ fn begun(rec: &mut ThreadRecord) -> Result<&mut BegunSet, c_int> {
                 begun: MVec::new_in(Meta),
                 view: None,
                 saved: MVec::new_in(Meta),
+                interrupted: None,
             },
             Meta,
         ));
@@ -642,15 +644,24 @@ fn begun(rec: &mut ThreadRecord) -> Result<&mut BegunSet, c_int> {
 }
 
 /// Enters `set` as the thread's one view (the new view is live before the old one ends, so
-/// keys both use stay pinned), or ends the view when the set is empty.
+/// keys both use stay pinned), or ends the view when the set is empty. The interrupted
+/// code's view (while a signal handler runs) is never ended here.
 fn enter_set(
     sh: &Shared<Machine>,
     rec: &mut ThreadRecord,
     set: MVec<(c_int, DomRef, bool)>,
 ) -> Result<(), c_int> {
-    let old = begun(rec)?.view;
+    let (old, sealed, back) = {
+        let b = begun(rec)?;
+        let sealed = b.interrupted.as_ref().and_then(|(_, v)| *v);
+        // A handler back to the interrupted code's set: its view serves again.
+        let back = b.interrupted.as_ref().is_some_and(|(saved, _)| {
+            saved.len() == set.len() && saved.iter().all(|e| set.contains(e))
+        });
+        (b.view, sealed, back)
+    };
     let cx = mops::cx_pub(sh, rec).map_err(|e| errno_of(&e))?;
-    let new = if set.is_empty() {
+    let new = if set.is_empty() || back {
         None
     } else {
         let mut view = [ViewItem {
@@ -669,11 +680,18 @@ fn enter_set(
                 .id,
         )
     };
-    if let Some(id) = old {
-        let _ = views::leave(sh, rec, cx, id);
+    if let Some(id) = old
+        && old != sealed
+        && let Err(e) = views::leave(sh, rec, cx, id)
+    {
+        // Nothing may change: the new view goes again.
+        if let Some(n) = new {
+            let _ = views::leave(sh, rec, cx, n);
+        }
+        return Err(errno_of(&e));
     }
     let b = begun(rec)?;
-    b.view = new;
+    b.view = if back { sealed } else { new };
     b.begun = set;
     Ok(())
 }
@@ -687,48 +705,102 @@ fn begin_op(rec: &mut ThreadRecord, i: CArgs) -> Result<(), c_int> {
     };
     let st = state()?;
     let sh = shared(st)?;
-    let mut table = lock_rw(&st.table);
-    let v = *table.by_vkey.get(&i.vkey).ok_or(libc::EINVAL)?;
     let mut set = MVec::new_in(Meta);
     set.try_reserve(begun(rec)?.begun.len() + 1)
         .map_err(|_| libc::ENOMEM)?;
     set.extend(begun(rec)?.begun.iter().copied());
-    let fresh = match set.iter_mut().find(|(k, _, _)| *k == i.vkey) {
-        Some(e) => {
-            e.2 = read_only;
-            false
+    let fresh = !set.iter().any(|(k, _, _)| *k == i.vkey);
+    // The vkey counts as begun from here on (mpk_munmap says EBUSY), but the table is not
+    // locked while the view waits for keys: the thread holding them may need it to end its
+    // own view.
+    let d = {
+        let mut table = lock_rw(&st.table);
+        let v = table.by_vkey.get_mut(&i.vkey).ok_or(libc::EINVAL)?;
+        if fresh {
+            v.begun += 1;
         }
-        None => {
-            set.push((i.vkey, v.d, read_only));
-            true
-        }
+        v.d
     };
-    enter_set(sh, rec, set)?;
-    if fresh && let Some(e) = table.by_vkey.get_mut(&i.vkey) {
-        e.begun += 1;
+    match set.iter_mut().find(|(k, _, _)| *k == i.vkey) {
+        Some(e) => e.2 = read_only,
+        None => set.push((i.vkey, d, read_only)),
     }
-    Ok(())
+    let entered = enter_set(sh, rec, set);
+    if entered.is_err()
+        && fresh
+        && let Some(e) = lock_rw(&st.table).by_vkey.get_mut(&i.vkey)
+    {
+        e.begun = e.begun.saturating_sub(1);
+    }
+    entered
 }
 
 fn end_op(rec: &mut ThreadRecord, i: CArgs) -> Result<(), c_int> {
     let st = state()?;
     let sh = shared(st)?;
-    let mut table = lock_rw(&st.table);
     let b = begun(rec)?;
     let pos = b
         .begun
         .iter()
         .position(|(k, _, _)| *k == i.vkey)
         .ok_or(libc::EINVAL)?;
+    // A signal handler cannot end what the code it interrupted has begun.
+    if b.interrupted
+        .as_ref()
+        .is_some_and(|(saved, _)| saved.iter().any(|(k, _, _)| *k == i.vkey))
+    {
+        return Err(libc::EDEADLK);
+    }
     let mut set = MVec::new_in(Meta);
     set.try_reserve(b.begun.len()).map_err(|_| libc::ENOMEM)?;
     set.extend(b.begun.iter().copied());
     set.remove(pos);
     enter_set(sh, rec, set)?;
-    if let Some(e) = table.by_vkey.get_mut(&i.vkey) {
+    if let Some(e) = lock_rw(&st.table).by_vkey.get_mut(&i.vkey) {
         e.begun = e.begun.saturating_sub(1);
     }
     Ok(())
+}
+
+/// The thread's first call from a signal handler's context: its begun set is the
+/// interrupted code's, saved to come back when the handlers are done.
+pub(crate) fn enter_handler_level(rec: &mut ThreadRecord) {
+    if state().is_err() {
+        return;
+    }
+    let Ok(b) = begun(rec) else {
+        return;
+    };
+    let mut copy = MVec::new_in(Meta);
+    if copy.try_reserve(b.begun.len()).is_err() {
+        return;
+    }
+    copy.extend(b.begun.iter().copied());
+    b.interrupted = Some((copy, b.view));
+}
+
+/// The thread's first call back in its normal context (the views the handlers left behind
+/// are ended already): the interrupted code's begun set comes back, and vkeys the handlers
+/// began and did not end are no longer begun.
+pub(crate) fn leave_handler_level(rec: &mut ThreadRecord) {
+    let Some(b) = rec.capi.set.as_deref_mut() else {
+        return;
+    };
+    let Some((saved, view)) = b.interrupted.take() else {
+        return;
+    };
+    if let Ok(st) = state() {
+        let mut table = lock_rw(&st.table);
+        for &(k, _, _) in b.begun.iter() {
+            if !saved.iter().any(|e| e.0 == k)
+                && let Some(e) = table.by_vkey.get_mut(&k)
+            {
+                e.begun = e.begun.saturating_sub(1);
+            }
+        }
+    }
+    b.begun = saved;
+    b.view = view;
 }
 
 /// libmpk's `mpk_mprotect`: every thread of the process gets `prot`'s read/write rights

@@ -64,10 +64,11 @@ pub(crate) struct ThreadRecord {
     dead: bool,
     /// The PKRU the thread had when it entered the current op (0 without PKU).
     pub(crate) entry_pkru: Pkru,
-    /// Whether that PKRU differed, for the keys the library manages, from the value the
-    /// library last set for the thread: the op was called from a signal handler (whose PKRU
-    /// the kernel reset) or after some other change the library did not make.
+    /// Whether the op was called from a signal handler's context (see `note_context`).
     pub(crate) interrupted: bool,
+    /// While signal handlers run on the thread: its view sequence number when the first one
+    /// called the library. Views up to it belong to the interrupted code and are sealed.
+    pub(crate) sig_floor: Option<u64>,
     /// The registry slot of the manager the current op works on (`NO_MGR`: none). A manager
     /// is not torn down while some thread's op is on it.
     pub(crate) active_mgr: AtomicU32,
@@ -191,6 +192,7 @@ fn register(entry: Pkru) -> Result<()> {
                     dead: true,
                     entry_pkru: Pkru::ALLOW_ALL,
                     interrupted: false,
+                    sig_floor: None,
                     active_mgr: AtomicU32::new(NO_MGR),
                     view_seq: 0,
                     synced: std::sync::atomic::AtomicU64::new(0),
@@ -221,6 +223,7 @@ fn register(entry: Pkru) -> Result<()> {
     rec.gate.owner_fs = t.fs_base() as u64;
     rec.fresh = true;
     rec.interrupted = false;
+    rec.sig_floor = None;
     rec.spawn_saved = None;
     drop(records);
     // The process-wide rights in force.
@@ -243,9 +246,10 @@ impl ThreadRecord {
         self.cxs.iter().any(Option::is_some) || self.capi.holds_state()
     }
 
-    /// Gives the thread an alternate signal stack if it has none (signal handlers of
-    /// mpkvirt run on it: the interrupted stack may be in a domain the handler's initial PKRU
-    /// cannot write). The stack belongs to the record and is reused with it.
+    /// Gives the thread an alternate signal stack if it has none, or a smaller one (signal
+    /// handlers of mpkvirt run on it: the interrupted stack may be in a domain the handler's
+    /// initial PKRU cannot write, or be the library's). The stack belongs to the record and
+    /// is reused with it.
     fn ensure_altstack(&mut self) {
         const SIZE: usize = 64 << 10;
         let mut old = std::mem::MaybeUninit::<libc::stack_t>::zeroed();
@@ -254,7 +258,12 @@ impl ThreadRecord {
             return;
         }
         // SAFETY: sigaltstack succeeded and filled `old`.
-        if unsafe { old.assume_init() }.ss_flags & libc::SS_DISABLE == 0 {
+        let old = unsafe { old.assume_init() };
+        // Kept when large enough, or in use right now (a handler runs on it). Rust's own
+        // (a few pages) is too small for mpkvirt's handlers, which call into the library.
+        if old.ss_flags & libc::SS_ONSTACK != 0
+            || (old.ss_flags & libc::SS_DISABLE == 0 && old.ss_size >= SIZE)
+        {
             return;
         }
         if self.altstack == 0 {
@@ -379,10 +388,7 @@ pub(crate) extern "sysv64" fn mpkvirt_dispatch(op: u64, args: *mut u8, entry_pkr
     // thread's record and that no other op of the thread is running.
     let rec = unsafe { ThreadRecord::current_unchecked() };
     rec.entry_pkru = Pkru::from_bits(entry_pkru);
-    let managed = root()
-        .managed_mask
-        .load(std::sync::atomic::Ordering::Relaxed);
-    rec.interrupted = Pku::new().is_some() && (entry_pkru ^ rec.gate.pkru) & managed != 0;
+    note_context(rec, op, entry_pkru);
     // SAFETY: `args` is what the caller passed with `op` through the gate: the block of that
     // op in its memory (`Args::new`'s contract is the caller's, and a hostile caller only
     // makes the library fault).
@@ -396,6 +402,7 @@ pub(crate) extern "sysv64" fn mpkvirt_dispatch(op: u64, args: *mut u8, entry_pkr
             crate::manager::global::acknowledge(rec, None);
         }
         rec.fresh = false;
+        mark_context(rec);
         status
     })) {
         Ok(status) => status,
@@ -407,24 +414,179 @@ pub(crate) extern "sysv64" fn mpkvirt_dispatch(op: u64, args: *mut u8, entry_pkr
     }
 }
 
+/// Whether the op runs in a signal handler's context, and the seal that follows from it
+/// (see `manager/views.rs`, *Signal handlers*).
+///
+/// The kernel starts every handler with its initial PKRU, which denies the library key, and
+/// `rt_sigreturn` restores the interrupted context's value; so a handler's first call is
+/// told apart by the library key's field (read-only in every value a gate installs). Its
+/// later calls arrive with what the gate installed, so the context is spelled into that
+/// value too: a managed key with no access is written `01` (access-disabled) in the normal
+/// context and `11` (access- and write-disabled: the same rights) in a handler's. A value
+/// with no such key at all (a view granting every key) says nothing: the context stays as
+/// it was, sealed if a handler was running — safe, since a handler must not end the
+/// interrupted code's views; the normal context's next call that denies some key lifts it.
+/// (Without a library key — cooperative mode — only a handler's first call is recognised:
+/// the entry PKRU differs from the value the library last set.)
+///
+/// The first call from a handler context seals the thread's views (`sig_floor`); the first
+/// call back in the normal context ends whatever views the handler left behind and lifts the
+/// seal. Recovery ops of a guarded call stay in the context they were in, and mpkvirt's own
+/// handlers (`OP_SYNC`) leave the seal alone.
+fn note_context(rec: &mut ThreadRecord, op: u64, entry: u32) {
+    if op == crate::ops::OP_SYNC {
+        // mpkvirt's own handlers (the sync signal, a fault taking a grant): they run no
+        // application code and leave the seal as it is.
+        rec.interrupted = !rec.fresh;
+        return;
+    }
+    let recovery = op == crate::ops::OP_END_VIEWS_SINCE || op == crate::capi::C_GUARD_END;
+    let handler = if Pku::new().is_none() || rec.fresh {
+        false
+    } else if recovery {
+        rec.sig_floor.is_some()
+    } else {
+        let managed = root()
+            .managed_mask
+            .load(std::sync::atomic::Ordering::Relaxed);
+        match root().library_key() {
+            Some(k) if Pkru::from_bits(entry).rights(k) != mpkvirt_sys::AccessRights::READ_ONLY => {
+                true
+            }
+            Some(_) => match spelled(entry, managed) {
+                Spelling::Handler => true,
+                Spelling::Normal => false,
+                Spelling::Silent => rec.sig_floor.is_some(),
+            },
+            None => (entry ^ rec.gate.pkru) & managed != 0,
+        }
+    };
+    rec.interrupted = handler;
+    if handler {
+        if rec.sig_floor.is_none() {
+            rec.sig_floor = Some(rec.view_seq);
+            crate::capi::enter_handler_level(rec);
+        }
+    } else if let Some(floor) = rec.sig_floor.take() {
+        // Back in the normal context: every handler returned.
+        crate::manager::ops::end_views_since(rec, floor);
+        crate::capi::leave_handler_level(rec);
+    }
+}
+
+/// What the spelling of a PKRU value's no-access managed keys says (see [`note_context`]).
+enum Spelling {
+    Normal,
+    Handler,
+    Silent,
+}
+
+/// Fields (low bit set) of the keys in `managed` whose value in `pkru` is `(ad, wd)`.
+fn fields_with(pkru: u32, managed: u32, ad: bool, wd: bool) -> u32 {
+    let lo = pkru & managed & 0x5555_5555;
+    let hi = (pkru >> 1) & managed & 0x5555_5555;
+    let want_lo = if ad { lo } else { !lo };
+    let want_hi = if wd { hi } else { !hi };
+    want_lo & want_hi & managed & 0x5555_5555
+}
+
+fn spelled(pkru: u32, managed: u32) -> Spelling {
+    if fields_with(pkru, managed, true, true) != 0 {
+        Spelling::Handler
+    } else if fields_with(pkru, managed, true, false) != 0 {
+        Spelling::Normal
+    } else {
+        Spelling::Silent
+    }
+}
+
+/// Spells the context into the PKRU the gate exit installs (see [`note_context`]).
+fn mark_context(rec: &mut ThreadRecord) {
+    if root().library_key().is_none() {
+        return;
+    }
+    let managed = root()
+        .managed_mask
+        .load(std::sync::atomic::Ordering::Relaxed);
+    rec.gate.pkru = respell(rec.gate.pkru, managed, rec.interrupted);
+}
+
+/// `pkru` with its no-access managed keys spelled for a handler's context (`11`) or the
+/// normal one (`01`).
+fn respell(pkru: u32, managed: u32, handler: bool) -> u32 {
+    let none = fields_with(pkru, managed, true, true) | fields_with(pkru, managed, true, false);
+    if handler {
+        pkru | (none << 1)
+    } else {
+        pkru & !(none << 1)
+    }
+}
+
+/// The PKRU of the thread's normal context (the value spelled for it).
+pub(crate) fn normal_pkru(rec: &ThreadRecord) -> u32 {
+    let managed = root()
+        .managed_mask
+        .load(std::sync::atomic::Ordering::Relaxed);
+    respell(rec.gate.pkru, managed, false)
+}
+
 thread_local! {
-    /// Ends the thread's views when it exits (registered at its first op).
-    static EXIT: ExitHook = const { ExitHook };
+    /// The exit hook of the thread: `HOOK_OFF`, `HOOK_ARMED`, or `HOOK_RAN`.
+    static HOOK: std::cell::Cell<u8> = const { std::cell::Cell::new(HOOK_OFF) };
     /// Calls into the library in progress on this thread (a signal handler that finds one
     /// leaves the process-wide rights to the call's end).
     static IN_CALL: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
 }
+
+const HOOK_OFF: u8 = 0;
+const HOOK_ARMED: u8 = 1;
+const HOOK_RAN: u8 = 2;
 
 /// Whether the calling thread is inside (or entering) a library call.
 pub(crate) fn in_call() -> bool {
     IN_CALL.try_with(|c| c.get() > 0).unwrap_or(true)
 }
 
-struct ExitHook;
+/// The pthread key whose destructor ends a thread's views when it exits.
+///
+/// A pthread key rather than a Rust thread-local destructor: glibc runs the pthread keys'
+/// destructors after the thread-local ones, and again in the next round for a key set
+/// during a round, so a thread whose first call comes from another key's destructor (or
+/// from a Rust thread-local's) is still cleaned up.
+fn exit_key() -> Option<libc::pthread_key_t> {
+    static KEY: OnceLock<Option<libc::pthread_key_t>> = OnceLock::new();
+    *KEY.get_or_init(|| {
+        let mut key = 0;
+        // SAFETY: `key` is ours to write; the destructor is a plain `extern "C"` function
+        // that lives for the whole process.
+        (unsafe { libc::pthread_key_create(&mut key, Some(on_thread_exit)) } == 0).then_some(key)
+    })
+}
 
-impl Drop for ExitHook {
-    fn drop(&mut self) {
-        let _ = call(crate::ops::OP_THREAD_EXIT, std::ptr::null_mut());
+extern "C" fn on_thread_exit(_value: *mut libc::c_void) {
+    let _ = HOOK.try_with(|h| h.set(HOOK_RAN));
+    let _ = call(crate::ops::OP_THREAD_EXIT, std::ptr::null_mut());
+}
+
+/// Arms the exit hook of the calling thread (once).
+fn arm_exit_hook() -> Result<()> {
+    let state = HOOK.try_with(std::cell::Cell::get).unwrap_or(HOOK_RAN);
+    match state {
+        HOOK_ARMED => Ok(()),
+        // The thread's cleanup already ran: a call now could leave state behind.
+        HOOK_RAN => Err(Error::Unsupported(
+            "library calls while the thread is exiting",
+        )),
+        _ => {
+            let key = exit_key().ok_or(Error::Unsupported("a thread-exit hook (pthread key)"))?;
+            // SAFETY: `key` was created by `exit_key`; the value is a non-null marker that is
+            // never dereferenced (the destructor ignores it).
+            if unsafe { libc::pthread_setspecific(key, std::ptr::dangling::<u8>().cast()) } != 0 {
+                return Err(Error::Unsupported("a thread-exit hook (pthread key)"));
+            }
+            HOOK.set(HOOK_ARMED);
+            Ok(())
+        }
     }
 }
 
@@ -441,13 +603,7 @@ pub(crate) fn call(op: u64, args: *mut u8) -> Result<u64> {
     // (Not from the thread-exit hook itself, nor from the sync signal's handler, which must
     // not allocate.)
     if op != crate::ops::OP_THREAD_EXIT && op != crate::ops::OP_SYNC {
-        // Registers the exit hook; fails (and nothing is registered) while the thread's
-        // thread-locals are being destroyed.
-        if EXIT.try_with(|_| ()).is_err() {
-            return Err(Error::Unsupported(
-                "library calls while the thread is exiting",
-            ));
-        }
+        arm_exit_hook()?;
     }
     let _ = IN_CALL.try_with(|c| c.set(c.get() + 1));
     let status = match mode {

@@ -164,15 +164,11 @@ fn run_global(code: u64, args: Args, rec: &mut ThreadRecord) -> u64 {
             STATUS_OK
         }
         OP_VIEW_MARK => args.serve(|(): ()| Ok(rec.view_seq)),
-        OP_END_VIEWS_SINCE => {
-            // The recovery of a faulting guarded call: the thread runs with the deny PKRU the
-            // fault handler left, not in a signal handler.
-            rec.interrupted = false;
-            args.serve(|mark: u64| {
-                crate::manager::ops::end_views_since(rec, mark);
-                Ok(())
-            })
-        }
+        // The recovery of a faulting guarded call (it stays in its context: `gate::note_context`).
+        OP_END_VIEWS_SINCE => args.serve(|mark: u64| {
+            crate::manager::ops::end_views_since(rec, mark);
+            Ok(())
+        }),
         OP_SPAWN_PREPARE => args.serve(|(): ()| {
             if rec.spawn_saved.is_none() {
                 rec.spawn_saved = Some(rec.gate.pkru);
@@ -189,8 +185,9 @@ fn run_global(code: u64, args: Args, rec: &mut ThreadRecord) -> u64 {
         OP_SYNC => args.serve(|frame: u64| {
             // The interrupted context is the thread's normal one when it runs with the value
             // the library set (or inherited its PKRU and was registered just now).
-            let normal =
-                rec.fresh || mpkvirt_sys::Pku::new().is_none() || frame == u64::from(rec.gate.pkru);
+            let normal = rec.fresh
+                || mpkvirt_sys::Pku::new().is_none()
+                || frame == u64::from(gate::normal_pkru(rec));
             if !normal {
                 return Ok(crate::sync::NOT_NOW);
             }
@@ -201,7 +198,7 @@ fn run_global(code: u64, args: Args, rec: &mut ThreadRecord) -> u64 {
             rec.synced
                 .fetch_max(epoch, std::sync::atomic::Ordering::SeqCst);
             crate::manager::global::announce_ack();
-            Ok(u64::from(rec.gate.pkru))
+            Ok(u64::from(gate::normal_pkru(rec)))
         }),
         OP_SYNC_ALL => args.serve(|(): ()| crate::manager::global::broadcast(rec, None, None)),
         c if c >= crate::capi::OP_BASE => crate::capi::run(c, args, rec),

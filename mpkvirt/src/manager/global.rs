@@ -82,7 +82,15 @@ pub(crate) fn globals<B: Backend>(sh: &Shared<B>) -> u32 {
 /// `bits` (a thread's view of `sh`'s keys) with the process-wide rights added.
 #[inline]
 pub(crate) fn with_globals<B: Backend>(sh: &Shared<B>, bits: Pkru) -> Pkru {
-    Pkru::from_bits(normalized(bits.bits()) & (globals(sh) | !sh.our_mask))
+    Pkru::from_bits(canonical(
+        normalized(bits.bits()) & (globals(sh) | !sh.our_mask),
+    ))
+}
+
+/// The usual spelling of PKRU fields: no access as access-disabled alone (`01`).
+#[inline]
+pub(crate) fn canonical(bits: u32) -> u32 {
+    bits & !((bits & (bits >> 1) & 0x5555_5555) << 1)
 }
 
 /// PKRU fields with every access-disabled field write-disabled too, so that the AND of two
@@ -345,8 +353,8 @@ pub(crate) fn resync(rec: &mut ThreadRecord, current: Option<(u32, Pkru)>) {
                 _ => mask,
             },
         };
-        with_views = (with_views & !mask) | (normalized(bits) & global & mask);
-        without_views = (without_views & !mask) | (global & mask);
+        with_views = (with_views & !mask) | canonical(normalized(bits) & global & mask);
+        without_views = (without_views & !mask) | canonical(global & mask);
         holds |= granted_fields(global & mask, mask);
     }
     if rec.spawn_saved.is_some() {

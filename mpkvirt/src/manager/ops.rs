@@ -656,8 +656,10 @@ fn end_and_unlist<B: Backend>(rec: &mut ThreadRecord, m: MgrRef, cx: &mut Thread
     inner.queue.retain(|&t| t != me);
 }
 
-/// Ends the calling thread's views entered after `mark`, with every manager.
+/// Ends the calling thread's views entered after `mark`, with every manager (never views a
+/// signal handler's seal protects).
 pub(crate) fn end_views_since(rec: &mut ThreadRecord, mark: u64) {
+    let mark = rec.sig_floor.map_or(mark, |f| mark.max(f));
     for idx in 0..rec.cxs.len() {
         let Some(p) = rec.cxs[idx] else {
             continue;

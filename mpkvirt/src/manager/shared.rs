@@ -109,9 +109,6 @@ pub(crate) struct ThreadCx {
     pub(crate) stats: ThreadStats,
     /// The thread's rights for this manager's keys on backends without PKU.
     pub(crate) virt_pkru: Pkru,
-    /// While a signal handler runs (its PKRU is not the one the library last set): the
-    /// number of views entered before the signal, which the handler may not end.
-    pub(crate) sig_floor: Option<usize>,
 }
 
 impl ThreadCx {
@@ -125,7 +122,6 @@ impl ThreadCx {
             next_id: 0,
             stats: ThreadStats::default(),
             virt_pkru: Pkru::LINUX_INIT,
-            sig_floor: None,
         }
     }
 

@@ -26,11 +26,11 @@
 //!
 //! A handler runs with the kernel's PKRU, and `rt_sigreturn` restores the interrupted PKRU.
 //! If a handler could end a view of the code it interrupted, that code would resume with the
-//! view's rights but without its pins. So a call whose entry PKRU differs from the one the
-//! library last set for the thread (on PKU hardware: a handler) marks the views entered
-//! before it as sealed: the handler may enter and end views of its own, and ending a sealed
-//! view fails with [`Error::InterruptedView`]. The seal lifts when a call arrives with the
-//! library's PKRU again and the handler's views are gone.
+//! view's rights but without its pins. So the first call from a handler's context (on PKU
+//! hardware; see `gate::note_context` for how a call knows its context) seals the views
+//! entered before it, with every manager: the handler may enter and end views of its own,
+//! and ending a sealed view fails with [`Error::InterruptedView`]. The first call back in
+//! the normal context ends the views the handler left behind and lifts the seal.
 
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -39,7 +39,6 @@ use mpkvirt_sys::Pkru;
 use mpkvirt_sys::thread::{futex_wait, futex_wake};
 
 use crate::backend::Backend;
-use crate::backend::sealed::LiveOps;
 use crate::error::{Error, Result};
 use crate::gate::ThreadRecord;
 use crate::keycache::{self, DRAINING};
@@ -62,22 +61,6 @@ pub(crate) struct Token {
     pub(crate) id: u64,
 }
 
-/// Updates the seal for the op's situation (see the module docs): `rec.interrupted` says
-/// whether the thread entered the op with a PKRU other than the one the library last set for
-/// it (a signal handler's, on PKU hardware).
-fn note_context<B: Backend>(sh: &Shared<B>, rec: &ThreadRecord, cx: &mut ThreadCx) {
-    if sh.live.kind() != crate::BackendKind::Hardware {
-        return;
-    }
-    if rec.interrupted {
-        if cx.sig_floor.is_none() {
-            cx.sig_floor = Some(cx.stack.len());
-        }
-    } else if cx.sig_floor.is_some_and(|f| cx.stack.len() <= f) {
-        cx.sig_floor = None;
-    }
-}
-
 /// Enters `view` for the calling thread.
 pub(crate) fn enter<B: Backend>(
     sh: &Shared<B>,
@@ -91,7 +74,6 @@ pub(crate) fn enter<B: Backend>(
             keys: sh.nkeys,
         });
     }
-    note_context(sh, rec, cx);
     let mut recs: [Option<&DomainRec>; 16] = [None; 16];
     for (i, item) in view.iter().enumerate() {
         let r = sh
@@ -459,7 +441,6 @@ pub(crate) fn leave<B: Backend>(
     cx: &mut ThreadCx,
     id: u64,
 ) -> Result<()> {
-    note_context(sh, rec, cx);
     // Views usually end in reverse order of entry: the top of the stack.
     let pos = match cx.stack.last() {
         Some(top) if top.id == id => Some(cx.stack.len() - 1),
@@ -468,7 +449,7 @@ pub(crate) fn leave<B: Backend>(
     let Some(pos) = pos else {
         return Ok(());
     };
-    if cx.sig_floor.is_some_and(|f| pos < f) {
+    if rec.sig_floor.is_some_and(|f| cx.stack[pos].seq <= f) {
         return Err(Error::InterruptedView);
     }
     let entry = cx.stack.remove(pos);
@@ -522,8 +503,5 @@ pub(crate) fn end_views_since<B: Backend>(
         } else {
             i += 1;
         }
-    }
-    if cx.sig_floor.is_some_and(|f| cx.stack.len() < f) {
-        cx.sig_floor = Some(cx.stack.len());
     }
 }
