@@ -166,7 +166,17 @@ fn locked_pages_retire_key_and_range<B: Backend>(mgr: &Manager<B>) {
         addr,
         "the retired range is not reused"
     );
-    assert!(matches!(mgr.read_byte(addr), Err(Error::Fault(r)) if r.domain.is_none()));
+    // No live domain owns the range any more: a checked access refuses it without touching
+    // it, and a real access faults (the old pages stay closed).
+    assert!(matches!(
+        mgr.read_byte(addr),
+        Err(Error::NotAllocated { addr: a, .. }) if a == addr
+    ));
+    let err = guard(mgr, move || poke(addr)).unwrap_err();
+    assert!(
+        matches!(err, Error::Fault(r) if r.domain.is_none() && r.addr == addr),
+        "{err:?}"
+    );
 }
 
 #[test]
