@@ -156,7 +156,7 @@ fn alloc<B: Backend>(mgr: &Manager<B>, size: usize, align: usize) -> Result<(), 
                 addr(&d),
                 d.len()
             );
-            // Alignments above a page are checked on their own (see the end of the file).
+            // Alignments above a page: see `alloc_aligns_addresses_above_a_page` (a bug).
             let checked = align.min(PAGE);
             prop_assert_eq!(
                 p % checked,
@@ -366,4 +366,46 @@ fn pku_size_edges() {
     let _pku = require_pku!();
     let _g = common::real_backend();
     edges(|| Manager::with_backend(Hardware::new(2).unwrap(), config(2)).unwrap());
+}
+
+/// `Domain::alloc` promises an address aligned to `align`; the heap aligns *offsets* in the
+/// domain, and a domain's base is only page-aligned, so alignments above a page come out
+/// wrong whenever the base is not itself aligned to them (found while writing the tests
+/// above; not fixed here).
+fn alloc_aligns_addresses<B: Backend>(mgr: &Manager<B>) {
+    let mut wrong = Vec::new();
+    // A one-page domain before each heap domain: the heaps' bases fall on odd pages too.
+    let mut small = Vec::new();
+    let mut big = Vec::new();
+    for _ in 0..4 {
+        small.push(mgr.create_domain(DomainOptions::reserve(PAGE)).unwrap());
+        big.push(
+            mgr.create_domain(DomainOptions::reserve(HEAP_PAGES * PAGE))
+                .unwrap(),
+        );
+    }
+    for d in &big {
+        for align in [2 * PAGE, 4 * PAGE] {
+            let p = d.alloc(1, align).unwrap().as_ptr() as usize;
+            if !p.is_multiple_of(align) {
+                wrong.push(format!(
+                    "alloc(1, {align:#x}) = {p:#x} (domain base {:#x})",
+                    addr(d)
+                ));
+            }
+        }
+    }
+    drop(small);
+    assert!(wrong.is_empty(), "misaligned: {wrong:#?}");
+}
+
+#[test]
+fn simulated_alloc_aligns_addresses_above_a_page() {
+    alloc_aligns_addresses(&simulated());
+}
+
+#[test]
+fn emulated_alloc_aligns_addresses_above_a_page() {
+    let _g = common::real_backend();
+    alloc_aligns_addresses(&emulated());
 }
