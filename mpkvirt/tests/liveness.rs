@@ -8,9 +8,9 @@
 
 mod common;
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc;
-use std::sync::{Arc, Barrier};
 use std::thread;
 use std::time::Duration;
 
@@ -41,55 +41,87 @@ fn view_of(doms: &[Domain<Simulated>]) -> Vec<(&Domain<Simulated>, Rights)> {
     doms.iter().map(|d| (d, Rights::ReadWrite)).collect()
 }
 
+/// Threads `views.len()`, thread `t` entering `views[t]` in a loop (writing each domain, then
+/// holding the view for `hold`, or yielding once) until *every* thread has done `rounds`
+/// views: a thread that is
+/// done keeps competing for keys, so one that starves cannot be rescued by the others
+/// finishing. Any failed enter (`KeysBusy` after `pin_wait`) stops all threads and fails the
+/// test. Returns the views each thread did.
+fn contend(
+    mgr: &Manager<Simulated>,
+    views: &[&[Domain<Simulated>]],
+    rounds: u64,
+    hold: Option<Duration>,
+) -> Vec<u64> {
+    let done = AtomicUsize::new(0);
+    let failed = AtomicBool::new(false);
+    let counts = thread::scope(|s| {
+        let handles: Vec<_> = views
+            .iter()
+            .enumerate()
+            .map(|(t, part)| {
+                let (done, failed) = (&done, &failed);
+                s.spawn(move || {
+                    let view = view_of(part);
+                    let mut n = 0u64;
+                    while done.load(Ordering::SeqCst) < views.len()
+                        && !failed.load(Ordering::SeqCst)
+                    {
+                        match mgr.enter(&view) {
+                            Ok(guard) => {
+                                for d in part.iter() {
+                                    mgr.write_byte(d.base().as_ptr() as usize, n as u8).unwrap();
+                                }
+                                match hold {
+                                    Some(t) => thread::sleep(t),
+                                    None => thread::yield_now(),
+                                }
+                                drop(guard);
+                            }
+                            Err(e) => {
+                                failed.store(true, Ordering::SeqCst);
+                                eprintln!(
+                                    "thread {t} ({}-domain view), after {n} views: {e}",
+                                    part.len()
+                                );
+                                break;
+                            }
+                        }
+                        n += 1;
+                        if n == rounds {
+                            done.fetch_add(1, Ordering::SeqCst);
+                        }
+                    }
+                    n
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap())
+            .collect::<Vec<_>>()
+    });
+    assert!(
+        !failed.load(Ordering::SeqCst),
+        "an enter failed (see above); views per thread: {counts:?}"
+    );
+    counts
+}
+
 /// Item 1. An 8-domain and a 9-domain view on two threads (17 domains, 15 keys) cannot be
 /// resident together but each fits alone: taking turns must always work. With hold-and-wait
-/// (pins of the resident part kept while waiting for the rest) both threads wait on each
-/// other until `pin_wait` runs out and one gets `KeysBusy`.
+/// (a thread keeps the pins of its view's resident domains while it waits for the rest) the
+/// thread whose domains are all resident re-enters without ever waiting while the other
+/// waits on its pins, or both wait on each other, until `pin_wait` runs out: `KeysBusy`.
 #[test]
 fn two_views_that_fit_one_at_a_time_always_make_progress() {
-    const ROUNDS: usize = 300;
     let mgr = simulated(15, Duration::from_secs(1));
     let doms = domains(&mgr, 17);
     let (eight, nine) = doms.split_at(8);
-    let failed = AtomicBool::new(false);
-    // Both threads start each round together, so that they compete for keys every round.
-    let start = Barrier::new(2);
-    thread::scope(|s| {
-        for part in [eight, nine] {
-            let (mgr, failed, start) = (&mgr, &failed, &start);
-            s.spawn(move || {
-                let view = view_of(part);
-                for round in 0..ROUNDS {
-                    start.wait();
-                    if failed.load(Ordering::Relaxed) {
-                        continue;
-                    }
-                    let guard = match mgr.enter(&view) {
-                        Ok(g) => g,
-                        Err(e) => {
-                            // Keep meeting the other thread at the barrier; report at the end.
-                            failed.store(true, Ordering::Relaxed);
-                            eprintln!("{}-domain view, round {round}: {e}", part.len());
-                            continue;
-                        }
-                    };
-                    for d in part {
-                        let addr = d.base().as_ptr() as usize;
-                        mgr.write_byte(addr, round as u8).unwrap();
-                    }
-                    thread::yield_now();
-                    drop(guard);
-                }
-            });
-        }
-    });
-    assert!(
-        !failed.load(Ordering::Relaxed),
-        "an enter failed (see above)"
-    );
+    let counts = contend(&mgr, &[eight, nine], 300, None);
     // The two views really took turns: every switch evicts.
     let stats = mgr.stats();
-    eprintln!("{stats:?}");
+    eprintln!("views per thread {counts:?}, {stats:?}");
     assert!(stats.evictions >= 2, "{stats:?}");
 }
 
@@ -122,40 +154,30 @@ fn a_nested_view_that_cannot_fit_fails_with_views_exceed_keys() {
     drop(mgr.enter(&view_of(&doms[8..16])).unwrap());
 }
 
-/// Item 2. 32 threads, 15 keys, each thread its own domain: every thread gets its views,
-/// none waits past `pin_wait`. Without an order among waiters, threads whose domains hold
-/// keys re-enter on the hit path without ever queueing, and the others starve.
+/// Item 2. 32 threads, 15 keys, each thread its own domain and views held for 100 ms: every
+/// thread gets its views while the others go on, and none waits past `pin_wait` (5 s).
+/// Without an order among waiters, a thread whose domain holds a key ends its view and
+/// re-enters it on the hit path at once, and a waiter that polls only catches a key in that
+/// instant: with views this long, some waiters starve (`KeysBusy`).
 #[test]
 fn thirty_two_threads_on_fifteen_keys_all_make_progress() {
     const THREADS: usize = 32;
-    const ROUNDS: usize = 100;
     let mgr = simulated(15, Duration::from_secs(5));
     let doms = domains(&mgr, THREADS);
-    let failed = AtomicBool::new(false);
-    thread::scope(|s| {
-        for (t, d) in doms.iter().enumerate() {
-            let (mgr, failed) = (&mgr, &failed);
-            s.spawn(move || {
-                let addr = d.base().as_ptr() as usize;
-                for round in 0..ROUNDS {
-                    if failed.load(Ordering::Relaxed) {
-                        return;
-                    }
-                    let guard = match mgr.enter(&[(d, Rights::ReadWrite)]) {
-                        Ok(g) => g,
-                        Err(e) => {
-                            failed.store(true, Ordering::Relaxed);
-                            panic!("thread {t}, round {round}: {e}");
-                        }
-                    };
-                    mgr.write_byte(addr, round as u8).unwrap();
-                    thread::yield_now();
-                    drop(guard);
-                }
-            });
-        }
-    });
-    assert!(!failed.load(Ordering::Relaxed));
+    let views: Vec<&[Domain<Simulated>]> = doms.chunks(1).collect();
+    let counts = contend(&mgr, &views, 3, Some(Duration::from_millis(100)));
+    eprintln!("views per thread {counts:?}");
+}
+
+/// Item 2, with short views (a yield inside each): 32 threads do 100 views each.
+#[test]
+fn thirty_two_threads_with_short_views_all_make_progress() {
+    const THREADS: usize = 32;
+    let mgr = simulated(15, Duration::from_secs(5));
+    let doms = domains(&mgr, THREADS);
+    let views: Vec<&[Domain<Simulated>]> = doms.chunks(1).collect();
+    let counts = contend(&mgr, &views, 100, None);
+    eprintln!("views per thread {counts:?}");
 }
 
 /// Item 3. `pin_wait: Duration::MAX` means "wait as long as it takes": an enter that must
