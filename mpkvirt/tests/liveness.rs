@@ -154,7 +154,7 @@ fn a_nested_view_that_cannot_fit_fails_with_views_exceed_keys() {
     drop(mgr.enter(&view_of(&doms[8..16])).unwrap());
 }
 
-/// Item 2. 32 threads, 15 keys, each thread its own domain and views held for 100 ms: every
+/// Item 2. 32 threads, 15 keys, each thread its own domain and views held for 250 ms: every
 /// thread gets its views while the others go on, and none waits past `pin_wait` (5 s).
 /// Without an order among waiters, a thread whose domain holds a key ends its view and
 /// re-enters it on the hit path at once, and a waiter that polls only catches a key in that
@@ -165,7 +165,7 @@ fn thirty_two_threads_on_fifteen_keys_all_make_progress() {
     let mgr = simulated(15, Duration::from_secs(5));
     let doms = domains(&mgr, THREADS);
     let views: Vec<&[Domain<Simulated>]> = doms.chunks(1).collect();
-    let counts = contend(&mgr, &views, 3, Some(Duration::from_millis(100)));
+    let counts = contend(&mgr, &views, 3, Some(Duration::from_millis(250)));
     eprintln!("views per thread {counts:?}");
 }
 
