@@ -169,6 +169,79 @@ fn thirty_two_threads_on_fifteen_keys_all_make_progress() {
     eprintln!("views per thread {counts:?}");
 }
 
+/// Runs the calling thread on CPU `cpu` only.
+fn pin_to_cpu(cpu: usize) {
+    // SAFETY: an all-zero `cpu_set_t` is the empty set (plain bits).
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `cpu` is below CPU_SETSIZE (a CPU this process runs on), so the bit is in the
+    // set's storage.
+    unsafe { libc::CPU_SET(cpu, &mut set) };
+    // SAFETY: pid 0 is the calling thread; `set` is a valid set of the size passed.
+    let rc = unsafe { libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set) };
+    assert_eq!(rc, 0, "sched_setaffinity");
+}
+
+/// Makes the calling thread `SCHED_IDLE`: it runs only when its CPU has nothing else to do,
+/// and waking it never preempts a running thread.
+fn idle_priority() {
+    let param = libc::sched_param { sched_priority: 0 };
+    // SAFETY: pid 0 is the calling thread; `param` is valid for SCHED_IDLE (priority 0).
+    let rc = unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) };
+    assert_eq!(rc, 0, "sched_setscheduler(SCHED_IDLE)");
+}
+
+/// Item 2, the mechanism alone: with one key, a thread that ends its view and re-enters it
+/// at once must not overtake a thread already queued for the key. Both threads run on one
+/// CPU and the waiter at idle priority, so the waiter, woken when the view ends, cannot run
+/// before the re-entering thread blocks (on the other hand it runs, and queues, whenever the
+/// holder sleeps). With waiters served in order the re-entry must block (queue behind the
+/// waiter) and the waiter gets the key next; without an order (or when a thread arriving
+/// at the slow path may bind before joining the queue), the re-entry takes the key back
+/// every time.
+#[test]
+fn a_re_entering_holder_does_not_overtake_a_queued_waiter() {
+    const CYCLES: usize = 3;
+    // SAFETY: sched_getcpu has no preconditions.
+    let cpu = usize::try_from(unsafe { libc::sched_getcpu() }).expect("sched_getcpu");
+    let mgr = simulated(1, Duration::from_secs(30));
+    let doms = domains(&mgr, 2);
+    let (mine, theirs) = (&doms[0], &doms[1]);
+    // Order of events: each side takes a ticket when its enter succeeds.
+    let tickets = AtomicUsize::new(0);
+    let mine_tickets = thread::scope(|s| {
+        let restore = std::thread::current().id();
+        pin_to_cpu(cpu);
+        let mut view = mgr.enter(&[(mine, Rights::ReadWrite)]).unwrap();
+        let waiter = s.spawn(|| {
+            pin_to_cpu(cpu);
+            idle_priority();
+            let v = mgr.enter(&[(theirs, Rights::ReadWrite)]).unwrap();
+            let ticket = tickets.fetch_add(1, Ordering::SeqCst);
+            drop(v);
+            ticket
+        });
+        let mut mine_tickets = Vec::new();
+        for _ in 0..CYCLES {
+            // Hold the view a while (the CPU is idle: the waiter runs and queues), end it,
+            // and re-enter at once, before the waiter can run again.
+            thread::sleep(Duration::from_millis(100));
+            drop(view);
+            view = mgr.enter(&[(mine, Rights::ReadWrite)]).unwrap();
+            mine_tickets.push(tickets.fetch_add(1, Ordering::SeqCst));
+        }
+        drop(view);
+        let theirs_ticket = waiter.join().unwrap();
+        assert_eq!(restore, std::thread::current().id());
+        (theirs_ticket, mine_tickets)
+    });
+    let (theirs_ticket, mine_tickets) = mine_tickets;
+    assert!(
+        theirs_ticket < CYCLES,
+        "the queued waiter got the key only after the holder's {CYCLES} re-entries \
+         (its ticket {theirs_ticket}, the holder's {mine_tickets:?})"
+    );
+}
+
 /// Item 2, with short views (a yield inside each): 32 threads do 100 views each.
 #[test]
 fn thirty_two_threads_with_short_views_all_make_progress() {
