@@ -1,10 +1,11 @@
 //! Fairness with more threads than keys (issue 8, item 2): N threads, each with a domain of
-//! its own, enter and leave one-domain views in a loop on 15 keys for a fixed time. Prints,
-//! per thread count, the views per thread (min / median / max), the longest wait of one
-//! enter, and how many enters failed with `KeysBusy` (`pin_wait` = 5 s).
+//! its own, enter and leave one-domain views in a loop on 15 keys for a fixed time. Inside
+//! each view a thread writes a byte and yields, or sleeps HOLD_MS. Prints, per thread
+//! count, the views per thread (min / median / max), the longest wait of one enter, and how
+//! many enters failed with `KeysBusy` (`pin_wait` = 5 s).
 //!
 //! ```text
-//! cargo run --release -p mpkvirt --example fairness [-- SECONDS [simulated|emulated|hardware]]
+//! cargo run --release -p mpkvirt --example fairness [-- SECONDS [simulated|emulated|hardware [HOLD_MS]]]
 //! ```
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -20,7 +21,7 @@ struct Row {
     busy: u64,
 }
 
-fn run<B: Backend>(mgr: &Manager<B>, threads: usize, secs: f64) -> Row {
+fn run<B: Backend>(mgr: &Manager<B>, threads: usize, secs: f64, hold: Option<Duration>) -> Row {
     let doms: Vec<_> = (0..threads)
         .map(|_| mgr.create_domain(DomainOptions::reserve(4096)).unwrap())
         .collect();
@@ -39,7 +40,10 @@ fn run<B: Backend>(mgr: &Manager<B>, threads: usize, secs: f64) -> Row {
                             Ok(g) => {
                                 max_wait = max_wait.max(t.elapsed());
                                 mgr.write_byte(addr, views as u8).unwrap();
-                                thread::yield_now();
+                                match hold {
+                                    Some(t) => thread::sleep(t),
+                                    None => thread::yield_now(),
+                                }
                                 drop(g);
                                 views += 1;
                             }
@@ -80,23 +84,34 @@ fn main() {
     let mut args = std::env::args().skip(1);
     let secs: f64 = args.next().map_or(2.0, |s| s.parse().expect("seconds"));
     let backend = args.next().unwrap_or_else(|| "simulated".into());
+    let hold = args
+        .next()
+        .map(|ms| Duration::from_millis(ms.parse().expect("milliseconds")));
     println!(
-        "{backend} backend, 15 keys, pin_wait 5 s, {secs} s per row; views per thread (one-domain views, each thread its own domain)"
+        "{backend} backend, 15 keys, pin_wait 5 s, {secs} s per row; one-domain views (each thread its own domain), held {}",
+        hold.map_or("for a yield".to_string(), |h| format!("{h:?}"))
     );
     println!("| threads | views (all) | min | median | max | longest enter | KeysBusy |");
     println!("|---:|---:|---:|---:|---:|---:|---:|");
     for threads in [16, 32] {
         let row = match backend.as_str() {
-            "simulated" => run(&Manager::simulated(15, config()).unwrap(), threads, secs),
+            "simulated" => run(
+                &Manager::simulated(15, config()).unwrap(),
+                threads,
+                secs,
+                hold,
+            ),
             "emulated" => run(
                 &Manager::with_backend(Emulated::new(15).unwrap(), config()).unwrap(),
                 threads,
                 secs,
+                hold,
             ),
             "hardware" => run(
                 &Manager::with_backend(Hardware::new(15).unwrap(), config()).unwrap(),
                 threads,
                 secs,
+                hold,
             ),
             other => panic!("unknown backend {other}"),
         };
