@@ -64,8 +64,10 @@ fn fault_once<B: Backend>(mgr: &Arc<Manager<B>>, d: &Arc<Domain<B>>, addr: usize
 }
 
 /// `faults` faulting guarded calls; afterwards mappings, resident memory, handle counts and
-/// keys are back to (about) where they were. `new_machine` builds a second manager the way a
-/// program would (`Manager::new`): it must still get as many keys.
+/// keys are back to (about) where they were. A second manager built the way a program would
+/// (`Manager::new` in `mode`) must still get as many keys, and the faulting manager's keys
+/// once it is dropped. Natively 100,000 faults take about 0.5 s (5 µs each); in the PKU
+/// guest (TCG) 40,000 take about 7.5 s.
 fn faults_give_everything_back<B: Backend>(mgr: Manager<B>, faults: usize, mode: Mode) {
     let machine = || Manager::new(Config { mode, ..config(15) });
     let keys_before = machine().unwrap().keys().len();
@@ -106,11 +108,15 @@ fn faults_give_everything_back<B: Backend>(mgr: Manager<B>, faults: usize, mode:
     })
     .unwrap();
     assert_eq!(mgr.keys(), &own_keys[..]);
-    // ...and once every handle is gone the manager goes away with its keys: a program
-    // still gets as many keys as before.
+    // A program still gets as many keys as before the faults...
+    assert_eq!(machine().unwrap().keys().len(), keys_before);
+    // ...and once every handle is gone the manager goes away and its keys come back too.
     drop(d);
     drop(Arc::into_inner(mgr).expect("the last manager handle"));
-    assert_eq!(machine().unwrap().keys().len(), keys_before);
+    assert_eq!(
+        machine().unwrap().keys().len(),
+        (keys_before + own_keys.len()).min(15)
+    );
 }
 
 #[test]
