@@ -636,3 +636,120 @@ mod tests {
         }
     }
 }
+
+/// Model check of the free path of `manager/lifecycle.rs::free`, the order in which a freed
+/// page run is emptied and given back: `RUSTFLAGS="--cfg loom" cargo test -p mpkvirt --lib
+/// --release loom` (`ci/test.sh loom`).
+///
+/// Two threads share one heap behind a mutex. One frees a page run and *empties* it (in the
+/// library: `MADV_DONTNEED` or a fresh mapping, here stores of zero to loom atomics standing
+/// for the run's bytes); the other allocates a run and writes its marker there, outside the
+/// lock as a program does. Emptying the run before [`DomainHeap::release_run`], while holding
+/// the heap, never loses the new owner's write; emptying it after giving it back and dropping
+/// the lock (the order before issue 8's fixes) lets the emptying land on the new owner's data.
+#[cfg(all(test, loom))]
+mod loom_model {
+    use super::*;
+    use crate::primitive::{AtomicU32, Mutex, Ordering};
+    use loom::sync::Arc;
+    use loom::thread;
+
+    const PAGE: usize = 4096;
+    const PAGES: usize = 2;
+    /// What the freed run held before (its previous owner's data).
+    const OLD: u32 = 0x11;
+    /// What the new owner writes.
+    const MARKER: u32 = 0xab;
+
+    /// The domain's memory: one atomic per page stands for the page's bytes.
+    struct Memory([AtomicU32; PAGES]);
+
+    impl Memory {
+        fn empty(&self, start: usize, len: usize) {
+            for page in start / PAGE..(start + len) / PAGE {
+                self.0[page].store(0, Ordering::Relaxed);
+            }
+        }
+        fn page(&self, off: usize) -> &AtomicU32 {
+            &self.0[off / PAGE]
+        }
+    }
+
+    #[derive(Clone, Copy, PartialEq, Eq, Debug)]
+    enum Order {
+        /// Empty the run, then `release_run`, with the heap held throughout (today's).
+        EmptyThenRelease,
+        /// `release_run`, drop the heap, then empty the run (the old order).
+        ReleaseThenEmpty,
+    }
+
+    fn model(order: Order) {
+        loom::model(move || {
+            // A full heap of two pages: the run freed below is the only one a new allocation
+            // can get.
+            let mut heap = DomainHeap::new(PAGES * PAGE, PAGE);
+            let freed = heap.alloc_pages(1).unwrap();
+            let _kept = heap.alloc_pages(1).unwrap();
+            let heap = Arc::new(Mutex::new(heap));
+            let mem = Arc::new(Memory([AtomicU32::new(0), AtomicU32::new(0)]));
+            mem.page(freed).store(OLD, Ordering::Relaxed);
+
+            let freer = {
+                let (heap, mem) = (Arc::clone(&heap), Arc::clone(&mem));
+                thread::spawn(move || {
+                    let mut h = heap.lock().unwrap();
+                    let run = h.free_begin(freed).unwrap().run.unwrap();
+                    match order {
+                        Order::EmptyThenRelease => {
+                            mem.empty(run.0, run.1);
+                            h.release_run(run.0, run.1);
+                            drop(h);
+                        }
+                        Order::ReleaseThenEmpty => {
+                            h.release_run(run.0, run.1);
+                            drop(h);
+                            mem.empty(run.0, run.1);
+                        }
+                    }
+                })
+            };
+            let owner = {
+                let (heap, mem) = (Arc::clone(&heap), Arc::clone(&mem));
+                thread::spawn(move || {
+                    let got = heap.lock().unwrap().alloc_pages(1).ok();
+                    if let Some(off) = got {
+                        if order == Order::EmptyThenRelease {
+                            assert_eq!(
+                                mem.page(off).load(Ordering::Relaxed),
+                                0,
+                                "a reused run still holds its old contents"
+                            );
+                        }
+                        mem.page(off).store(MARKER, Ordering::Relaxed);
+                    }
+                    got
+                })
+            };
+            freer.join().unwrap();
+            if let Some(off) = owner.join().unwrap() {
+                assert_eq!(off, freed);
+                assert_eq!(
+                    mem.page(off).load(Ordering::Relaxed),
+                    MARKER,
+                    "the new owner's write was lost to a late emptying"
+                );
+            }
+        });
+    }
+
+    #[test]
+    fn loom_emptying_before_release_never_loses_the_new_owners_write() {
+        model(Order::EmptyThenRelease);
+    }
+
+    #[test]
+    #[should_panic(expected = "the new owner's write was lost")]
+    fn loom_emptying_after_release_loses_the_new_owners_write() {
+        model(Order::ReleaseThenEmpty);
+    }
+}

@@ -218,6 +218,30 @@ fn crash_child() {
             let d = mgr.create_domain(DomainOptions::default()).unwrap();
             poke(d.base().as_ptr() as usize, 1);
         }
+        // Issue 8, item 11: the closure panics, and a destructor run by the unwinding faults
+        // on domain memory. The unwinder cannot go on from the fault: the process must abort
+        // rather than go on with the thread believing it is still panicking.
+        Ok("unwinding") => {
+            let d = mgr.create_domain(DomainOptions::default()).unwrap();
+            let addr = d.base().as_ptr() as usize;
+            struct PokeOnDrop(usize);
+            impl Drop for PokeOnDrop {
+                fn drop(&mut self) {
+                    poke(self.0, 1);
+                }
+            }
+            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                guard(&mgr, move || {
+                    let _p = PokeOnDrop(addr);
+                    panic!("boom");
+                })
+            }));
+            println!(
+                "returned {:?}; panicking: {}",
+                r.map_err(|_| "a panic"),
+                std::thread::panicking()
+            );
+        }
         other => panic!("unknown scenario {other:?}"),
     }
     println!("survived");
@@ -253,4 +277,38 @@ fn faults_that_are_not_ours_kill_the_process() {
             );
         }
     }
+}
+
+/// Issue 8, item 11: a fault while a panic unwinds through a guarded call aborts the process
+/// with a message saying so (as a panic in a destructor during unwinding does); the thread
+/// never goes on with its panic state stuck.
+#[test]
+fn a_fault_while_a_panic_unwinds_aborts() {
+    use std::os::unix::process::ExitStatusExt;
+    let out = Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--ignored",
+            "--exact",
+            "crash_child",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env("MPKVIRT_CRASH", "unwinding")
+        .output()
+        .unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert_eq!(
+        out.status.signal(),
+        Some(libc::SIGABRT),
+        "{:?}\n{stdout}\n{stderr}",
+        out.status
+    );
+    assert!(
+        stderr.contains("faulted while a panic was unwinding"),
+        "{stderr}"
+    );
+    assert!(!stdout.contains("survived"), "{stdout}");
 }
