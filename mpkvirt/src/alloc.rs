@@ -228,8 +228,14 @@ impl<A: Allocator + Clone> DomainHeap<A> {
         self.in_use
     }
 
-    /// Allocates `size` bytes aligned to `align`; returns the offset.
-    pub(crate) fn alloc(&mut self, size: usize, align: usize) -> Result<usize, AllocError> {
+    /// Allocates `size` bytes whose address is aligned to `align`, the heap's memory starting
+    /// at address `base` (page-aligned); returns the offset.
+    pub(crate) fn alloc(
+        &mut self,
+        size: usize,
+        align: usize,
+        base: usize,
+    ) -> Result<usize, AllocError> {
         if !align.is_power_of_two() {
             return Err(AllocError::BadAlignment(align));
         }
@@ -244,7 +250,7 @@ impl<A: Allocator + Clone> DomainHeap<A> {
             self.in_use += class_size(class);
             return Ok(off);
         }
-        let (start, len, off) = self.pages_aligned(size.max(1), align)?;
+        let (start, len, off) = self.pages_aligned(size.max(1), align, base)?;
         self.live.insert(off, Live::Pages { start, len });
         self.in_use += len;
         Ok(off)
@@ -338,6 +344,7 @@ impl<A: Allocator + Clone> DomainHeap<A> {
         &mut self,
         size: usize,
         align: usize,
+        base: usize,
     ) -> Result<(usize, usize, usize), AllocError> {
         let len = size
             .div_ceil(self.page)
@@ -351,7 +358,9 @@ impl<A: Allocator + Clone> DomainHeap<A> {
             .checked_add(align - self.page)
             .ok_or(AllocError::OutOfMemory { requested: size })?;
         let start = self.run(total)?;
-        let off = start.next_multiple_of(align);
+        // Aligned as an address: the heap's base is only page-aligned.
+        let addr = base.wrapping_add(start);
+        let off = start + (addr.next_multiple_of(align) - addr);
         Ok((start, total, off))
     }
 
@@ -391,12 +400,12 @@ mod tests {
     #[test]
     fn small_blocks_are_aligned_to_their_class_and_reused() {
         let mut h = DomainHeap::new(1 << 20, PAGE);
-        let a = h.alloc(24, 8).unwrap();
-        let b = h.alloc(24, 8).unwrap();
+        let a = h.alloc(24, 8, 0).unwrap();
+        let b = h.alloc(24, 8, 0).unwrap();
         assert_eq!(a % 32, 0);
         assert_eq!(b, a + 32);
         assert_eq!(h.free(a).map(|f| f.size), Ok(32));
-        assert_eq!(h.alloc(20, 4), Ok(a));
+        assert_eq!(h.alloc(20, 4, 0), Ok(a));
         assert_eq!(h.free(a).map(|f| f.size), Ok(32));
         assert_eq!(
             h.free(a).map(|f| f.size),
@@ -412,14 +421,21 @@ mod tests {
     #[test]
     fn large_objects_take_page_runs_that_coalesce() {
         let mut h = DomainHeap::new(64 * PAGE, PAGE);
-        let a = h.alloc(3 * PAGE, 16).unwrap();
-        let b = h.alloc(PAGE + 1, 16).unwrap();
+        let a = h.alloc(3 * PAGE, 16, 0).unwrap();
+        let b = h.alloc(PAGE + 1, 16, 0).unwrap();
         let c = h.alloc_pages(1).unwrap();
         assert_eq!((a, b, c), (0, 3 * PAGE, 5 * PAGE));
         h.free(a).unwrap();
         h.free(b).unwrap();
-        assert_eq!(h.alloc(5 * PAGE, 8), Ok(0), "runs a and b coalesced");
-        assert_eq!(h.alloc(big_align(), big_align()).unwrap() % big_align(), 0);
+        assert_eq!(h.alloc(5 * PAGE, 8, 0), Ok(0), "runs a and b coalesced");
+        assert_eq!(
+            h.alloc(big_align(), big_align(), 0).unwrap() % big_align(),
+            0
+        );
+        // Aligned as an address when the heap's base is only page-aligned.
+        let base = 7 * PAGE;
+        let off = h.alloc(PAGE, big_align(), base).unwrap();
+        assert_eq!((base + off) % big_align(), 0);
     }
 
     fn big_align() -> usize {
@@ -430,7 +446,7 @@ mod tests {
     fn heap_metadata_lives_in_its_allocator() {
         let budget = crate::test_alloc::Budget::new(usize::MAX);
         let mut h = DomainHeap::new_in(64 * PAGE, PAGE, budget.clone());
-        let small = h.alloc(24, 8).unwrap();
+        let small = h.alloc(24, 8, 0).unwrap();
         let runs: std::vec::Vec<usize> = (0..4).map(|_| h.alloc_pages(1).unwrap()).collect();
         h.free(runs[0]).unwrap();
         h.free(runs[2]).unwrap(); // two runs apart: two free ranges
@@ -598,7 +614,7 @@ mod tests {
         let mut h = DomainHeap::new(2 * PAGE, PAGE);
         assert!(h.alloc_pages(2).is_ok());
         assert_eq!(
-            h.alloc(16, 8),
+            h.alloc(16, 8, 0),
             Err(AllocError::OutOfMemory { requested: 16 })
         );
         assert_eq!(
@@ -607,7 +623,7 @@ mod tests {
                 requested: usize::MAX
             })
         );
-        assert_eq!(h.alloc(8, 3), Err(AllocError::BadAlignment(3)));
+        assert_eq!(h.alloc(8, 3, 0), Err(AllocError::BadAlignment(3)));
     }
 
     proptest! {
@@ -622,7 +638,7 @@ mod tests {
                     continue;
                 }
                 let align = 1usize << align_shift;
-                if let Ok(off) = h.alloc(size, align) {
+                if let Ok(off) = h.alloc(size, align, 0) {
                     prop_assert_eq!(off % align, 0);
                     prop_assert!(off + size <= 256 * PAGE);
                     for &(o, s) in &live {

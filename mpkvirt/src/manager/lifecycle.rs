@@ -203,7 +203,7 @@ pub(crate) fn alloc<B: Backend>(
     let mut heap = lock(&rec.heap);
     let h = heap.as_mut().ok_or(Error::ForeignDomain(DomainId(d.uid)))?;
     let off = h
-        .alloc(size, align)
+        .alloc(size, align, rec.base())
         .map_err(|e| heap_err(d, rec.base(), e))?;
     debug_assert!(
         off.saturating_add(size) <= rec.len(),

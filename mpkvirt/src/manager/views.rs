@@ -204,7 +204,13 @@ fn slow_enter<B: Backend>(
     let mut deadline: Option<Option<Instant>> = None;
     let mut queued = false;
     let result = loop {
-        let is_head = !queued || inner.queue.first() == Some(&me);
+        // First come, first served: a thread arriving while others wait queues behind them
+        // (binding now could take the keys the head is draining for itself).
+        let is_head = if queued {
+            inner.queue.first() == Some(&me)
+        } else {
+            inner.queue.is_empty()
+        };
         let seen = sh.wake.load(Ordering::SeqCst);
         if queued && !binding::heavy_fence(sh.fence) {
             break Err(Error::Unsupported("membarrier failed"));
