@@ -82,6 +82,10 @@ pub(crate) struct ThreadRecord {
     pub(crate) holds: AtomicU32,
     /// Whether the thread is computing its rights right now.
     pub(crate) resyncing: std::sync::atomic::AtomicBool,
+    /// Whether the thread's exit hook is armed for this record.
+    hooked: bool,
+    /// Whether the thread's exit hook ran (its calls fail from then on).
+    exited: bool,
     /// Whether the thread was registered by the current op (its PKRU until now was inherited,
     /// not set by the library).
     pub(crate) fresh: bool,
@@ -198,6 +202,8 @@ fn register(entry: Pkru) -> Result<()> {
                     synced: std::sync::atomic::AtomicU64::new(0),
                     holds: AtomicU32::new(0),
                     resyncing: std::sync::atomic::AtomicBool::new(false),
+                    hooked: false,
+                    exited: false,
                     fresh: false,
                     altstack: 0,
                     spawn_saved: None,
@@ -224,6 +230,8 @@ fn register(entry: Pkru) -> Result<()> {
     rec.fresh = true;
     rec.interrupted = false;
     rec.sig_floor = None;
+    rec.hooked = false;
+    rec.exited = false;
     rec.spawn_saved = None;
     drop(records);
     // The process-wide rights in force.
@@ -363,7 +371,8 @@ pub(crate) fn unacknowledged(tids: &[i32], epoch: u64, mut each: impl FnMut(i32)
 /// Marks the calling thread's record dead (its thread is ending; its views are already
 /// gone). Inside an op.
 pub(crate) fn retire_record(rec: &mut ThreadRecord) {
-    rec.gate.owner_fs = 0;
+    // The owner stays: later calls of the exiting thread still find the record, and fail.
+    rec.exited = true;
     rec.dead = true;
 }
 
@@ -387,31 +396,128 @@ pub(crate) extern "sysv64" fn mpkvirt_dispatch(op: u64, args: *mut u8, entry_pkr
     // SAFETY: the gate (or `call` in cooperative mode) checked that %gs points at this
     // thread's record and that no other op of the thread is running.
     let rec = unsafe { ThreadRecord::current_unchecked() };
-    rec.entry_pkru = Pkru::from_bits(entry_pkru);
-    note_context(rec, op, entry_pkru);
     // SAFETY: `args` is what the caller passed with `op` through the gate: the block of that
     // op in its memory (`Args::new`'s contract is the caller's, and a hostile caller only
     // makes the library fault).
     let args = unsafe { crate::ops::Args::new(args) };
+    run_op(rec, op, entry_pkru, |rec| crate::ops::run(op, args, rec))
+        .unwrap_or_else(|status| status)
+}
+
+/// Runs op `op` for the calling thread (its record, the PKRU it called with): the
+/// bookkeeping every op shares around `body`. `Err` carries the status of an op that did
+/// not run (the thread is exiting, or library code panicked).
+fn run_op<R>(
+    rec: &mut ThreadRecord,
+    op: u64,
+    entry_pkru: u32,
+    body: impl FnOnce(&mut ThreadRecord) -> R,
+) -> std::result::Result<R, u64> {
     match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        let status = crate::ops::run(op, args, rec);
-        // Process-wide rights that changed during the op (the thread may have been signalled
-        // while it ran). Not in a signal handler's context: the context it interrupted would
-        // keep its old PKRU.
-        if !rec.interrupted {
-            crate::manager::global::acknowledge(rec, None);
-        }
-        rec.fresh = false;
-        mark_context(rec);
-        status
+        run_op_unguarded(rec, op, entry_pkru, body)
     })) {
-        Ok(status) => status,
+        Ok(out) => out,
         Err(payload) => {
             // Freeing the payload would call the program's allocator from library code.
             std::mem::forget(payload);
-            crate::ops::STATUS_PANIC
+            Err(crate::ops::STATUS_PANIC)
         }
     }
+}
+
+/// [`run_op`] without catching panics (the direct path: no assembly frame to unwind).
+#[inline(always)]
+fn run_op_unguarded<R>(
+    rec: &mut ThreadRecord,
+    op: u64,
+    entry_pkru: u32,
+    body: impl FnOnce(&mut ThreadRecord) -> R,
+) -> std::result::Result<R, u64> {
+    rec.entry_pkru = Pkru::from_bits(entry_pkru);
+    if rec.exited {
+        // The thread's exit hook ran: a call now would leave state nobody cleans up.
+        return Err(crate::ops::STATUS_EXITING);
+    }
+    // (Not from the exit hook itself, nor from the sync signal's handler, which must not
+    // allocate.)
+    if op != crate::ops::OP_THREAD_EXIT && op != crate::ops::OP_SYNC {
+        arm_exit_hook(rec);
+    }
+    note_context(rec, op, entry_pkru);
+    let out = body(rec);
+    // Process-wide rights that changed during the op (the thread may have been signalled
+    // while it ran). Not in a signal handler's context: the context it interrupted would
+    // keep its old PKRU.
+    if !rec.interrupted {
+        crate::manager::global::acknowledge(rec, None);
+    }
+    rec.fresh = false;
+    mark_context(rec);
+    Ok(out)
+}
+
+/// Clears a record's busy word when dropped (also when a panic unwinds through it).
+struct Unbusy(*mut ThreadRecord);
+
+impl Drop for Unbusy {
+    fn drop(&mut self) {
+        // SAFETY: the calling thread's own record, which outlives the call (records are never
+        // freed); no other reference to it is live at this point.
+        unsafe { (*self.0).gate.busy = 0 };
+    }
+}
+
+/// In cooperative mode, runs op `op` as a direct call of `body` on the calling thread's
+/// record — no argument block, no dispatcher — with the same bookkeeping as every op; `None`
+/// in the other modes (the caller goes through [`call`]). The hot ops (entering and leaving
+/// views) use this: cooperative mode trusts the program, so nothing needs marshalling.
+pub(crate) fn direct<R>(
+    op: u64,
+    body: impl FnOnce(&mut ThreadRecord) -> Result<R>,
+) -> Option<Result<R>> {
+    if meta::app_mode() != Some(MetadataMode::Cooperative) {
+        return None;
+    }
+    let pku = Pku::new();
+    let entry = pku.map_or(Pkru::ALLOW_ALL, |p| p.rdpkru());
+    let mut rec = ThreadRecord::current().map(|r| r as *mut ThreadRecord);
+    if rec.is_none() {
+        if mpkvirt_register_thread(entry.bits()) == 0 {
+            return Some(Err(Error::Unsupported("registering the calling thread")));
+        }
+        rec = ThreadRecord::current().map(|r| r as *mut ThreadRecord);
+    }
+    let Some(rec) = rec else {
+        return Some(Err(Error::Unsupported("registering the calling thread")));
+    };
+    // SAFETY: the calling thread's own record (`current` checked the owner), used by this
+    // thread alone; the busy word keeps a signal handler's call out meanwhile.
+    let rec = unsafe { &mut *rec };
+    if rec.gate.busy != 0 {
+        return Some(Err(Error::Reentrant));
+    }
+    rec.gate.busy = 1;
+    let unbusy = Unbusy(rec);
+    // Panics propagate to the caller (cooperative mode trusts the program; the busy word is
+    // cleared on the way).
+    let out = run_op_unguarded(rec, op, entry.bits(), body);
+    drop(unbusy);
+    if let Some(_pku) = pku
+        && rec.gate.pkru != entry.bits()
+    {
+        // SAFETY: OSPKE is set (token); the GS base points at this thread's record, whose
+        // value the op computed and which keeps key 0 accessible.
+        unsafe { mpkvirt_asm::mpkvirt_gate_sync() };
+    }
+    Some(match out {
+        Ok(r) => r,
+        Err(crate::ops::STATUS_EXITING) => Err(Error::Unsupported(
+            "library calls while the thread is exiting",
+        )),
+        Err(_) => Err(Error::Unsupported(
+            "an internal error of mpkvirt (a panic inside the library)",
+        )),
+    })
 }
 
 /// Whether the op runs in a signal handler's context, and the seal that follows from it
@@ -530,29 +636,13 @@ pub(crate) fn normal_pkru(rec: &ThreadRecord) -> u32 {
     respell(rec.gate.pkru, managed, false)
 }
 
-thread_local! {
-    /// The exit hook of the thread: `HOOK_OFF`, `HOOK_ARMED`, or `HOOK_RAN`.
-    static HOOK: std::cell::Cell<u8> = const { std::cell::Cell::new(HOOK_OFF) };
-    /// Calls into the library in progress on this thread (a signal handler that finds one
-    /// leaves the process-wide rights to the call's end).
-    static IN_CALL: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
-}
-
-const HOOK_OFF: u8 = 0;
-const HOOK_ARMED: u8 = 1;
-const HOOK_RAN: u8 = 2;
-
-/// Whether the calling thread is inside (or entering) a library call.
-pub(crate) fn in_call() -> bool {
-    IN_CALL.try_with(|c| c.get() > 0).unwrap_or(true)
-}
-
 /// The pthread key whose destructor ends a thread's views when it exits.
 ///
 /// A pthread key rather than a Rust thread-local destructor: glibc runs the pthread keys'
 /// destructors after the thread-local ones, and again in the next round for a key set
 /// during a round, so a thread whose first call comes from another key's destructor (or
-/// from a Rust thread-local's) is still cleaned up.
+/// from a Rust thread-local's) is still cleaned up. The dispatcher sets the key (inside the
+/// library, once per record) so the call path touches no thread-local storage.
 fn exit_key() -> Option<libc::pthread_key_t> {
     static KEY: OnceLock<Option<libc::pthread_key_t>> = OnceLock::new();
     *KEY.get_or_init(|| {
@@ -564,29 +654,19 @@ fn exit_key() -> Option<libc::pthread_key_t> {
 }
 
 extern "C" fn on_thread_exit(_value: *mut libc::c_void) {
-    let _ = HOOK.try_with(|h| h.set(HOOK_RAN));
     let _ = call(crate::ops::OP_THREAD_EXIT, std::ptr::null_mut());
 }
 
-/// Arms the exit hook of the calling thread (once).
-fn arm_exit_hook() -> Result<()> {
-    let state = HOOK.try_with(std::cell::Cell::get).unwrap_or(HOOK_RAN);
-    match state {
-        HOOK_ARMED => Ok(()),
-        // The thread's cleanup already ran: a call now could leave state behind.
-        HOOK_RAN => Err(Error::Unsupported(
-            "library calls while the thread is exiting",
-        )),
-        _ => {
-            let key = exit_key().ok_or(Error::Unsupported("a thread-exit hook (pthread key)"))?;
-            // SAFETY: `key` was created by `exit_key`; the value is a non-null marker that is
-            // never dereferenced (the destructor ignores it).
-            if unsafe { libc::pthread_setspecific(key, std::ptr::dangling::<u8>().cast()) } != 0 {
-                return Err(Error::Unsupported("a thread-exit hook (pthread key)"));
-            }
-            HOOK.set(HOOK_ARMED);
-            Ok(())
-        }
+/// Arms the calling thread's exit hook (inside the library, once per record).
+fn arm_exit_hook(rec: &mut ThreadRecord) {
+    if rec.hooked {
+        return;
+    }
+    if let Some(key) = exit_key() {
+        // SAFETY: `key` was created by `exit_key`; the value is a non-null marker that is
+        // never dereferenced (the destructor ignores it).
+        rec.hooked =
+            unsafe { libc::pthread_setspecific(key, std::ptr::dangling::<u8>().cast()) } == 0;
     }
 }
 
@@ -600,12 +680,6 @@ fn arm_exit_hook() -> Result<()> {
 /// metadata cannot be initialised.
 pub(crate) fn call(op: u64, args: *mut u8) -> Result<u64> {
     let mode = meta::init()?;
-    // (Not from the thread-exit hook itself, nor from the sync signal's handler, which must
-    // not allocate.)
-    if op != crate::ops::OP_THREAD_EXIT && op != crate::ops::OP_SYNC {
-        arm_exit_hook()?;
-    }
-    let _ = IN_CALL.try_with(|c| c.set(c.get() + 1));
     let status = match mode {
         // SAFETY: `init` set up the root (boot stack, PKRU values) and checked OSPKE and
         // FSGSBASE; mpkvirt owns the GS base; `args` is the block the op expects.
@@ -614,10 +688,11 @@ pub(crate) fn call(op: u64, args: *mut u8) -> Result<u64> {
         MetadataMode::GateOnly => Ok(unsafe { mpkvirt_asm::mpkvirt_gate_call_nopku(op, args) }),
         MetadataMode::Cooperative => cooperative_call(op, args),
     };
-    let _ = IN_CALL.try_with(|c| c.set(c.get() - 1));
-    let status = status?;
-    match status {
+    match status? {
         GATE_BUSY => Err(Error::Reentrant),
+        crate::ops::STATUS_EXITING => Err(Error::Unsupported(
+            "library calls while the thread is exiting",
+        )),
         GATE_UNREGISTERED => Err(Error::Unsupported("registering the calling thread")),
         s => Ok(s),
     }
@@ -626,22 +701,27 @@ pub(crate) fn call(op: u64, args: *mut u8) -> Result<u64> {
 fn cooperative_call(op: u64, args: *mut u8) -> Result<u64> {
     let pku = Pku::new();
     let entry = pku.map_or(Pkru::ALLOW_ALL, |p| p.rdpkru());
-    if ThreadRecord::current().is_none() && mpkvirt_register_thread(entry.bits()) == 0 {
-        return Ok(GATE_UNREGISTERED);
+    let mut rec = ThreadRecord::current().map(|r| r as *mut ThreadRecord);
+    if rec.is_none() {
+        if mpkvirt_register_thread(entry.bits()) == 0 {
+            return Ok(GATE_UNREGISTERED);
+        }
+        rec = ThreadRecord::current().map(|r| r as *mut ThreadRecord);
     }
-    let rec =
-        ThreadRecord::current().ok_or(Error::Unsupported("registering the calling thread"))?;
-    if rec.gate.busy != 0 {
+    let rec = rec.ok_or(Error::Unsupported("registering the calling thread"))?;
+    // SAFETY: the calling thread's own record (`current` checked the owner); the reference
+    // ends before the dispatcher makes its own.
+    let gate = unsafe { &mut (*rec).gate };
+    if gate.busy != 0 {
         return Ok(GATE_BUSY);
     }
-    rec.gate.busy = 1;
+    gate.busy = 1;
     let status = mpkvirt_dispatch(op, args, entry.bits());
-    // The dispatcher's reference is gone; look the record up again.
-    let rec =
-        ThreadRecord::current().ok_or(Error::Unsupported("registering the calling thread"))?;
-    rec.gate.busy = 0;
+    // SAFETY: as above; the dispatcher's reference is gone.
+    let gate = unsafe { &mut (*rec).gate };
+    gate.busy = 0;
     if let Some(_pku) = pku
-        && rec.gate.pkru != entry.bits()
+        && gate.pkru != entry.bits()
     {
         // SAFETY: OSPKE is set (token); the GS base points at this thread's record, whose
         // value the op computed and which keeps key 0 accessible.

@@ -34,6 +34,8 @@ pub(crate) const STATUS_OK: u64 = 0;
 pub(crate) const STATUS_BAD_CALL: u64 = 0x8000_0000_0000_0010;
 /// Library code panicked (a bug); nothing is written.
 pub(crate) const STATUS_PANIC: u64 = 0x8000_0000_0000_0011;
+/// The thread's exit hook ran already; nothing was done.
+pub(crate) const STATUS_EXITING: u64 = 0x8000_0000_0000_0012;
 
 /// Ends the calling thread's views and retires its record.
 pub(crate) const OP_THREAD_EXIT: u64 = 1;

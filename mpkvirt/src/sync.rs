@@ -6,8 +6,9 @@
 //! recomputes the thread's PKRU and acknowledges the change, and writes the new value into
 //! the signal frame, so that `rt_sigreturn` installs it in the interrupted context.
 //!
-//! The handler leaves the frame alone when the thread was inside a library call (the call
-//! acknowledges when it ends) or when the interrupted context is not the thread's normal one
+//! The handler leaves the frame alone when the thread was inside a library call (the gate
+//! answers `Reentrant`; the call acknowledges when it ends) or when the interrupted context
+//! is not the thread's normal one
 //! (its PKRU is not the value the library last set: another signal handler, whose own frame
 //! would restore the old value later). The initiator signals such threads again.
 //!
@@ -22,7 +23,6 @@ use std::sync::OnceLock;
 use mpkvirt_sys::signal;
 
 use crate::error::{Error, Result};
-use crate::gate;
 
 /// `OP_SYNC`'s answer when the interrupted context must keep its PKRU (see the module docs).
 pub(crate) const NOT_NOW: u64 = u64::MAX;
@@ -79,9 +79,7 @@ pub(crate) fn install_handler() -> Result<()> {
 /// the frame's PKRU. Returns whether the key's rights grew (the access is worth retrying).
 /// Called from the SIGSEGV handler.
 pub(crate) fn take_lazy_grant(uc: &mut libc::ucontext_t, key: mpkvirt_sys::Pkey) -> bool {
-    if gate::in_call() {
-        return false;
-    }
+    // (A fault inside the library gets `Reentrant` from the gate: nothing to take.)
     let Some(frame) = signal::frame_pkru(uc) else {
         return false;
     };
@@ -103,13 +101,10 @@ pub(crate) fn take_lazy_grant(uc: &mut libc::ucontext_t, key: mpkvirt_sys::Pkey)
     denied(new) & !denied(frame) == 0 && denied(new) != denied(frame)
 }
 
-/// The handler. Async-signal-safe: a `const` thread-local, the library gate (which takes no
-/// lock the interrupted code can hold: the code was not inside the library, or the handler
-/// returns at once), and writes to its own frame.
+/// The handler. Async-signal-safe: the library gate (which takes no lock the interrupted
+/// code can hold: the code was not inside the library, or the gate refuses the call at
+/// once), and writes to its own frame.
 extern "C" fn on_sync(_sig: libc::c_int, _info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
-    if gate::in_call() {
-        return;
-    }
     // The interrupted code may be reading errno; system calls below change it.
     // SAFETY: __errno_location takes no arguments and returns this thread's errno slot,
     // valid for reads and writes for the thread's lifetime.

@@ -31,6 +31,19 @@ pub(crate) fn heavy_fence(mode: FenceMode) -> bool {
     }
 }
 
+/// The process's fence mode: asymmetric once `membarrier` is registered (it is
+/// process-wide, so every manager uses the same mode).
+pub(crate) fn process_fence() -> FenceMode {
+    static MODE: std::sync::OnceLock<FenceMode> = std::sync::OnceLock::new();
+    *MODE.get_or_init(|| {
+        if membarrier::register_private_expedited().is_ok() {
+            FenceMode::Asymmetric
+        } else {
+            FenceMode::Symmetric
+        }
+    })
+}
+
 /// The registered threads' pin cells.
 fn threads<'a>(inner: &'a Inner) -> impl Iterator<Item = &'a ThreadCx> + Clone + 'a {
     // SAFETY-free: `Inner::threads` holds pointers to live cxs (see its Send impl): a thread

@@ -357,22 +357,43 @@ impl<B: Backend> Manager<B> {
                 keys: self.h.keys.len(),
             });
         }
-        let mut input = ops::EnterIn {
-            m: self.h.m,
-            n: n as u32,
-            ro: 0,
-            doms: [DomRef::default(); 16],
-        };
+        let mut doms = [DomRef::default(); 16];
+        let mut ro = 0;
         for (k, (d, r)) in view.enumerate() {
             if d.manager_ref() != self.h.m {
                 return Err(Error::ForeignDomain(d.id()));
             }
-            input.doms[k] = d.dref();
+            doms[k] = d.dref();
             if r == Rights::ReadOnly {
-                input.ro |= 1 << k;
+                ro |= 1 << k;
             }
         }
-        call(ops::code::<B>(ops::V_ENTER), input)
+        let code = ops::code::<B>(ops::V_ENTER);
+        let direct = crate::gate::direct(code, |rec| {
+            let mut items = [views::ViewItem {
+                d: DomRef::default(),
+                read_only: false,
+            }; 16];
+            for (k, item) in items[..n].iter_mut().enumerate() {
+                *item = views::ViewItem {
+                    d: doms[k],
+                    read_only: ro & (1 << k) != 0,
+                };
+            }
+            ops::enter_direct::<B>(rec, self.h.m, &items[..n])
+        });
+        if let Some(r) = direct {
+            return r;
+        }
+        call(
+            ops::code::<B>(ops::V_ENTER),
+            ops::EnterIn {
+                m: self.h.m,
+                n: n as u32,
+                ro,
+                doms: doms.as_ptr() as u64,
+            },
+        )
     }
 
     /// Runs `f` inside a view (see [`Manager::enter`]); the view ends when `f` returns or
@@ -387,6 +408,11 @@ impl<B: Backend> Manager<B> {
     }
 
     fn leave(&self, id: u64) -> Result<()> {
+        let code = ops::code::<B>(ops::V_LEAVE);
+        if let Some(r) = crate::gate::direct(code, |rec| ops::leave_direct::<B>(rec, self.h.m, id))
+        {
+            return r;
+        }
         call(
             ops::code::<B>(ops::V_LEAVE),
             ops::MgrIn {

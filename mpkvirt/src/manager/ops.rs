@@ -200,14 +200,15 @@ pub(crate) struct MgrIn {
 // SAFETY: integers only.
 unsafe impl Pod for MgrIn {}
 
-/// A view as plain data: up to 16 (domain, read-only) pairs.
+/// A view as plain data: `n` (up to 16) domains at `doms` in the caller's memory (read one
+/// element at a time, like hint lists), bit k of `ro` for read-only.
 #[derive(Clone, Copy, Debug)]
 #[repr(C)]
 pub(crate) struct EnterIn {
     pub(crate) m: MgrRef,
     pub(crate) n: u32,
     pub(crate) ro: u32,
-    pub(crate) doms: [DomRef; 16],
+    pub(crate) doms: u64,
 }
 // SAFETY: integers only.
 unsafe impl Pod for EnterIn {}
@@ -294,7 +295,10 @@ pub(crate) fn run<B: Backend>(code: u64, args: Args, rec: &mut ThreadRecord) -> 
 }
 
 fn with_mgr<'a, B: Backend>(rec: &mut ThreadRecord, m: MgrRef) -> Result<&'a Shared<B>> {
-    rec.active_mgr.store(m.idx, Ordering::SeqCst);
+    // Dekker with `release`: announce, fence, look up; `release` unpublishes, fences (the
+    // heavy half), then looks at the announcements.
+    rec.active_mgr.store(m.idx, Ordering::Relaxed);
+    crate::keycache::light_fence(binding::process_fence());
     shared::<B>(m).ok_or(Error::Unsupported("a manager that no longer exists"))
 }
 
@@ -394,13 +398,21 @@ fn on_manager<B: Backend>(code: u64, args: Args, rec: &mut ThreadRecord) -> u64 
                         keys: sh.nkeys,
                     });
                 }
+                let base = i.doms as *const DomRef;
+                if n > 0 && (base.is_null() || !base.is_aligned()) {
+                    return Err(Error::InvalidConfig("view address"));
+                }
                 let mut view = [ViewItem {
                     d: DomRef::default(),
                     read_only: false,
                 }; 16];
                 for (k, v) in view[..n].iter_mut().enumerate() {
+                    // SAFETY: the caller passes `n` DomRefs at `base` (checked for null and
+                    // alignment; a bad address faults in the library, see `ops`); each is read
+                    // once, and any bits are a valid DomRef.
+                    let d = unsafe { std::ptr::read_volatile(base.wrapping_add(k)) };
                     *v = ViewItem {
-                        d: i.doms[k],
+                        d,
                         read_only: i.ro & (1 << k) != 0,
                     };
                 }
@@ -691,6 +703,38 @@ fn end_since<B: Backend>(rec: &mut ThreadRecord, m: MgrRef, cx: &mut ThreadCx, m
     if let Some(sh) = shared::<B>(m) {
         views::end_views_since(sh, &mut rec.gate.pkru, cx, mark);
     }
+}
+
+/// Enters a view directly (cooperative mode, see `gate::direct`).
+pub(crate) fn enter_direct<B: Backend>(
+    rec: &mut ThreadRecord,
+    m: MgrRef,
+    view: &[ViewItem],
+) -> Result<u64> {
+    let out = (|| {
+        let sh = with_mgr::<B>(rec, m)?;
+        if view.len() > sh.nkeys {
+            return Err(Error::ViewTooLarge {
+                domains: view.len(),
+                keys: sh.nkeys,
+            });
+        }
+        let cx = cx_of(sh, rec)?;
+        views::enter(sh, rec, cx, view).map(|t| t.id)
+    })();
+    rec.active_mgr.store(NO_MGR, Ordering::Release);
+    out
+}
+
+/// Leaves a view directly (cooperative mode, see `gate::direct`).
+pub(crate) fn leave_direct<B: Backend>(rec: &mut ThreadRecord, m: MgrRef, id: u64) -> Result<()> {
+    let out = (|| {
+        let sh = with_mgr::<B>(rec, m)?;
+        let cx = cx_of(sh, rec)?;
+        views::leave(sh, rec, cx, id)
+    })();
+    rec.active_mgr.store(NO_MGR, Ordering::Release);
+    out
 }
 
 /// [`shared`] for the C API.

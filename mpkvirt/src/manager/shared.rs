@@ -284,12 +284,8 @@ impl<B: Backend> Shared<B> {
                 Pkru::ALLOW_ALL.with(k, AccessRights::READ_ONLY).bits(),
             );
         }
-        // Asymmetric fences need membarrier; registering is idempotent and cheap.
-        let fence = if mpkvirt_sys::membarrier::register_private_expedited().is_ok() {
-            FenceMode::Asymmetric
-        } else {
-            FenceMode::Symmetric
-        };
+        // Asymmetric fences need membarrier (registered once per process).
+        let fence = super::binding::process_fence();
         let free_records = MVec::new_in(Meta);
         let bound = [None; MAX_SLOTS];
         let hardware = live.kind() == crate::backend::BackendKind::Hardware;
