@@ -31,8 +31,11 @@
  *     while its creator has domains begun inherits the creator's rights (the kernel copies
  *     PKRU) without having begun them: create threads with nothing begun, or with
  *     mpk_pthread_create.
+ *   - mpk_mprotect is libmpk's mprotect replacement: every thread of the process gets the
+ *     rights without mpk_begin (see mpk_mprotect). A thread's rights are its begun domains
+ *     and the process-wide ones together.
  *   - A domain has one page protection, set by its first mpk_mmap (read-write for domains
- *     created by mpk_malloc) and changed with mpk_mprotect.
+ *     created by mpk_malloc); mpk_mprotect may widen it (never narrows it: rights do that).
  *
  * Errors: functions return -1 (pointer functions NULL or MAP_FAILED) and set errno; a
  * failed call changes nothing. Before mpk_init every function fails with EINVAL, except
@@ -159,11 +162,25 @@ int mpk_begin(int vkey, int prot);
 int mpk_end(int vkey);
 
 /*
- * Sets the page protection of the whole domain of vkey, for every thread (libmpk's
- * process-wide mpk_mprotect). Threads still need to have begun vkey to reach it.
+ * Gives every thread of the process prot's access to the domain of vkey, without
+ * mpk_begin (libmpk's process-wide mpk_mprotect): PROT_READ read-only, PROT_WRITE
+ * read-write, PROT_NONE takes the process-wide access back. Threads that never called the
+ * library, threads blocked in system calls and threads created later included; mpk_begin
+ * and mpk_end keep their thread-local meaning (a thread's rights are its begun domains and
+ * the process-wide ones together). The domain's page protection is widened if prot needs
+ * more (and takes prot's PROT_EXEC, which keys cannot express); it is never narrowed.
  *
- * Returns 0, or -1 with errno: EINVAL (no such domain, unknown prot bits), or
- * pkey_mprotect's errors.
+ * With the hardware backend the domain keeps its key while it has process-wide rights. A
+ * grant reaches each thread at its next access to the domain (a fault the library handles
+ * and retries) or its next library call; a revocation has reached every thread that may
+ * hold the rights when mpk_mprotect returns (each is sent SIGRTMIN + 7, or the real-time
+ * signal in MPKVIRT_SYNC_SIGNAL, and rewrites its own PKRU). Do not block or handle that
+ * signal yourself. With the emulated backend this is one mprotect.
+ *
+ * Returns 0, or -1 with errno: EINVAL (no such domain, unknown prot bits), EBUSY (every key
+ * is held by begun views: no key for the domain), ETIMEDOUT (some threads did not take a
+ * revocation within 2 s — they block the signal; every other thread has, and the domain's
+ * key is never given to another domain), or pkey_mprotect's errors.
  */
 int mpk_mprotect(int vkey, int prot);
 

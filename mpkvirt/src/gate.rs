@@ -352,7 +352,9 @@ pub(crate) fn unacknowledged(tids: &[i32], epoch: u64, mut each: impl FnMut(i32)
             // SAFETY: see `register`: `dead`, `tid` and the atomic `synced` of any record
             // may be read under the records lock.
             let rec = unsafe { &*(addr as *const ThreadRecord) };
-            if !rec.dead && rec.synced.load(std::sync::atomic::Ordering::SeqCst) >= epoch {
+            // (Dead records count too: a thread whose exit hook ran still takes revocations
+            // until it is gone; records of earlier threads carry older epochs.)
+            if rec.synced.load(std::sync::atomic::Ordering::SeqCst) >= epoch {
                 acked.push(rec.tid);
             }
         }
@@ -434,8 +436,9 @@ fn run_op_unguarded<R>(
     body: impl FnOnce(&mut ThreadRecord) -> R,
 ) -> std::result::Result<R, u64> {
     rec.entry_pkru = Pkru::from_bits(entry_pkru);
-    if rec.exited {
-        // The thread's exit hook ran: a call now would leave state nobody cleans up.
+    if rec.exited && op != crate::ops::OP_SYNC {
+        // The thread's exit hook ran: a call now would leave state nobody cleans up. (Taking
+        // new process-wide rights leaves none, and a revocation waits for it.)
         return Err(crate::ops::STATUS_EXITING);
     }
     // (Not from the exit hook itself, nor from the sync signal's handler, which must not
