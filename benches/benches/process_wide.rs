@@ -7,9 +7,11 @@
 //! - `mpk_mprotect`: the C API on the default backend (hardware with PKU: a PKRU change
 //!   signalled to every thread, no page-table change; emulated without: one `mprotect` per
 //!   change plus the library call).
-//! - `sync`: `mpkvirt::thread::sync_process_wide()` — the signal round trip to every other
-//!   thread that the hardware path pays, measurable on any machine (without PKU the handler
-//!   writes no PKRU; the rest is the same).
+//! - `sync-all`: `mpkvirt::thread::sync_process_wide()` — a signal round trip to every other
+//!   thread: what a revocation costs on PKU hardware when every thread touched the domain
+//!   since it was granted (without PKU the handler writes no PKRU; the rest is the same).
+//! - `revoke-no-holders`: a revocation round when no other thread took the grant (they are
+//!   known to mpkvirt and hold nothing): listing the threads and looking at their records.
 //!
 //! The other threads are either idle (blocked in a futex, like a worker pool between
 //! requests) or busy (spinning in user code: `mprotect` then pays TLB shootdowns, the signal
@@ -128,8 +130,11 @@ fn bench(c: &mut Criterion) {
                 assert_eq!(capi::mpk_mprotect(VKEY, black_box(libc::PROT_NONE)), 0);
             })
         });
-        g.bench_function(format!("sync/{tag}"), |b| {
+        g.bench_function(format!("sync-all/{tag}"), |b| {
             b.iter(|| mpkvirt::thread::sync_process_wide().unwrap())
+        });
+        g.bench_function(format!("revoke-no-holders/{tag}"), |b| {
+            b.iter(|| mpkvirt::testing::revocation_round(0b1100).unwrap())
         });
         drop(others);
     }

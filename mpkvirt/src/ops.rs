@@ -53,6 +53,10 @@ pub(crate) const OP_SPAWN_DONE: u64 = 6;
 pub(crate) const OP_SYNC: u64 = 7;
 /// Makes every thread take the current process-wide rights (`thread::sync_process_wide`).
 pub(crate) const OP_SYNC_ALL: u64 = 8;
+/// A revocation's round of signals for the keys in the input's PKRU fields, without changing
+/// any right (`testing::revocation_round`, for benchmarks).
+#[cfg(feature = "testing")]
+pub(crate) const OP_SYNC_HOLDERS: u64 = 9;
 
 /// Plain data: every bit pattern is a valid value, so it can be copied out of memory another
 /// thread may be writing.
@@ -203,6 +207,10 @@ fn run_global(code: u64, args: Args, rec: &mut ThreadRecord) -> u64 {
             Ok(u64::from(gate::normal_pkru(rec)))
         }),
         OP_SYNC_ALL => args.serve(|(): ()| crate::manager::global::broadcast(rec, None, None)),
+        #[cfg(feature = "testing")]
+        OP_SYNC_HOLDERS => {
+            args.serve(|fields: u32| crate::manager::global::broadcast(rec, None, Some(fields)))
+        }
         c if c >= crate::capi::OP_BASE => crate::capi::run(c, args, rec),
         _ => STATUS_BAD_CALL,
     }

@@ -501,3 +501,16 @@ pub fn program_bytes(seed: u64, ops: usize) -> Vec<u8> {
     let mut rng = crate::policy::trace::SplitMix::new(seed);
     (0..ops * 4).map(|_| rng.next_u64() as u8).collect()
 }
+
+/// One revocation round of the process-wide rights protocol (`manager/global.rs`) for the
+/// keys whose PKRU fields are in `fields`, changing no right: the threads that may hold
+/// rights to those keys are signalled and waited for, the others are not. For benchmarks of
+/// the mechanism without PKU (where no thread ever holds hardware rights, so this measures
+/// what a revocation costs when only threads mpkvirt does not know yet must be reached).
+///
+/// # Errors
+///
+/// As [`crate::thread::sync_process_wide`].
+pub fn revocation_round(fields: u32) -> crate::Result<()> {
+    crate::ops::call::<u32, ()>(crate::ops::OP_SYNC_HOLDERS, fields)
+}
