@@ -48,11 +48,14 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
+use std::process::Command;
 use std::time::Duration;
 
 use mpkvirt::{Config, DomainOptions, Manager, MetadataMode, Rights};
 use mpkvirt_sys::require_pku;
+use mpkvirt_sys::signal::SegvCode;
 use mpkvirt_sys::thread::FsGsBase;
 
 // ---- the attacker's code ----------------------------------------------------------------------
@@ -221,6 +224,11 @@ unsafe extern "sysv64" {
     fn gates_test_stub_read();
     fn gates_test_weak_raw();
     fn gates_test_weak_rdi();
+    fn gates_test_store32(addr: usize, value: u32) -> u64;
+    fn gates_test_store64(addr: usize, value: u64) -> u64;
+    fn gates_test_store32_insn();
+    fn gates_test_store64_insn();
+    fn gates_test_store_done();
 }
 
 /// Symbols of this file's attacker code that contain WRPKRU on purpose.
@@ -1462,4 +1470,423 @@ fn pku_gate_gadgets_harness_flags_weak_gates() {
             found.join("\n")
         );
     }
+}
+
+// ---- metadata corruption ----------------------------------------------------------------------
+
+/// One write an attacker makes into library state.
+#[derive(Clone, Copy, Debug)]
+struct Target {
+    name: &'static str,
+    addr: usize,
+    /// A 64-bit store (else 32-bit).
+    wide: bool,
+    value: u64,
+}
+
+fn read_word(addr: usize, wide: bool) -> u64 {
+    if wide {
+        // SAFETY: `addr` is an 8-byte-aligned word of library memory, readable by application
+        // code (the library key is read-only to it, or key 0 without protection).
+        unsafe { (addr as *const u64).read_volatile() }
+    } else {
+        // SAFETY: as above, a 4-byte-aligned word.
+        u64::from(unsafe { (addr as *const u32).read_volatile() })
+    }
+}
+
+/// The attacker's store: 0 when it happened, 1 when a handler skipped it.
+fn store(t: &Target) -> u64 {
+    if t.wide {
+        // SAFETY: a deliberate store into library memory, which the tests expect to fault
+        // (protected) or to hit a word no Rust reference is reading right now (cooperative,
+        // single-threaded, restored at once).
+        unsafe { gates_test_store64(t.addr, t.value) }
+    } else {
+        // SAFETY: as above.
+        unsafe { gates_test_store32(t.addr, t.value as u32) }
+    }
+}
+
+/// The attacker's view of the scene: the library state it attacks, a domain A it may enter,
+/// and a victim domain V holding a secret, resident (bound to a key) but not granted.
+struct MetaScene {
+    mgr: Manager,
+    a: mpkvirt::Domain,
+    v: mpkvirt::Domain,
+    secret: usize,
+}
+
+fn metadata_scene() -> MetaScene {
+    let mgr = Manager::new(Config::default()).unwrap();
+    let a = mgr.create_domain(DomainOptions::default()).unwrap();
+    let v = mgr.create_domain(DomainOptions::default()).unwrap();
+    let secret = v.alloc(8, 8).unwrap().as_ptr() as usize;
+    mgr.with_view(&[(&v, Rights::ReadWrite)], || {
+        mgr.write_byte(secret, SECRET)
+    })
+    .unwrap()
+    .unwrap();
+    assert!(mgr.read_byte(secret).is_err(), "the secret is closed");
+    MetaScene { mgr, a, v, secret }
+}
+
+/// What [`targets`] writes.
+const TARGET_NAMES: [&str; 7] = [
+    "root: boot stack top",
+    "root: middle (manager registry)",
+    "record: pkru (%gs:8)",
+    "record: library stack top (%gs:24)",
+    "library stack: top word",
+    "domain record: A's slot := V's slot",
+    "saved view: outer bits with V's key opened",
+];
+
+/// The writes, for a thread inside two views of A (the outer one read-write, the inner one
+/// read-only).
+fn targets(s: &MetaScene) -> Vec<Target> {
+    let lib = mpkvirt::testing::library_memory();
+    let gs = FsGsBase::new().expect("FSGSBASE").gs_base();
+    assert_ne!(gs, 0, "the thread has a record");
+    // SAFETY: the GS base points at the thread's record; `%gs:0` holds its own address.
+    assert_eq!(unsafe { (gs as *const usize).read_volatile() }, gs);
+    // SAFETY: the record's library-stack top is the u64 at offset 24.
+    let stack_top = unsafe { ((gs + 24) as *const usize).read_volatile() };
+    let kv = u32::from(s.v.key().expect("V holds a key").index());
+    let ka = u32::from(s.a.key().expect("A holds a key").index());
+    let slot_a = mpkvirt::testing::domain_slot_word(&s.a).unwrap();
+    let slot_v = mpkvirt::testing::domain_slot_word(&s.v).unwrap();
+    let (va, vv) = (read_word(slot_a, false), read_word(slot_v, false));
+    assert!(va < 16 && vv < 16 && va != vv, "slots {va} and {vv}");
+    let outer = mpkvirt::testing::view_bits_word(&s.mgr, 1).unwrap();
+    let bits = read_word(outer, false) as u32;
+    assert_eq!(rights(bits, ka), (true, true), "the outer view: {bits:#x}");
+    assert_eq!(
+        rights(bits, kv),
+        (false, false),
+        "the outer view: {bits:#x}"
+    );
+    let middle = (lib.root.0 + lib.root.1 / 2) & !7;
+    let [n_boot, n_middle, n_pkru, n_top, n_stack, n_slot, n_view] = TARGET_NAMES;
+    let t = vec![
+        Target {
+            name: n_boot,
+            addr: lib.root.0 + 24,
+            wide: true,
+            value: 0x4141_4000,
+        },
+        Target {
+            name: n_middle,
+            addr: middle,
+            wide: true,
+            value: 0,
+        },
+        Target {
+            name: n_pkru,
+            addr: gs + 8,
+            wide: false,
+            value: 0,
+        },
+        Target {
+            name: n_top,
+            addr: gs + 24,
+            wide: true,
+            value: 0x4141_4000,
+        },
+        Target {
+            name: n_stack,
+            addr: stack_top - 8,
+            wide: true,
+            value: 0x4141_4000,
+        },
+        Target {
+            name: n_slot,
+            addr: slot_a,
+            wide: false,
+            value: vv,
+        },
+        Target {
+            name: n_view,
+            addr: outer,
+            wide: false,
+            value: u64::from(bits & !(3 << (2 * kv))),
+        },
+    ];
+    for x in &t {
+        assert!(mpkvirt::is_metadata(x.addr), "{} at {:#x}", x.name, x.addr);
+    }
+    t
+}
+
+/// What the victim's secret reads as now: `Some(byte)` when the calling thread can read it.
+fn victim_readable(s: &MetaScene) -> Option<u8> {
+    s.mgr.read_byte(s.secret).ok()
+}
+
+// The handler of the forked metadata children: what the last fault was.
+static FAULT_CODE: std::sync::atomic::AtomicI64 = std::sync::atomic::AtomicI64::new(-1);
+static FAULT_KEY: std::sync::atomic::AtomicI64 = std::sync::atomic::AtomicI64::new(-1);
+static FAULT_ADDR: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+extern "C" fn on_store_fault(
+    _sig: libc::c_int,
+    info: *mut libc::siginfo_t,
+    ctx: *mut libc::c_void,
+) {
+    use std::sync::atomic::Ordering::Relaxed;
+    // SAFETY: installed with SA_SIGINFO: the kernel passes a valid siginfo for this call.
+    let d = mpkvirt_sys::signal::decode_segv(unsafe { &*info });
+    // SAFETY: likewise a valid ucontext, used by this invocation only.
+    let uc = unsafe { &mut *ctx.cast::<libc::ucontext_t>() };
+    let ip = mpkvirt_sys::signal::ip(uc);
+    if ip == addr_of(gates_test_store32_insn) || ip == addr_of(gates_test_store64_insn) {
+        FAULT_CODE.store(
+            match d.code {
+                SegvCode::MapErr => 1,
+                SegvCode::AccErr => 2,
+                SegvCode::PkuErr => 4,
+                SegvCode::Other(c) => i64::from(c),
+            },
+            Relaxed,
+        );
+        FAULT_KEY.store(d.pkey.map_or(-1, |k| i64::from(k.index())), Relaxed);
+        FAULT_ADDR.store(d.addr, Relaxed);
+        let sp = mpkvirt_sys::signal::sp(uc);
+        // SAFETY: the thread stopped at one of the test's store instructions, each followed
+        // by a `ret` at `gates_test_store_done` with nothing pushed: resuming there with the
+        // same stack pointer returns 1 to the store's caller.
+        unsafe { mpkvirt_sys::signal::redirect(uc, addr_of(gates_test_store_done), sp, 1) };
+        return;
+    }
+    // Any other fault: the default action (the child dies, the parent sees it).
+    // SAFETY: all-zero is SIG_DFL with an empty mask; the fault repeats on return and kills.
+    let dfl: libc::sigaction = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid sigaction for the kernel to read.
+    unsafe { libc::sigaction(libc::SIGSEGV, &dfl, std::ptr::null_mut()) };
+}
+
+/// What a forked child saw when it made one write.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Written {
+    faulted: bool,
+    code: i64,
+    key: i64,
+    addr: usize,
+    before: u64,
+    after: u64,
+    /// The victim's secret after the scenario that follows the write (`None`: unreadable).
+    victim: Option<u8>,
+}
+
+/// Makes write `t` in a forked child (protected metadata: it must fault), then runs `then`
+/// in the child (the attacker's next step) and reports whether the victim became readable.
+fn write_in_child(s: &MetaScene, t: &Target, then: impl FnOnce()) -> Written {
+    let child = fork_child(|| {
+        // SAFETY: the child's own handler (the test process keeps mpkvirt's): it records the
+        // fault of the test's store and resumes after it; any other fault kills the child.
+        let prev = unsafe { mpkvirt_sys::signal::install(libc::SIGSEGV, on_store_fault, 0) }
+            .expect("sigaction");
+        let before = read_word(t.addr, t.wide);
+        let faulted = store(t) != 0;
+        let after = read_word(t.addr, t.wide);
+        // SAFETY: puts mpkvirt's handler back (probes in `then` rely on it).
+        unsafe { libc::sigaction(libc::SIGSEGV, &prev, std::ptr::null_mut()) };
+        then();
+        let victim = victim_readable(s);
+        use std::sync::atomic::Ordering::Relaxed;
+        let words: [u64; 7] = [
+            u64::from(faulted),
+            FAULT_CODE.load(Relaxed) as u64,
+            FAULT_KEY.load(Relaxed) as u64,
+            FAULT_ADDR.load(Relaxed) as u64,
+            before,
+            after,
+            victim.map_or(u64::MAX, u64::from),
+        ];
+        // SAFETY: `words` is a live local of that many bytes; REPORT_FD is the child's pipe.
+        unsafe { libc::write(REPORT_FD, words.as_ptr().cast(), size_of_val(&words)) };
+    });
+    let (status, out) = child.finish();
+    let status = status.unwrap_or_else(|| panic!("{}: the child hung", t.name));
+    assert!(
+        libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+        "{}: the child died (status {status:#x}) instead of reporting",
+        t.name
+    );
+    assert_eq!(out.len(), 56, "{}: report {out:02x?}", t.name);
+    let w = |i: usize| u64::from_le_bytes(out[i * 8..i * 8 + 8].try_into().unwrap());
+    Written {
+        faulted: w(0) != 0,
+        code: w(1) as i64,
+        key: w(2) as i64,
+        addr: w(3) as usize,
+        before: w(4),
+        after: w(5),
+        victim: (w(6) != u64::MAX).then(|| w(6) as u8),
+    }
+}
+
+#[test]
+fn pku_gates_metadata_writes_fault_on_the_library_key() {
+    let _pku = require_pku!();
+    let _real = common::real_backend();
+    foreign_key();
+    let s = metadata_scene();
+    assert_eq!(s.mgr.metadata_mode(), MetadataMode::Protected);
+    let klib = mpkvirt::testing::library_memory()
+        .library_key
+        .expect("a library key");
+    let outer = s.mgr.enter(&[(&s.a, Rights::ReadWrite)]).unwrap();
+    let mut inner = Some(s.mgr.enter(&[(&s.a, Rights::ReadOnly)]).unwrap());
+    // Control: the same store into application memory happens (the child can tell).
+    let app = Box::new(0u64);
+    let control = Target {
+        name: "application memory (control)",
+        addr: (&raw const *app) as usize,
+        wide: true,
+        value: 0x4141_4000,
+    };
+    let w = write_in_child(&s, &control, || {});
+    assert!(!w.faulted && w.after == control.value, "control: {w:?}");
+    let targets = targets(&s);
+    for t in &targets {
+        let w = write_in_child(&s, t, || {
+            // The attacker's next step: the enter the slot write aims at, or the leave that
+            // installs the saved view's bits again.
+            if t.name.starts_with("domain record") {
+                let g = s.mgr.enter(&[(&s.a, Rights::ReadWrite)]).unwrap();
+                std::mem::forget(g);
+            } else if t.name.starts_with("saved view") {
+                drop(inner.take());
+            }
+        });
+        println!("{}: {w:x?}", t.name);
+        assert!(
+            w.faulted,
+            "{}: application code wrote library memory",
+            t.name
+        );
+        assert_eq!(
+            (w.code, w.key, w.addr),
+            (4, i64::from(klib.index()), t.addr),
+            "{}: SEGV_PKUERR on the library key at the target",
+            t.name
+        );
+        assert_eq!(w.after, w.before, "{}: the word changed", t.name);
+        assert_eq!(w.victim, None, "{}: the victim became readable", t.name);
+    }
+    drop(inner);
+    drop(outer);
+    drop(app);
+}
+
+/// The writes of the test above in a process whose metadata is unprotected
+/// (`MPKVIRT_METADATA=cooperative`, chosen at the library's first use): they succeed, so the
+/// faults above are the protection's doing; and the saved-view write hands the thread the
+/// victim's key.
+///
+/// Fails today: on PKU hardware the cooperative process is killed at its first library call.
+/// `Root::library_key()` reads `klib == 0` ("no library key") as key 0 (the child prints
+/// `library key before the first use: Some(pkey0)`); `base_pkru` then makes key 0 read-only in
+/// the thread's record, `mpkvirt_gate_sync` installs it after the call, and the thread's next
+/// stack write faults where not even a signal frame can be written.
+#[test]
+fn pku_gates_metadata_writes_succeed_when_unprotected() {
+    let _pku = require_pku!();
+    let out = Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--ignored",
+            "--exact",
+            "metadata_writes_child",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env("MPKVIRT_METADATA", "cooperative")
+        .env("MPKVIRT_GATES_CHILD", "metadata")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    println!("cooperative child:\n{stdout}\n{stderr}");
+    assert!(
+        out.status.success(),
+        "the cooperative child failed: {:?} (signal {:?})\n{stdout}\n{stderr}",
+        out.status,
+        out.status.signal()
+    );
+    for name in TARGET_NAMES {
+        assert!(
+            stdout.contains(&format!("wrote {name}: ok")),
+            "{name}: not written without protection\n{stdout}"
+        );
+    }
+    assert!(
+        stdout.contains(&format!("saved view: victim reads {SECRET:#x}")),
+        "{stdout}"
+    );
+}
+
+/// The child process of `pku_gates_metadata_writes_succeed_when_unprotected`.
+#[test]
+#[ignore = "run as a child process by pku_gates_metadata_writes_succeed_when_unprotected"]
+fn metadata_writes_child() {
+    if std::env::var("MPKVIRT_GATES_CHILD").as_deref() != Ok("metadata") {
+        println!("metadata_writes_child: only meaningful as a child process");
+        return;
+    }
+    let _pku = require_pku!();
+    // Before the library's first use there is no library key whatever the mode.
+    println!(
+        "library key before the first use: {:?}",
+        mpkvirt::testing::library_memory().library_key
+    );
+    let s = metadata_scene();
+    assert_eq!(s.mgr.metadata_mode(), MetadataMode::Cooperative);
+    assert_eq!(mpkvirt::testing::library_memory().library_key, None);
+    let outer = s.mgr.enter(&[(&s.a, Rights::ReadWrite)]).unwrap();
+    let inner = s.mgr.enter(&[(&s.a, Rights::ReadOnly)]).unwrap();
+    let targets = targets(&s);
+    for t in &targets {
+        let before = read_word(t.addr, t.wide);
+        assert_eq!(store(t), 0, "{}: faulted", t.name);
+        let after = read_word(t.addr, t.wide);
+        assert_eq!(after, t.value, "{}", t.name);
+        // Put it back before anything reads it.
+        let restore = Target {
+            value: before,
+            ..*t
+        };
+        assert_eq!(store(&restore), 0);
+        println!("wrote {}: ok ({before:#x} -> {after:#x}, restored)", t.name);
+    }
+    // The scenario: one 4-byte write of a saved view's bits, and the next leave
+    // installs them: the victim's key is granted.
+    let view = targets
+        .iter()
+        .find(|t| t.name.starts_with("saved view"))
+        .unwrap();
+    store(view);
+    drop(inner);
+    match victim_readable(&s) {
+        Some(b) => println!("saved view: victim reads {b:#x}"),
+        None => println!("saved view: victim unreadable"),
+    }
+    drop(outer);
+    // And a domain's slot word set to the victim's slot, before the next enter.
+    let slot = targets
+        .iter()
+        .find(|t| t.name.starts_with("domain record"))
+        .unwrap();
+    let before = read_word(slot.addr, false);
+    store(slot);
+    let r = s.mgr.enter(&[(&s.a, Rights::ReadWrite)]).map(|g| {
+        let v = victim_readable(&s);
+        drop(g);
+        v
+    });
+    println!("domain slot: next enter {r:?} (Some(byte): the victim was readable in it)");
+    store(&Target {
+        value: before,
+        ..*slot
+    });
 }
