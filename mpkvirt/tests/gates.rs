@@ -1890,3 +1890,55 @@ fn metadata_writes_child() {
         ..*slot
     });
 }
+
+// ---- the public API as the attacker's tool --------------------------------------------------
+
+/// `mpkvirt::thread::without_rights(f)` saves the thread's PKRU before `f` and restores it
+/// after. A view that ends inside `f` is revoked and unpinned, but the saved value still
+/// grants its key, and is installed again when `f` returns: the thread keeps a key it holds
+/// no pin on. Another thread's miss then re-binds that key to another domain, whose memory
+/// the first thread can read and write without any view. Safe code, no memory corruption.
+///
+/// Fails today: the thread reads the other domain's secret.
+#[test]
+fn pku_gates_a_view_ended_inside_without_rights_leaves_no_rights_behind() {
+    let pku = require_pku!();
+    let _real = common::real_backend();
+    foreign_key();
+    // One key: B can only be bound by evicting A.
+    let mgr = Manager::new(common::config(1)).unwrap();
+    let a = mgr.create_domain(DomainOptions::default()).unwrap();
+    let b = mgr.create_domain(DomainOptions::default()).unwrap();
+    let secret = b.alloc(8, 8).unwrap().as_ptr() as usize;
+    let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    std::thread::scope(|sc| {
+        // Another thread of the process, created outside every view: on a signal it enters
+        // a view of B (a miss that needs A's key), writes B's secret and leaves.
+        let (mgr, b) = (&mgr, &b);
+        sc.spawn(move || {
+            if go_rx.recv().is_err() {
+                return;
+            }
+            mgr.with_view(&[(b, Rights::ReadWrite)], || mgr.write_byte(secret, SECRET))
+                .unwrap()
+                .unwrap();
+            done_tx.send(b.key()).unwrap();
+        });
+        let g = mgr.enter(&[(&a, Rights::ReadWrite)]).unwrap();
+        let ka = a.key().expect("A holds the key");
+        mpkvirt::thread::without_rights(|| drop(g)).unwrap();
+        let after = pku.rdpkru();
+        go_tx.send(()).unwrap();
+        let kb = done_rx.recv().unwrap();
+        assert_eq!(kb, Some(ka), "B was bound to A's former key");
+        let read = mgr.read_byte(secret);
+        assert!(
+            read.is_err(),
+            "after without_rights(|| drop(view of A)) the thread runs with PKRU {after} \
+             (key {ka} {:?}) and no view; key {ka} now holds B, and the thread reads B's \
+             secret: {read:?}",
+            after.rights(ka)
+        );
+    });
+}
