@@ -284,6 +284,12 @@ impl SlotRef {
         }
     }
 
+    /// The word itself (tests that attack library memory write it from outside).
+    #[cfg(feature = "testing")]
+    pub(crate) fn word(&self) -> &AtomicU32 {
+        &self.0
+    }
+
     pub(crate) fn set(&self, slot: Option<usize>) {
         let v = slot.map_or(NO_SLOT, |s| {
             u32::try_from(s).expect("slot index fits in u32")

@@ -646,6 +646,22 @@ pub fn is_metadata(addr: usize) -> bool {
             .contains(&addr)
 }
 
+/// The root static's address and size, the region's bounds (`(0, 0)` before [`init`]) and
+/// the library key (feature `testing`: for tests that attack library memory). Reads only;
+/// the key is read from the root, so the calling thread must have used the library.
+#[cfg(feature = "testing")]
+pub(crate) fn layout_for_tests() -> ((usize, usize), (usize, usize), Option<Pkey>) {
+    let root_start = (&raw const mpkvirt_gate_root) as usize;
+    (
+        (root_start, size_of::<Root>()),
+        (
+            APP_REGION[0].load(Ordering::Relaxed),
+            APP_REGION[1].load(Ordering::Relaxed),
+        ),
+        root().library_key(),
+    )
+}
+
 /// Size class of a layout: log2 of the block size.
 fn class_of(layout: Layout) -> Option<u32> {
     let size = layout.size().max(layout.align()).max(1 << MIN_CLASS);

@@ -754,3 +754,30 @@ pub(crate) fn cx_pub<'a, B: Backend>(
 ) -> Result<&'a mut ThreadCx> {
     cx_of(sh, rec)
 }
+
+/// Addresses of library state for tests that attack it from application code (feature
+/// `testing`): the word of `d`'s record that names its key slot. Reads only; the caller
+/// holds the domain's handle (so its manager is alive) and runs outside the library.
+#[cfg(feature = "testing")]
+pub(crate) fn domain_slot_word<B: Backend>(m: MgrRef, d: DomRef) -> Option<usize> {
+    let p = root().lookup(m.idx, m.uid, B::TAG)?;
+    // SAFETY: the registry maps a live (slot, uid) to the `Shared<B>` made by `create`, which
+    // is freed only when its last handle is gone; the caller holds a handle of the manager.
+    let sh = unsafe { &*p.as_ptr().cast::<Shared<B>>() };
+    let rec = sh.domains.get(d.idx)?;
+    (rec.uid() == d.uid).then(|| rec.slot.word() as *const _ as usize)
+}
+
+/// As [`domain_slot_word`]: the address of the `bits` of the calling thread's view `depth`
+/// below its newest one with manager `m`.
+#[cfg(feature = "testing")]
+pub(crate) fn view_bits_word(m: MgrRef, depth: usize) -> Option<usize> {
+    let rec = ThreadRecord::current()?;
+    let p = rec.cxs.get(m.idx as usize).copied().flatten()?;
+    let cx = cx_ref(p.as_ptr());
+    if cx.mgr_uid != m.uid {
+        return None;
+    }
+    let i = cx.stack.len().checked_sub(depth + 1)?;
+    Some((&raw const cx.stack[i].bits) as usize)
+}

@@ -514,3 +514,47 @@ pub fn program_bytes(seed: u64, ops: usize) -> Vec<u8> {
 pub fn revocation_round(fields: u32) -> crate::Result<()> {
     crate::ops::call::<u32, ()>(crate::ops::OP_SYNC_HOLDERS, fields)
 }
+
+/// Where library state lives, for tests that attack it from application code (issue 7).
+///
+/// Addresses and the library key only: nothing here writes library memory. Not part of the
+/// API.
+#[doc(hidden)]
+#[derive(Clone, Copy, Debug)]
+pub struct LibraryMemory {
+    /// The root static (`mpkvirt_gate_root`): start and length in bytes.
+    pub root: (usize, usize),
+    /// The metadata region's reservation: start and end (`(0, 0)` before the library's first
+    /// use).
+    pub region: (usize, usize),
+    /// The library key, when metadata is protected.
+    pub library_key: Option<mpkvirt_sys::Pkey>,
+}
+
+/// The [`LibraryMemory`] of this process. The key is read from the root, which with
+/// protection on only a thread that has been through the library's gate can read: call it
+/// after the calling thread used the library.
+#[doc(hidden)]
+pub fn library_memory() -> LibraryMemory {
+    let (root, region, library_key) = crate::meta::layout_for_tests();
+    LibraryMemory {
+        root,
+        region,
+        library_key,
+    }
+}
+
+/// The address of the 32-bit word in `d`'s record (library memory) that names the key slot
+/// the domain holds (`u32::MAX`: none). Reads only.
+#[doc(hidden)]
+pub fn domain_slot_word<B: Backend>(d: &Domain<B>) -> Option<usize> {
+    crate::manager::ops::domain_slot_word::<B>(d.manager_ref(), d.dref())
+}
+
+/// The address of the 32-bit PKRU value the library saved for the calling thread's view
+/// `depth` below its newest live view with `mgr` (0: the newest), which it installs again
+/// when the views above it end. Reads only.
+#[doc(hidden)]
+pub fn view_bits_word<B: Backend>(mgr: &Manager<B>, depth: usize) -> Option<usize> {
+    crate::manager::ops::view_bits_word(mgr.mref(), depth)
+}
