@@ -91,8 +91,9 @@ pub(crate) struct ThreadRecord {
     pub(crate) fresh: bool,
     /// An alternate signal stack for the thread, made with the record and reused with it.
     altstack: usize,
-    /// The thread's PKRU while it creates a thread without rights (`OP_SPAWN_PREPARE`).
-    pub(crate) spawn_saved: Option<u32>,
+    /// Whether the thread is creating threads without its views' rights (between
+    /// `OP_SPAWN_PREPARE` and `OP_SPAWN_DONE`).
+    pub(crate) spawning: bool,
     /// Per manager registry slot: the thread's state for that manager.
     pub(crate) cxs: MVec<Option<NonNull<ThreadCx>>>,
     /// The C API's per-thread state.
@@ -206,7 +207,7 @@ fn register(entry: Pkru) -> Result<()> {
                     exited: false,
                     fresh: false,
                     altstack: 0,
-                    spawn_saved: None,
+                    spawning: false,
                     cxs: MVec::new_in(Meta),
                     capi: crate::capi::ThreadBegun::default(),
                 },
@@ -232,7 +233,7 @@ fn register(entry: Pkru) -> Result<()> {
     rec.sig_floor = None;
     rec.hooked = false;
     rec.exited = false;
-    rec.spawn_saved = None;
+    rec.spawning = false;
     drop(records);
     // The process-wide rights in force.
     rec.synced.store(0, std::sync::atomic::Ordering::Relaxed);
@@ -448,6 +449,10 @@ fn run_op_unguarded<R>(
     }
     note_context(rec, op, entry_pkru);
     let out = body(rec);
+    if rec.spawning {
+        // Views entered or left while creating threads change no right until it is done.
+        crate::manager::global::resync(rec, None);
+    }
     // Process-wide rights that changed during the op (the thread may have been signalled
     // while it ran). Not in a signal handler's context: the context it interrupted would
     // keep its old PKRU.

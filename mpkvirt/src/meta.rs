@@ -234,8 +234,10 @@ pub(crate) fn root() -> &'static Root {
 impl Root {
     /// The library key, when metadata is protected.
     pub(crate) fn library_key(&self) -> Option<Pkey> {
+        // 0: none (key 0 is never the library key).
         u8::try_from(self.klib.load(Ordering::Relaxed))
             .ok()
+            .filter(|&k| k != 0)
             .and_then(Pkey::new)
     }
 
@@ -472,6 +474,11 @@ fn chosen_mode() -> Result<MetadataMode> {
     let pku = mpkvirt_sys::detect::pku();
     match (requested, pku) {
         (Some(MetadataMode::Protected), Err(why)) => Err(Error::HardwareRequired(why)),
+        // The no-PKU gate writes no PKRU: on PKU hardware views would never take effect.
+        (Some(MetadataMode::GateOnly), Ok(_)) => Err(Error::Config(
+            "MPKVIRT_METADATA=gate is for machines without PKU (it writes no PKRU); use protected or cooperative"
+                .into(),
+        )),
         (Some(m), _) => Ok(m),
         (None, Ok(_)) => Ok(MetadataMode::Protected),
         (None, Err(_)) => Ok(MetadataMode::Cooperative),

@@ -175,17 +175,18 @@ fn run_global(code: u64, args: Args, rec: &mut ThreadRecord) -> u64 {
             crate::manager::ops::end_views_since(rec, mark);
             Ok(())
         }),
+        // While the thread creates threads, its PKRU grants no view (only process-wide
+        // rights); afterwards it is computed again from the views it has then (views it ended
+        // meanwhile are gone, never restored from a saved value). The entry PKRU is not used:
+        // code that jumps into the gate past its RDPKRU chooses it.
         OP_SPAWN_PREPARE => args.serve(|(): ()| {
-            if rec.spawn_saved.is_none() {
-                rec.spawn_saved = Some(rec.gate.pkru);
-            }
-            rec.gate.pkru = crate::meta::root().base_pkru(rec.entry_pkru).bits();
+            rec.spawning = true;
+            crate::manager::global::resync(rec, None);
             Ok(())
         }),
         OP_SPAWN_DONE => args.serve(|(): ()| {
-            if let Some(saved) = rec.spawn_saved.take() {
-                rec.gate.pkru = saved;
-            }
+            rec.spawning = false;
+            crate::manager::global::resync(rec, None);
             Ok(())
         }),
         OP_SYNC => args.serve(|frame: u64| {

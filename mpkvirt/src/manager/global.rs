@@ -334,9 +334,8 @@ pub(crate) fn resync(rec: &mut ThreadRecord, current: Option<(u32, Pkru)>) {
     // (Dekker with `broadcast`: announce, then read the rights.)
     rec.resyncing.store(true, Ordering::SeqCst);
     std::sync::atomic::fence(Ordering::SeqCst);
-    // While the thread creates a thread without rights, the record holds the no-view value
-    // and the saved one is restored afterwards: recompute both.
-    let mut with_views = rec.spawn_saved.unwrap_or(rec.gate.pkru);
+    // While the thread creates threads without rights, it gets the value without views.
+    let mut with_views = rec.gate.pkru;
     let mut without_views = rec.gate.pkru;
     let mut holds = 0;
     let high = root().slots_high.load(Ordering::Acquire);
@@ -357,12 +356,11 @@ pub(crate) fn resync(rec: &mut ThreadRecord, current: Option<(u32, Pkru)>) {
         without_views = (without_views & !mask) | canonical(global & mask);
         holds |= granted_fields(global & mask, mask);
     }
-    if rec.spawn_saved.is_some() {
-        rec.spawn_saved = Some(with_views);
-        rec.gate.pkru = without_views;
+    rec.gate.pkru = if rec.spawning {
+        without_views
     } else {
-        rec.gate.pkru = with_views;
-    }
+        with_views
+    };
     rec.holds.store(holds, Ordering::SeqCst);
     rec.resyncing.store(false, Ordering::SeqCst);
 }
