@@ -384,7 +384,7 @@ mod loom_model {
 ///
 /// The preemption bound defaults to 4 (`LOOM_MAX_PREEMPTIONS` overrides it): the bug needs
 /// two. Bounded, the model runs in seconds; without a bound (`LOOM_MAX_PREEMPTIONS=100`)
-/// it took 9.5 minutes on two cores and passed as well.
+/// it took 9 min 20 s on two cores and passed as well.
 #[cfg(all(test, loom))]
 mod loom_destroy {
     use super::*;
