@@ -36,7 +36,8 @@ run_step() {
             cargo test -p mpkvirt-sys --lib the_twin ;;
     loom)
         section "loom model of the key cache's pin/evict protocol"
-        # The model is small: loom explores every interleaving (no preemption bound).
+        # The pin/evict and allocator models explore every interleaving (no preemption bound);
+        # the destroy/evict model bounds preemptions at 4 unless LOOM_MAX_PREEMPTIONS is set.
         RUSTFLAGS="--cfg loom" CARGO_TARGET_DIR=target/loom \
             cargo test -p mpkvirt --lib --release loom ;;
     capi)

@@ -362,3 +362,410 @@ mod loom_model {
         });
     }
 }
+
+/// Model check of destroying a domain while another thread evicts it and a third enters it
+/// through a stale binding (issue 7, item 1): `RUSTFLAGS="--cfg loom" cargo test -p mpkvirt
+/// --lib --release loom` (`ci/test.sh loom`).
+///
+/// The manager's policy is restated here on the real [`Slot`], [`SlotRef`], [`ThreadPins`],
+/// [`try_claim`] and [`validate`], with the manager's lock as a loom mutex:
+///
+/// - the *destroyer* of domain D takes D's key back as `manager/binding.rs::release_key`
+///   does: D's slot is read under the lock, the lock is held across every claim attempt
+///   (so nobody can evict D and bind the slot meanwhile), and a key that stays pinned is
+///   retired (bound to nobody) rather than freed or left with the dead domain;
+/// - the *evictor* binds a new domain N as `binding::bind` does: a free slot, else a retired
+///   slot nobody pins any more, else D evicted (claim, park, then publish N);
+/// - the *stale pinner* enters D's view on the hit path: it reads D's slot without the lock,
+///   pins it, fences, validates, and unpins;
+/// - afterwards the next miss binds a third domain M.
+///
+/// Invariants, checked at every release of the lock (owners change only under it) and by
+/// the pinner while its validated pin stands: no slot is owned by two live domains; a free
+/// or retired slot is one no live domain still believes it holds; no destroyed domain holds
+/// or is listed with a key; a slot with a validated pin for D is never handed on (a retired
+/// slot in particular is handed out only once unpinned). The old destroy (the slot captured
+/// once, the lock dropped between attempts, the key left with the dead domain when the pin
+/// stayed) breaks them, and the two `old_` models show that loom finds it.
+///
+/// The preemption bound defaults to 4 (`LOOM_MAX_PREEMPTIONS` overrides it): the bug needs
+/// two. Bounded, the model runs in seconds; without a bound (`LOOM_MAX_PREEMPTIONS=100`)
+/// it took 9 min 20 s on two cores and passed as well.
+#[cfg(all(test, loom))]
+mod loom_destroy {
+    use super::*;
+    use crate::primitive::Mutex;
+    use loom::sync::Arc;
+    use loom::thread;
+    use std::sync::atomic::{AtomicUsize as StdCount, Ordering as StdOrdering};
+
+    /// Domain uids; a domain's index in [`Table::refs`] is `uid - 1`.
+    const D: u64 = 1;
+    const N: u64 = 2;
+    const M: u64 = 3;
+    const DOMAINS: usize = 3;
+    /// One key: every binding of N or M must take D's.
+    const SLOTS: usize = 1;
+    /// Claim attempts of a destroy (the library makes 16; two already let a transient pin
+    /// go away between them).
+    const ATTEMPTS: usize = 2;
+
+    fn idx(uid: u64) -> usize {
+        (uid - 1) as usize
+    }
+
+    /// What the manager's lock protects.
+    struct Inner {
+        /// `Inner::bound`: the domain each slot is listed under.
+        bound: [Option<u64>; SLOTS],
+        destroyed: [bool; DOMAINS],
+    }
+
+    struct Table {
+        slots: [Slot; SLOTS],
+        /// Each domain's `DomainRec::slot` (written under the lock, read by the hit path
+        /// without it).
+        refs: [SlotRef; DOMAINS],
+        /// The pin cell of the thread that enters D's view (the only registered thread).
+        pins: ThreadPins,
+        inner: Mutex<Inner>,
+        /// Paths taken, over every execution of one model (not a loom object: loom does not
+        /// explore it).
+        seen: std::sync::Arc<Counts>,
+    }
+
+    impl Table {
+        /// D bound to slot 0; N and M unbound.
+        fn new(seen: std::sync::Arc<Counts>) -> Table {
+            let t = Table {
+                slots: std::array::from_fn(|_| Slot::new()),
+                refs: std::array::from_fn(|_| SlotRef::new()),
+                pins: ThreadPins::new(),
+                inner: Mutex::new(Inner {
+                    bound: [Some(D)],
+                    destroyed: [false; DOMAINS],
+                }),
+                seen,
+            };
+            t.refs[idx(D)].set(Some(0));
+            t.slots[0].set_owner(D);
+            t
+        }
+
+        fn claim(&self, s: usize, owner: u64) -> bool {
+            try_claim(&self.slots, s, owner, [&self.pins], || {
+                fence(Ordering::SeqCst)
+            })
+        }
+    }
+
+    /// Which paths the executions took (over all of them), so that the model shows it
+    /// reached the interleavings it is about.
+    #[derive(Clone, Copy)]
+    enum Seen {
+        /// Destroy found D already evicted.
+        DestroyNotBound,
+        DestroyFreed,
+        /// Destroy retired the key: a pin stayed over every attempt.
+        DestroyRetired,
+        /// The evictor took the key from D.
+        EvictedD,
+        /// The evictor took a retired key (its pin was gone).
+        ReusedRetired,
+        /// The evictor found every key pinned or retired and pinned: nothing bound.
+        Busy,
+        /// The pinner held a validated pin.
+        Validated,
+        /// The pinner read a stale binding and backed off.
+        BackedOff,
+    }
+    const SEEN: usize = 8;
+    type Counts = [StdCount; SEEN];
+
+    impl Table {
+        fn saw(&self, what: Seen) {
+            self.seen[what as usize].fetch_add(1, StdOrdering::Relaxed);
+        }
+    }
+
+    /// The invariants, in a state the lock makes stable (all owner words are written under
+    /// it).
+    fn check(t: &Table, inner: &Inner) {
+        let live = |uid: u64| !inner.destroyed[idx(uid)];
+        for s in 0..SLOTS {
+            let owner = t.slots[s].owner_locked();
+            let holders: Vec<u64> = [D, N, M]
+                .into_iter()
+                .filter(|&u| live(u) && t.refs[idx(u)].get() == Some(s))
+                .collect();
+            assert!(
+                holders.len() <= 1,
+                "keycache invariant: slot {s} owned by two live domains {holders:?} (owner word {owner})"
+            );
+            match owner {
+                FREE | RETIRED | DEAD => {
+                    assert!(
+                        holders.is_empty(),
+                        "keycache invariant: slot {s} is free or retired (owner word {owner}) while domain {holders:?} still believes it holds it"
+                    );
+                    assert_eq!(
+                        inner.bound[s], None,
+                        "keycache invariant: slot {s} is unbound but listed under a domain"
+                    );
+                }
+                EVICTING => panic!("keycache invariant: slot {s} left EVICTING"),
+                uid => {
+                    assert!(
+                        live(uid),
+                        "keycache invariant: slot {s} stays bound to destroyed domain {uid}"
+                    );
+                    assert_eq!(
+                        holders,
+                        [uid],
+                        "keycache invariant: slot {s} is bound to {uid} but held by {holders:?}"
+                    );
+                    assert_eq!(inner.bound[s], Some(uid));
+                }
+            }
+        }
+        for u in [D, N, M].into_iter().filter(|&u| !live(u)) {
+            assert_eq!(
+                t.refs[idx(u)].get(),
+                None,
+                "keycache invariant: destroyed domain {u} holds a slot"
+            );
+            assert!(
+                !inner.bound.contains(&Some(u)),
+                "keycache invariant: a key is listed under destroyed domain {u}"
+            );
+        }
+    }
+
+    /// `binding::release_key` (today's): the slot read under the lock, every attempt under
+    /// the same lock, retired when the pin stays.
+    fn destroy_today(t: &Table, check_each: bool) {
+        let mut inner = t.inner.lock().unwrap();
+        match t.refs[idx(D)].get() {
+            None => t.saw(Seen::DestroyNotBound),
+            Some(s) => {
+                let owner = t.slots[s].owner_locked();
+                let mut claimed = false;
+                if owner & !DRAINING == D {
+                    for attempt in 0..ATTEMPTS {
+                        if attempt > 0 {
+                            // `claim_patiently` yields with the lock held.
+                            thread::yield_now();
+                        }
+                        // Nobody can re-bind the slot while we hold the lock.
+                        assert_eq!(t.refs[idx(D)].get(), Some(s));
+                        if t.claim(s, owner) {
+                            claimed = true;
+                            break;
+                        }
+                    }
+                }
+                t.refs[idx(D)].set(None);
+                inner.bound[s] = None;
+                if claimed {
+                    t.slots[s].set_owner(FREE);
+                    t.saw(Seen::DestroyFreed);
+                } else {
+                    t.slots[s].set_owner(RETIRED);
+                    t.saw(Seen::DestroyRetired);
+                }
+            }
+        }
+        inner.destroyed[idx(D)] = true;
+        if check_each {
+            check(t, &inner);
+        }
+    }
+
+    /// The destroy before issue 7's fix: the slot captured once, the lock dropped between
+    /// attempts, and a key that stayed pinned left with the dead domain.
+    fn destroy_old(t: &Table, check_each: bool) {
+        let mut inner = t.inner.lock().unwrap();
+        let slot = t.refs[idx(D)].get();
+        match slot {
+            None => t.saw(Seen::DestroyNotBound),
+            Some(s) => {
+                let mut claimed = false;
+                for attempt in 0..ATTEMPTS {
+                    if attempt > 0 {
+                        drop(inner);
+                        thread::yield_now();
+                        inner = t.inner.lock().unwrap();
+                    }
+                    if t.claim(s, D) {
+                        claimed = true;
+                        break;
+                    }
+                }
+                if claimed {
+                    t.refs[idx(D)].set(None);
+                    t.slots[s].set_owner(FREE);
+                    inner.bound[s] = None;
+                    t.saw(Seen::DestroyFreed);
+                } else {
+                    t.saw(Seen::DestroyRetired);
+                }
+            }
+        }
+        inner.destroyed[idx(D)] = true;
+        if check_each {
+            check(t, &inner);
+        }
+    }
+
+    /// `binding::bind` of `uid` under the lock: a free slot, a retired one nobody pins, or
+    /// the key of an unpinned victim (parked first). `false` when every key is busy.
+    fn bind(t: &Table, inner: &mut Inner, uid: u64) -> bool {
+        let free =
+            (0..SLOTS).find(|&s| t.slots[s].owner_locked() == FREE && inner.bound[s].is_none());
+        let retired =
+            || (0..SLOTS).find(|&s| t.slots[s].owner_locked() == RETIRED && t.claim(s, RETIRED));
+        let evict = |inner: &mut Inner| {
+            for s in 0..SLOTS {
+                if let Some(v) = inner.bound[s]
+                    && t.slots[s].owner_locked() == v
+                    && t.claim(s, v)
+                {
+                    // Park the victim, then free the slot.
+                    t.refs[idx(v)].set(None);
+                    t.slots[s].set_owner(FREE);
+                    inner.bound[s] = None;
+                    return Some((s, v));
+                }
+            }
+            None
+        };
+        let s = match free {
+            Some(s) => s,
+            None => match retired() {
+                Some(s) => {
+                    t.saw(Seen::ReusedRetired);
+                    s
+                }
+                None => match evict(inner) {
+                    Some((s, v)) => {
+                        if v == D {
+                            t.saw(Seen::EvictedD);
+                        }
+                        s
+                    }
+                    None => return false,
+                },
+            },
+        };
+        t.refs[idx(uid)].set(Some(s));
+        t.slots[s].set_owner(uid);
+        inner.bound[s] = Some(uid);
+        true
+    }
+
+    fn evictor(t: &Table, check_each: bool) {
+        let mut inner = t.inner.lock().unwrap();
+        if !bind(t, &mut inner, N) {
+            t.saw(Seen::Busy);
+        }
+        if check_each {
+            check(t, &inner);
+        }
+    }
+
+    /// The hit path entering D's view with whatever binding it reads, without the lock.
+    fn stale_pinner(t: &Table) {
+        let Some(s) = t.refs[idx(D)].get() else {
+            return;
+        };
+        assert!(t.pins.pin_unvalidated(s));
+        light_fence(FenceMode::Symmetric);
+        if validate(&t.slots, s, D) {
+            t.saw(Seen::Validated);
+            // The key grants D's pages now: it may be retired (D destroyed under the view)
+            // or transiently EVICTING (a claim about to back off), never handed on.
+            let owner = t.slots[s].owner();
+            assert!(
+                owner == D || owner == EVICTING || owner == RETIRED,
+                "keycache invariant: slot {s} handed to {owner} while a validated pin for D stands"
+            );
+        } else {
+            t.saw(Seen::BackedOff);
+        }
+        t.pins.unpin(s);
+    }
+
+    fn model(destroy: fn(&Table, bool), check_each: bool) -> Vec<usize> {
+        let counts: std::sync::Arc<Counts> =
+            std::sync::Arc::new(std::array::from_fn(|_| StdCount::new(0)));
+        let mut builder = loom::model::Builder::new();
+        if builder.preemption_bound.is_none() {
+            builder.preemption_bound = Some(4);
+        }
+        let seen = std::sync::Arc::clone(&counts);
+        builder.check(move || {
+            let t = Arc::new(Table::new(std::sync::Arc::clone(&seen)));
+            let spawn = |f: fn(&Table, bool)| {
+                let t = Arc::clone(&t);
+                thread::spawn(move || f(&t, check_each))
+            };
+            let threads = [
+                spawn(destroy),
+                spawn(evictor),
+                spawn(|t, _| stale_pinner(t)),
+            ];
+            for h in threads {
+                h.join().unwrap();
+            }
+            // The next miss gives the key to a third domain.
+            let mut inner = t.inner.lock().unwrap();
+            bind(&t, &mut inner, M);
+            check(&t, &inner);
+            assert!(!t.pins.pinned(0));
+        });
+        counts
+            .iter()
+            .map(|c| c.load(StdOrdering::Relaxed))
+            .collect()
+    }
+
+    /// Every path the model is about was taken at least once.
+    fn assert_coverage(counts: &[usize]) {
+        for (what, &n) in [
+            "destroy found D evicted",
+            "destroy freed the key",
+            "destroy retired the key",
+            "the evictor took D's key",
+            "the evictor reused a retired key",
+            "the evictor found every key busy",
+            "a validated pin",
+            "a stale pin backed off",
+        ]
+        .iter()
+        .zip(counts)
+        {
+            assert!(n > 0, "no execution where {what} (counts {counts:?})");
+        }
+    }
+
+    #[test]
+    fn loom_destroy_evict_and_a_stale_pin_keep_one_owner_per_key() {
+        let counts = model(destroy_today, true);
+        assert_coverage(&counts);
+    }
+
+    /// The old destroy frees the slot the evictor just gave N, while N still believes it
+    /// holds it (or leaves the key listed under the dead domain).
+    #[test]
+    #[should_panic(expected = "keycache invariant")]
+    fn loom_old_destroy_breaks_the_binding() {
+        model(destroy_old, true);
+    }
+
+    /// ...and the next miss then gives that key to M as well: entering N grants M's pages.
+    #[test]
+    #[should_panic(expected = "owned by two live domains")]
+    fn loom_old_destroy_gives_one_key_to_two_live_domains() {
+        model(destroy_old, false);
+    }
+}
