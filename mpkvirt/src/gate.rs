@@ -535,11 +535,11 @@ pub(crate) fn direct<R>(
 /// `rt_sigreturn` restores the interrupted context's value; so a handler's first call is
 /// told apart by the library key's field (read-only in every value a gate installs). Its
 /// later calls arrive with what the gate installed, so the context is spelled into that
-/// value too: a managed key with no access is written `01` (access-disabled) in the normal
-/// context and `11` (access- and write-disabled: the same rights) in a handler's. A value
-/// with no such key at all (a view granting every key) says nothing: the context stays as
-/// it was, sealed if a handler was running — safe, since a handler must not end the
-/// interrupted code's views; the normal context's next call that denies some key lifts it.
+/// value too: a key with no access is written `01` (access-disabled) in the normal context
+/// and `11` (access- and write-disabled: the same rights) in a handler's — any key but 0 and
+/// the library key, whoever owns it. Only a value granting every one of the 14 others says
+/// nothing: the context stays as it was, sealed if a handler was running — the safe
+/// direction; the normal context's next call that denies some key lifts it.
 /// (Without a library key — cooperative mode — only a handler's first call is recognised:
 /// the entry PKRU differs from the value the library last set.)
 ///
@@ -567,7 +567,7 @@ fn note_context(rec: &mut ThreadRecord, op: u64, entry: u32) {
             Some(k) if Pkru::from_bits(entry).rights(k) != mpkvirt_sys::AccessRights::READ_ONLY => {
                 true
             }
-            Some(_) => match spelled(entry, managed) {
+            Some(k) => match spelled(entry, marker_mask(k)) {
                 Spelling::Handler => true,
                 Spelling::Normal => false,
                 Spelling::Silent => rec.sig_floor.is_some(),
@@ -614,15 +614,18 @@ fn spelled(pkru: u32, managed: u32) -> Spelling {
     }
 }
 
+/// The keys whose no-access fields carry the context: every key but key 0 and the library
+/// key (no-access has two spellings with the same meaning, `01` and `11`, whoever owns the
+/// key), so that only a value granting every key says nothing.
+fn marker_mask(klib: mpkvirt_sys::Pkey) -> u32 {
+    !0b11 & !Pkru::key_mask(klib)
+}
+
 /// Spells the context into the PKRU the gate exit installs (see [`note_context`]).
 fn mark_context(rec: &mut ThreadRecord) {
-    if root().library_key().is_none() {
-        return;
+    if let Some(k) = root().library_key() {
+        rec.gate.pkru = respell(rec.gate.pkru, marker_mask(k), rec.interrupted);
     }
-    let managed = root()
-        .managed_mask
-        .load(std::sync::atomic::Ordering::Relaxed);
-    rec.gate.pkru = respell(rec.gate.pkru, managed, rec.interrupted);
 }
 
 /// `pkru` with its no-access managed keys spelled for a handler's context (`11`) or the
@@ -638,10 +641,10 @@ fn respell(pkru: u32, managed: u32, handler: bool) -> u32 {
 
 /// The PKRU of the thread's normal context (the value spelled for it).
 pub(crate) fn normal_pkru(rec: &ThreadRecord) -> u32 {
-    let managed = root()
-        .managed_mask
-        .load(std::sync::atomic::Ordering::Relaxed);
-    respell(rec.gate.pkru, managed, false)
+    match root().library_key() {
+        Some(k) => respell(rec.gate.pkru, marker_mask(k), false),
+        None => rec.gate.pkru,
+    }
 }
 
 /// The pthread key whose destructor ends a thread's views when it exits.
