@@ -111,6 +111,8 @@ pub struct ThreadStats {
 #[derive(Debug)]
 struct Handle<B: Backend> {
     m: MgrRef,
+    /// Where the manager's state lives (the direct path of cooperative mode).
+    shared: usize,
     keys: Vec<Pkey>,
     kind: BackendKind,
     config: Config,
@@ -192,6 +194,7 @@ impl<B: Backend> Manager<B> {
         Ok(Manager {
             h: Arc::new(Handle {
                 m: info.m,
+                shared: info.ptr,
                 keys: info.keys[..info.nkeys].to_vec(),
                 kind: info.kind,
                 config,
@@ -380,7 +383,8 @@ impl<B: Backend> Manager<B> {
                     read_only: ro & (1 << k) != 0,
                 };
             }
-            ops::enter_direct::<B>(rec, self.h.m, &items[..n])
+            // SAFETY: `self.h` names a manager of type `B` and keeps it alive for the call.
+            unsafe { ops::enter_direct::<B>(rec, self.h.shared, &items[..n]) }
         });
         if let Some(r) = direct {
             return r;
@@ -409,8 +413,11 @@ impl<B: Backend> Manager<B> {
 
     fn leave(&self, id: u64) -> Result<()> {
         let code = ops::code::<B>(ops::V_LEAVE);
-        if let Some(r) = crate::gate::direct(code, |rec| ops::leave_direct::<B>(rec, self.h.m, id))
-        {
+        let direct = crate::gate::direct(code, |rec| {
+            // SAFETY: `self.h` names a manager of type `B` and keeps it alive for the call.
+            unsafe { ops::leave_direct::<B>(rec, self.h.shared, id) }
+        });
+        if let Some(r) = direct {
             return r;
         }
         call(

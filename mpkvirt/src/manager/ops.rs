@@ -164,6 +164,8 @@ impl ConfigPod {
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct MgrInfo {
     pub(crate) m: MgrRef,
+    /// Where the manager's state lives (for the direct path of cooperative mode only).
+    pub(crate) ptr: usize,
     pub(crate) keys: [Pkey; 16],
     pub(crate) nkeys: usize,
     pub(crate) kind: BackendKind,
@@ -553,6 +555,7 @@ fn create<B: Backend>(i: CreateIn) -> Result<MgrInfo> {
     // below), and `slot_idx` is written once here.
     unsafe { (*ptr).slot_idx = idx as u32 };
     Ok(MgrInfo {
+        ptr: ptr as usize,
         m: MgrRef {
             idx: idx as u32,
             uid,
@@ -705,36 +708,56 @@ fn end_since<B: Backend>(rec: &mut ThreadRecord, m: MgrRef, cx: &mut ThreadCx, m
     }
 }
 
+/// The state of a manager a live handle names, for the direct path (cooperative mode: the
+/// program is trusted, and the handle keeps the manager alive for the whole call, so no
+/// lookup or announcement is needed).
+///
+/// # Safety
+///
+/// `ptr` must be the `MgrInfo::ptr` of a manager of type `B` whose handle the caller holds
+/// for as long as the returned reference is used.
+unsafe fn held<'a, B: Backend>(ptr: usize) -> &'a Shared<B> {
+    // SAFETY: per the contract, a `Shared<B>` made by `create` and not yet released (its
+    // last handle is alive).
+    unsafe { &*(ptr as *const Shared<B>) }
+}
+
 /// Enters a view directly (cooperative mode, see `gate::direct`).
-pub(crate) fn enter_direct<B: Backend>(
+///
+/// # Safety
+///
+/// As [`held`].
+pub(crate) unsafe fn enter_direct<B: Backend>(
     rec: &mut ThreadRecord,
-    m: MgrRef,
+    ptr: usize,
     view: &[ViewItem],
 ) -> Result<u64> {
-    let out = (|| {
-        let sh = with_mgr::<B>(rec, m)?;
-        if view.len() > sh.nkeys {
-            return Err(Error::ViewTooLarge {
-                domains: view.len(),
-                keys: sh.nkeys,
-            });
-        }
-        let cx = cx_of(sh, rec)?;
-        views::enter(sh, rec, cx, view).map(|t| t.id)
-    })();
-    rec.active_mgr.store(NO_MGR, Ordering::Release);
-    out
+    // SAFETY: forwarded to the caller.
+    let sh = unsafe { held::<B>(ptr) };
+    if view.len() > sh.nkeys {
+        return Err(Error::ViewTooLarge {
+            domains: view.len(),
+            keys: sh.nkeys,
+        });
+    }
+    let cx = cx_of(sh, rec)?;
+    views::enter(sh, rec, cx, view).map(|t| t.id)
 }
 
 /// Leaves a view directly (cooperative mode, see `gate::direct`).
-pub(crate) fn leave_direct<B: Backend>(rec: &mut ThreadRecord, m: MgrRef, id: u64) -> Result<()> {
-    let out = (|| {
-        let sh = with_mgr::<B>(rec, m)?;
-        let cx = cx_of(sh, rec)?;
-        views::leave(sh, rec, cx, id)
-    })();
-    rec.active_mgr.store(NO_MGR, Ordering::Release);
-    out
+///
+/// # Safety
+///
+/// As [`held`].
+pub(crate) unsafe fn leave_direct<B: Backend>(
+    rec: &mut ThreadRecord,
+    ptr: usize,
+    id: u64,
+) -> Result<()> {
+    // SAFETY: forwarded to the caller.
+    let sh = unsafe { held::<B>(ptr) };
+    let cx = cx_of(sh, rec)?;
+    views::leave(sh, rec, cx, id)
 }
 
 /// [`shared`] for the C API.
