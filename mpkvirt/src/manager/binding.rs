@@ -211,6 +211,8 @@ pub(crate) fn bind<B: Backend>(
     rec.slot.set(Some(slot));
     sh.slots[slot].set_owner(d.uid);
     inner.bound[slot] = Some(d);
+    inner.bindings += 1;
+    inner.bound_at[slot] = inner.bindings;
     inner.policy.bind(slot, d.uid);
     inner.stats.misses += 1;
     Ok(Bound::Slot(slot))

@@ -137,6 +137,10 @@ pub(crate) struct Inner {
     pub(crate) policy: LivePolicy<Meta>,
     /// The domain bound to each slot.
     pub(crate) bound: [Option<DomRef>; MAX_SLOTS],
+    /// When each slot was last bound (a counter of bindings): waiters drain the slot bound
+    /// longest ago, so that keys rotate among contending threads.
+    pub(crate) bound_at: [u64; MAX_SLOTS],
+    pub(crate) bindings: u64,
     /// Sum of all threads' use counters of each slot when last swept into the policy.
     pub(crate) seen_uses: [u32; MAX_SLOTS],
     /// Pin cells of the threads evictors must look at (see `keycache::Registered`).
@@ -303,6 +307,8 @@ impl<B: Backend> Shared<B> {
             inner: Mutex::new(Inner {
                 policy: crate::policy::new_policy_in(config.policy, nkeys, Meta),
                 bound,
+                bound_at: [0; MAX_SLOTS],
+                bindings: 0,
                 seen_uses: [0; MAX_SLOTS],
                 threads: MVec::new_in(Meta),
                 free: FreeRanges::new_in(Meta),

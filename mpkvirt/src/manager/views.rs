@@ -43,7 +43,6 @@ use crate::error::{Error, Result};
 use crate::gate::ThreadRecord;
 use crate::keycache::{self, DRAINING};
 use crate::meta::lock;
-use crate::policy::Policy;
 
 use super::binding::{self, Bound};
 use super::shared::{DomRef, DomainRec, Entry, Inner, Shared, SlotIter, ThreadCx};
@@ -271,7 +270,8 @@ fn slow_enter<B: Backend>(
         let was_head = inner.queue.first() == Some(&me);
         inner.queue.retain(|&p| p != me);
         sh.waiters.fetch_sub(1, Ordering::SeqCst);
-        if was_head {
+        // Drains serve the whole queue: they end only when nobody waits any more.
+        if was_head && inner.queue.is_empty() {
             binding::undrain(sh, &mut inner);
         }
         drop(inner);
@@ -390,10 +390,14 @@ fn drain<B: Backend>(
     view: &[ViewItem],
     recs: &[Option<&DomainRec>],
 ) {
+    // The head's missing keys, and one for every thread queued behind it: the keys rotate
+    // through the whole queue while threads whose domains stay resident would otherwise keep
+    // them on the hit path for as long as they like.
     let missing = recs
         .iter()
         .filter(|r| r.is_some_and(|r| r.slot.get().is_none()))
-        .count();
+        .count()
+        + inner.queue.len().saturating_sub(1);
     let have = inner.draining.count_ones() as usize;
     if missing <= have {
         return;
@@ -425,7 +429,13 @@ fn drain<B: Backend>(
         if nc == 0 {
             break;
         }
-        let v = inner.policy.victim(&candidates[..nc]);
+        // Not the policy's choice: with threads queued, every resident domain is in use, and
+        // the least recently used one is arbitrary. The slot bound longest ago goes first, so
+        // keys rotate among the contending threads and none keeps its key for good.
+        let v = *candidates[..nc]
+            .iter()
+            .min_by_key(|&&s| inner.bound_at[s])
+            .expect("nc > 0");
         let owner = sh.slots[v].owner_locked();
         sh.slots[v].set_owner(owner | DRAINING);
         inner.draining |= 1 << v;
