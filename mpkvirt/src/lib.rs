@@ -45,10 +45,13 @@
 //!
 //! # Where each invariant lives
 //!
-//! See `ARCHITECTURE.md` at the repository root: accessible-iff-granted (`manager.rs`,
-//! checked against `tests/model.rs`), no re-binding while pinned (`keycache.rs` and the loom
-//! model at its end), the hit path (`manager.rs`, `tests/hit_path.rs`), one re-tag per range
-//! (`backend/*`), remaps re-apply keys (`manager.rs::reset`/`map_fd`).
+//! See `ARCHITECTURE.md` at the repository root, which lists every invariant with the file
+//! that keeps it and the test that proves it, and the threat model: accessible-iff-granted
+//! (`manager/views.rs`, checked against `tests/model.rs` and `tests/concurrent.rs`), no
+//! re-binding while pinned (`keycache.rs`, `manager/binding.rs`, loom models), library state
+//! behind the call gate (`meta.rs`, `gate.rs`, `tests/gates.rs`), the hit path
+//! (`manager/views.rs`, `tests/hit_path.rs`), process-wide rights (`manager/global.rs`,
+//! `tests/process_wide.rs`), signal handlers (`gate.rs`, `tests/signals.rs`).
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
 #![doc(test(attr(deny(warnings))))]
