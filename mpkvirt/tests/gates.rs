@@ -46,13 +46,14 @@
 
 mod common;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
+use iced_x86::{Decoder, DecoderOptions, FlowControl, Instruction, Mnemonic};
 use mpkvirt::{Config, DomainOptions, Manager, MetadataMode, Rights};
 use mpkvirt_sys::require_pku;
 use mpkvirt_sys::signal::SegvCode;
@@ -1004,8 +1005,128 @@ fn the_escalation_criterion_flags_only_rights_beyond_the_threads() {
     assert_eq!(escalation(legit | (2 << 6), legit, Some(klib)), None);
 }
 
+/// Whether `i` transfers control through a far pointer on the stack or in memory: far RET,
+/// IRET, far CALL (far JMP reads its pointer with an ordinary load and is not one).
+fn is_far_transfer(i: &Instruction) -> bool {
+    matches!(
+        i.mnemonic(),
+        Mnemonic::Retf | Mnemonic::Iret | Mnemonic::Iretd | Mnemonic::Iretq
+    ) || i.is_call_far()
+        || i.is_call_far_indirect()
+}
+
+/// The offsets below `len` of `window` (code loaded at `ip`, the attacked symbol first and
+/// some bytes after it) from which execution may reach a far transfer before it rejoins the
+/// instruction stream that starts at offset 0.
+///
+/// QEMU's TCG (7.2, the PKU guest's) performs the stack reads of a far RET or IRET and the
+/// pushes of a far CALL executed in user mode as supervisor accesses: with SMAP on they fault
+/// as "supervisor read access in user mode", which the guest kernel treats as an oops and
+/// panics (`oops=panic`), taking every later test with it. On hardware the same attempt
+/// faults in user mode (#GP on the garbage CS) and the child dies like any other. The sweep
+/// therefore leaves these offsets out unless `MPKVIRT_GADGET_FAR_TRANSFERS=attempt`, and says
+/// how many it left out; the walk follows fall-through and direct branches inside `window`,
+/// and stops at invalid encodings, indirect branches, returns and interrupts.
+fn far_transfer_offsets(window: &[u8], ip: u64, len: usize) -> BTreeSet<usize> {
+    let decode_at = |p: usize| {
+        let mut d = Decoder::with_ip(64, &window[p..], ip + p as u64, DecoderOptions::NONE);
+        d.decode()
+    };
+    let mut stream = BTreeSet::new();
+    let mut p = 0;
+    while p < window.len() {
+        let i = decode_at(p);
+        if i.is_invalid() {
+            break;
+        }
+        assert!(
+            p >= len || !is_far_transfer(&i),
+            "the gate itself has a far transfer at +{p:#x}"
+        );
+        stream.insert(p);
+        p += i.len();
+    }
+    let within = |t: u64| {
+        t.checked_sub(ip)
+            .map(|o| o as usize)
+            .filter(|&o| o < window.len())
+    };
+    let mut far = BTreeSet::new();
+    for off in 0..len {
+        let mut todo = vec![off];
+        let mut seen = BTreeSet::new();
+        while let Some(p) = todo.pop() {
+            if (p != off && stream.contains(&p)) || !seen.insert(p) || seen.len() > 512 {
+                continue;
+            }
+            let i = decode_at(p);
+            if i.is_invalid() {
+                continue;
+            }
+            if is_far_transfer(&i) {
+                far.insert(off);
+                break;
+            }
+            let next = p + i.len();
+            match i.flow_control() {
+                FlowControl::Next | FlowControl::XbeginXabortXend => todo.push(next),
+                FlowControl::ConditionalBranch => {
+                    todo.push(next);
+                    todo.extend(within(i.near_branch_target()));
+                }
+                FlowControl::UnconditionalBranch | FlowControl::Call => {
+                    todo.extend(within(i.near_branch_target()));
+                }
+                FlowControl::IndirectBranch
+                | FlowControl::IndirectCall
+                | FlowControl::Return
+                | FlowControl::Interrupt
+                | FlowControl::Exception => {}
+            }
+        }
+    }
+    far
+}
+
+#[test]
+fn far_transfer_offsets_find_far_returns_inside_other_instructions() {
+    // mov 0x6a9ca(%rip), %rsp; ret: from +3 the bytes read `lret $0x6a9`.
+    let code = [0x48, 0x8b, 0x25, 0xca, 0xa9, 0x06, 0x00, 0xc3];
+    assert_eq!(
+        far_transfer_offsets(&code, 0x1000, code.len()),
+        BTreeSet::from([3])
+    );
+    // The same load of 0x6a9c9: no far transfer anywhere.
+    let code = [0x48, 0x8b, 0x25, 0xc9, 0xa9, 0x06, 0x00, 0xc3];
+    assert!(far_transfer_offsets(&code, 0x1000, code.len()).is_empty());
+    // A short jump from +1 (`eb 03`) over two bytes to `48 cf` (iretq); from +0 the bytes
+    // are `b0 eb`, `03 ...`: the stream jumps nowhere near it.
+    let code = [0xb0, 0xeb, 0x03, 0x90, 0x90, 0x48, 0xcf, 0xc3];
+    let far = far_transfer_offsets(&code[..], 0x1000, 5);
+    assert!(far.contains(&1), "{far:?}");
+    assert!(!far.contains(&0), "{far:?}");
+}
+
+/// The offsets of symbol `name` (`len` bytes) that the sweep leaves out: see
+/// [`far_transfer_offsets`].
+fn skipped_offsets(name: &str, len: usize) -> BTreeSet<usize> {
+    if std::env::var("MPKVIRT_GADGET_FAR_TRANSFERS").as_deref() == Ok("attempt") {
+        return BTreeSet::new();
+    }
+    let elf = Elf::read(&std::env::current_exe().unwrap()).unwrap();
+    let s = elf.symbol(name).expect("symbol").clone();
+    let (sec, code) = elf
+        .code()
+        .find(|(sec, _)| sec.addr <= s.value && s.value < sec.addr + sec.size)
+        .expect("section");
+    let at = us(s.value - sec.addr);
+    let end = (at + len + 64).min(code.len());
+    far_transfer_offsets(&code[at..end], s.value, len)
+}
+
 /// Attempts at every byte of `gate` (`len` bytes) with every forged set; returns the
-/// outcomes by (offset, set).
+/// outcomes by (offset, set). Offsets from which a far transfer is reachable are left out
+/// (see [`far_transfer_offsets`]) and have no outcome.
 fn attack_gate(
     name: &str,
     gate: usize,
@@ -1014,7 +1135,11 @@ fn attack_gate(
     sets: &[Forged],
 ) -> BTreeMap<(usize, usize), Outcome> {
     let mut out = BTreeMap::new();
+    let skipped = skipped_offsets(name, len);
     for off in 0..len {
+        if skipped.contains(&off) {
+            continue;
+        }
         for (i, s) in sets.iter().enumerate() {
             let o = attempt(
                 arena,
@@ -1044,7 +1169,9 @@ fn attack_gate(
         *summary.entry(k).or_default() += 1;
     }
     println!(
-        "{name}: {len} offsets x {} register sets = {} attempts: {summary:?}",
+        "{name}: {len} offsets ({} left out: a far transfer is reachable, {skipped:#x?}) x {} \
+         register sets = {} attempts: {summary:?}",
+        skipped.len(),
         sets.len(),
         out.len()
     );
