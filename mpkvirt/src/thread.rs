@@ -19,9 +19,21 @@ use crate::ops::{OP_SPAWN_DONE, OP_SPAWN_PREPARE, call};
 /// # Errors
 ///
 /// [`crate::Error::Reentrant`] from a signal handler that interrupted the library.
+/// If `f` unwinds, the calling thread's rights come back all the same (the unwind goes on).
 pub fn without_rights<R>(f: impl FnOnce() -> R) -> Result<R> {
+    /// Ends the rightless window if `f` unwinds (forgotten when it returns).
+    struct Done;
+    impl Drop for Done {
+        fn drop(&mut self) {
+            // During an unwind there is no one to report an error to; a refused op (from a
+            // handler that interrupted the library) changes nothing.
+            let _ = call::<(), ()>(OP_SPAWN_DONE, ());
+        }
+    }
     call::<(), ()>(OP_SPAWN_PREPARE, ())?;
+    let done = Done;
     let r = f();
+    std::mem::forget(done);
     call::<(), ()>(OP_SPAWN_DONE, ())?;
     Ok(r)
 }

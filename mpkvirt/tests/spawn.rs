@@ -121,3 +121,26 @@ fn pku_a_thread_spawned_inside_a_view_reads_the_keys_next_owner_unless_made_by_t
     wrapped.join().unwrap();
     plain.join().unwrap();
 }
+
+/// `without_rights(f)` ends its rightless window even when `f` unwinds: a panic while
+/// creating threads, caught further up, must not leave the thread in the window, where every
+/// op computes its PKRU without its views (views entered afterwards would grant nothing).
+#[test]
+fn pku_a_panic_inside_without_rights_leaves_later_views_their_rights() {
+    let _pku = require_pku!();
+    let _g = common::real_backend();
+    let mgr = Manager::with_backend(Hardware::new(2).unwrap(), config(2)).unwrap();
+    let d = mgr.create_domain(DomainOptions::reserve(4096)).unwrap();
+    let addr = d.base().as_ptr() as usize;
+    let caught = std::panic::catch_unwind(|| {
+        mpkvirt::thread::without_rights(|| panic!("thread creation failed")).unwrap()
+    });
+    assert!(caught.is_err(), "the panic propagates");
+    let v = mgr.enter(&[(&d, Rights::ReadWrite)]).unwrap();
+    let w = mgr.write_byte(addr, 1);
+    drop(v);
+    assert!(
+        w.is_ok(),
+        "a view entered after a panic in without_rights grants nothing: {w:?}"
+    );
+}
