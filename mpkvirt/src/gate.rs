@@ -440,17 +440,20 @@ pub(crate) fn retire_record(rec: &mut ThreadRecord) {
     rec.dead = true;
 }
 
-/// Every live thread record's address (for process-wide operations).
-pub(crate) fn live_records() -> MVec<usize> {
+/// Whether a live thread other than the one of record `me` is inside an op on the manager in
+/// registry slot `idx`. A record whose thread is gone is passed over: a thread that ended
+/// inside an op keeps its `active_mgr` for good.
+pub(crate) fn op_in_flight(idx: u32, me: usize) -> bool {
     let records = lock(&root().records);
-    let mut live = MVec::with_capacity_in(records.len(), Meta);
-    for &addr in records.iter() {
-        // SAFETY: see `register`: reading `dead` of any record is safe.
-        if !unsafe { &*(addr as *const ThreadRecord) }.dead {
-            live.push(addr);
-        }
-    }
-    live
+    records.iter().any(|&addr| {
+        // SAFETY: see `register`: `dead`, `tid` and the atomics of any record may be read
+        // under the records lock.
+        let rec = unsafe { &*(addr as *const ThreadRecord) };
+        addr != me
+            && !rec.dead
+            && rec.active_mgr.load(std::sync::atomic::Ordering::SeqCst) == idx
+            && tgkill(rec.tid, 0).is_ok()
+    })
 }
 
 /// The dispatcher the gate calls, on the thread's library stack, after identifying the
