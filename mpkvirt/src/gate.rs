@@ -20,7 +20,16 @@
 //! (the thread pointer): a thread created by `clone` inherits its creator's GS base, and the
 //! gate, seeing a foreign owner, registers the new thread with a record of its own. A thread's
 //! exit (a thread-local destructor) ends its views and marks the record dead; the record is
-//! reused once `tgkill(tid, 0)` says the thread is gone.
+//! reused once `tgkill(tid, 0)` says the thread is gone and no thread is inside it.
+//!
+//! The FS base alone is not an identity: glibc hands an ended thread's stack and TCB (so its
+//! FS base) to the next thread it creates, which may have inherited a GS base still pointing
+//! at the ended thread's record. So a record is also bound to its thread's id. The fast path
+//! compares the FS base only; a record whose thread's exit hook ran, or was never armed (a
+//! thread registered by the sync signal), is checked by id in the dispatcher
+//! ([`confirm_owner`]), and a thread on an ended thread's TCB adopts that record ([`adopt`]):
+//! the ended thread's leftovers end, and the record is re-issued bound to the new id — never
+//! shared by two live threads.
 //!
 //! # Safety
 //!
@@ -176,8 +185,9 @@ fn register(entry: Pkru) -> Result<()> {
         // `dead`/`tid` change only under this lock.
         let rec = unsafe { &*(addr as *const ThreadRecord) };
         // A dead record, or one whose thread never left state behind (registered by the
-        // sync signal, no exit hook): reusable once its thread is gone.
-        (rec.dead || !rec.holds_state()) && tgkill(rec.tid, 0).is_err()
+        // sync signal, no exit hook): reusable once its thread is gone, unless some thread is
+        // inside it (its library stack is in use).
+        (rec.dead || !rec.holds_state()) && rec.gate.busy == 0 && tgkill(rec.tid, 0).is_err()
     });
     let addr = match reusable {
         Some(addr) => addr,
@@ -218,33 +228,83 @@ fn register(entry: Pkru) -> Result<()> {
             addr
         }
     };
-    // SAFETY: `addr` is a record that no live thread uses (new, or dead with its thread gone);
-    // it becomes this thread's alone.
+    // SAFETY: `addr` is a record that no live thread uses (new, or dead with its thread gone,
+    // and no thread inside it); it becomes this thread's alone.
     let rec = unsafe { &mut *(addr as *mut ThreadRecord) };
     debug_assert!(!rec.holds_state(), "dead records hold no state");
     rec.gate.self_addr = addr as u64;
-    rec.gate.pkru = r.base_pkru(entry).bits();
     rec.gate.busy = 0;
     rec.tid = tid;
     rec.dead = false;
     rec.gate.owner_fs = t.fs_base() as u64;
-    rec.fresh = true;
-    rec.interrupted = false;
-    rec.sig_floor = None;
-    rec.hooked = false;
-    rec.exited = false;
-    rec.spawning = false;
     drop(records);
-    // The process-wide rights in force.
-    rec.synced.store(0, std::sync::atomic::Ordering::Relaxed);
-    crate::manager::global::acknowledge(rec, None);
-    rec.ensure_altstack();
+    rec.issue(entry);
     // SAFETY: mpkvirt owns the thread's GS base; the record is laid out as the gates and
     // `ThreadRecord::current` expect and lives forever.
     unsafe { set_gs_base(addr) }.map_err(|_| Error::Unsupported("setting the GS base"))
 }
 
+/// Confirms that the calling thread is the record's thread, by thread id (a system call:
+/// only for records whose thread's exit hook ran or was never armed, see `run_op_unguarded`).
+/// A caller with the owner's FS base but another id is on the TCB of the record's thread,
+/// which has ended: it adopts the record ([`adopt`]). `Err` carries the status of an op that
+/// must not run on this record.
+fn confirm_owner(rec: &mut ThreadRecord, entry: Pkru) -> std::result::Result<(), u64> {
+    let me = gettid();
+    if me == rec.tid {
+        return Ok(());
+    }
+    adopt(rec, me, entry)
+}
+
+/// Re-issues the record the gate found for the calling thread, `me`, whose FS base is the
+/// record's owner's but whose id is not: glibc handed it the stack and TCB (so the thread
+/// pointer) of the record's thread, and it inherited, through `clone`, the GS base of a thread
+/// that still pointed at the record. glibc reuses a TCB only after the kernel cleared its
+/// thread id (`CLONE_CHILD_CLEARTID`), i.e. after the record's thread ran its last user
+/// instruction: nobody else can be inside the record (the gate's FS check lets only the TCB's
+/// current thread in), and what that thread left behind (views of a thread whose exit hook
+/// never ran) is ended here as its exit hook would have ended it. The record is then bound to
+/// `me` under the records lock (from now on `tgkill(me, 0)` keeps `register` from handing it
+/// to anyone else) and starts afresh.
+fn adopt(rec: &mut ThreadRecord, me: i32, entry: Pkru) -> std::result::Result<(), u64> {
+    {
+        let _records = lock(&root().records);
+        if rec.gate.owner_fs != fsgs().fs_base() as u64 {
+            // `register` re-issued the record (its thread was gone) to another thread between
+            // the gate's FS check and now: the caller registers on its next attempt.
+            return Err(crate::ops::STATUS_RETRY);
+        }
+        rec.tid = me;
+        rec.dead = false;
+    }
+    rec.active_mgr
+        .store(NO_MGR, std::sync::atomic::Ordering::SeqCst);
+    if rec.holds_state() {
+        crate::manager::ops::thread_exit(rec);
+        crate::capi::thread_exit(rec);
+    }
+    rec.issue(entry);
+    Ok(())
+}
+
 impl ThreadRecord {
+    /// Starts the record afresh for the thread it was just bound to (`tid`, `owner_fs`, `dead`
+    /// set under the records lock): no view, no hook, the base PKRU for `entry`, and the
+    /// process-wide rights in force.
+    fn issue(&mut self, entry: Pkru) {
+        self.gate.pkru = root().base_pkru(entry).bits();
+        self.fresh = true;
+        self.interrupted = false;
+        self.sig_floor = None;
+        self.hooked = false;
+        self.exited = false;
+        self.spawning = false;
+        self.synced.store(0, std::sync::atomic::Ordering::Relaxed);
+        crate::manager::global::acknowledge(self, None);
+        self.ensure_altstack();
+    }
+
     /// The thread's kernel id.
     pub(crate) fn tid(&self) -> i32 {
         self.tid
@@ -374,22 +434,26 @@ pub(crate) fn unacknowledged(tids: &[i32], epoch: u64, mut each: impl FnMut(i32)
 /// Marks the calling thread's record dead (its thread is ending; its views are already
 /// gone). Inside an op.
 pub(crate) fn retire_record(rec: &mut ThreadRecord) {
-    // The owner stays: later calls of the exiting thread still find the record, and fail.
+    // The owner stays: later calls of the exiting thread still find the record, and fail
+    // (`confirm_owner`: same thread id); a thread glibc gives its TCB to adopts it.
     rec.exited = true;
     rec.dead = true;
 }
 
-/// Every live thread record's address (for process-wide operations).
-pub(crate) fn live_records() -> MVec<usize> {
+/// Whether a live thread other than the one of record `me` is inside an op on the manager in
+/// registry slot `idx`. A record whose thread is gone is passed over: a thread that ended
+/// inside an op keeps its `active_mgr` for good.
+pub(crate) fn op_in_flight(idx: u32, me: usize) -> bool {
     let records = lock(&root().records);
-    let mut live = MVec::with_capacity_in(records.len(), Meta);
-    for &addr in records.iter() {
-        // SAFETY: see `register`: reading `dead` of any record is safe.
-        if !unsafe { &*(addr as *const ThreadRecord) }.dead {
-            live.push(addr);
-        }
-    }
-    live
+    records.iter().any(|&addr| {
+        // SAFETY: see `register`: `dead`, `tid` and the atomics of any record may be read
+        // under the records lock.
+        let rec = unsafe { &*(addr as *const ThreadRecord) };
+        addr != me
+            && !rec.dead
+            && rec.active_mgr.load(std::sync::atomic::Ordering::SeqCst) == idx
+            && tgkill(rec.tid, 0).is_ok()
+    })
 }
 
 /// The dispatcher the gate calls, on the thread's library stack, after identifying the
@@ -437,6 +501,12 @@ fn run_op_unguarded<R>(
     body: impl FnOnce(&mut ThreadRecord) -> R,
 ) -> std::result::Result<R, u64> {
     rec.entry_pkru = Pkru::from_bits(entry_pkru);
+    // The gate told the thread by its FS base, which glibc hands on with the TCB of an ended
+    // thread. A record whose thread armed its exit hook and has not run it is its thread's
+    // (the hook runs when it ends); any other is checked by thread id (`confirm_owner`).
+    if rec.exited || !rec.hooked {
+        confirm_owner(rec, Pkru::from_bits(entry_pkru))?;
+    }
     if rec.exited && op != crate::ops::OP_SYNC {
         // The thread's exit hook ran: a call now would leave state nobody cleans up. (Taking
         // new process-wide rights leaves none, and a revocation waits for it.)
@@ -521,6 +591,9 @@ pub(crate) fn direct<R>(
         Ok(r) => r,
         Err(crate::ops::STATUS_EXITING) => Err(Error::Unsupported(
             "library calls while the thread is exiting",
+        )),
+        Err(crate::ops::STATUS_RETRY) => Err(Error::Unsupported(
+            "identifying the calling thread (its record was re-issued meanwhile)",
         )),
         Err(_) => Err(Error::Unsupported(
             "an internal error of mpkvirt (a panic inside the library)",
@@ -691,18 +764,30 @@ fn arm_exit_hook(rec: &mut ThreadRecord) {
 /// metadata cannot be initialised.
 pub(crate) fn call(op: u64, args: *mut u8) -> Result<u64> {
     let mode = meta::init()?;
-    let status = match mode {
-        // SAFETY: `init` set up the root (boot stack, PKRU values) and checked OSPKE and
-        // FSGSBASE; mpkvirt owns the GS base; `args` is the block the op expects.
-        MetadataMode::Protected => Ok(unsafe { mpkvirt_asm::mpkvirt_gate_call(op, args) }),
-        // SAFETY: as above, minus OSPKE (this variant executes no PKRU instruction).
-        MetadataMode::GateOnly => Ok(unsafe { mpkvirt_asm::mpkvirt_gate_call_nopku(op, args) }),
-        MetadataMode::Cooperative => cooperative_call(op, args),
+    let mut attempts = 0;
+    let status = loop {
+        let status = match mode {
+            // SAFETY: `init` set up the root (boot stack, PKRU values) and checked OSPKE and
+            // FSGSBASE; mpkvirt owns the GS base; `args` is the block the op expects.
+            MetadataMode::Protected => Ok(unsafe { mpkvirt_asm::mpkvirt_gate_call(op, args) }),
+            // SAFETY: as above, minus OSPKE (this variant executes no PKRU instruction).
+            MetadataMode::GateOnly => Ok(unsafe { mpkvirt_asm::mpkvirt_gate_call_nopku(op, args) }),
+            MetadataMode::Cooperative => cooperative_call(op, args),
+        }?;
+        // The record the thread was about to adopt went to another thread (see `adopt`):
+        // the gate registers the caller on the next attempt.
+        attempts += 1;
+        if status != crate::ops::STATUS_RETRY || attempts == 3 {
+            break status;
+        }
     };
-    match status? {
+    match status {
         GATE_BUSY => Err(Error::Reentrant),
         crate::ops::STATUS_EXITING => Err(Error::Unsupported(
             "library calls while the thread is exiting",
+        )),
+        crate::ops::STATUS_RETRY => Err(Error::Unsupported(
+            "identifying the calling thread (its record was re-issued meanwhile)",
         )),
         GATE_UNREGISTERED => Err(Error::Unsupported("registering the calling thread")),
         s => Ok(s),

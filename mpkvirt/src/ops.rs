@@ -36,6 +36,9 @@ pub(crate) const STATUS_BAD_CALL: u64 = 0x8000_0000_0000_0010;
 pub(crate) const STATUS_PANIC: u64 = 0x8000_0000_0000_0011;
 /// The thread's exit hook ran already; nothing was done.
 pub(crate) const STATUS_EXITING: u64 = 0x8000_0000_0000_0012;
+/// The record the gate found for the thread was re-issued to another thread before the op
+/// could adopt it (`gate::adopt`); nothing was done, and the next attempt registers.
+pub(crate) const STATUS_RETRY: u64 = 0x8000_0000_0000_0013;
 
 /// Ends the calling thread's views and retires its record.
 pub(crate) const OP_THREAD_EXIT: u64 = 1;

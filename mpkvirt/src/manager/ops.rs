@@ -566,6 +566,9 @@ fn create<B: Backend>(i: CreateIn) -> Result<MgrInfo> {
     })
 }
 
+/// How much longer than `pin_wait` dropping a manager waits for other threads' ops on it.
+const RELEASE_MARGIN: Duration = Duration::from_secs(2);
+
 /// Tears manager `m` down (its last handle is gone).
 fn release<B: Backend>(rec: &mut ThreadRecord, m: MgrRef) -> Result<()> {
     let Some(p) = root().lookup(m.idx, m.uid, B::TAG) else {
@@ -585,18 +588,31 @@ fn release<B: Backend>(rec: &mut ThreadRecord, m: MgrRef) -> Result<()> {
     root().release_slot(m.idx as usize);
     let _ = binding::heavy_fence(sh.fence);
     let me = rec as *const ThreadRecord as usize;
+    // A thread that ended inside an op (a signal handler ended it in a wait) keeps
+    // `active_mgr` for good: only ops of live threads are waited for, and for no longer than
+    // an op can wait for keys, plus a margin.
+    let bound = sh.config.pin_wait.saturating_add(RELEASE_MARGIN);
+    let mut start = None;
+    let mut rounds = 0u32;
     loop {
-        let busy = crate::gate::live_records().iter().any(|&r| {
-            r != me && {
-                // SAFETY: live record addresses (see `gate::live_records`).
-                let r = unsafe { &*(r as *const ThreadRecord) };
-                r.active_mgr.load(Ordering::SeqCst) == m.idx
-            }
-        });
-        if !busy {
+        if !crate::gate::op_in_flight(m.idx, me) {
             break;
         }
-        std::thread::yield_now();
+        // (The clock only once some op is in flight: no system call otherwise.)
+        if start.get_or_insert_with(std::time::Instant::now).elapsed() >= bound {
+            // Freeing state an op may still use is never an option: it stays, unreachable
+            // (the registry slot is released), and so do its keys.
+            crate::fault::log_line(
+                "mpkvirt: manager dropped while a thread is stuck inside an op on it; its state and keys are left in place\n",
+            );
+            return Ok(());
+        }
+        rounds += 1;
+        if rounds < 1000 {
+            std::thread::yield_now();
+        } else {
+            std::thread::sleep(Duration::from_millis(1));
+        }
     }
     // A view whose guard was forgotten still pins its key, and its thread may still have the
     // rights: such keys must never be handed on.
@@ -668,7 +684,8 @@ fn end_and_unlist<B: Backend>(rec: &mut ThreadRecord, m: MgrRef, cx: &mut Thread
     let me: *const ThreadCx = cx;
     let mut inner = lock(&sh.inner);
     inner.threads.retain(|&t| t != me);
-    inner.queue.retain(|&t| t != me);
+    // (A thread that ended inside a wait, whose record another thread adopts: `gate::adopt`.)
+    views::unqueue(sh, &mut inner, |w| w.cx == me);
 }
 
 /// Ends the calling thread's views entered after `mark`, with every manager (never views a

@@ -131,6 +131,16 @@ impl ThreadCx {
     }
 }
 
+/// A thread in a manager's queue.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Waiter {
+    pub(crate) cx: *const ThreadCx,
+    /// Its thread's id (to tell a waiter that stopped looking at the queue from one that died).
+    pub(crate) tid: i32,
+    /// When it last looked at the queue (a waiting thread does at least every `SYNC_POLL`).
+    pub(crate) seen: std::time::Instant,
+}
+
 /// The part of a manager behind its lock.
 #[derive(Debug)]
 pub(crate) struct Inner {
@@ -152,8 +162,8 @@ pub(crate) struct Inner {
     /// Id of the next arena (reservation) the manager makes: free ranges merge only within
     /// one.
     pub(crate) next_arena: u32,
-    /// Threads waiting for keys, first come first served (their `ThreadCx`).
-    pub(crate) queue: MVec<*const ThreadCx>,
+    /// Threads waiting for keys, first come first served.
+    pub(crate) queue: MVec<Waiter>,
     /// Slots being drained for the head of the queue (bit i: slot i).
     pub(crate) draining: u16,
     /// Slots whose domain has process-wide rights (never evicted or drained; see

@@ -18,7 +18,11 @@
 //! get the DRAINING bit, so new users of those domains fall to the slow path and queue behind
 //! it — and sleeps on a futex until their pins drop. Leaving threads wake waiters when any
 //! exist (one shared-counter load on the leave path). Each waiter's wait is bounded by
-//! `Config::pin_wait`. A view that needs more keys than the thread's *own* other views leave
+//! `Config::pin_wait`. Every waiter notes when it last looked at the queue (at least every
+//! `SYNC_POLL`); one that stopped looking is checked (`tgkill`) and removed when its thread is
+//! gone or it stayed away for `STUCK` (a signal handler ended it, blocks, or left the library
+//! with `siglongjmp`): it must not stay the head for good. A removed waiter that comes back
+//! queues again at the tail. A view that needs more keys than the thread's *own* other views leave
 //! free can never succeed by waiting and fails at once with [`Error::ViewsExceedKeys`];
 //! [`Error::KeysBusy`] means only that other threads' views kept the keys.
 //!
@@ -36,7 +40,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use mpkvirt_sys::Pkru;
-use mpkvirt_sys::thread::{futex_wait, futex_wake};
+use mpkvirt_sys::thread::{futex_wait, futex_wake, tgkill};
 
 use crate::backend::Backend;
 use crate::error::{Error, Result};
@@ -45,7 +49,7 @@ use crate::keycache::{self, DRAINING};
 use crate::meta::lock;
 
 use super::binding::{self, Bound};
-use super::shared::{DomRef, DomainRec, Entry, Inner, Shared, SlotIter, ThreadCx};
+use super::shared::{DomRef, DomainRec, Entry, Inner, Shared, SlotIter, ThreadCx, Waiter};
 
 /// One domain of a view, as the op received it.
 #[derive(Clone, Copy, Debug)]
@@ -200,13 +204,22 @@ fn slow_enter<B: Backend>(
         });
     }
     let me: *const ThreadCx = cx;
+    let tid = rec.tid();
     let mut deadline: Option<Option<Instant>> = None;
     let mut queued = false;
     let result = loop {
+        if queued {
+            match inner.queue.iter_mut().find(|w| w.cx == me) {
+                Some(w) => w.seen = Instant::now(),
+                // Removed while it did not look (`prune_waiters`): it queues again, at the tail.
+                None => queued = false,
+            }
+        }
+        prune_waiters(sh, &mut inner, me);
         // First come, first served: a thread arriving while others wait queues behind them
         // (binding now could take the keys the head is draining for itself).
         let is_head = if queued {
-            inner.queue.first() == Some(&me)
+            inner.queue.first().map(|w| w.cx) == Some(me)
         } else {
             inner.queue.is_empty()
         };
@@ -246,12 +259,16 @@ fn slow_enter<B: Backend>(
                     "queueing for a key (metadata exhausted)",
                 ));
             }
-            inner.queue.push(me);
+            inner.queue.push(Waiter {
+                cx: me,
+                tid,
+                seen: now,
+            });
             sh.waiters.fetch_add(1, Ordering::SeqCst);
             queued = true;
             continue; // re-check after announcing ourselves (no lost wake-up)
         }
-        if inner.queue.first() == Some(&me) {
+        if inner.queue.first().map(|w| w.cx) == Some(me) {
             drain(sh, &mut inner, cx, view, recs);
         }
         drop(inner);
@@ -267,19 +284,59 @@ fn slow_enter<B: Backend>(
         inner = lock(&sh.inner);
     };
     if queued {
-        let was_head = inner.queue.first() == Some(&me);
-        inner.queue.retain(|&p| p != me);
-        sh.waiters.fetch_sub(1, Ordering::SeqCst);
-        // Drains serve the whole queue: they end only when nobody waits any more.
-        if was_head && inner.queue.is_empty() {
-            binding::undrain(sh, &mut inner);
-        }
-        drop(inner);
-        // The next waiter may be the head now.
-        sh.wake.fetch_add(1, Ordering::SeqCst);
-        futex_wake(&sh.wake, i32::MAX);
+        unqueue(sh, &mut inner, |w| w.cx == me);
     }
     result
+}
+
+/// How long a waiter may go without looking at the queue before its thread's liveness is
+/// checked (a live waiter looks at least every `SYNC_POLL`, when it is scheduled).
+const QUIET: Duration = Duration::from_millis(50);
+
+/// How long a live waiter may go without looking before it loses its place: its thread is
+/// stuck (a signal handler that blocks, or that left the library with `siglongjmp`). If it
+/// comes back, it queues again at the tail.
+const STUCK: Duration = Duration::from_secs(1);
+
+/// Removes waiters that stopped looking at the queue and whose thread is gone (or that have
+/// not looked for `STUCK`): a thread that never returns from a wait must not stay the head,
+/// nor keep the victims it drained (the drains end when nobody waits any more).
+fn prune_waiters<B: Backend>(sh: &Shared<B>, inner: &mut Inner, me: *const ThreadCx) {
+    // (No clock read on a miss nobody waits at: where the clock is no vDSO call, a miss makes
+    // no system call beyond binding.)
+    if inner.queue.iter().all(|w| w.cx == me) {
+        return;
+    }
+    let now = Instant::now();
+    let gone = |w: &Waiter| {
+        let quiet = now.saturating_duration_since(w.seen);
+        w.cx != me && quiet >= QUIET && (quiet >= STUCK || tgkill(w.tid, 0).is_err())
+    };
+    if inner.queue.iter().any(gone) {
+        unqueue(sh, inner, gone);
+    }
+}
+
+/// Removes the waiters `which` selects: drains end when nobody waits any more, and the
+/// others are woken (the next one may be the head now).
+pub(crate) fn unqueue<B: Backend>(
+    sh: &Shared<B>,
+    inner: &mut Inner,
+    mut which: impl FnMut(&Waiter) -> bool,
+) {
+    let before = inner.queue.len();
+    inner.queue.retain(|w| !which(w));
+    let removed = before - inner.queue.len();
+    if removed == 0 {
+        return;
+    }
+    sh.waiters.fetch_sub(removed as u32, Ordering::SeqCst);
+    // Drains serve the whole queue: they end only when nobody waits any more.
+    if inner.queue.is_empty() {
+        binding::undrain(sh, inner);
+    }
+    sh.wake.fetch_add(1, Ordering::SeqCst);
+    futex_wake(&sh.wake, i32::MAX);
 }
 
 /// Lists the thread with the evictors (under the lock) unless it is.
@@ -411,8 +468,8 @@ fn drain<B: Backend>(
             exclude |= 1 << s;
         }
     }
-    for &p in inner.queue.iter() {
-        exclude |= binding::deref_cx(p).pins.pinned_mask();
+    for w in inner.queue.iter() {
+        exclude |= binding::deref_cx(w.cx).pins.pinned_mask();
     }
     let mut candidates = [0usize; 16];
     let mut nc = 0;

@@ -1,0 +1,222 @@
+//! Threads that never come back from a wait inside the library.
+//!
+//! **Attack.** A thread can stop inside the library for good: a signal handler ends it with
+//! `SYS_exit` while it sleeps in `Manager::enter`'s slow path (a handler that blocks, or
+//! `siglongjmp`s out, has the same effect). It used to break its manager for good:
+//!
+//! - its entry stayed at the head of the FIFO queue, so every later miss queued behind it and
+//!   failed with `KeysBusy` after `pin_wait`, even with free keys, and the victims it had
+//!   drained kept their DRAINING mark, so their own hit path failed too;
+//! - its record kept `active_mgr`, so dropping the manager spun forever in `release`, which
+//!   waited for every non-dead record's op on it with no bound and no liveness check.
+//!
+//! **Defence.** Every waiter notes, under the manager's lock, each time it looks at the queue
+//! (at least every `SYNC_POLL`). A waiter that has not looked for a while is checked
+//! (`tgkill(tid, 0)`) and removed when its thread is gone, or when it has not looked for much
+//! longer (stuck in a handler): the drains end when nobody waits any more, and a live waiter
+//! that comes back requeues at the tail (`views::prune_waiters`). `release` waits only for
+//! ops of threads that are alive, and for at most `pin_wait` plus a margin; after that it
+//! leaves the manager's state in place (leaked, never freed under an op) and says so.
+//!
+//! # Safety
+//!
+//! A SIGUSR1 handler that ends its thread with the raw `exit` system call (no unwinding, no
+//! destructors: the thread's Rust state is simply abandoned, and the test never joins it).
+//! The child scenario hands that thread a manager and a domain by address: it dies before
+//! they are dropped.
+#![allow(unsafe_code, reason = "a signal handler ending its thread")]
+
+mod common;
+
+use std::process::Command;
+use std::sync::atomic::{AtomicI32, Ordering};
+use std::time::{Duration, Instant};
+
+use mpkvirt::{Config, Domain, DomainOptions, Emulated, Manager, MetadataMode, Rights};
+use mpkvirt_sys::require_pku;
+use mpkvirt_sys::thread::tgkill;
+
+extern "C" fn exit_thread(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    // SAFETY: ends only the calling thread; nothing runs on it afterwards.
+    unsafe { libc::syscall(libc::SYS_exit, 0) };
+}
+
+fn blocked_in(tid: i32) -> Option<i64> {
+    let s = std::fs::read_to_string(format!("/proc/self/task/{tid}/syscall")).ok()?;
+    s.split_whitespace().next()?.parse().ok()
+}
+
+/// One key, two domains: A holds the key with a view of `d1`; W queues for `d2` (head of the
+/// queue, drains `d1`) and is ended by its signal handler while it sleeps; then A's view
+/// ends. `w` runs W's call (with the handles it is given by address).
+fn kill_a_waiter(
+    mgr: &Manager<Emulated>,
+    d1: &Domain<Emulated>,
+    w: impl FnOnce() + Send + 'static,
+) {
+    // SAFETY: the handler only ends its own thread; it runs on the alternate stack mpkvirt
+    // gives registered threads (W sleeps on its library stack in protected mode).
+    unsafe { mpkvirt_sys::signal::install(libc::SIGUSR1, exit_thread, libc::SA_ONSTACK) }.unwrap();
+    static TID: AtomicI32 = AtomicI32::new(0);
+    TID.store(0, Ordering::SeqCst);
+    let (a_tx, a_rx) = std::sync::mpsc::channel::<()>();
+    let (a_ready_tx, a_ready_rx) = std::sync::mpsc::channel::<()>();
+    std::thread::scope(|s| {
+        let holder = s.spawn(move || {
+            let v = mgr.enter(&[(d1, Rights::ReadWrite)]).unwrap();
+            a_ready_tx.send(()).unwrap();
+            a_rx.recv().unwrap();
+            drop(v);
+        });
+        a_ready_rx.recv().unwrap();
+        std::thread::spawn(move || {
+            TID.store(mpkvirt_sys::thread::gettid(), Ordering::SeqCst);
+            w();
+            unreachable!("W is ended by its signal handler while it waits");
+        });
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while TID.load(Ordering::SeqCst) == 0
+            || blocked_in(TID.load(Ordering::SeqCst)) != Some(libc::SYS_futex)
+        {
+            assert!(Instant::now() < deadline, "setup: W never waited");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+        let tid = TID.load(Ordering::SeqCst);
+        tgkill(tid, libc::SIGUSR1).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while tgkill(tid, 0).is_ok() {
+            assert!(Instant::now() < deadline, "setup: W did not end");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        // A's view ends: the key is free now.
+        a_tx.send(()).unwrap();
+        holder.join().unwrap();
+    });
+}
+
+fn config() -> Config {
+    Config {
+        max_keys: 1,
+        pin_wait: Duration::from_secs(3),
+        ..common::config(1)
+    }
+}
+
+/// After the dead waiter, with the key free: a view of the drained domain, and then of the
+/// other one, succeed at once (they used to fail with `KeysBusy` after `pin_wait`, for good).
+fn assert_views_work(mgr: &Manager<Emulated>, d1: &Domain<Emulated>, d2: &Domain<Emulated>) {
+    std::thread::sleep(Duration::from_millis(200));
+    let t0 = Instant::now();
+    let r = mgr.enter(&[(d1, Rights::ReadWrite)]).map(drop);
+    let waited = t0.elapsed();
+    let again = mgr.enter(&[(d2, Rights::ReadWrite)]).map(drop);
+    assert!(
+        r.is_ok() && again.is_ok() && waited < Duration::from_secs(1),
+        "after a waiter died inside the library, with the key free: a view of the drained \
+         domain got {r:?} after {waited:?}, then a view of the other {again:?}"
+    );
+}
+
+/// In this process's mode (cooperative natively: the direct path).
+#[test]
+fn a_waiter_that_never_returns_loses_its_place_in_the_queue() {
+    let _g = common::real_backend();
+    let mgr = Manager::with_backend(Emulated::new(1).unwrap(), config()).unwrap();
+    let d1 = mgr.create_domain(DomainOptions::reserve(4096)).unwrap();
+    let d2 = std::sync::Arc::new(mgr.create_domain(DomainOptions::reserve(4096)).unwrap());
+    let (mgr_w, d2_w) = (mgr.clone(), d2.clone());
+    kill_a_waiter(&mgr, &d1, move || {
+        let _ = mgr_w.enter(&[(&*d2_w, Rights::ReadWrite)]);
+    });
+    assert_views_work(&mgr, &d1, &d2);
+}
+
+/// The child: a waiter dies inside an op of a manager whose handles it holds by address only
+/// (its record keeps `active_mgr`); the queue recovers and dropping the manager returns.
+#[test]
+#[ignore = "run as a child process by the tests below"]
+fn dead_waiter_child() {
+    if std::env::var("MPKVIRT_DEAD_WAITERS_CHILD").as_deref() != Ok("1") {
+        println!("dead_waiter_child: only meaningful as a child process");
+        return;
+    }
+    let mgr = Manager::with_backend(Emulated::new(1).unwrap(), config()).unwrap();
+    let mode = mgr.metadata_mode();
+    println!("metadata mode: {mode:?}");
+    let want = match std::env::var("MPKVIRT_METADATA").as_deref() {
+        Ok("gate") => MetadataMode::GateOnly,
+        _ => MetadataMode::Protected,
+    };
+    assert_eq!(mode, want, "setup: the child runs in the mode it was given");
+    let d1 = mgr.create_domain(DomainOptions::reserve(4096)).unwrap();
+    let d2 = mgr.create_domain(DomainOptions::reserve(4096)).unwrap();
+    let (mgr_w, d2_w) = (&raw const mgr as usize, &raw const d2 as usize);
+    kill_a_waiter(&mgr, &d1, move || {
+        // SAFETY: the manager outlives W: it is dropped only after W ended (`kill_a_waiter`
+        // waits for that), and W never runs again.
+        let m = unsafe { &*(mgr_w as *const Manager<Emulated>) };
+        // SAFETY: as above, for the domain.
+        let d = unsafe { &*(d2_w as *const Domain<Emulated>) };
+        let _ = m.enter(&[(d, Rights::ReadWrite)]);
+    });
+    assert_views_work(&mgr, &d1, &d2);
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        drop((d1, d2));
+        drop(mgr);
+        tx.send(()).unwrap();
+    });
+    rx.recv_timeout(Duration::from_secs(15))
+        .expect("dropping the manager never returned (release waits for the dead waiter)");
+    println!("dead waiter child: ok");
+}
+
+fn run_child(mode: &str) {
+    let mut child = Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--ignored",
+            "--exact",
+            "dead_waiter_child",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env("MPKVIRT_METADATA", mode)
+        .env("MPKVIRT_DEAD_WAITERS_CHILD", "1")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    println!("{mode} child:\n{stdout}\n{stderr}");
+    assert!(
+        out.status.success() && stdout.contains("dead waiter child: ok"),
+        "the {mode} child failed: {:?}\n{stdout}\n{stderr}",
+        out.status
+    );
+}
+
+/// Through the gate without PKU (`MPKVIRT_METADATA=gate`): every op is announced
+/// (`active_mgr`), as in protected mode.
+#[test]
+fn a_thread_dead_inside_an_op_blocks_neither_the_queue_nor_dropping_its_manager() {
+    run_child("gate");
+}
+
+/// The same in protected mode (the waiter sleeps on its library stack with the library key
+/// open; its handler runs on the alternate stack).
+#[test]
+fn pku_dead_waiters_protected_mode() {
+    let _pku = require_pku!();
+    run_child("protected");
+}
