@@ -162,6 +162,12 @@ pub(crate) struct Inner {
     /// Slots some thread may hold stale process-wide rights to (a revocation it did not
     /// acknowledge): they become dead instead of free when their domain lets go.
     pub(crate) tainted: u16,
+    /// Per slot: revocations of its process-wide rights still waiting for threads. While one
+    /// is, the slot keeps its global pin (only the last one to end may drop it), and a later
+    /// revocation of the domain (or its destruction) waits for it (`global::set`).
+    pub(crate) revoking: [u8; MAX_SLOTS],
+    /// Per slot: threads the last failed revocation did not hear from (with `tainted`).
+    pub(crate) unsynced: [u32; MAX_SLOTS],
     /// The process-wide rights as one more contributor (emulated backend).
     pub(crate) global_virt: Pkru,
     pub(crate) stats: Stats,
@@ -198,6 +204,9 @@ pub(crate) struct Shared<B: Backend> {
     /// Threads waiting for a key; leavers wake them through `wake`.
     pub(crate) waiters: AtomicU32,
     pub(crate) wake: AtomicU32,
+    /// Bumped whenever a revocation of process-wide rights ends; revokers that join one in
+    /// progress wait on it (`global::set`).
+    pub(crate) revoked_gen: AtomicU32,
     /// Whether the manager is being torn down (its ops fail).
     pub(crate) dying: AtomicBool,
 }
@@ -318,6 +327,8 @@ impl<B: Backend> Shared<B> {
                 draining: 0,
                 global_pins: 0,
                 tainted: 0,
+                revoking: [0; MAX_SLOTS],
+                unsynced: [0; MAX_SLOTS],
                 global_virt: base_bits,
                 stats: Stats::default(),
             }),
@@ -327,6 +338,7 @@ impl<B: Backend> Shared<B> {
             ranges: RwLock::new(Treap::new_in(Meta)),
             waiters: AtomicU32::new(0),
             wake: AtomicU32::new(0),
+            revoked_gen: AtomicU32::new(0),
             dying: AtomicBool::new(false),
         })
     }
