@@ -77,8 +77,8 @@ pub(crate) struct ThreadRecord {
     pub(crate) view_seq: u64,
     /// The last process-wide rights epoch the thread took (see `manager::global`).
     pub(crate) synced: std::sync::atomic::AtomicU64,
-    /// The PKRU fields of keys to which the thread's last sync took process-wide rights
-    /// (a revocation of those signals it; see `manager::global`).
+    /// The PKRU fields of keys to which the thread's last sync, or a view change since, took
+    /// process-wide rights (a revocation of those signals it; see `manager::global`).
     pub(crate) holds: AtomicU32,
     /// Whether the thread is computing its rights right now.
     pub(crate) resyncing: std::sync::atomic::AtomicBool,

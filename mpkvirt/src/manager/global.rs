@@ -44,7 +44,7 @@
 //! This is what libmpk did with a kernel patch (`pkey_sync`: an IPI and a task-work hook), on
 //! a stock kernel.
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use mpkvirt_sys::Pkru;
@@ -93,6 +93,27 @@ pub(crate) fn with_globals<B: Backend>(sh: &Shared<B>, bits: Pkru) -> Pkru {
     Pkru::from_bits(canonical(
         normalized(bits.bits()) & (globals(sh) | !sh.our_mask),
     ))
+}
+
+/// [`with_globals`] for a thread that is about to run with the result (`holds`: its
+/// record's). The fields of the process-wide rights it takes are recorded in `holds` *before*
+/// the rights are read (Dekker with [`broadcast`], which stores the rights, then reads
+/// `holds`): a revocation either signals the thread, or the thread reads the revoked value.
+/// Any view change takes the rights in force, in whatever context it runs (a signal
+/// handler's op does not acknowledge an epoch, so without this its `holds` would not know).
+pub(crate) fn with_globals_held<B: Backend>(sh: &Shared<B>, holds: &AtomicU32, bits: Pkru) -> Pkru {
+    let mut g = globals(sh);
+    loop {
+        let taken = granted_fields(g & sh.our_mask, sh.our_mask);
+        // (Only the thread itself writes its `holds`.)
+        if taken & !holds.load(Ordering::Relaxed) == 0 {
+            break;
+        }
+        holds.fetch_or(taken, Ordering::SeqCst);
+        std::sync::atomic::fence(Ordering::SeqCst);
+        g = globals(sh);
+    }
+    Pkru::from_bits(canonical(normalized(bits.bits()) & (g | !sh.our_mask)))
 }
 
 /// The usual spelling of PKRU fields: no access as access-disabled alone (`01`).
@@ -274,7 +295,8 @@ fn bump(rec: &mut ThreadRecord, current: Option<(u32, Pkru)>) -> u64 {
 /// Makes threads of the process take the current process-wide rights and waits for them:
 /// every thread (`fields: None`), or those that may hold rights to any key of the PKRU
 /// `fields` (threads mpkvirt does not know — their PKRU is inherited — and threads whose
-/// last sync took process-wide rights to those keys, or that are syncing right now).
+/// last sync or view change took process-wide rights to those keys, or that are syncing
+/// right now).
 /// `current` is the manager the calling thread is inside an op of, with its view bits (its
 /// cx is borrowed by the caller).
 pub(crate) fn broadcast(

@@ -241,15 +241,16 @@ impl<B: Backend> Shared<B> {
     }
 
     /// Writes the thread's rights for the view bits `bits` (merged into the bits of keys
-    /// other managers own), unless they already hold them.
-    pub(crate) fn apply(&self, cx: &mut ThreadCx, real: &mut u32, bits: Pkru) {
+    /// other managers own), unless they already hold them. `holds`: the thread record's
+    /// (process-wide rights taken here are recorded in it: `global::with_globals_held`).
+    pub(crate) fn apply(&self, cx: &mut ThreadCx, real: &mut u32, holds: &AtomicU32, bits: Pkru) {
         let mut regs = Regs {
             virt: &mut cx.virt_pkru,
             real,
         };
         let cur = self.live.read_pkru(&regs);
         let bits = if self.hardware {
-            super::global::with_globals(self, bits)
+            super::global::with_globals_held(self, holds, bits)
         } else {
             bits
         };
