@@ -20,7 +20,10 @@
 //!   checks the epoch after every op) or while it waits for keys; the initiator signals
 //!   threads that have not acknowledged again every few milliseconds. It then lists the
 //!   threads again (a thread created meanwhile copied its creator's PKRU, which may predate
-//!   the change) and repeats until no new thread appears.
+//!   the change) and repeats until no new thread appears. A thread registered by the signal
+//!   (or a fault) acknowledges only from a context that looks like its normal one
+//!   (`gate::looks_normal`): the context it interrupted may be a signal handler's, below
+//!   which the inherited PKRU waits to be restored.
 //!
 //! A thread that does not acknowledge within [`SYNC_WAIT`] (it blocks the signal, or replaced
 //! the handler) fails the call with [`Error::ThreadsNotSynced`]. For a grant that thread
@@ -444,6 +447,8 @@ pub(crate) fn resync(rec: &mut ThreadRecord, current: Option<(u32, Pkru)>) {
     } else {
         with_views
     };
+    // A context that still runs with the inherited PKRU may hold anything its creator did.
+    let holds = if rec.inherited { u32::MAX } else { holds };
     rec.holds.store(holds, Ordering::SeqCst);
     rec.resyncing.store(false, Ordering::SeqCst);
 }
