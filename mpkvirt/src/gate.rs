@@ -86,8 +86,8 @@ pub(crate) struct ThreadRecord {
     pub(crate) view_seq: u64,
     /// The last process-wide rights epoch the thread took (see `manager::global`).
     pub(crate) synced: std::sync::atomic::AtomicU64,
-    /// The PKRU fields of keys to which the thread's last sync took process-wide rights
-    /// (a revocation of those signals it; see `manager::global`).
+    /// The PKRU fields of keys to which the thread's last sync, or a view change since, took
+    /// process-wide rights (a revocation of those signals it; see `manager::global`).
     pub(crate) holds: AtomicU32,
     /// Whether the thread is computing its rights right now.
     pub(crate) resyncing: std::sync::atomic::AtomicBool,
@@ -98,6 +98,13 @@ pub(crate) struct ThreadRecord {
     /// Whether the thread was registered by the current op (its PKRU until now was inherited,
     /// not set by the library).
     pub(crate) fresh: bool,
+    /// Whether the thread's normal context may still run with the PKRU it inherited from its
+    /// creator: set at registration, cleared when a sync finds the thread in its normal
+    /// context (`OP_SYNC`). Until then a sync cannot tell the normal context by the value the
+    /// library set (the registering op may have run in a signal handler, whose frame restores
+    /// the inherited value later), so the thread acknowledges only when the interrupted
+    /// context looks normal ([`looks_normal`]), and every revocation signals it (`holds`).
+    pub(crate) inherited: bool,
     /// An alternate signal stack for the thread, made with the record and reused with it.
     altstack: usize,
     /// Whether the thread is creating threads without its views' rights (between
@@ -216,6 +223,7 @@ fn register(entry: Pkru) -> Result<()> {
                     hooked: false,
                     exited: false,
                     fresh: false,
+                    inherited: false,
                     altstack: 0,
                     spawning: false,
                     cxs: MVec::new_in(Meta),
@@ -295,13 +303,18 @@ impl ThreadRecord {
     fn issue(&mut self, entry: Pkru) {
         self.gate.pkru = root().base_pkru(entry).bits();
         self.fresh = true;
+        self.inherited = true;
         self.interrupted = false;
         self.sig_floor = None;
         self.hooked = false;
         self.exited = false;
         self.spawning = false;
+        // The process-wide rights in force — taken, not acknowledged: the context this op
+        // runs in may be a signal handler's, and the one it interrupted keeps the inherited
+        // PKRU (the op acknowledges when it ends in a context it takes for the normal one;
+        // `OP_SYNC` only when the context looks normal).
         self.synced.store(0, std::sync::atomic::Ordering::Relaxed);
-        crate::manager::global::acknowledge(self, None);
+        crate::manager::global::resync(self, None);
         self.ensure_altstack();
     }
 
@@ -527,6 +540,9 @@ fn run_op_unguarded<R>(
     // while it ran). Not in a signal handler's context: the context it interrupted would
     // keep its old PKRU.
     if !rec.interrupted {
+        // The library sets the PKRU of the context it takes for the normal one (a thread's
+        // first op is taken for the normal context's: see `note_context`).
+        rec.inherited = false;
         crate::manager::global::acknowledge(rec, None);
     }
     rec.fresh = false;
@@ -623,8 +639,9 @@ pub(crate) fn direct<R>(
 fn note_context(rec: &mut ThreadRecord, op: u64, entry: u32) {
     if op == crate::ops::OP_SYNC {
         // mpkvirt's own handlers (the sync signal, a fault taking a grant): they run no
-        // application code and leave the seal as it is.
-        rec.interrupted = !rec.fresh;
+        // application code and leave the seal as it is. The op itself decides whether the
+        // context it interrupted is the normal one, and acknowledges only then.
+        rec.interrupted = true;
         return;
     }
     let recovery = op == crate::ops::OP_END_VIEWS_SINCE || op == crate::capi::C_GUARD_END;
@@ -709,6 +726,37 @@ fn respell(pkru: u32, managed: u32, handler: bool) -> u32 {
         pkru | (none << 1)
     } else {
         pkru & !(none << 1)
+    }
+}
+
+/// `OP_SYNC`'s argument bit: the interrupted context blocks some signal.
+pub(crate) const SYNC_MASKED: u64 = 1 << 32;
+
+/// Whether a context of a thread whose normal PKRU may be inherited ([`ThreadRecord`]'s
+/// `inherited`) is its normal one, from the PKRU in its signal frame and whether it blocks
+/// signals. A signal handler starts with the kernel's initial PKRU, which denies the library
+/// key, and (unless installed with `SA_NODEFER` and an empty mask) with its own signal
+/// blocked. So the context is taken for a normal one when the library key is read-only in
+/// its PKRU (a value the gate installed, inherited from a registered creator) or when it
+/// blocks no signal. Anything else may be a handler's: the thread then takes the rights for
+/// the interrupted context but does not acknowledge (the initiator reports it, and taints the
+/// key, if it never does in time).
+pub(crate) fn looks_normal(frame: u32, masked: bool) -> bool {
+    let library_ro = root()
+        .library_key()
+        .is_some_and(|k| Pkru::from_bits(frame).rights(k) == mpkvirt_sys::AccessRights::READ_ONLY);
+    library_ro || !masked
+}
+
+/// The thread's rights spelled for a signal handler's context that the library did not see
+/// start: no-access keys `11`, and the library key access-disabled, as in the kernel's
+/// initial PKRU (see [`looks_normal`], [`note_context`]).
+pub(crate) fn handler_pkru(rec: &ThreadRecord) -> u32 {
+    match root().library_key() {
+        Some(k) => Pkru::from_bits(respell(rec.gate.pkru, marker_mask(k), true))
+            .with(k, mpkvirt_sys::AccessRights::DISABLE_ACCESS)
+            .bits(),
+        None => rec.gate.pkru,
     }
 }
 

@@ -192,15 +192,30 @@ fn run_global(code: u64, args: Args, rec: &mut ThreadRecord) -> u64 {
             crate::manager::global::resync(rec, None);
             Ok(())
         }),
-        OP_SYNC => args.serve(|frame: u64| {
+        OP_SYNC => args.serve(|arg: u64| {
+            let frame = arg as u32;
+            let pku = mpkvirt_sys::Pku::new().is_some();
             // The interrupted context is the thread's normal one when it runs with the value
-            // the library set (or inherited its PKRU and was registered just now).
-            let normal = rec.fresh
-                || mpkvirt_sys::Pku::new().is_none()
-                || frame == u64::from(gate::normal_pkru(rec));
+            // the library set; for a thread whose normal context may still run with its
+            // inherited PKRU, when it looks normal (`gate::looks_normal`).
+            let normal = !pku
+                || if rec.inherited {
+                    gate::looks_normal(frame, arg & gate::SYNC_MASKED != 0)
+                } else {
+                    frame == gate::normal_pkru(rec)
+                };
             if !normal {
+                if rec.inherited {
+                    // Perhaps a signal handler's context: it gets the thread's rights as they
+                    // are now, spelled as a handler's (so it never looks normal later), but
+                    // the thread does not acknowledge — the context it interrupted may resume
+                    // with the inherited rights.
+                    crate::manager::global::resync(rec, None);
+                    return Ok(u64::from(gate::handler_pkru(rec)));
+                }
                 return Ok(crate::sync::NOT_NOW);
             }
+            rec.inherited = false;
             let epoch = crate::meta::root()
                 .sync_epoch
                 .load(std::sync::atomic::Ordering::SeqCst);

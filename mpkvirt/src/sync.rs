@@ -12,6 +12,12 @@
 //! (its PKRU is not the value the library last set: another signal handler, whose own frame
 //! would restore the old value later). The initiator signals such threads again.
 //!
+//! A thread the library has not yet seen in its normal context (registered by this handler or
+//! a fault, so its normal PKRU may still be the one it inherited) acknowledges only when the
+//! interrupted context looks normal (`gate::looks_normal`: the library key read-only in its
+//! PKRU, or no signal blocked — the handler passes `gate::SYNC_MASKED`); otherwise it only
+//! takes the current rights for the interrupted context, spelled as a handler's.
+//!
 //! # Safety
 //!
 //! Installing a handler is a foreign call with a process-wide effect; the handler reads and
@@ -74,6 +80,17 @@ pub(crate) fn install_handler() -> Result<()> {
     }
 }
 
+/// `OP_SYNC`'s argument for the interrupted context `uc`: the PKRU in its frame, and whether
+/// it blocks some signal (`gate::SYNC_MASKED`; a signal handler's context usually does).
+fn sync_arg(uc: &libc::ucontext_t, frame: u32) -> u64 {
+    let masked = (1..=libc::SIGRTMAX()).any(|s| {
+        // SAFETY: `uc_sigmask` is an initialised set in the frame the kernel passed;
+        // `sigismember` only reads it (async-signal-safe).
+        unsafe { libc::sigismember(&uc.uc_sigmask, s) == 1 }
+    });
+    u64::from(frame) | if masked { crate::gate::SYNC_MASKED } else { 0 }
+}
+
 /// A protection-key fault on `key` in the context `uc`: if the thread's PKRU predates
 /// process-wide rights granted since (grants reach threads lazily), takes them and rewrites
 /// the frame's PKRU. Returns whether the key's rights grew (the access is worth retrying).
@@ -83,7 +100,7 @@ pub(crate) fn take_lazy_grant(uc: &mut libc::ucontext_t, key: mpkvirt_sys::Pkey)
     let Some(frame) = signal::frame_pkru(uc) else {
         return false;
     };
-    let Ok(new) = crate::ops::call::<u64, u64>(crate::ops::OP_SYNC, u64::from(frame)) else {
+    let Ok(new) = crate::ops::call::<u64, u64>(crate::ops::OP_SYNC, sync_arg(uc, frame)) else {
         return false;
     };
     if new == NOT_NOW || new as u32 == frame {
@@ -115,7 +132,8 @@ extern "C" fn on_sync(_sig: libc::c_int, _info: *mut libc::siginfo_t, ctx: *mut 
     // to this handler invocation.
     let uc = unsafe { &mut *ctx.cast::<libc::ucontext_t>() };
     let frame = signal::frame_pkru(uc);
-    if let Ok(new) = crate::ops::call::<u64, u64>(crate::ops::OP_SYNC, frame.map_or(0, u64::from))
+    let arg = sync_arg(uc, frame.unwrap_or(0));
+    if let Ok(new) = crate::ops::call::<u64, u64>(crate::ops::OP_SYNC, arg)
         && new != NOT_NOW
         && frame.is_some()
     {

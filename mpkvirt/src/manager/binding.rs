@@ -337,6 +337,7 @@ pub(crate) fn release_key<B: Backend>(
     if (inner.global_pins | inner.tainted) & bit != 0 {
         inner.global_pins &= !bit;
         inner.tainted &= !bit;
+        inner.unsynced[s] = 0;
         // Threads drop the rights at their next sync; the key tags nothing from now on.
         let slot = super::global::slot_of(sh);
         let (mask, _) = sh.key_fields[s];

@@ -20,13 +20,24 @@
 //!   checks the epoch after every op) or while it waits for keys; the initiator signals
 //!   threads that have not acknowledged again every few milliseconds. It then lists the
 //!   threads again (a thread created meanwhile copied its creator's PKRU, which may predate
-//!   the change) and repeats until no new thread appears.
+//!   the change) and repeats until no new thread appears. A thread registered by the signal
+//!   (or a fault) acknowledges only from a context that looks like its normal one
+//!   (`gate::looks_normal`): the context it interrupted may be a signal handler's, below
+//!   which the inherited PKRU waits to be restored.
 //!
 //! A thread that does not acknowledge within [`SYNC_WAIT`] (it blocks the signal, or replaced
 //! the handler) fails the call with [`Error::ThreadsNotSynced`]. For a grant that thread
 //! merely lacks the rights; for a revocation it may keep them, so the key is *tainted*: it
 //! stays with the domain and, once the domain lets go of it, is never handed to another
 //! domain (it becomes dead).
+//!
+//! A revocation in progress is recorded per key slot (`Inner::revoking`). While one is, the
+//! slot keeps its global pin — only the last revocation to end may drop it, and a failed one
+//! taints the key under the same lock, while the key still belongs to the domain — and a later
+//! revocation of the domain, or its destruction (which revokes first), *joins* it: it waits
+//! until that one ends (acknowledging syncs meanwhile) and then answers what it finds. A
+//! revocation of a tainted key reports [`Error::ThreadsNotSynced`]: some thread may still
+//! hold the rights.
 //!
 //! Limits (documented in `ARCHITECTURE.md`): a signal frame older than the handler that
 //! received the sync signal (a handler interrupted by it) restores the PKRU it saved when that
@@ -36,7 +47,7 @@
 //! This is what libmpk did with a kernel patch (`pkey_sync`: an IPI and a task-work hook), on
 //! a stock kernel.
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use mpkvirt_sys::Pkru;
@@ -87,6 +98,27 @@ pub(crate) fn with_globals<B: Backend>(sh: &Shared<B>, bits: Pkru) -> Pkru {
     ))
 }
 
+/// [`with_globals`] for a thread that is about to run with the result (`holds`: its
+/// record's). The fields of the process-wide rights it takes are recorded in `holds` *before*
+/// the rights are read (Dekker with [`broadcast`], which stores the rights, then reads
+/// `holds`): a revocation either signals the thread, or the thread reads the revoked value.
+/// Any view change takes the rights in force, in whatever context it runs (a signal
+/// handler's op does not acknowledge an epoch, so without this its `holds` would not know).
+pub(crate) fn with_globals_held<B: Backend>(sh: &Shared<B>, holds: &AtomicU32, bits: Pkru) -> Pkru {
+    let mut g = globals(sh);
+    loop {
+        let taken = granted_fields(g & sh.our_mask, sh.our_mask);
+        // (Only the thread itself writes its `holds`.)
+        if taken & !holds.load(Ordering::Relaxed) == 0 {
+            break;
+        }
+        holds.fetch_or(taken, Ordering::SeqCst);
+        std::sync::atomic::fence(Ordering::SeqCst);
+        g = globals(sh);
+    }
+    Pkru::from_bits(canonical(normalized(bits.bits()) & (g | !sh.our_mask)))
+}
+
 /// The usual spelling of PKRU fields: no access as access-disabled alone (`01`).
 #[inline]
 pub(crate) fn canonical(bits: u32) -> u32 {
@@ -123,21 +155,47 @@ pub(crate) fn set<B: Backend>(
         .ok_or(Error::ForeignDomain(crate::DomainId(d.uid)))?;
     let (slot, revoked) = {
         let mut inner = lock(&sh.inner);
-        let s = match rec_d.slot.get() {
-            Some(s) => s,
-            // Unbound: it has no process-wide rights to take back.
-            None if rights.is_none() => return Ok(()),
-            None => match binding::bind(sh, &mut inner, cx, d, rec_d, 0, |_| true)? {
-                Bound::Slot(s) => s,
-                Bound::Busy => {
-                    return Err(Error::KeysBusy {
-                        keys: sh.nkeys,
-                        waited: Duration::ZERO,
-                    });
-                }
-            },
+        let s = loop {
+            let s = match rec_d.slot.get() {
+                Some(s) => s,
+                // Unbound: it has no process-wide rights to take back.
+                None if rights.is_none() => return Ok(()),
+                None => match binding::bind(sh, &mut inner, cx, d, rec_d, 0, |_| true)? {
+                    Bound::Slot(s) => s,
+                    Bound::Busy => {
+                        return Err(Error::KeysBusy {
+                            keys: sh.nkeys,
+                            waited: Duration::ZERO,
+                        });
+                    }
+                },
+            };
+            if rights.is_some() || inner.revoking[s] == 0 {
+                break s;
+            }
+            // A revocation of the key is still waiting for threads: this one (or the
+            // destruction that calls it) joins it — it may not say the rights are gone, nor
+            // let the key go, before that one knows.
+            let seen = sh.revoked_gen.load(Ordering::SeqCst);
+            drop(inner);
+            // Its initiator may be waiting for this thread meanwhile.
+            acknowledge(rec, Some((sh.slot_idx, cx.top_bits(sh.base_bits))));
+            let _ = mpkvirt_sys::thread::futex_wait(&sh.revoked_gen, seen, Some(RESEND));
+            inner = lock(&sh.inner);
+            if sh.domain(d).is_none() {
+                return Err(Error::ForeignDomain(crate::DomainId(d.uid)));
+            }
         };
-        if rights.is_none() && inner.global_pins & (1 << s) == 0 {
+        let bit = 1u16 << s;
+        if rights.is_none() && inner.global_pins & bit == 0 {
+            // Nothing to take back — unless a revocation of it failed: some thread may still
+            // hold the rights, and the caller must not hear otherwise.
+            if inner.tainted & bit != 0 {
+                return Err(Error::ThreadsNotSynced {
+                    threads: inner.unsynced[s].max(1) as usize,
+                    waited: SYNC_WAIT,
+                });
+            }
             return Ok(());
         }
         let (mask, _) = sh.key_fields[s];
@@ -145,7 +203,7 @@ pub(crate) fn set<B: Backend>(
         let new = (old & !mask) | field(sh, s, rights);
         slot_of(sh).global.store(new, Ordering::SeqCst);
         if rights.is_some() {
-            inner.global_pins |= 1 << s;
+            inner.global_pins |= bit;
         }
         if sh.live.kind() == BackendKind::Emulated {
             // One more contributor to the key's union of rights.
@@ -158,7 +216,15 @@ pub(crate) fn set<B: Backend>(
             sh.live.write_pkru(&mut regs, Pkru::from_bits(virt));
         }
         // Deny bits the new value sets that the old one did not: something was taken away.
-        (s, new & !old & mask != 0)
+        // Taking the rights away while the key is globally pinned always waits for the
+        // threads (the field may read revoked already only while another revocation runs,
+        // which this one joined above).
+        let revoked = rights.is_none() || new & !old & mask != 0;
+        if revoked {
+            // In progress: the key keeps its global pin until the last revocation ends.
+            inner.revoking[s] += 1;
+        }
+        (s, revoked)
     };
     let current = Some((sh.slot_idx, cx.top_bits(sh.base_bits)));
     let acked = if !sh.hardware {
@@ -170,20 +236,39 @@ pub(crate) fn set<B: Backend>(
         bump(rec, current);
         Ok(())
     };
-    if rights.is_none() {
+    if revoked {
         let mut inner = lock(&sh.inner);
-        let (mask, _) = sh.key_fields[slot];
-        // Unless another thread granted again meanwhile.
-        if globals(sh) & mask == mask {
-            inner.global_pins &= !(1 << slot);
+        let bit = 1u16 << slot;
+        inner.revoking[slot] -= 1;
+        // The slot still names the domain (a global pin keeps it bound; a destruction meanwhile
+        // made it dead, and a dead key needs neither a taint nor an unpin).
+        if inner.bound[slot] == Some(d) {
+            if let Err(e) = &acked {
+                // Some thread may still hold the rights: the key goes to no other domain. Set
+                // before the pin is dropped, under the same lock: no eviction sees the slot
+                // unpinned and untainted.
+                inner.tainted |= bit;
+                let threads = match *e {
+                    Error::ThreadsNotSynced { threads, .. } => threads,
+                    _ => 0,
+                };
+                inner.unsynced[slot] = u32::try_from(threads).unwrap_or(u32::MAX);
+            }
+            let (mask, _) = sh.key_fields[slot];
+            // Unless another thread granted again meanwhile, or another revocation of the key
+            // still waits for threads.
+            if inner.revoking[slot] == 0 && globals(sh) & mask == mask {
+                inner.global_pins &= !bit;
+            }
         }
-    }
-    if acked.is_err() {
-        // Some thread may still hold the rights: the key goes to no other domain.
-        lock(&sh.inner).tainted |= 1 << slot;
-        crate::fault::log_line(
-            "mpkvirt: a thread did not drop process-wide rights in time; the key is tainted\n",
-        );
+        drop(inner);
+        sh.revoked_gen.fetch_add(1, Ordering::SeqCst);
+        mpkvirt_sys::thread::futex_wake(&sh.revoked_gen, i32::MAX);
+        if acked.is_err() {
+            crate::fault::log_line(
+                "mpkvirt: a thread did not drop process-wide rights in time; the key is tainted\n",
+            );
+        }
     }
     acked
 }
@@ -213,7 +298,8 @@ fn bump(rec: &mut ThreadRecord, current: Option<(u32, Pkru)>) -> u64 {
 /// Makes threads of the process take the current process-wide rights and waits for them:
 /// every thread (`fields: None`), or those that may hold rights to any key of the PKRU
 /// `fields` (threads mpkvirt does not know — their PKRU is inherited — and threads whose
-/// last sync took process-wide rights to those keys, or that are syncing right now).
+/// last sync or view change took process-wide rights to those keys, or that are syncing
+/// right now).
 /// `current` is the manager the calling thread is inside an op of, with its view bits (its
 /// cx is borrowed by the caller).
 pub(crate) fn broadcast(
@@ -361,6 +447,8 @@ pub(crate) fn resync(rec: &mut ThreadRecord, current: Option<(u32, Pkru)>) {
     } else {
         with_views
     };
+    // A context that still runs with the inherited PKRU may hold anything its creator did.
+    let holds = if rec.inherited { u32::MAX } else { holds };
     rec.holds.store(holds, Ordering::SeqCst);
     rec.resyncing.store(false, Ordering::SeqCst);
 }

@@ -680,7 +680,7 @@ fn end_and_unlist<B: Backend>(rec: &mut ThreadRecord, m: MgrRef, cx: &mut Thread
     let Some(sh) = shared::<B>(m) else {
         return;
     };
-    views::end_views_since(sh, &mut rec.gate.pkru, cx, 0);
+    views::end_views_since(sh, &mut rec.gate.pkru, &rec.holds, cx, 0);
     let me: *const ThreadCx = cx;
     let mut inner = lock(&sh.inner);
     inner.threads.retain(|&t| t != me);
@@ -721,7 +721,7 @@ pub(crate) fn end_views_since(rec: &mut ThreadRecord, mark: u64) {
 
 fn end_since<B: Backend>(rec: &mut ThreadRecord, m: MgrRef, cx: &mut ThreadCx, mark: u64) {
     if let Some(sh) = shared::<B>(m) {
-        views::end_views_since(sh, &mut rec.gate.pkru, cx, mark);
+        views::end_views_since(sh, &mut rec.gate.pkru, &rec.holds, cx, mark);
     }
 }
 

@@ -172,6 +172,12 @@ pub(crate) struct Inner {
     /// Slots some thread may hold stale process-wide rights to (a revocation it did not
     /// acknowledge): they become dead instead of free when their domain lets go.
     pub(crate) tainted: u16,
+    /// Per slot: revocations of its process-wide rights still waiting for threads. While one
+    /// is, the slot keeps its global pin (only the last one to end may drop it), and a later
+    /// revocation of the domain (or its destruction) waits for it (`global::set`).
+    pub(crate) revoking: [u8; MAX_SLOTS],
+    /// Per slot: threads the last failed revocation did not hear from (with `tainted`).
+    pub(crate) unsynced: [u32; MAX_SLOTS],
     /// The process-wide rights as one more contributor (emulated backend).
     pub(crate) global_virt: Pkru,
     pub(crate) stats: Stats,
@@ -208,6 +214,9 @@ pub(crate) struct Shared<B: Backend> {
     /// Threads waiting for a key; leavers wake them through `wake`.
     pub(crate) waiters: AtomicU32,
     pub(crate) wake: AtomicU32,
+    /// Bumped whenever a revocation of process-wide rights ends; revokers that join one in
+    /// progress wait on it (`global::set`).
+    pub(crate) revoked_gen: AtomicU32,
     /// Whether the manager is being torn down (its ops fail).
     pub(crate) dying: AtomicBool,
 }
@@ -242,15 +251,16 @@ impl<B: Backend> Shared<B> {
     }
 
     /// Writes the thread's rights for the view bits `bits` (merged into the bits of keys
-    /// other managers own), unless they already hold them.
-    pub(crate) fn apply(&self, cx: &mut ThreadCx, real: &mut u32, bits: Pkru) {
+    /// other managers own), unless they already hold them. `holds`: the thread record's
+    /// (process-wide rights taken here are recorded in it: `global::with_globals_held`).
+    pub(crate) fn apply(&self, cx: &mut ThreadCx, real: &mut u32, holds: &AtomicU32, bits: Pkru) {
         let mut regs = Regs {
             virt: &mut cx.virt_pkru,
             real,
         };
         let cur = self.live.read_pkru(&regs);
         let bits = if self.hardware {
-            super::global::with_globals(self, bits)
+            super::global::with_globals_held(self, holds, bits)
         } else {
             bits
         };
@@ -328,6 +338,8 @@ impl<B: Backend> Shared<B> {
                 draining: 0,
                 global_pins: 0,
                 tainted: 0,
+                revoking: [0; MAX_SLOTS],
+                unsynced: [0; MAX_SLOTS],
                 global_virt: base_bits,
                 stats: Stats::default(),
             }),
@@ -337,6 +349,7 @@ impl<B: Backend> Shared<B> {
             ranges: RwLock::new(Treap::new_in(Meta)),
             waiters: AtomicU32::new(0),
             wake: AtomicU32::new(0),
+            revoked_gen: AtomicU32::new(0),
             dying: AtomicBool::new(false),
         })
     }

@@ -36,7 +36,7 @@
 //! and ending a sealed view fails with [`Error::InterruptedView`]. The first call back in
 //! the normal context ends the views the handler left behind and lifts the seal.
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use mpkvirt_sys::Pkru;
@@ -144,7 +144,7 @@ pub(crate) fn enter<B: Backend>(
         pinned,
     });
     cx.stats.enters += 1;
-    sh.apply(cx, &mut rec.gate.pkru, bits);
+    sh.apply(cx, &mut rec.gate.pkru, &rec.holds, bits);
     Ok(Token { id })
 }
 
@@ -527,7 +527,7 @@ pub(crate) fn leave<B: Backend>(
     }
     let entry = cx.stack.remove(pos);
     let top = cx.top_bits(sh.base_bits);
-    sh.apply(cx, &mut rec.gate.pkru, top);
+    sh.apply(cx, &mut rec.gate.pkru, &rec.holds, top);
     unpin_and_wake(sh, cx, entry.pinned);
     Ok(())
 }
@@ -554,6 +554,7 @@ pub(crate) fn unpin_and_wake<B: Backend>(sh: &Shared<B>, cx: &ThreadCx, pinned: 
 pub(crate) fn end_views_since<B: Backend>(
     sh: &Shared<B>,
     rec_pkru: &mut u32,
+    holds: &AtomicU32,
     cx: &mut ThreadCx,
     mark: u64,
 ) {
@@ -567,7 +568,7 @@ pub(crate) fn end_views_since<B: Backend>(
         .rev()
         .find(|e| e.seq <= mark)
         .map_or(sh.base_bits, |e| e.bits);
-    sh.apply(cx, rec_pkru, top);
+    sh.apply(cx, rec_pkru, holds, top);
     let mut i = 0;
     while i < cx.stack.len() {
         if cx.stack[i].seq > mark {
