@@ -172,6 +172,12 @@ pub(crate) struct Root {
     /// Every thread record ever made (`gate::ThreadRecord`, in the region); dead ones are
     /// reused once their thread is gone.
     pub(crate) records: Mutex<MVec<usize>>,
+    /// The arena map library code reads and writes (`backend/arena.rs`), in the region.
+    pub(crate) arena_map: AtomicPtr<AtomicU64>,
+    /// The fault handler's copy of the arena map (application memory: the handler runs with
+    /// the kernel's initial PKRU and cannot read the region). Library code only writes it,
+    /// through this pointer, never through one found in application memory.
+    pub(crate) arena_shadow: AtomicPtr<AtomicU64>,
 }
 
 // SAFETY: every field is an atomic or a mutex except `gate`, which is written only during
@@ -223,6 +229,8 @@ static mpkvirt_gate_root: Root = Root {
     slots_high: AtomicUsize::new(0),
     capi: AtomicPtr::new(std::ptr::null_mut()),
     records: Mutex::new(MVec::new_in(Meta)),
+    arena_map: AtomicPtr::new(std::ptr::null_mut()),
+    arena_shadow: AtomicPtr::new(std::ptr::null_mut()),
 };
 
 /// The root (initialised: callers go through [`init`] first).
