@@ -172,6 +172,10 @@ pub(crate) struct Root {
     /// Every thread record ever made (`gate::ThreadRecord`, in the region); dead ones are
     /// reused once their thread is gone.
     pub(crate) records: Mutex<MVec<usize>>,
+    /// The metadata region's bounds `[start, end)` (written once by [`init`]; `(0, 0)`
+    /// before). What library code checks argument addresses against (`APP_REGION` is only
+    /// application code's copy).
+    region: [AtomicUsize; 2],
     /// The arena map library code reads and writes (`backend/arena.rs`), in the region.
     pub(crate) arena_map: AtomicPtr<AtomicU64>,
     /// The fault handler's copy of the arena map (application memory: the handler runs with
@@ -229,6 +233,7 @@ static mpkvirt_gate_root: Root = Root {
     slots_high: AtomicUsize::new(0),
     capi: AtomicPtr::new(std::ptr::null_mut()),
     records: Mutex::new(MVec::new_in(Meta)),
+    region: [AtomicUsize::new(0), AtomicUsize::new(0)],
     arena_map: AtomicPtr::new(std::ptr::null_mut()),
     arena_shadow: AtomicPtr::new(std::ptr::null_mut()),
 };
@@ -533,6 +538,8 @@ fn init_once(r: &Root) -> Result<MetadataMode> {
         heap.committed = base;
         heap.end = base + REGION_LEN;
     }
+    r.region[0].store(base, Ordering::Relaxed);
+    r.region[1].store(base + REGION_LEN, Ordering::Relaxed);
     APP_REGION[0].store(base, Ordering::Relaxed);
     APP_REGION[1].store(base + REGION_LEN, Ordering::Relaxed);
     let (_, boot_top) = alloc_stack(BOOT_STACK)?;
@@ -659,6 +666,20 @@ pub fn is_metadata(addr: usize) -> bool {
     (root_start..root_start + size_of::<Root>()).contains(&addr)
         || (APP_REGION[0].load(Ordering::Relaxed)..APP_REGION[1].load(Ordering::Relaxed))
             .contains(&addr)
+}
+
+/// Whether `[start, end)` overlaps the library's memory: the root static or the metadata
+/// region (library code; bounds from library memory only). Four compares.
+#[inline]
+pub(crate) fn overlaps_library(start: usize, end: usize) -> bool {
+    let r = root();
+    let root_start = (&raw const mpkvirt_gate_root) as usize;
+    let root_end = root_start + size_of::<Root>();
+    let (lo, hi) = (
+        r.region[0].load(Ordering::Relaxed),
+        r.region[1].load(Ordering::Relaxed),
+    );
+    (start < root_end && root_start < end) || (start < hi && lo < end)
 }
 
 /// The root static's address and size, the region's bounds (`(0, 0)` before [`init`]) and

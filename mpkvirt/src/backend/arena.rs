@@ -9,7 +9,7 @@
 //! in some arena, however many there are.
 //!
 //! The map exists twice. Library code reads and writes its own copy in the metadata region,
-//! found through the root (library memory). The fault
+//! found through the root (library memory): argument checks (`ops`) trust it. The fault
 //! handler runs with the kernel's initial PKRU, which cannot read library memory, so it reads
 //! a copy in application memory, found through the `ARENA_MAP` static; library code writes
 //! that copy only through the pointer the root keeps, so a stray write to the static or to
@@ -48,6 +48,8 @@ const GRANULE_SHIFT: u32 = GRANULE.trailing_zeros();
 /// User address space covered by the arena map (x86-64, 4-level paging).
 const USER_SPACE: usize = 1 << 47;
 const MAP_WORDS: usize = USER_SPACE / GRANULE / 64;
+/// End of the user address space the library accepts argument addresses in.
+pub(crate) const USER_END: usize = USER_SPACE;
 
 /// The fault handler's pointer to its copy of the map (application memory: the handler runs
 /// with the kernel's initial PKRU, which cannot read library memory). Only the handler reads
@@ -136,6 +138,26 @@ pub(crate) fn arena_map_mark(start: usize, len: usize, on: bool) {
             }
         }
     }
+}
+
+/// Whether `[start, end)` (`start < end <= 2^47`) touches a granule of some real backend's
+/// arena: the library's map (library code; one load per 64 granules).
+#[inline]
+pub(crate) fn arena_map_touches(start: usize, end: usize) -> bool {
+    let p = crate::meta::root().arena_map.load(Ordering::Acquire);
+    if p.is_null() {
+        return false;
+    }
+    // SAFETY: a published map has MAP_WORDS words, never freed (see `maps`).
+    let map = unsafe { std::slice::from_raw_parts(p, MAP_WORDS) };
+    let (first, last) = (start >> GRANULE_SHIFT, (end - 1) >> GRANULE_SHIFT);
+    (first / 64..=last / 64).any(|w| {
+        let lo = if w == first / 64 { first % 64 } else { 0 };
+        let hi = if w == last / 64 { last % 64 } else { 63 };
+        let mask = (u64::MAX >> (63 - hi)) & (u64::MAX << lo);
+        map.get(w)
+            .is_some_and(|word| word.load(Ordering::Acquire) & mask != 0)
+    })
 }
 
 /// Whether `addr` lies in an arena of any real backend of the process, as the fault handler
