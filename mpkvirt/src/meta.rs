@@ -27,9 +27,11 @@
 //! Library code runs with the library key writable, so anything it writes through a pointer
 //! found in application memory is a write gadget. It therefore never uses the global
 //! allocator (the C library's heap keeps its links in application memory), the standard
-//! streams, or any state reached through application memory; it copies its arguments out of
-//! application memory once and validates them against its own tables. Values it returns may
-//! be plain data written into the caller's argument block.
+//! streams, or any state reached through application memory (what it trusts — the region's
+//! bounds, the arena map — hangs off the root); it reads and writes caller memory only where
+//! the calling thread could itself (`ops::caller_may_access`), copies its arguments out once
+//! and validates them against its own tables. Values it returns may be plain data written
+//! into the caller's argument block.
 //!
 //! # Safety
 //!
