@@ -184,6 +184,13 @@ pub(crate) struct Root {
     /// the kernel's initial PKRU and cannot read the region). Library code only writes it,
     /// through this pointer, never through one found in application memory.
     pub(crate) arena_shadow: AtomicPtr<AtomicU64>,
+    /// The process's fence mode (`manager::binding::process_fence`: 0 not chosen yet, 1
+    /// asymmetric, 2 symmetric). Here rather than in a static: library code decides with it
+    /// how much of the pin/evict protocol it fences.
+    pub(crate) fence_mode: std::sync::atomic::AtomicU8,
+    /// The pthread key of the exit hook plus one (`gate::exit_key`; 0: none yet). Here rather
+    /// than in a static: library code hands it to `pthread_setspecific`.
+    pub(crate) exit_key: AtomicU64,
 }
 
 // SAFETY: every field is an atomic or a mutex except `gate`, which is written only during
@@ -238,6 +245,8 @@ static mpkvirt_gate_root: Root = Root {
     region: [AtomicUsize::new(0), AtomicUsize::new(0)],
     arena_map: AtomicPtr::new(std::ptr::null_mut()),
     arena_shadow: AtomicPtr::new(std::ptr::null_mut()),
+    fence_mode: std::sync::atomic::AtomicU8::new(0),
+    exit_key: AtomicU64::new(0),
 };
 
 /// The root (initialised: callers go through [`init`] first).
