@@ -204,7 +204,9 @@ impl Args {
 ///   anything else (free arena ranges, parked domains, ranges straddling domains) is refused.
 ///
 /// Memory tagged with keys mpkvirt does not manage is not distinguished from key 0: the
-/// library does not know those pages (stated in ARCHITECTURE.md's threat model).
+/// library does not know those pages (stated in ARCHITECTURE.md's threat model). The slow
+/// path announces other managers in turn: call this only while the op holds no reference to
+/// its manager (before looking it up, or after it finished).
 #[inline]
 pub(crate) fn caller_may_access(
     rec: &mut ThreadRecord,

@@ -392,14 +392,10 @@ fn on_manager<B: Backend>(code: u64, args: Args, rec: &mut ThreadRecord) -> u64 
                 Ok(lifecycle::domain_at(sh, i.a as usize))
             }),
             V_ENTER => args.serve(rec, |rec, i: EnterIn| -> Result<u64> {
-                let sh = with_mgr::<B>(rec, i.m)?;
+                // The list is checked and read before the manager is announced: checking a
+                // range in domain memory announces other managers in turn
+                // (`caller_domain_grants`).
                 let n = (i.n as usize).min(16);
-                if i.n as usize > sh.nkeys {
-                    return Err(Error::ViewTooLarge {
-                        domains: i.n as usize,
-                        keys: sh.nkeys,
-                    });
-                }
                 let base = i.doms as *const DomRef;
                 if n > 0
                     && (base.is_null()
@@ -429,6 +425,13 @@ fn on_manager<B: Backend>(code: u64, args: Args, rec: &mut ThreadRecord) -> u64 
                         read_only: i.ro & (1 << k) != 0,
                     };
                 }
+                let sh = with_mgr::<B>(rec, i.m)?;
+                if i.n as usize > sh.nkeys {
+                    return Err(Error::ViewTooLarge {
+                        domains: i.n as usize,
+                        keys: sh.nkeys,
+                    });
+                }
                 let cx = cx_of(sh, rec)?;
                 views::enter(sh, rec, cx, &view[..n]).map(|t| t.id)
             }),
@@ -438,15 +441,19 @@ fn on_manager<B: Backend>(code: u64, args: Args, rec: &mut ThreadRecord) -> u64 
                 views::leave(sh, rec, cx, i.a)
             }),
             V_HINT => args.serve(rec, |rec, i: ListIn| {
+                // Checked before the manager is announced (see V_ENTER).
+                let list = list_of(rec, i)?;
                 let sh = with_mgr::<B>(rec, i.m)?;
-                let uids = read_list(sh, rec, i)?;
+                let uids = read_list(sh, list)?;
                 lock(&sh.inner).policy.hint(&uids);
                 Ok(())
             }),
             V_PREFETCH => args.serve(rec, |rec, i: ListIn| {
+                // Checked before the manager is announced (see V_ENTER).
+                let list = list_of(rec, i)?;
                 let sh = with_mgr::<B>(rec, i.m)?;
                 let me: *const ThreadCx = cx_of(sh, rec)?;
-                prefetch(sh, rec, me, i)
+                prefetch(sh, me, list)
             }),
             ACCESS => args.serve(rec, |rec, i: MgrIn| -> Result<Access> {
                 let sh = with_mgr::<B>(rec, i.m)?;
@@ -504,10 +511,9 @@ fn list_of(rec: &mut ThreadRecord, i: ListIn) -> Result<(*const DomRef, usize)> 
     Ok((base, len))
 }
 
-/// Reads a list of domains from the caller's memory, one element at a time, keeping those of
-/// this manager (their uids).
-fn read_list<B: Backend>(sh: &Shared<B>, rec: &mut ThreadRecord, i: ListIn) -> Result<MVec<u64>> {
-    let (base, len) = list_of(rec, i)?;
+/// Reads a list of domains from the caller's memory (checked by [`list_of`]), one element at
+/// a time, keeping those of this manager (their uids).
+fn read_list<B: Backend>(sh: &Shared<B>, (base, len): (*const DomRef, usize)) -> Result<MVec<u64>> {
     let mut uids = MVec::new_in(Meta);
     uids.try_reserve(len)
         .map_err(|_| Error::Unsupported("a hint list (metadata exhausted)"))?;
@@ -527,7 +533,9 @@ fn read_list<B: Backend>(sh: &Shared<B>, rec: &mut ThreadRecord, i: ListIn) -> R
 /// it lies entirely in one live domain of a real backend, bound to a key for which the
 /// calling thread's legitimate rights allow the access. Every registered manager is asked in
 /// turn (announced like an op on it, so it is not torn down meanwhile); the thread's own
-/// announcement is restored afterwards.
+/// announcement is restored afterwards. Call it only while the thread holds no reference to a
+/// manager (before an op looked its manager up, or after it finished): for that moment the
+/// op's own manager is not announced.
 pub(crate) fn caller_domain_grants(
     rec: &mut ThreadRecord,
     addr: usize,
@@ -611,18 +619,16 @@ fn grants_in<B: Backend>(
 /// Binds keys for the listed domains ahead of use (see `Manager::prefetch`).
 fn prefetch<B: Backend>(
     sh: &Shared<B>,
-    rec: &mut ThreadRecord,
     me: *const ThreadCx,
-    i: ListIn,
+    (base, len): (*const DomRef, usize),
 ) -> Result<usize> {
-    let (base, len) = list_of(rec, i)?;
-    let uids = read_list(sh, rec, i)?;
+    let uids = read_list(sh, (base, len))?;
     let mut inner = lock(&sh.inner);
     binding::sweep_uses(sh, &mut inner);
     inner.policy.hint(&uids);
     let mut bound = 0;
     for k in 0..len {
-        // SAFETY: as in `read_list` (checked by `list_of` above).
+        // SAFETY: as in `read_list` (the caller checked the list with `list_of`).
         let d = unsafe { std::ptr::read_volatile(base.wrapping_add(k)) };
         let Some(r) = sh.domain(d) else {
             continue;
