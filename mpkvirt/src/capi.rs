@@ -483,20 +483,20 @@ pub unsafe extern "C" fn mpk_pthread_create(
 pub(crate) fn run(code: u64, a: crate::ops::Args, rec: &mut ThreadRecord) -> u64 {
     {
         match code {
-            C_INIT => a.serve(|i: mops::CreateIn| Ok(init(i))),
-            C_MMAP => a.serve(|i: CArgs| Ok(mmap_op(i))),
-            C_MUNMAP => a.serve(|i: CArgs| Ok(munmap_op(rec, i))),
-            C_BEGIN => a.serve(|i: CArgs| Ok(begin_op(rec, i))),
-            C_END => a.serve(|i: CArgs| Ok(end_op(rec, i))),
-            C_MPROTECT => a.serve(|i: CArgs| Ok(mprotect_op(rec, i))),
-            C_MALLOC => a.serve(|i: CArgs| Ok(malloc_op(i))),
-            C_FREE => a.serve(|i: CArgs| Ok(free_op(i))),
-            C_GUARD_START => a.serve(|_: CArgs| Ok(guard_start(rec))),
+            C_INIT => a.serve(rec, |_, i: mops::CreateIn| Ok(init(i))),
+            C_MMAP => a.serve(rec, |_, i: CArgs| Ok(mmap_op(i))),
+            C_MUNMAP => a.serve(rec, |rec, i: CArgs| Ok(munmap_op(rec, i))),
+            C_BEGIN => a.serve(rec, |rec, i: CArgs| Ok(begin_op(rec, i))),
+            C_END => a.serve(rec, |rec, i: CArgs| Ok(end_op(rec, i))),
+            C_MPROTECT => a.serve(rec, |rec, i: CArgs| Ok(mprotect_op(rec, i))),
+            C_MALLOC => a.serve(rec, |_, i: CArgs| Ok(malloc_op(i))),
+            C_FREE => a.serve(rec, |_, i: CArgs| Ok(free_op(i))),
+            C_GUARD_START => a.serve(rec, |rec, _: CArgs| Ok(guard_start(rec))),
             // The end of a guarded call, after a fault too (it stays in its context:
             // `gate::note_context`).
-            C_GUARD_END => a.serve(|i: CArgs| Ok(guard_end(rec, i.a, i.b != 0))),
-            C_FAULT_VKEY => a.serve(|i: CArgs| Ok(fault_vkey(i.a as usize))),
-            C_KEYS => a.serve(|_: CArgs| -> crate::Result<Result<u64, c_int>> {
+            C_GUARD_END => a.serve(rec, |rec, i: CArgs| Ok(guard_end(rec, i.a, i.b != 0))),
+            C_FAULT_VKEY => a.serve(rec, |_, i: CArgs| Ok(fault_vkey(i.a as usize))),
+            C_KEYS => a.serve(rec, |_, _: CArgs| -> crate::Result<Result<u64, c_int>> {
                 Ok(state().and_then(|st| shared(st).map(|sh| sh.nkeys as u64)))
             }),
             _ => STATUS_BAD_CALL,

@@ -774,15 +774,30 @@ pub(crate) fn normal_pkru(rec: &ThreadRecord) -> u32 {
 /// destructors after the thread-local ones, and again in the next round for a key set
 /// during a round, so a thread whose first call comes from another key's destructor (or
 /// from a Rust thread-local's) is still cleaned up. The dispatcher sets the key (inside the
-/// library, once per record) so the call path touches no thread-local storage.
+/// library, once per record) so the call path touches no thread-local storage. The key is
+/// kept in the root (library memory), not in a static: library code passes it to glibc.
 fn exit_key() -> Option<libc::pthread_key_t> {
-    static KEY: OnceLock<Option<libc::pthread_key_t>> = OnceLock::new();
-    *KEY.get_or_init(|| {
-        let mut key = 0;
-        // SAFETY: `key` is ours to write; the destructor is a plain `extern "C"` function
-        // that lives for the whole process.
-        (unsafe { libc::pthread_key_create(&mut key, Some(on_thread_exit)) } == 0).then_some(key)
-    })
+    use std::sync::atomic::Ordering;
+    let slot = &root().exit_key;
+    let known = slot.load(Ordering::Acquire);
+    if known != 0 {
+        return libc::pthread_key_t::try_from(known - 1).ok();
+    }
+    let mut key = 0;
+    // SAFETY: `key` is ours to write; the destructor is a plain `extern "C"` function that
+    // lives for the whole process.
+    if unsafe { libc::pthread_key_create(&mut key, Some(on_thread_exit)) } != 0 {
+        return None;
+    }
+    match slot.compare_exchange(0, u64::from(key) + 1, Ordering::AcqRel, Ordering::Acquire) {
+        Ok(_) => Some(key),
+        Err(winner) => {
+            // Another thread made the key first: ours was never set anywhere.
+            // SAFETY: `key` was created just now by this call and is used nowhere.
+            unsafe { libc::pthread_key_delete(key) };
+            libc::pthread_key_t::try_from(winner - 1).ok()
+        }
+    }
 }
 
 extern "C" fn on_thread_exit(_value: *mut libc::c_void) {

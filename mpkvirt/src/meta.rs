@@ -27,9 +27,11 @@
 //! Library code runs with the library key writable, so anything it writes through a pointer
 //! found in application memory is a write gadget. It therefore never uses the global
 //! allocator (the C library's heap keeps its links in application memory), the standard
-//! streams, or any state reached through application memory; it copies its arguments out of
-//! application memory once and validates them against its own tables. Values it returns may
-//! be plain data written into the caller's argument block.
+//! streams, or any state reached through application memory (what it trusts — the region's
+//! bounds, the arena map — hangs off the root); it reads and writes caller memory only where
+//! the calling thread could itself (`ops::caller_may_access`), copies its arguments out once
+//! and validates them against its own tables. Values it returns may be plain data written
+//! into the caller's argument block.
 //!
 //! # Safety
 //!
@@ -172,6 +174,23 @@ pub(crate) struct Root {
     /// Every thread record ever made (`gate::ThreadRecord`, in the region); dead ones are
     /// reused once their thread is gone.
     pub(crate) records: Mutex<MVec<usize>>,
+    /// The metadata region's bounds `[start, end)` (written once by [`init`]; `(0, 0)`
+    /// before). What library code checks argument addresses against (`APP_REGION` is only
+    /// application code's copy).
+    region: [AtomicUsize; 2],
+    /// The arena map library code reads and writes (`backend/arena.rs`), in the region.
+    pub(crate) arena_map: AtomicPtr<AtomicU64>,
+    /// The fault handler's copy of the arena map (application memory: the handler runs with
+    /// the kernel's initial PKRU and cannot read the region). Library code only writes it,
+    /// through this pointer, never through one found in application memory.
+    pub(crate) arena_shadow: AtomicPtr<AtomicU64>,
+    /// The process's fence mode (`manager::binding::process_fence`: 0 not chosen yet, 1
+    /// asymmetric, 2 symmetric). Here rather than in a static: library code decides with it
+    /// how much of the pin/evict protocol it fences.
+    pub(crate) fence_mode: std::sync::atomic::AtomicU8,
+    /// The pthread key of the exit hook plus one (`gate::exit_key`; 0: none yet). Here rather
+    /// than in a static: library code hands it to `pthread_setspecific`.
+    pub(crate) exit_key: AtomicU64,
 }
 
 // SAFETY: every field is an atomic or a mutex except `gate`, which is written only during
@@ -223,6 +242,11 @@ static mpkvirt_gate_root: Root = Root {
     slots_high: AtomicUsize::new(0),
     capi: AtomicPtr::new(std::ptr::null_mut()),
     records: Mutex::new(MVec::new_in(Meta)),
+    region: [AtomicUsize::new(0), AtomicUsize::new(0)],
+    arena_map: AtomicPtr::new(std::ptr::null_mut()),
+    arena_shadow: AtomicPtr::new(std::ptr::null_mut()),
+    fence_mode: std::sync::atomic::AtomicU8::new(0),
+    exit_key: AtomicU64::new(0),
 };
 
 /// The root (initialised: callers go through [`init`] first).
@@ -525,6 +549,8 @@ fn init_once(r: &Root) -> Result<MetadataMode> {
         heap.committed = base;
         heap.end = base + REGION_LEN;
     }
+    r.region[0].store(base, Ordering::Relaxed);
+    r.region[1].store(base + REGION_LEN, Ordering::Relaxed);
     APP_REGION[0].store(base, Ordering::Relaxed);
     APP_REGION[1].store(base + REGION_LEN, Ordering::Relaxed);
     let (_, boot_top) = alloc_stack(BOOT_STACK)?;
@@ -651,6 +677,20 @@ pub fn is_metadata(addr: usize) -> bool {
     (root_start..root_start + size_of::<Root>()).contains(&addr)
         || (APP_REGION[0].load(Ordering::Relaxed)..APP_REGION[1].load(Ordering::Relaxed))
             .contains(&addr)
+}
+
+/// Whether `[start, end)` overlaps the library's memory: the root static or the metadata
+/// region (library code; bounds from library memory only). Four compares.
+#[inline]
+pub(crate) fn overlaps_library(start: usize, end: usize) -> bool {
+    let r = root();
+    let root_start = (&raw const mpkvirt_gate_root) as usize;
+    let root_end = root_start + size_of::<Root>();
+    let (lo, hi) = (
+        r.region[0].load(Ordering::Relaxed),
+        r.region[1].load(Ordering::Relaxed),
+    );
+    (start < root_end && root_start < end) || (start < hi && lo < end)
 }
 
 /// The root static's address and size, the region's bounds (`(0, 0)` before [`init`]) and

@@ -12,10 +12,14 @@
 //! # Safety
 //!
 //! The dispatcher turns the argument pointer into reads of `I` and a write of the output.
-//! It checks the pointer for null and alignment; the caller (the application, possibly
-//! hostile) is responsible for it pointing to memory it owns — a bad pointer faults in the
-//! library, which is a crash, not an escalation (the fault handler gives the thread the deny
-//! PKRU). `Pod` may only be implemented for types without invalid bit patterns.
+//! Library code runs with every key open, so an unchecked pointer would be a read and write
+//! gadget for any caller (attacker class 2 calls the gate with forged arguments): it checks
+//! the pointer for null and alignment, and the block — and every list an op reads — with
+//! [`caller_may_access`] against the calling thread's legitimate rights, so it reads and
+//! writes only memory the thread could access itself: never library memory, never a domain
+//! outside its view. An unmapped address still faults in the library, which is a crash, not
+//! an escalation (the fault handler gives the thread the deny PKRU). `Pod` may only be
+//! implemented for types without invalid bit patterns.
 #![allow(
     unsafe_code,
     reason = "reading argument blocks from application memory"
@@ -30,7 +34,8 @@ use crate::gate::{self, ThreadRecord};
 
 /// The op ran; its output is written.
 pub(crate) const STATUS_OK: u64 = 0;
-/// The argument block was unusable (null or misaligned) or the op code unknown.
+/// The argument block was unusable (null, misaligned, or memory the caller may not access
+/// itself) or the op code unknown.
 pub(crate) const STATUS_BAD_CALL: u64 = 0x8000_0000_0000_0010;
 /// Library code panicked (a bug); nothing is written.
 pub(crate) const STATUS_PANIC: u64 = 0x8000_0000_0000_0011;
@@ -109,6 +114,25 @@ pub(crate) fn call<I: Pod, O>(code: u64, input: I) -> Result<O> {
     }
 }
 
+/// Runs op `op` with the caller-made argument block at `args` through this process's calling
+/// path — what a forged call of the gate does — and returns the status word (feature
+/// `testing`: tests of the argument checks in any metadata mode, without PKU too).
+///
+/// # Errors
+///
+/// As [`gate::call`].
+///
+/// # Safety
+///
+/// `args` may be anything: the library reads and writes only memory the calling thread may
+/// access itself, but that may be memory the caller's Rust code owns (the output overwrites
+/// it), and an unmapped address faults.
+#[cfg(feature = "testing")]
+#[doc(hidden)]
+pub unsafe fn raw_call(op: u64, args: *mut u8) -> Result<u64> {
+    gate::call(op, args)
+}
+
 /// The argument block of the op being served (library side).
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Args(*mut u8);
@@ -119,16 +143,28 @@ impl Args {
     /// # Safety
     ///
     /// `p` must be null or point to memory the calling thread may read and write as the
-    /// `Call<I, O>` of the op being served (checked for null and alignment in `serve`; a
-    /// hostile caller's bad pointer faults inside the library, see the module docs).
+    /// `Call<I, O>` of the op being served (checked for null, alignment and the thread's
+    /// rights in `serve`; a hostile caller's unmapped pointer faults inside the library, see
+    /// the module docs).
     pub(crate) unsafe fn new(p: *mut u8) -> Args {
         Args(p)
     }
 
-    /// Copies the input out of the block, runs `f`, writes its output.
-    pub(crate) fn serve<I: Pod, O>(self, f: impl FnOnce(I) -> Result<O>) -> u64 {
+    /// Copies the input out of the block, runs `f`, writes its output — each only after
+    /// checking that the calling thread may itself access the block ([`caller_may_access`]):
+    /// the whole block before `f` runs, the output again before it is written (`f` may have
+    /// changed the thread's rights). A block it may not access is `STATUS_BAD_CALL`: nothing
+    /// read or run, or — when `f` itself took the rights away — its output dropped.
+    pub(crate) fn serve<I: Pod, O>(
+        self,
+        rec: &mut ThreadRecord,
+        f: impl FnOnce(&mut ThreadRecord, I) -> Result<O>,
+    ) -> u64 {
         let call = self.0.cast::<Call<I, O>>();
         if call.is_null() || !call.is_aligned() {
+            return STATUS_BAD_CALL;
+        }
+        if !caller_may_access(rec, call as usize, size_of::<Call<I, O>>(), true) {
             return STATUS_BAD_CALL;
         }
         // `input` is the first field of the `#[repr(C)]` block; `output` is at its offset.
@@ -138,15 +174,62 @@ impl Args {
             .wrapping_add(std::mem::offset_of!(Call<I, O>, output))
             .cast::<MaybeUninit<Result<O>>>();
         // SAFETY: non-null and aligned (checked, and the field is aligned within the block);
-        // valid for reads by `Args::new`'s contract. A volatile copy: the input is read
-        // exactly once, and `I: Pod` accepts any bits.
+        // memory the calling thread may read and write itself (checked above), so reading it
+        // reaches neither library memory nor a domain outside the thread's view. A volatile
+        // copy: the input is read exactly once, and `I: Pod` accepts any bits.
         let input = unsafe { std::ptr::read_volatile(input) };
-        let out = f(input);
-        // SAFETY: as above, valid for writes; the output slot is uninitialised memory of the
-        // caller's block (nothing to drop).
+        let out = f(rec, input);
+        if !caller_may_access(rec, output as usize, size_of::<Result<O>>(), true) {
+            return STATUS_BAD_CALL;
+        }
+        // SAFETY: as above, and checked again for writing with the thread's rights as the op
+        // left them; the output slot is uninitialised memory of the caller's block (nothing to
+        // drop).
         unsafe { output.write(MaybeUninit::new(out)) };
         STATUS_OK
     }
+}
+
+/// Whether the calling thread could access `[addr, addr + len)` itself (`write`: for writing)
+/// with its *legitimate* rights — the record's PKRU and views in library memory, never the
+/// PKRU it entered with (a caller that jumps past the gate's RDPKRU chooses that). Library
+/// code checks every range of caller memory it reads or writes on the caller's behalf with
+/// this before touching it (it runs with every key open): argument blocks (`Args::serve`)
+/// and lists (`manager::ops`).
+///
+/// - The range must not wrap, must end in the user address space, and must not overlap the
+///   library's memory (`meta::overlaps_library`: bounds kept in the root).
+/// - A range that touches no arena granule (the library's own arena map) is application
+///   memory outside every domain: allowed. This is the common case — a block on the caller's
+///   stack — and costs a few compares and one load of the map.
+/// - Otherwise it must lie entirely in one live domain of a real backend that is bound to a
+///   key the thread's rights grant for the access (`manager::ops::caller_domain_grants`);
+///   anything else (free arena ranges, parked domains, ranges straddling domains) is refused.
+///
+/// Memory tagged with keys mpkvirt does not manage is not distinguished from key 0: the
+/// library does not know those pages (stated in ARCHITECTURE.md's threat model). The slow
+/// path announces other managers in turn: call this only while the op holds no reference to
+/// its manager (before looking it up, or after it finished).
+#[inline]
+pub(crate) fn caller_may_access(
+    rec: &mut ThreadRecord,
+    addr: usize,
+    len: usize,
+    write: bool,
+) -> bool {
+    let Some(end) = addr.checked_add(len) else {
+        return false;
+    };
+    if len == 0 {
+        return true;
+    }
+    if addr == 0 || end > crate::backend::USER_END || crate::meta::overlaps_library(addr, end) {
+        return false;
+    }
+    if !crate::backend::arena_map_touches(addr, end) {
+        return true;
+    }
+    crate::manager::ops::caller_domain_grants(rec, addr, end, write)
 }
 
 /// The dispatcher's router (inside the library).
@@ -172,9 +255,9 @@ fn run_global(code: u64, args: Args, rec: &mut ThreadRecord) -> u64 {
             gate::retire_record(rec);
             STATUS_OK
         }
-        OP_VIEW_MARK => args.serve(|(): ()| Ok(rec.view_seq)),
+        OP_VIEW_MARK => args.serve(rec, |rec, (): ()| Ok(rec.view_seq)),
         // The recovery of a faulting guarded call (it stays in its context: `gate::note_context`).
-        OP_END_VIEWS_SINCE => args.serve(|mark: u64| {
+        OP_END_VIEWS_SINCE => args.serve(rec, |rec, mark: u64| {
             crate::manager::ops::end_views_since(rec, mark);
             Ok(())
         }),
@@ -182,17 +265,17 @@ fn run_global(code: u64, args: Args, rec: &mut ThreadRecord) -> u64 {
         // rights); afterwards it is computed again from the views it has then (views it ended
         // meanwhile are gone, never restored from a saved value). The entry PKRU is not used:
         // code that jumps into the gate past its RDPKRU chooses it.
-        OP_SPAWN_PREPARE => args.serve(|(): ()| {
+        OP_SPAWN_PREPARE => args.serve(rec, |rec, (): ()| {
             rec.spawning = true;
             crate::manager::global::resync(rec, None);
             Ok(())
         }),
-        OP_SPAWN_DONE => args.serve(|(): ()| {
+        OP_SPAWN_DONE => args.serve(rec, |rec, (): ()| {
             rec.spawning = false;
             crate::manager::global::resync(rec, None);
             Ok(())
         }),
-        OP_SYNC => args.serve(|arg: u64| {
+        OP_SYNC => args.serve(rec, |rec, arg: u64| {
             let frame = arg as u32;
             let pku = mpkvirt_sys::Pku::new().is_some();
             // The interrupted context is the thread's normal one when it runs with the value
@@ -225,11 +308,13 @@ fn run_global(code: u64, args: Args, rec: &mut ThreadRecord) -> u64 {
             crate::manager::global::announce_ack();
             Ok(u64::from(gate::normal_pkru(rec)))
         }),
-        OP_SYNC_ALL => args.serve(|(): ()| crate::manager::global::broadcast(rec, None, None)),
+        OP_SYNC_ALL => args.serve(rec, |rec, (): ()| {
+            crate::manager::global::broadcast(rec, None, None)
+        }),
         #[cfg(feature = "testing")]
-        OP_SYNC_HOLDERS => {
-            args.serve(|fields: u32| crate::manager::global::broadcast(rec, None, Some(fields)))
-        }
+        OP_SYNC_HOLDERS => args.serve(rec, |rec, fields: u32| {
+            crate::manager::global::broadcast(rec, None, Some(fields))
+        }),
         c if c >= crate::capi::OP_BASE => crate::capi::run(c, args, rec),
         _ => STATUS_BAD_CALL,
     }

@@ -8,22 +8,33 @@
 //! space — can say in O(1), without locks and from a signal handler, whether an address lies
 //! in some arena, however many there are.
 //!
+//! The map exists twice. Library code reads and writes its own copy in the metadata region,
+//! found through the root (library memory): argument checks (`ops`) trust it. The fault
+//! handler runs with the kernel's initial PKRU, which cannot read library memory, so it reads
+//! a copy in application memory, found through the `ARENA_MAP` static; library code writes
+//! that copy only through the pointer the root keeps, so a stray write to the static or to
+//! the copy can mislead the handler of a faulting thread but never redirects a write of the
+//! library (`meta.rs`: no state reached through application memory).
+//!
 //! # Safety
 //!
 //! Every operation acts only on a range inside a reservation made here (checked first), and
 //! mpkvirt hands out only raw pointers into reservations, never Rust references, so no
 //! reference can observe the change. Dropping [`Arenas`] unmaps the reservations; the live
-//! backend owning it is dropped only after every domain in them is gone. The arena map is a
-//! private anonymous mapping made once and never unmapped; its words are atomics.
+//! backend owning it is dropped only after every domain in them is gone. The arena maps are a
+//! block of the region and a private anonymous mapping, each made once and never freed;
+//! their words are atomics.
 #![allow(
     unsafe_code,
     reason = "mmap, madvise and munmap over the backend's own reservations; the arena map"
 )]
 
 use std::os::fd::BorrowedFd;
+use std::ptr::NonNull;
 use std::sync::RwLock;
 use std::sync::atomic::{AtomicPtr, AtomicU64, Ordering};
 
+use allocator_api2::alloc::{Allocator, Layout};
 use mpkvirt_sys::Error as SysError;
 use mpkvirt_sys::mman::{self, Prot};
 
@@ -37,55 +48,121 @@ const GRANULE_SHIFT: u32 = GRANULE.trailing_zeros();
 /// User address space covered by the arena map (x86-64, 4-level paging).
 const USER_SPACE: usize = 1 << 47;
 const MAP_WORDS: usize = USER_SPACE / GRANULE / 64;
+/// End of the user address space the library accepts argument addresses in.
+pub(crate) const USER_END: usize = USER_SPACE;
 
+/// The fault handler's pointer to its copy of the map (application memory: the handler runs
+/// with the kernel's initial PKRU, which cannot read library memory). Only the handler reads
+/// it; library code never uses it — it writes the handler's copy through the pointer kept in
+/// the root (`meta::Root::arena_shadow`), so a stray write here misleads at most the
+/// handler of a faulting thread, never a write of the library.
 static ARENA_MAP: AtomicPtr<AtomicU64> = AtomicPtr::new(std::ptr::null_mut());
 
-fn arena_map() -> Option<&'static [AtomicU64]> {
-    let mut p = ARENA_MAP.load(Ordering::Acquire);
-    if p.is_null() {
-        let bytes = MAP_WORDS * 8;
-        let fresh = mman::reserve(bytes, Prot::READ_WRITE)
-            .ok()?
-            .cast::<AtomicU64>();
-        match ARENA_MAP.compare_exchange(
+const MAP_BYTES: usize = MAP_WORDS * 8;
+
+/// The library's map (in the region) and the handler's copy, made on first use. Library
+/// code only (inside an op): both pointers come from the root, in library memory.
+fn maps() -> Option<(&'static [AtomicU64], &'static [AtomicU64])> {
+    let r = crate::meta::root();
+    let mut lib = r.arena_map.load(Ordering::Acquire);
+    if lib.is_null() {
+        let layout = Layout::from_size_align(MAP_BYTES, 8).ok()?;
+        // A block of 64 KiB or more is fresh from the region or was given back with
+        // `MADV_DONTNEED` when freed: it reads as zero (see `meta`) but for its first word,
+        // the free-list link of a reused block. Untouched pages cost nothing.
+        let fresh = Meta.allocate(layout).ok()?.cast::<AtomicU64>().as_ptr();
+        // SAFETY: the block was just allocated for us, 8-aligned and MAP_BYTES long.
+        unsafe { fresh.write(AtomicU64::new(0)) };
+        match r.arena_map.compare_exchange(
             std::ptr::null_mut(),
             fresh,
             Ordering::AcqRel,
             Ordering::Acquire,
         ) {
-            Ok(_) => p = fresh,
+            Ok(_) => lib = fresh,
             Err(winner) => {
-                // SAFETY: `fresh` was just mapped by this call and lost the race: no one else
-                // has seen it.
-                let _ = unsafe { mman::munmap(fresh.cast(), bytes) };
-                p = winner;
+                // SAFETY: `fresh` was just allocated with `layout` by this call and lost the
+                // race: no one else has seen it.
+                unsafe { Meta.deallocate(NonNull::new(fresh.cast())?, layout) };
+                lib = winner;
             }
         }
     }
-    // SAFETY: the map is a private zero-filled mapping of MAP_WORDS u64 words, never unmapped
-    // once published; AtomicU64 has the layout of u64 and all-zero is a valid value.
-    Some(unsafe { std::slice::from_raw_parts(p, MAP_WORDS) })
+    let mut shadow = r.arena_shadow.load(Ordering::Acquire);
+    if shadow.is_null() {
+        let fresh = mman::reserve(MAP_BYTES, Prot::READ_WRITE)
+            .ok()?
+            .cast::<AtomicU64>();
+        match r.arena_shadow.compare_exchange(
+            std::ptr::null_mut(),
+            fresh,
+            Ordering::AcqRel,
+            Ordering::Acquire,
+        ) {
+            Ok(_) => shadow = fresh,
+            Err(winner) => {
+                // SAFETY: `fresh` was just mapped by this call and lost the race: no one else
+                // has seen it.
+                let _ = unsafe { mman::munmap(fresh.cast(), MAP_BYTES) };
+                shadow = winner;
+            }
+        }
+        // Published for the handler (a fact for it, never read back by library code).
+        ARENA_MAP.store(shadow, Ordering::Release);
+    }
+    // SAFETY: the library's map is a zero-filled block of MAP_WORDS u64 words published once
+    // in the root (library memory) and never freed; AtomicU64 has the layout of u64 and
+    // all-zero is a valid value.
+    let lib = unsafe { std::slice::from_raw_parts(lib, MAP_WORDS) };
+    // SAFETY: as above: the handler's copy, a private zero-filled mapping of MAP_WORDS words
+    // whose address the root keeps, never unmapped.
+    let shadow = unsafe { std::slice::from_raw_parts(shadow, MAP_WORDS) };
+    Some((lib, shadow))
 }
 
-/// Marks (or unmarks) `[start, start + len)` — granule-aligned — as domain memory.
+/// Marks (or unmarks) `[start, start + len)` — granule-aligned — as domain memory, in the
+/// library's map and the handler's copy.
 pub(crate) fn arena_map_mark(start: usize, len: usize, on: bool) {
-    let Some(map) = arena_map() else {
+    let Some((lib, shadow)) = maps() else {
         return;
     };
     for g in (start >> GRANULE_SHIFT)..((start + len) >> GRANULE_SHIFT) {
         let (word, bit) = (g / 64, 1u64 << (g % 64));
-        if let Some(w) = map.get(word) {
-            if on {
-                w.fetch_or(bit, Ordering::Release);
-            } else {
-                w.fetch_and(!bit, Ordering::Release);
+        for map in [lib, shadow] {
+            if let Some(w) = map.get(word) {
+                if on {
+                    w.fetch_or(bit, Ordering::Release);
+                } else {
+                    w.fetch_and(!bit, Ordering::Release);
+                }
             }
         }
     }
 }
 
-/// Whether `addr` lies in an arena of any real backend of the process. Lock-free and
-/// async-signal-safe (the map exists once any arena does).
+/// Whether `[start, end)` (`start < end <= 2^47`) touches a granule of some real backend's
+/// arena: the library's map (library code; one load per 64 granules).
+#[inline]
+pub(crate) fn arena_map_touches(start: usize, end: usize) -> bool {
+    let p = crate::meta::root().arena_map.load(Ordering::Acquire);
+    if p.is_null() {
+        return false;
+    }
+    // SAFETY: a published map has MAP_WORDS words, never freed (see `maps`).
+    let map = unsafe { std::slice::from_raw_parts(p, MAP_WORDS) };
+    let (first, last) = (start >> GRANULE_SHIFT, (end - 1) >> GRANULE_SHIFT);
+    (first / 64..=last / 64).any(|w| {
+        let lo = if w == first / 64 { first % 64 } else { 0 };
+        let hi = if w == last / 64 { last % 64 } else { 63 };
+        let mask = (u64::MAX >> (63 - hi)) & (u64::MAX << lo);
+        map.get(w)
+            .is_some_and(|word| word.load(Ordering::Acquire) & mask != 0)
+    })
+}
+
+/// Whether `addr` lies in an arena of any real backend of the process, as the fault handler
+/// sees it (its copy of the map). Lock-free and async-signal-safe (the map exists once any
+/// arena does). Never used by library code to decide anything.
 pub(crate) fn arena_map_contains(addr: usize) -> bool {
     let p = ARENA_MAP.load(Ordering::Acquire);
     if p.is_null() || addr >= USER_SPACE {

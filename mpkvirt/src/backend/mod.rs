@@ -47,7 +47,7 @@ use mpkvirt_sys::mman::Prot;
 use mpkvirt_sys::signal::{Access, SegvCode};
 use mpkvirt_sys::{Pkey, Pkru};
 
-pub(crate) use arena::arena_map_contains;
+pub(crate) use arena::{USER_END, arena_map_contains, arena_map_touches};
 pub use emulated::Emulated;
 pub use hardware::Hardware;
 pub use simulated::Simulated;

@@ -32,16 +32,25 @@ pub(crate) fn heavy_fence(mode: FenceMode) -> bool {
 }
 
 /// The process's fence mode: asymmetric once `membarrier` is registered (it is
-/// process-wide, so every manager uses the same mode).
+/// process-wide, so every manager uses the same mode). Inside the library only; kept in the
+/// root (library memory), so a stray write cannot make one side of the protocol skip its
+/// fence.
 pub(crate) fn process_fence() -> FenceMode {
-    static MODE: std::sync::OnceLock<FenceMode> = std::sync::OnceLock::new();
-    *MODE.get_or_init(|| {
-        if membarrier::register_private_expedited().is_ok() {
-            FenceMode::Asymmetric
-        } else {
-            FenceMode::Symmetric
+    let mode = &crate::meta::root().fence_mode;
+    match mode.load(std::sync::atomic::Ordering::Relaxed) {
+        1 => FenceMode::Asymmetric,
+        2 => FenceMode::Symmetric,
+        _ => {
+            // Registering twice (threads racing here) is harmless; both find the same answer.
+            let (m, code) = if membarrier::register_private_expedited().is_ok() {
+                (FenceMode::Asymmetric, 1)
+            } else {
+                (FenceMode::Symmetric, 2)
+            };
+            mode.store(code, std::sync::atomic::Ordering::Relaxed);
+            m
         }
-    })
+    }
 }
 
 /// The registered threads' pin cells.

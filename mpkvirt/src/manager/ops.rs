@@ -28,7 +28,7 @@ use crate::config::{Config, Mode};
 use crate::domain::DomainId;
 use crate::error::{Error, Result};
 use crate::gate::{NO_MGR, ThreadRecord};
-use crate::meta::{MBox, MVec, Meta, lock, root};
+use crate::meta::{MAX_MANAGERS, MBox, MVec, Meta, lock, read_rw, root};
 use crate::ops::{Args, Pod, STATUS_BAD_CALL};
 use crate::policy::{Policy, PolicyKind};
 
@@ -284,8 +284,8 @@ fn cx_of<'a, B: Backend>(sh: &Shared<B>, rec: &mut ThreadRecord) -> Result<&'a m
 /// Runs manager op `code` for managers of type `B`.
 pub(crate) fn run<B: Backend>(code: u64, args: Args, rec: &mut ThreadRecord) -> u64 {
     match code {
-        M_CREATE => args.serve(|i: CreateIn| create::<B>(i)),
-        M_RELEASE => args.serve(|m: MgrRef| release::<B>(rec, m)),
+        M_CREATE => args.serve(rec, |_, i: CreateIn| create::<B>(i)),
+        M_RELEASE => args.serve(rec, |rec, m: MgrRef| release::<B>(rec, m)),
         _ => {
             // Every other op names a manager first: announce it (the manager is not torn down
             // while an op is on it), then look it up.
@@ -307,7 +307,7 @@ fn with_mgr<'a, B: Backend>(rec: &mut ThreadRecord, m: MgrRef) -> Result<&'a Sha
 fn on_manager<B: Backend>(code: u64, args: Args, rec: &mut ThreadRecord) -> u64 {
     {
         match code {
-            M_STATS => args.serve(|m: MgrRef| {
+            M_STATS => args.serve(rec, |rec, m: MgrRef| {
                 let sh = with_mgr::<B>(rec, m)?;
                 let inner = lock(&sh.inner);
                 let mut stats = inner.stats;
@@ -315,23 +315,23 @@ fn on_manager<B: Backend>(code: u64, args: Args, rec: &mut ThreadRecord) -> u64 
                 stats.policy_entries = inner.policy.remembered() as u64;
                 Ok(stats)
             }),
-            M_THREAD_STATS => args.serve(|m: MgrRef| {
+            M_THREAD_STATS => args.serve(rec, |rec, m: MgrRef| {
                 let sh = with_mgr::<B>(rec, m)?;
                 Ok(cx_of(sh, rec)?.stats)
             }),
-            M_PKRU => args.serve(|m: MgrRef| {
+            M_PKRU => args.serve(rec, |rec, m: MgrRef| {
                 let sh = with_mgr::<B>(rec, m)?;
                 let cx = cx_of(sh, rec)?;
                 let regs = sh.regs(cx, &mut rec.gate.pkru);
                 Ok(sh.live.read_pkru(&regs))
             }),
-            D_CREATE => args.serve(|i: DomIn| -> Result<DomInfo> {
+            D_CREATE => args.serve(rec, |rec, i: DomIn| -> Result<DomInfo> {
                 let sh = with_mgr::<B>(rec, i.m)?;
                 let reserve = (i.a != 0).then(|| usize::try_from(i.b).unwrap_or(usize::MAX));
                 let prot = Prot::from_bits(i.c as i32).ok_or(Error::InvalidConfig("prot"))?;
                 lifecycle::create(sh, reserve, prot)
             }),
-            D_DESTROY => args.serve(|i: DomIn| {
+            D_DESTROY => args.serve(rec, |rec, i: DomIn| {
                 let sh = with_mgr::<B>(rec, i.m)?;
                 // Process-wide rights go first (every thread drops them); the key could not be
                 // handed on otherwise.
@@ -340,7 +340,7 @@ fn on_manager<B: Backend>(code: u64, args: Args, rec: &mut ThreadRecord) -> u64 
                 lifecycle::destroy(sh, i.d);
                 Ok(())
             }),
-            D_PROCESS_WIDE => args.serve(|i: DomIn| {
+            D_PROCESS_WIDE => args.serve(rec, |rec, i: DomIn| {
                 let sh = with_mgr::<B>(rec, i.m)?;
                 let rights = match i.a {
                     0 => None,
@@ -351,57 +351,62 @@ fn on_manager<B: Backend>(code: u64, args: Args, rec: &mut ThreadRecord) -> u64 
                 let cx = cx_of(sh, rec)?;
                 global::set(sh, rec, cx, i.d, rights)
             }),
-            D_ALLOC => args.serve(|i: DomIn| {
+            D_ALLOC => args.serve(rec, |rec, i: DomIn| {
                 let sh = with_mgr::<B>(rec, i.m)?;
                 lifecycle::alloc(sh, i.d, i.a as usize, i.b as usize)
             }),
-            D_ALLOC_PAGES => args.serve(|i: DomIn| {
+            D_ALLOC_PAGES => args.serve(rec, |rec, i: DomIn| {
                 let sh = with_mgr::<B>(rec, i.m)?;
                 lifecycle::alloc_pages(sh, i.d, i.a as usize)
             }),
-            D_FREE => args.serve(|i: DomIn| {
+            D_FREE => args.serve(rec, |rec, i: DomIn| {
                 let sh = with_mgr::<B>(rec, i.m)?;
                 lifecycle::free(sh, i.d, i.a as usize)
             }),
-            D_IN_USE => args.serve(|i: DomIn| {
+            D_IN_USE => args.serve(rec, |rec, i: DomIn| {
                 let sh = with_mgr::<B>(rec, i.m)?;
                 lifecycle::in_use(sh, i.d)
             }),
-            D_PROTECT => args.serve(|i: DomIn| {
+            D_PROTECT => args.serve(rec, |rec, i: DomIn| {
                 let sh = with_mgr::<B>(rec, i.m)?;
                 let prot = Prot::from_bits(i.a as i32).ok_or(Error::InvalidConfig("prot"))?;
                 lifecycle::protect(sh, i.d, prot)
             }),
-            D_RESET => args.serve(|i: DomIn| {
+            D_RESET => args.serve(rec, |rec, i: DomIn| {
                 let sh = with_mgr::<B>(rec, i.m)?;
                 lifecycle::reset(sh, i.d)
             }),
-            D_MAP_FD => args.serve(|i: DomIn| {
+            D_MAP_FD => args.serve(rec, |rec, i: DomIn| {
                 let sh = with_mgr::<B>(rec, i.m)?;
                 lifecycle::map_fd(sh, i.d, i.a as i32, i.b, i.c as usize)
             }),
-            D_INFO => args.serve(|i: DomIn| -> Result<(Option<Pkey>, Prot)> {
+            D_INFO => args.serve(rec, |rec, i: DomIn| -> Result<(Option<Pkey>, Prot)> {
                 let sh = with_mgr::<B>(rec, i.m)?;
                 let r = sh
                     .domain(i.d)
                     .ok_or(Error::ForeignDomain(DomainId(i.d.uid)))?;
                 Ok((r.slot.get().map(|s| sh.key(s)), r.prot()))
             }),
-            D_AT => args.serve(|i: MgrIn| {
+            D_AT => args.serve(rec, |rec, i: MgrIn| {
                 let sh = with_mgr::<B>(rec, i.m)?;
                 Ok(lifecycle::domain_at(sh, i.a as usize))
             }),
-            V_ENTER => args.serve(|i: EnterIn| -> Result<u64> {
-                let sh = with_mgr::<B>(rec, i.m)?;
+            V_ENTER => args.serve(rec, |rec, i: EnterIn| -> Result<u64> {
+                // The list is checked and read before the manager is announced: checking a
+                // range in domain memory announces other managers in turn
+                // (`caller_domain_grants`).
                 let n = (i.n as usize).min(16);
-                if i.n as usize > sh.nkeys {
-                    return Err(Error::ViewTooLarge {
-                        domains: i.n as usize,
-                        keys: sh.nkeys,
-                    });
-                }
                 let base = i.doms as *const DomRef;
-                if n > 0 && (base.is_null() || !base.is_aligned()) {
+                if n > 0
+                    && (base.is_null()
+                        || !base.is_aligned()
+                        || !crate::ops::caller_may_access(
+                            rec,
+                            base as usize,
+                            n * size_of::<DomRef>(),
+                            false,
+                        ))
+                {
                     return Err(Error::InvalidConfig("view address"));
                 }
                 let mut view = [ViewItem {
@@ -409,35 +414,48 @@ fn on_manager<B: Backend>(code: u64, args: Args, rec: &mut ThreadRecord) -> u64 
                     read_only: false,
                 }; 16];
                 for (k, v) in view[..n].iter_mut().enumerate() {
-                    // SAFETY: the caller passes `n` DomRefs at `base` (checked for null and
-                    // alignment; a bad address faults in the library, see `ops`); each is read
-                    // once, and any bits are a valid DomRef.
+                    // SAFETY: the caller passes `n` DomRefs at `base`: checked for null,
+                    // alignment and that the thread may read them itself (`caller_may_access`:
+                    // not library memory, no domain outside its view; an unmapped address
+                    // faults in the library, see `ops`); each is read once, and any bits are
+                    // a valid DomRef.
                     let d = unsafe { std::ptr::read_volatile(base.wrapping_add(k)) };
                     *v = ViewItem {
                         d,
                         read_only: i.ro & (1 << k) != 0,
                     };
                 }
+                let sh = with_mgr::<B>(rec, i.m)?;
+                if i.n as usize > sh.nkeys {
+                    return Err(Error::ViewTooLarge {
+                        domains: i.n as usize,
+                        keys: sh.nkeys,
+                    });
+                }
                 let cx = cx_of(sh, rec)?;
                 views::enter(sh, rec, cx, &view[..n]).map(|t| t.id)
             }),
-            V_LEAVE => args.serve(|i: MgrIn| {
+            V_LEAVE => args.serve(rec, |rec, i: MgrIn| {
                 let sh = with_mgr::<B>(rec, i.m)?;
                 let cx = cx_of(sh, rec)?;
                 views::leave(sh, rec, cx, i.a)
             }),
-            V_HINT => args.serve(|i: ListIn| {
+            V_HINT => args.serve(rec, |rec, i: ListIn| {
+                // Checked before the manager is announced (see V_ENTER).
+                let list = list_of(rec, i)?;
                 let sh = with_mgr::<B>(rec, i.m)?;
-                let uids = read_list(sh, i)?;
+                let uids = read_list(sh, list)?;
                 lock(&sh.inner).policy.hint(&uids);
                 Ok(())
             }),
-            V_PREFETCH => args.serve(|i: ListIn| {
+            V_PREFETCH => args.serve(rec, |rec, i: ListIn| {
+                // Checked before the manager is announced (see V_ENTER).
+                let list = list_of(rec, i)?;
                 let sh = with_mgr::<B>(rec, i.m)?;
                 let me: *const ThreadCx = cx_of(sh, rec)?;
-                prefetch(sh, me, i)
+                prefetch(sh, me, list)
             }),
-            ACCESS => args.serve(|i: MgrIn| -> Result<Access> {
+            ACCESS => args.serve(rec, |rec, i: MgrIn| -> Result<Access> {
                 let sh = with_mgr::<B>(rec, i.m)?;
                 let addr = i.a as usize;
                 // Only live domains' memory: a destroyed domain's range is parked (or reused).
@@ -476,20 +494,33 @@ pub(crate) enum Access {
     Probe,
 }
 
-/// Reads a list of domains from the caller's memory, one element at a time, keeping those of
-/// this manager (their uids).
-fn read_list<B: Backend>(sh: &Shared<B>, i: ListIn) -> Result<MVec<u64>> {
+/// The list of `i` (at most 2^20 elements are read): its address and the number of elements,
+/// checked for null, alignment and that the calling thread may read it itself
+/// (`ops::caller_may_access`).
+fn list_of(rec: &mut ThreadRecord, i: ListIn) -> Result<(*const DomRef, usize)> {
     let len = usize::try_from(i.len).map_err(|_| Error::InvalidConfig("list length"))?;
+    let len = len.min(1 << 20);
     let base = i.ptr as *const DomRef;
-    if len > 0 && (base.is_null() || !base.is_aligned()) {
+    if len > 0
+        && (base.is_null()
+            || !base.is_aligned()
+            || !crate::ops::caller_may_access(rec, base as usize, len * size_of::<DomRef>(), false))
+    {
         return Err(Error::InvalidConfig("list address"));
     }
+    Ok((base, len))
+}
+
+/// Reads a list of domains from the caller's memory (checked by [`list_of`]), one element at
+/// a time, keeping those of this manager (their uids).
+fn read_list<B: Backend>(sh: &Shared<B>, (base, len): (*const DomRef, usize)) -> Result<MVec<u64>> {
     let mut uids = MVec::new_in(Meta);
-    uids.try_reserve(len.min(1 << 20))
+    uids.try_reserve(len)
         .map_err(|_| Error::Unsupported("a hint list (metadata exhausted)"))?;
-    for k in 0..len.min(1 << 20) {
-        // SAFETY: the caller passes an array of `len` DomRefs (checked for null and
-        // alignment); each element is read once, and any bits are a valid DomRef.
+    for k in 0..len {
+        // SAFETY: the caller passes an array of `len` DomRefs, checked by `list_of` (null,
+        // alignment, readable by the thread itself); each element is read once, and any bits
+        // are a valid DomRef.
         let d = unsafe { std::ptr::read_volatile(base.wrapping_add(k)) };
         if sh.domain(d).is_some() {
             uids.push(d.uid);
@@ -498,20 +529,106 @@ fn read_list<B: Backend>(sh: &Shared<B>, i: ListIn) -> Result<MVec<u64>> {
     Ok(uids)
 }
 
-/// Binds keys for the listed domains ahead of use (see `Manager::prefetch`).
-fn prefetch<B: Backend>(sh: &Shared<B>, me: *const ThreadCx, i: ListIn) -> Result<usize> {
-    let len = usize::try_from(i.len).map_err(|_| Error::InvalidConfig("list length"))?;
-    let base = i.ptr as *const DomRef;
-    if len > 0 && (base.is_null() || !base.is_aligned()) {
-        return Err(Error::InvalidConfig("list address"));
+/// The slow half of `ops::caller_may_access`: `[addr, end)` touches an arena granule. Whether
+/// it lies entirely in one live domain of a real backend, bound to a key for which the
+/// calling thread's legitimate rights allow the access. Every registered manager is asked in
+/// turn (announced like an op on it, so it is not torn down meanwhile); the thread's own
+/// announcement is restored afterwards. Call it only while the thread holds no reference to a
+/// manager (before an op looked its manager up, or after it finished): for that moment the
+/// op's own manager is not announced.
+pub(crate) fn caller_domain_grants(
+    rec: &mut ThreadRecord,
+    addr: usize,
+    end: usize,
+    write: bool,
+) -> bool {
+    let saved = rec.active_mgr.load(Ordering::Relaxed);
+    let high = root().slots_high.load(Ordering::Acquire).min(MAX_MANAGERS);
+    let mut verdict = None;
+    for idx in 0..high {
+        let slot = &root().managers[idx];
+        let uid = slot.uid.load(Ordering::Acquire);
+        if uid == 0 {
+            continue;
+        }
+        let m = MgrRef {
+            idx: idx as u32,
+            uid,
+        };
+        verdict = match slot.kind.load(Ordering::Relaxed) {
+            // Simulated managers own no real memory: their addresses are a model's.
+            Emulated::TAG => grants_in::<Emulated>(rec, m, addr, end, write),
+            Hardware::TAG => grants_in::<Hardware>(rec, m, addr, end, write),
+            Machine::TAG => grants_in::<Machine>(rec, m, addr, end, write),
+            _ => None,
+        };
+        if verdict.is_some() {
+            break;
+        }
     }
-    let uids = read_list(sh, i)?;
+    rec.active_mgr.store(saved, Ordering::Release);
+    verdict.unwrap_or(false)
+}
+
+/// [`caller_domain_grants`] for manager `m`: `None` when no live domain of it holds `addr`.
+fn grants_in<B: Backend>(
+    rec: &mut ThreadRecord,
+    m: MgrRef,
+    addr: usize,
+    end: usize,
+    write: bool,
+) -> Option<bool> {
+    let sh = with_mgr::<B>(rec, m).ok()?;
+    let (start, len, uid) = read_rw(&sh.ranges).floor(addr)?;
+    if addr - start >= len {
+        return None;
+    }
+    if end - start > len {
+        return Some(false); // runs past the domain
+    }
+    // The key the domain's pages carry. Stable while the thread's rights grant it: a key is
+    // re-bound only when no thread's PKRU grants it (invariant 2), and this thread's own op
+    // does not run meanwhile.
+    let slot = {
+        let inner = lock(&sh.inner);
+        (0..sh.nkeys).find(|&s| inner.bound[s].is_some_and(|d| d.uid == uid))
+    };
+    let Some(slot) = slot else {
+        return Some(false); // parked: no access at all
+    };
+    // The thread's rights for this manager's keys, from library state only: the record's
+    // PKRU (hardware keys) or its view of the manager (emulated), and process-wide rights.
+    let own = match rec.cxs.get(m.idx as usize).copied().flatten() {
+        Some(p) if cx_ref(p.as_ptr()).mgr_uid == m.uid => {
+            // SAFETY: the thread's own cx (see `cx_ref`), used by this thread alone.
+            let cx = unsafe { &mut *p.as_ptr() };
+            let regs = sh.regs(cx, &mut rec.gate.pkru);
+            sh.live.read_pkru(&regs)
+        }
+        _ if sh.hardware => mpkvirt_sys::Pkru::from_bits(rec.gate.pkru),
+        _ => mpkvirt_sys::Pkru::DENY_ALL,
+    };
+    let rights = global::with_globals(sh, own).rights(sh.key(slot));
+    Some(if write {
+        rights.can_write()
+    } else {
+        rights.can_read()
+    })
+}
+
+/// Binds keys for the listed domains ahead of use (see `Manager::prefetch`).
+fn prefetch<B: Backend>(
+    sh: &Shared<B>,
+    me: *const ThreadCx,
+    (base, len): (*const DomRef, usize),
+) -> Result<usize> {
+    let uids = read_list(sh, (base, len))?;
     let mut inner = lock(&sh.inner);
     binding::sweep_uses(sh, &mut inner);
     inner.policy.hint(&uids);
     let mut bound = 0;
-    for k in 0..len.min(1 << 20) {
-        // SAFETY: as in `read_list`.
+    for k in 0..len {
+        // SAFETY: as in `read_list` (the caller checked the list with `list_of`).
         let d = unsafe { std::ptr::read_volatile(base.wrapping_add(k)) };
         let Some(r) = sh.domain(d) else {
             continue;

@@ -515,6 +515,9 @@ pub fn revocation_round(fields: u32) -> crate::Result<()> {
     crate::ops::call::<u32, ()>(crate::ops::OP_SYNC_HOLDERS, fields)
 }
 
+#[doc(hidden)]
+pub use crate::ops::raw_call;
+
 /// Where library state lives, for tests that attack it from application code (issue 7).
 ///
 /// Addresses and the library key only: nothing here writes library memory. Not part of the
