@@ -65,7 +65,11 @@
  * Signal handlers: a handler that interrupted code outside any mpk_* call may use the
  * library: it may begin, end, allocate and free, and should end what it began before it
  * returns. With the hardware backend it cannot end a domain the interrupted code has begun
- * (EDEADLK): that code resumes with the rights the kernel saved. With the emulated backend
+ * (EDEADLK): that code resumes with the rights the kernel saved. The same holds for a
+ * handler that interrupts another handler (or itself, installed with SA_NODEFER): it cannot
+ * end what the handlers it interrupted have begun — mpk_begin(x) of a domain they have
+ * begun succeeds, and its mpk_end(x) fails with EDEADLK. What a handler leaves begun is
+ * ended by the next mpk_* call of the code it interrupted. With the emulated backend
  * the library cannot tell a handler from other code, so such an mpk_end ends the domain and
  * the interrupted code faults on its next access to it. A handler that interrupted an mpk_*
  * call (of the same thread) cannot use the library: every call fails with EDEADLK (NULL,

@@ -169,10 +169,12 @@ fn run_global(code: u64, args: Args, rec: &mut ThreadRecord) -> u64 {
             gate::retire_record(rec);
             STATUS_OK
         }
-        OP_VIEW_MARK => args.serve(|(): ()| Ok(rec.view_seq)),
-        // The recovery of a faulting guarded call (it stays in its context: `gate::note_context`).
+        OP_VIEW_MARK => args.serve(|(): ()| Ok(gate::guard_mark(rec))),
+        // The recovery of a faulting guarded call: back at the level the call started at
+        // (`gate::resume_level`), then the views the closure entered end.
         OP_END_VIEWS_SINCE => args.serve(|mark: u64| {
-            crate::manager::ops::end_views_since(rec, mark);
+            gate::resume_level(rec, mark);
+            crate::manager::ops::end_views_since(rec, gate::split_mark(mark).0);
             Ok(())
         }),
         // While the thread creates threads, its PKRU grants no view (only process-wide
