@@ -465,7 +465,9 @@ fn run_op_unguarded<R>(
     if !rec.interrupted {
         crate::manager::global::acknowledge(rec, None);
     }
-    rec.fresh = false;
+    if op != crate::ops::OP_REGISTER {
+        rec.fresh = false;
+    }
     mark_context(rec);
     Ok(out)
 }
@@ -496,7 +498,7 @@ pub(crate) fn direct<R>(
     let entry = pku.map_or(Pkru::ALLOW_ALL, |p| p.rdpkru());
     let mut rec = ThreadRecord::current().map(|r| r as *mut ThreadRecord);
     if rec.is_none() {
-        if mpkvirt_register_thread(entry.bits()) == 0 {
+        if register_masked(entry.bits()) == 0 {
             return Some(Err(Error::Unsupported("registering the calling thread")));
         }
         rec = ThreadRecord::current().map(|r| r as *mut ThreadRecord);
@@ -822,6 +824,68 @@ fn arm_exit_hook(rec: &mut ThreadRecord) {
     }
 }
 
+thread_local! {
+    /// Whether the calling thread has been through a gate (it has a record of its own). Only
+    /// a hint: a thread that finds it unset blocks signals for its call, which is always safe.
+    /// (Const, no destructor: readable from signal handlers and thread-exit destructors.)
+    static REGISTERED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// The calling thread's signals blocked while it lives (all but those a fault raises
+/// synchronously: blocked, they would kill the process instead of reaching their handlers),
+/// restored when dropped.
+///
+/// Registration takes a process-wide lock (the boot lock, the records mutex) and sets the
+/// thread's GS base last: a signal handler that called the library in between would
+/// register again and wait for the lock its own interrupted frame holds — the thread, and
+/// with it every later registration and process-wide sync, would hang. Pending signals are
+/// delivered when the mask is restored, once the thread is registered.
+struct Blocked(Option<libc::sigset_t>);
+
+impl Blocked {
+    fn new() -> Blocked {
+        let mut set = std::mem::MaybeUninit::<libc::sigset_t>::uninit();
+        let mut old = std::mem::MaybeUninit::<libc::sigset_t>::uninit();
+        // SAFETY: `sigfillset` initialises the set it is given (always succeeds for a valid
+        // pointer).
+        unsafe { libc::sigfillset(set.as_mut_ptr()) };
+        for sig in [
+            libc::SIGSEGV,
+            libc::SIGBUS,
+            libc::SIGILL,
+            libc::SIGFPE,
+            libc::SIGTRAP,
+        ] {
+            // SAFETY: edits the set initialised above; every number is a valid signal.
+            unsafe { libc::sigdelset(set.as_mut_ptr(), sig) };
+        }
+        // SAFETY: reads the initialised `set` and, when it succeeds, writes the calling
+        // thread's previous mask into `old` (async-signal-safe: a handler may be the thread's
+        // first caller).
+        let ok =
+            unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, set.as_ptr(), old.as_mut_ptr()) } == 0;
+        // SAFETY: `pthread_sigmask` succeeded, so it initialised `old`.
+        Blocked(ok.then(|| unsafe { old.assume_init() }))
+    }
+}
+
+impl Drop for Blocked {
+    fn drop(&mut self) {
+        if let Some(old) = &self.0 {
+            // SAFETY: restores the mask `new` saved for this thread (initialised by
+            // `pthread_sigmask`).
+            unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, old, std::ptr::null_mut()) };
+        }
+    }
+}
+
+/// [`mpkvirt_register_thread`] with the thread's signals blocked (cooperative mode; see
+/// [`Blocked`]).
+fn register_masked(entry_pkru: u32) -> u64 {
+    let _blocked = Blocked::new();
+    mpkvirt_register_thread(entry_pkru)
+}
+
 /// Runs op `op` with argument block `args` through the path of this process's mode and
 /// returns the op's status word.
 ///
@@ -832,12 +896,27 @@ fn arm_exit_hook(rec: &mut ThreadRecord) {
 /// metadata cannot be initialised.
 pub(crate) fn call(op: u64, args: *mut u8) -> Result<u64> {
     let mode = meta::init()?;
+    if mode != MetadataMode::Cooperative && !REGISTERED.get() {
+        // The thread's first call through a gate registers it (on the boot stack, under the
+        // boot lock): with its signals blocked, so that no handler's call can wait for the
+        // boot lock its own interrupted frame holds. The op itself runs afterwards, unmasked.
+        let blocked = Blocked::new();
+        let status = gate_call(mode, crate::ops::OP_REGISTER, std::ptr::null_mut());
+        drop(blocked);
+        match status {
+            GATE_UNREGISTERED => {
+                return Err(Error::Unsupported("registering the calling thread"));
+            }
+            crate::ops::STATUS_EXITING => {
+                return Err(Error::Unsupported(
+                    "library calls while the thread is exiting",
+                ));
+            }
+            _ => REGISTERED.set(true),
+        }
+    }
     let status = match mode {
-        // SAFETY: `init` set up the root (boot stack, PKRU values) and checked OSPKE and
-        // FSGSBASE; mpkvirt owns the GS base; `args` is the block the op expects.
-        MetadataMode::Protected => Ok(unsafe { mpkvirt_asm::mpkvirt_gate_call(op, args) }),
-        // SAFETY: as above, minus OSPKE (this variant executes no PKRU instruction).
-        MetadataMode::GateOnly => Ok(unsafe { mpkvirt_asm::mpkvirt_gate_call_nopku(op, args) }),
+        MetadataMode::Protected | MetadataMode::GateOnly => Ok(gate_call(mode, op, args)),
         MetadataMode::Cooperative => cooperative_call(op, args),
     };
     match status? {
@@ -850,12 +929,25 @@ pub(crate) fn call(op: u64, args: *mut u8) -> Result<u64> {
     }
 }
 
+/// Op `op` through the call gate of `mode` (not cooperative).
+fn gate_call(mode: MetadataMode, op: u64, args: *mut u8) -> u64 {
+    if mode == MetadataMode::Protected {
+        // SAFETY: `meta::init` set up the root (boot stack, PKRU values) and checked OSPKE and
+        // FSGSBASE; mpkvirt owns the GS base; `args` is the block the op expects (the
+        // caller's contract; null for `OP_REGISTER`, which reads none).
+        unsafe { mpkvirt_asm::mpkvirt_gate_call(op, args) }
+    } else {
+        // SAFETY: as above, minus OSPKE (this variant executes no PKRU instruction).
+        unsafe { mpkvirt_asm::mpkvirt_gate_call_nopku(op, args) }
+    }
+}
+
 fn cooperative_call(op: u64, args: *mut u8) -> Result<u64> {
     let pku = Pku::new();
     let entry = pku.map_or(Pkru::ALLOW_ALL, |p| p.rdpkru());
     let mut rec = ThreadRecord::current().map(|r| r as *mut ThreadRecord);
     if rec.is_none() {
-        if mpkvirt_register_thread(entry.bits()) == 0 {
+        if register_masked(entry.bits()) == 0 {
             return Ok(GATE_UNREGISTERED);
         }
         rec = ThreadRecord::current().map(|r| r as *mut ThreadRecord);

@@ -57,6 +57,10 @@ pub(crate) const OP_SYNC_ALL: u64 = 8;
 /// any right (`testing::revocation_round`, for benchmarks).
 #[cfg(feature = "testing")]
 pub(crate) const OP_SYNC_HOLDERS: u64 = 9;
+/// Does nothing but register the calling thread (its first call through a gate, with its
+/// signals blocked: `gate::call`); the thread stays *fresh* for its next op, which decides
+/// what the rights it inherited become.
+pub(crate) const OP_REGISTER: u64 = 10;
 
 /// Plain data: every bit pattern is a valid value, so it can be copied out of memory another
 /// thread may be writing.
@@ -162,7 +166,7 @@ pub(crate) fn run(op: u64, args: Args, rec: &mut ThreadRecord) -> u64 {
 
 fn run_global(code: u64, args: Args, rec: &mut ThreadRecord) -> u64 {
     match code {
-        OP_NOP => STATUS_OK,
+        OP_NOP | OP_REGISTER => STATUS_OK,
         OP_THREAD_EXIT => {
             crate::manager::ops::thread_exit(rec);
             crate::capi::thread_exit(rec);
