@@ -65,17 +65,24 @@
  * Signal handlers: a handler that interrupted code outside any mpk_* call may use the
  * library: it may begin, end, allocate and free, and should end what it began before it
  * returns. With the hardware backend it cannot end a domain the interrupted code has begun
- * (EDEADLK): that code resumes with the rights the kernel saved. With the emulated backend
+ * (EDEADLK): that code resumes with the rights the kernel saved. The same holds for a
+ * handler that interrupts another handler (or itself, installed with SA_NODEFER): it cannot
+ * end what the handlers it interrupted have begun — mpk_begin(x) of a domain they have
+ * begun succeeds, and its mpk_end(x) fails with EDEADLK. What a handler leaves begun is
+ * ended by the next mpk_* call of the code it interrupted. With the emulated backend
  * the library cannot tell a handler from other code, so such an mpk_end ends the domain and
  * the interrupted code faults on its next access to it. A handler that interrupted an mpk_*
  * call (of the same thread) cannot use the library: every call fails with EDEADLK (NULL,
  * MAP_FAILED; mpkvirt_key_count() returns -1, mpk_pthread_create returns EDEADLK) and
  * changes nothing — only mpk_free(NULL) and mpkvirt_backend() answer as usual — and the
- * interrupted call then completes normally. With the hardware backend, while a thread is
- * inside an mpk_* call it runs on the library's own stack, which signal handlers cannot
- * use: a handler that may run while its thread is inside a call (whether or not it calls
- * the library) must be installed with SA_ONSTACK and the thread must have an alternate
- * signal stack (sigaltstack); otherwise such a signal kills the process with SIGSEGV.
+ * interrupted call then completes normally. A thread's first mpk_* call registers the
+ * thread with its signals blocked (but SIGSEGV, SIGBUS, SIGILL, SIGFPE and SIGTRAP): signals
+ * that arrive during the registration are delivered once it is done. With the hardware
+ * backend, while a thread is inside an mpk_* call it runs on the library's own stack, which
+ * signal handlers cannot use: a handler that may run while its thread is inside a call
+ * (whether or not it calls the library) must be installed with SA_ONSTACK and the thread
+ * must have an alternate signal stack (sigaltstack); otherwise such a signal kills the
+ * process with SIGSEGV.
  *
  * fork(): the child has one thread, a copy of the caller, with the caller's begun domains.
  * It may use the library as usual (mpk_init says EBUSY), with one loss: domains begun by the

@@ -115,10 +115,10 @@ struct BegunSet {
     view: Option<u64>,
     /// Begun sets saved by guarded calls in progress, innermost last.
     saved: MVec<(u64, BegunList)>,
-    /// While signal handlers run on the thread (hardware): the interrupted code's begun set
-    /// and view, which the handlers may add to but not take from. Restored when the thread
-    /// is back in its normal context (`gate::note_context`).
-    interrupted: Option<(BegunList, Option<u64>)>,
+    /// Per signal-handler level on the thread (hardware), innermost last: the level, and the
+    /// begun set and view of the contexts it interrupted, which it may add to but not take
+    /// from. Restored when the thread is back at a lower level (`gate::note_context`).
+    levels: MVec<(usize, BegunList, Option<u64>)>,
 }
 
 /// `root().capi` while `mpk_init` runs.
@@ -635,7 +635,7 @@ fn begun(rec: &mut ThreadRecord) -> Result<&mut BegunSet, c_int> {
                 begun: MVec::new_in(Meta),
                 view: None,
                 saved: MVec::new_in(Meta),
-                interrupted: None,
+                levels: MVec::new_in(Meta),
             },
             Meta,
         ));
@@ -653,11 +653,12 @@ fn enter_set(
 ) -> Result<(), c_int> {
     let (old, sealed, back) = {
         let b = begun(rec)?;
-        let sealed = b.interrupted.as_ref().and_then(|(_, v)| *v);
+        let sealed = b.levels.last().and_then(|(_, _, v)| *v);
         // A handler back to the interrupted code's set: its view serves again.
-        let back = b.interrupted.as_ref().is_some_and(|(saved, _)| {
-            saved.len() == set.len() && saved.iter().all(|e| set.contains(e))
-        });
+        let back = b
+            .levels
+            .last()
+            .is_some_and(|(_, saved, _)| same_set(saved, &set));
         (b.view, sealed, back)
     };
     let cx = mops::cx_pub(sh, rec).map_err(|e| errno_of(&e))?;
@@ -744,10 +745,11 @@ fn end_op(rec: &mut ThreadRecord, i: CArgs) -> Result<(), c_int> {
         .iter()
         .position(|(k, _, _)| *k == i.vkey)
         .ok_or(libc::EINVAL)?;
-    // A signal handler cannot end what the code it interrupted has begun.
-    if b.interrupted
-        .as_ref()
-        .is_some_and(|(saved, _)| saved.iter().any(|(k, _, _)| *k == i.vkey))
+    // A signal handler cannot end what the code it interrupted has begun (the innermost
+    // level's saved set holds what every lower level began).
+    if b.levels
+        .last()
+        .is_some_and(|(_, saved, _)| saved.iter().any(|(k, _, _)| *k == i.vkey))
     {
         return Err(libc::EDEADLK);
     }
@@ -762,9 +764,13 @@ fn end_op(rec: &mut ThreadRecord, i: CArgs) -> Result<(), c_int> {
     Ok(())
 }
 
-/// The thread's first call from a signal handler's context: its begun set is the
-/// interrupted code's, saved to come back when the handlers are done.
-pub(crate) fn enter_handler_level(rec: &mut ThreadRecord) {
+fn same_set(a: &BegunList, b: &BegunList) -> bool {
+    a.len() == b.len() && a.iter().all(|e| b.contains(e))
+}
+
+/// A new signal-handler level (`level`) on the thread: the begun set is the interrupted
+/// contexts', saved to come back when the level ends.
+pub(crate) fn enter_handler_level(rec: &mut ThreadRecord, level: usize) {
     if state().is_err() {
         return;
     }
@@ -772,23 +778,38 @@ pub(crate) fn enter_handler_level(rec: &mut ThreadRecord) {
         return;
     };
     let mut copy = MVec::new_in(Meta);
-    if copy.try_reserve(b.begun.len()).is_err() {
+    if copy.try_reserve(b.begun.len()).is_err() || b.levels.try_reserve(1).is_err() {
+        // (The views' seal still keeps the interrupted contexts' view: ending it fails.)
         return;
     }
     copy.extend(b.begun.iter().copied());
-    b.interrupted = Some((copy, b.view));
+    b.levels.push((level, copy, b.view));
 }
 
-/// The thread's first call back in its normal context (the views the handlers left behind
-/// are ended already): the interrupted code's begun set comes back, and vkeys the handlers
-/// began and did not end are no longer begun.
-pub(crate) fn leave_handler_level(rec: &mut ThreadRecord) {
+/// Whether the current signal-handler level began vkeys of its own (its begun set is not
+/// the one it started with).
+pub(crate) fn level_holds_state(rec: &ThreadRecord) -> bool {
+    let Some(b) = rec.capi.set.as_deref() else {
+        return false;
+    };
+    match b.levels.last() {
+        Some((_, saved, view)) => !same_set(saved, &b.begun) || *view != b.view,
+        None => !b.begun.is_empty(),
+    }
+}
+
+/// The thread is back at signal-handler level `level` (the views the levels above left
+/// behind are ended already): the begun set of that level comes back, and vkeys the levels
+/// above began and did not end are no longer begun.
+pub(crate) fn leave_handler_level(rec: &mut ThreadRecord, level: usize) {
     let Some(b) = rec.capi.set.as_deref_mut() else {
         return;
     };
-    let Some((saved, view)) = b.interrupted.take() else {
+    let Some(pos) = b.levels.iter().position(|(l, _, _)| *l > level) else {
         return;
     };
+    let (_, saved, view) = b.levels.remove(pos);
+    b.levels.truncate(pos);
     if let Ok(st) = state() {
         let mut table = lock_rw(&st.table);
         for &(k, _, _) in b.begun.iter() {
@@ -873,7 +894,7 @@ fn free_op(i: CArgs) -> Result<(), c_int> {
 
 /// Saves the begun set for a guarded call; returns the thread's view mark.
 fn guard_start(rec: &mut ThreadRecord) -> Result<u64, c_int> {
-    let mark = rec.view_seq;
+    let mark = crate::gate::guard_mark(rec);
     let b = begun(rec)?;
     let mut copy = MVec::new_in(Meta);
     copy.try_reserve(b.begun.len()).map_err(|_| libc::ENOMEM)?;
@@ -894,10 +915,13 @@ fn guard_end(rec: &mut ThreadRecord, mark: u64, faulted: bool) -> Result<(), c_i
         .ok_or(libc::EINVAL)?;
     let (_, saved) = b.saved.remove(pos);
     b.saved.truncate(pos);
+    // Back in the guarded call's caller, at its level (handlers that began levels meanwhile
+    // returned, or were abandoned with the faulting closure).
+    crate::gate::resume_level(rec, mark);
     if !faulted {
         return Ok(());
     }
-    mops::end_views_since(rec, mark);
+    mops::end_views_since(rec, crate::gate::split_mark(mark).0);
     let st = state()?;
     let sh = shared(st)?;
     {

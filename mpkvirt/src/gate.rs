@@ -75,9 +75,11 @@ pub(crate) struct ThreadRecord {
     pub(crate) entry_pkru: Pkru,
     /// Whether the op was called from a signal handler's context (see `note_context`).
     pub(crate) interrupted: bool,
-    /// While signal handlers run on the thread: its view sequence number when the first one
-    /// called the library. Views up to it belong to the interrupted code and are sealed.
-    pub(crate) sig_floor: Option<u64>,
+    /// Signal-handler levels on the thread (see `note_context`): `floors[i]` is the thread's
+    /// view sequence number when level `i + 1` began. Level 0 is the normal context; the
+    /// views up to the floor of the current level belong to the contexts it interrupted and
+    /// are sealed.
+    pub(crate) levels: Levels,
     /// The registry slot of the manager the current op works on (`NO_MGR`: none). A manager
     /// is not torn down while some thread's op is on it.
     pub(crate) active_mgr: AtomicU32,
@@ -214,7 +216,7 @@ fn register(entry: Pkru) -> Result<()> {
                     dead: true,
                     entry_pkru: Pkru::ALLOW_ALL,
                     interrupted: false,
-                    sig_floor: None,
+                    levels: Levels::NORMAL,
                     active_mgr: AtomicU32::new(NO_MGR),
                     view_seq: 0,
                     synced: std::sync::atomic::AtomicU64::new(0),
@@ -305,7 +307,7 @@ impl ThreadRecord {
         self.fresh = true;
         self.inherited = true;
         self.interrupted = false;
-        self.sig_floor = None;
+        self.levels = Levels::NORMAL;
         self.hooked = false;
         self.exited = false;
         self.spawning = false;
@@ -530,7 +532,11 @@ fn run_op_unguarded<R>(
     if op != crate::ops::OP_THREAD_EXIT && op != crate::ops::OP_SYNC {
         arm_exit_hook(rec);
     }
-    note_context(rec, op, entry_pkru);
+    if !note_context(rec, op, entry_pkru) {
+        // A handler nested too deeply: nothing runs.
+        mark_context(rec);
+        return Err(GATE_BUSY);
+    }
     let out = body(rec);
     if rec.spawning {
         // Views entered or left while creating threads change no right until it is done.
@@ -545,7 +551,9 @@ fn run_op_unguarded<R>(
         rec.inherited = false;
         crate::manager::global::acknowledge(rec, None);
     }
-    rec.fresh = false;
+    if op != crate::ops::OP_REGISTER {
+        rec.fresh = false;
+    }
     mark_context(rec);
     Ok(out)
 }
@@ -576,7 +584,7 @@ pub(crate) fn direct<R>(
     let entry = pku.map_or(Pkru::ALLOW_ALL, |p| p.rdpkru());
     let mut rec = ThreadRecord::current().map(|r| r as *mut ThreadRecord);
     if rec.is_none() {
-        if mpkvirt_register_thread(entry.bits()) == 0 {
+        if register_masked(entry.bits()) == 0 {
             return Some(Err(Error::Unsupported("registering the calling thread")));
         }
         rec = ThreadRecord::current().map(|r| r as *mut ThreadRecord);
@@ -611,97 +619,218 @@ pub(crate) fn direct<R>(
         Err(crate::ops::STATUS_RETRY) => Err(Error::Unsupported(
             "identifying the calling thread (its record was re-issued meanwhile)",
         )),
+        Err(GATE_BUSY) => Err(Error::Reentrant),
         Err(_) => Err(Error::Unsupported(
             "an internal error of mpkvirt (a panic inside the library)",
         )),
     })
 }
 
-/// Whether the op runs in a signal handler's context, and the seal that follows from it
-/// (see `manager/views.rs`, *Signal handlers*).
+/// How deep signal-handler levels may nest. A level is added only when a handler's first
+/// call finds the current level holding views of its own (see [`note_context`]); a handler
+/// that would need a level beyond this gets [`Error::Reentrant`] for its calls.
+pub(crate) const MAX_LEVELS: usize = 64;
+
+/// The signal-handler levels of a thread (see [`note_context`]).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Levels {
+    /// `floors[i]`: the thread's view sequence number when level `i + 1` began.
+    floors: [u64; MAX_LEVELS],
+    /// The current level (0: the normal context).
+    depth: usize,
+    /// The level the gate's exit spells into the PKRU it installs.
+    spell: usize,
+    /// The op was refused (too deep): the gate's exit installs the library key with no
+    /// access, so that the caller's next call is taken for a new handler's again.
+    refused: bool,
+}
+
+impl Levels {
+    pub(crate) const NORMAL: Levels = Levels {
+        floors: [0; MAX_LEVELS],
+        depth: 0,
+        spell: 0,
+        refused: false,
+    };
+
+    /// The seal: views with a sequence number up to it belong to contexts the current level
+    /// interrupted and cannot be ended by it (`None` in the normal context).
+    pub(crate) fn seal(&self) -> Option<u64> {
+        self.depth.checked_sub(1).map(|i| self.floors[i])
+    }
+}
+
+/// A guarded call's mark: the thread's view sequence number and the level it runs at (the
+/// level its recovery op returns to; see [`resume_level`]).
+pub(crate) fn guard_mark(rec: &ThreadRecord) -> u64 {
+    rec.view_seq | ((rec.levels.depth as u64) << MARK_LEVEL_SHIFT)
+}
+
+/// The view sequence number and the level of a guarded call's mark.
+pub(crate) fn split_mark(mark: u64) -> (u64, usize) {
+    (
+        mark & ((1 << MARK_LEVEL_SHIFT) - 1),
+        (mark >> MARK_LEVEL_SHIFT) as usize,
+    )
+}
+
+/// Where a mark keeps its level (view sequence numbers stay far below 2^56).
+const MARK_LEVEL_SHIFT: u32 = 56;
+
+/// Which context an op comes from, and the seal that follows from it (see
+/// `manager/views.rs`, *Signal handlers*). Returns `false` when the op must be refused
+/// (a handler nested deeper than [`MAX_LEVELS`] levels that hold views).
 ///
-/// The kernel starts every handler with its initial PKRU, which denies the library key, and
-/// `rt_sigreturn` restores the interrupted context's value; so a handler's first call is
-/// told apart by the library key's field (read-only in every value a gate installs). Its
-/// later calls arrive with what the gate installed, so the context is spelled into that
-/// value too: a key with no access is written `01` (access-disabled) in the normal context
-/// and `11` (access- and write-disabled: the same rights) in a handler's — any key but 0 and
-/// the library key, whoever owns it. Only a value granting every one of the 14 others says
-/// nothing: the context stays as it was, sealed if a handler was running — the safe
-/// direction; the normal context's next call that denies some key lifts it.
-/// (Without a library key — cooperative mode — only a handler's first call is recognised:
-/// the entry PKRU differs from the value the library last set.)
+/// **Levels.** The thread's normal context is level 0. A signal handler's first call starts
+/// a new level on top of the current one, whose floor is the thread's view sequence number
+/// then: the views up to the floor belong to the contexts it interrupted (every lower level)
+/// and are sealed — ending one fails with `InterruptedView`, in the C API with EDEADLK. When
+/// the current level holds no views of its own, the new handler shares it instead (it can
+/// end nothing the level below could not, and repeated handlers do not pile up levels).
+/// A call from a lower level means every handler above it has returned (handlers nest like
+/// calls): their levels end, and so do the views they left behind.
 ///
-/// The first call from a handler context seals the thread's views (`sig_floor`); the first
-/// call back in the normal context ends whatever views the handler left behind and lifts the
-/// seal. Recovery ops of a guarded call stay in the context they were in, and mpkvirt's own
-/// handlers (`OP_SYNC`) leave the seal alone.
-fn note_context(rec: &mut ThreadRecord, op: u64, entry: u32) {
+/// **Telling contexts apart.** The kernel starts every handler with its initial PKRU, which
+/// denies the library key, and `rt_sigreturn` restores the interrupted context's value; so
+/// a handler's first call is told apart by the library key's field (read-only in every
+/// value a gate installs). A context's later calls arrive with what the gate installed last
+/// in it, so the level is spelled into that value: a key with no access has two spellings
+/// with the same meaning, `01` (access-disabled) and `11` (access- and write-disabled), and
+/// the no-access keys but key 0 and the library key, in key order, carry the level's bits
+/// in their write-disable bits (level 0: all `01`). With `m` such keys, levels up to
+/// `2^m - 2` are exact and the all-ones value means "at least `2^m - 1`"; such a call, and
+/// one whose value grants every key (nothing spelled), stays at the current level — the
+/// safe direction: a context taken for a deeper one than it is can end fewer views, never
+/// more. A spelled level above the current one starts a new level (no library exit
+/// installed it; a forged or foreign value). (Without a library key — cooperative mode —
+/// only a handler's first call is recognised: the entry PKRU differs from the value the
+/// library last set.)
+///
+/// Recovery ops of a guarded call run at the level the guarded call started at (its mark;
+/// see [`resume_level`]): a fault abandons every frame on the guarded stack, handlers that
+/// ran there included, and the thread resumes in the guarded call's caller. mpkvirt's own
+/// handlers (`OP_SYNC`) run no application code and change no level.
+fn note_context(rec: &mut ThreadRecord, op: u64, entry: u32) -> bool {
+    if std::mem::take(&mut rec.levels.refused)
+        && let Some(k) = root().library_key()
+    {
+        // The refused call's exit denied the library key (see `mark_context`).
+        rec.gate.pkru = Pkru::from_bits(rec.gate.pkru)
+            .with(k, mpkvirt_sys::AccessRights::READ_ONLY)
+            .bits();
+    }
+    let depth = rec.levels.depth;
     if op == crate::ops::OP_SYNC {
         // mpkvirt's own handlers (the sync signal, a fault taking a grant): they run no
-        // application code and leave the seal as it is. The op itself decides whether the
-        // context it interrupted is the normal one, and acknowledges only then.
+        // application code and leave the levels as they are. The op itself decides whether
+        // the context it interrupted is the normal one, and acknowledges only then. The value
+        // the gate installs for them is spelled one level up, so that a handler chained after
+        // them (a program's SIGSEGV handler) is not taken for the context they interrupted.
         rec.interrupted = true;
-        return;
+        rec.levels.spell = if rec.fresh { depth } else { depth + 1 };
+        return true;
     }
     let recovery = op == crate::ops::OP_END_VIEWS_SINCE || op == crate::capi::C_GUARD_END;
-    let handler = if Pku::new().is_none() || rec.fresh {
-        false
+    enum Cx {
+        At(usize),
+        New,
+    }
+    let cx = if Pku::new().is_none() || rec.fresh {
+        Cx::At(0)
     } else if recovery {
-        rec.sig_floor.is_some()
+        // The op's mark decides (`resume_level`, in the op).
+        Cx::At(depth)
     } else {
-        let managed = root()
-            .managed_mask
-            .load(std::sync::atomic::Ordering::Relaxed);
         match root().library_key() {
             Some(k) if Pkru::from_bits(entry).rights(k) != mpkvirt_sys::AccessRights::READ_ONLY => {
-                true
+                Cx::New
             }
-            Some(k) => match spelled(entry, marker_mask(k)) {
-                Spelling::Handler => true,
-                Spelling::Normal => false,
-                Spelling::Silent => rec.sig_floor.is_some(),
+            Some(k) => match spelled_level(entry, marker_mask(k)) {
+                None => Cx::At(depth),
+                Some((v, _)) if v > depth => Cx::New,
+                Some((_, true)) => Cx::At(depth),
+                Some((v, false)) => Cx::At(v),
             },
-            None => (entry ^ rec.gate.pkru) & managed != 0,
+            None => {
+                let managed = root()
+                    .managed_mask
+                    .load(std::sync::atomic::Ordering::Relaxed);
+                if (entry ^ rec.gate.pkru) & managed != 0 {
+                    Cx::New
+                } else {
+                    Cx::At(0)
+                }
+            }
         }
     };
-    rec.interrupted = handler;
-    if handler {
-        if rec.sig_floor.is_none() {
-            rec.sig_floor = Some(rec.view_seq);
-            crate::capi::enter_handler_level(rec);
+    match cx {
+        Cx::At(level) => pop_levels(rec, level),
+        Cx::New => {
+            let shares = depth > 0
+                && !crate::manager::ops::views_above(rec, rec.levels.floors[depth - 1])
+                && !crate::capi::level_holds_state(rec);
+            if !shares {
+                if depth == MAX_LEVELS {
+                    rec.levels.refused = true;
+                    rec.interrupted = true;
+                    rec.levels.spell = depth;
+                    return false;
+                }
+                rec.levels.floors[depth] = rec.view_seq;
+                rec.levels.depth = depth + 1;
+                crate::capi::enter_handler_level(rec, depth + 1);
+            }
         }
-    } else if let Some(floor) = rec.sig_floor.take() {
-        // Back in the normal context: every handler returned.
-        crate::manager::ops::end_views_since(rec, floor);
-        crate::capi::leave_handler_level(rec);
     }
+    rec.interrupted = rec.levels.depth > 0;
+    rec.levels.spell = rec.levels.depth;
+    true
 }
 
-/// What the spelling of a PKRU value's no-access managed keys says (see [`note_context`]).
-enum Spelling {
-    Normal,
-    Handler,
-    Silent,
-}
-
-/// Fields (low bit set) of the keys in `managed` whose value in `pkru` is `(ad, wd)`.
-fn fields_with(pkru: u32, managed: u32, ad: bool, wd: bool) -> u32 {
-    let lo = pkru & managed & 0x5555_5555;
-    let hi = (pkru >> 1) & managed & 0x5555_5555;
-    let want_lo = if ad { lo } else { !lo };
-    let want_hi = if wd { hi } else { !hi };
-    want_lo & want_hi & managed & 0x5555_5555
-}
-
-fn spelled(pkru: u32, managed: u32) -> Spelling {
-    if fields_with(pkru, managed, true, true) != 0 {
-        Spelling::Handler
-    } else if fields_with(pkru, managed, true, false) != 0 {
-        Spelling::Normal
-    } else {
-        Spelling::Silent
+/// Back at `level` (below the current one, or the current one): the levels above it ended
+/// (their handlers returned, or were abandoned by a faulting guarded call), and with them
+/// the views and C API state they left behind.
+fn pop_levels(rec: &mut ThreadRecord, level: usize) {
+    if level >= rec.levels.depth {
+        return;
     }
+    let floor = rec.levels.floors[level];
+    rec.levels.depth = level;
+    crate::manager::ops::end_views_since(rec, floor);
+    crate::capi::leave_handler_level(rec, level);
+}
+
+/// A guarded call's recovery op (its mark, see [`guard_mark`]): the thread resumed in the
+/// guarded call's caller, at the level the call started at; levels begun since (handlers
+/// that ran on the abandoned stack, or returned before the fault) have ended. A mark's level
+/// above the current one (a forged mark) changes nothing.
+pub(crate) fn resume_level(rec: &mut ThreadRecord, mark: u64) {
+    let (_, level) = split_mark(mark);
+    pop_levels(rec, level);
+    rec.interrupted = rec.levels.depth > 0;
+    rec.levels.spell = rec.levels.depth;
+}
+
+/// The level spelled in `pkru` by its no-access keys among `marker` (see [`note_context`]):
+/// `None` when it has none, else the value and whether it is the largest the keys can
+/// spell (then the level is at least that).
+fn spelled_level(pkru: u32, marker: u32) -> Option<(usize, bool)> {
+    let mut none = pkru & marker & 0x5555_5555;
+    if none == 0 {
+        return None;
+    }
+    let m = none.count_ones();
+    let mut v = 0usize;
+    let mut i = 0;
+    while none != 0 {
+        let pos = none.trailing_zeros();
+        if (pkru >> (pos + 1)) & 1 != 0 {
+            v |= 1 << i;
+        }
+        i += 1;
+        none &= none - 1;
+    }
+    Some((v, v == (1usize << m) - 1))
 }
 
 /// The keys whose no-access fields carry the context: every key but key 0 and the library
@@ -714,19 +843,33 @@ fn marker_mask(klib: mpkvirt_sys::Pkey) -> u32 {
 /// Spells the context into the PKRU the gate exit installs (see [`note_context`]).
 fn mark_context(rec: &mut ThreadRecord) {
     if let Some(k) = root().library_key() {
-        rec.gate.pkru = respell(rec.gate.pkru, marker_mask(k), rec.interrupted);
+        rec.gate.pkru = respell(rec.gate.pkru, marker_mask(k), rec.levels.spell);
+        if rec.levels.refused {
+            rec.gate.pkru = Pkru::from_bits(rec.gate.pkru)
+                .with(k, mpkvirt_sys::AccessRights::NONE)
+                .bits();
+        }
     }
 }
 
-/// `pkru` with its no-access managed keys spelled for a handler's context (`11`) or the
-/// normal one (`01`).
-fn respell(pkru: u32, managed: u32, handler: bool) -> u32 {
-    let none = fields_with(pkru, managed, true, true) | fields_with(pkru, managed, true, false);
-    if handler {
-        pkru | (none << 1)
-    } else {
-        pkru & !(none << 1)
+/// `pkru` with level `level` spelled in its no-access keys among `marker` (saturated at
+/// the largest value they can spell).
+fn respell(pkru: u32, marker: u32, level: usize) -> u32 {
+    let mut none = pkru & marker & 0x5555_5555;
+    let v = level.min((1usize << none.count_ones()) - 1);
+    let mut out = pkru;
+    let mut i = 0;
+    while none != 0 {
+        let wd = 1u32 << (none.trailing_zeros() + 1);
+        if (v >> i) & 1 != 0 {
+            out |= wd;
+        } else {
+            out &= !wd;
+        }
+        i += 1;
+        none &= none - 1;
     }
+    out
 }
 
 /// `OP_SYNC`'s argument bit: the interrupted context blocks some signal.
@@ -753,7 +896,7 @@ pub(crate) fn looks_normal(frame: u32, masked: bool) -> bool {
 /// initial PKRU (see [`looks_normal`], [`note_context`]).
 pub(crate) fn handler_pkru(rec: &ThreadRecord) -> u32 {
     match root().library_key() {
-        Some(k) => Pkru::from_bits(respell(rec.gate.pkru, marker_mask(k), true))
+        Some(k) => Pkru::from_bits(respell(rec.gate.pkru, marker_mask(k), rec.levels.depth + 1))
             .with(k, mpkvirt_sys::AccessRights::DISABLE_ACCESS)
             .bits(),
         None => rec.gate.pkru,
@@ -763,7 +906,7 @@ pub(crate) fn handler_pkru(rec: &ThreadRecord) -> u32 {
 /// The PKRU of the thread's normal context (the value spelled for it).
 pub(crate) fn normal_pkru(rec: &ThreadRecord) -> u32 {
     match root().library_key() {
-        Some(k) => respell(rec.gate.pkru, marker_mask(k), false),
+        Some(k) => respell(rec.gate.pkru, marker_mask(k), 0),
         None => rec.gate.pkru,
     }
 }
@@ -817,6 +960,68 @@ fn arm_exit_hook(rec: &mut ThreadRecord) {
     }
 }
 
+thread_local! {
+    /// Whether the calling thread has been through a gate (it has a record of its own). Only
+    /// a hint: a thread that finds it unset blocks signals for its call, which is always safe.
+    /// (Const, no destructor: readable from signal handlers and thread-exit destructors.)
+    static REGISTERED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// The calling thread's signals blocked while it lives (all but those a fault raises
+/// synchronously: blocked, they would kill the process instead of reaching their handlers),
+/// restored when dropped.
+///
+/// Registration takes a process-wide lock (the boot lock, the records mutex) and sets the
+/// thread's GS base last: a signal handler that called the library in between would
+/// register again and wait for the lock its own interrupted frame holds — the thread, and
+/// with it every later registration and process-wide sync, would hang. Pending signals are
+/// delivered when the mask is restored, once the thread is registered.
+struct Blocked(Option<libc::sigset_t>);
+
+impl Blocked {
+    fn new() -> Blocked {
+        let mut set = std::mem::MaybeUninit::<libc::sigset_t>::uninit();
+        let mut old = std::mem::MaybeUninit::<libc::sigset_t>::uninit();
+        // SAFETY: `sigfillset` initialises the set it is given (always succeeds for a valid
+        // pointer).
+        unsafe { libc::sigfillset(set.as_mut_ptr()) };
+        for sig in [
+            libc::SIGSEGV,
+            libc::SIGBUS,
+            libc::SIGILL,
+            libc::SIGFPE,
+            libc::SIGTRAP,
+        ] {
+            // SAFETY: edits the set initialised above; every number is a valid signal.
+            unsafe { libc::sigdelset(set.as_mut_ptr(), sig) };
+        }
+        // SAFETY: reads the initialised `set` and, when it succeeds, writes the calling
+        // thread's previous mask into `old` (async-signal-safe: a handler may be the thread's
+        // first caller).
+        let ok =
+            unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, set.as_ptr(), old.as_mut_ptr()) } == 0;
+        // SAFETY: `pthread_sigmask` succeeded, so it initialised `old`.
+        Blocked(ok.then(|| unsafe { old.assume_init() }))
+    }
+}
+
+impl Drop for Blocked {
+    fn drop(&mut self) {
+        if let Some(old) = &self.0 {
+            // SAFETY: restores the mask `new` saved for this thread (initialised by
+            // `pthread_sigmask`).
+            unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, old, std::ptr::null_mut()) };
+        }
+    }
+}
+
+/// [`mpkvirt_register_thread`] with the thread's signals blocked (cooperative mode; see
+/// [`Blocked`]).
+fn register_masked(entry_pkru: u32) -> u64 {
+    let _blocked = Blocked::new();
+    mpkvirt_register_thread(entry_pkru)
+}
+
 /// Runs op `op` with argument block `args` through the path of this process's mode and
 /// returns the op's status word.
 ///
@@ -829,20 +1034,37 @@ pub(crate) fn call(op: u64, args: *mut u8) -> Result<u64> {
     let mode = meta::init()?;
     let mut attempts = 0;
     let status = loop {
+        if mode != MetadataMode::Cooperative && !REGISTERED.get() {
+            // The thread's first call through a gate registers it (on the boot stack, under
+            // the boot lock): with its signals blocked, so that no handler's call can wait for
+            // the boot lock its own interrupted frame holds. The op itself runs afterwards,
+            // unmasked.
+            let blocked = Blocked::new();
+            let status = gate_call(mode, crate::ops::OP_REGISTER, std::ptr::null_mut());
+            drop(blocked);
+            match status {
+                GATE_UNREGISTERED => {
+                    return Err(Error::Unsupported("registering the calling thread"));
+                }
+                crate::ops::STATUS_EXITING => {
+                    return Err(Error::Unsupported(
+                        "library calls while the thread is exiting",
+                    ));
+                }
+                _ => REGISTERED.set(true),
+            }
+        }
         let status = match mode {
-            // SAFETY: `init` set up the root (boot stack, PKRU values) and checked OSPKE and
-            // FSGSBASE; mpkvirt owns the GS base; `args` is the block the op expects.
-            MetadataMode::Protected => Ok(unsafe { mpkvirt_asm::mpkvirt_gate_call(op, args) }),
-            // SAFETY: as above, minus OSPKE (this variant executes no PKRU instruction).
-            MetadataMode::GateOnly => Ok(unsafe { mpkvirt_asm::mpkvirt_gate_call_nopku(op, args) }),
+            MetadataMode::Protected | MetadataMode::GateOnly => Ok(gate_call(mode, op, args)),
             MetadataMode::Cooperative => cooperative_call(op, args),
         }?;
         // The record the thread was about to adopt went to another thread (see `adopt`):
-        // the gate registers the caller on the next attempt.
+        // the thread registers again (masked, as above) on the next attempt.
         attempts += 1;
         if status != crate::ops::STATUS_RETRY || attempts == 3 {
             break status;
         }
+        REGISTERED.set(false);
     };
     match status {
         GATE_BUSY => Err(Error::Reentrant),
@@ -857,12 +1079,25 @@ pub(crate) fn call(op: u64, args: *mut u8) -> Result<u64> {
     }
 }
 
+/// Op `op` through the call gate of `mode` (not cooperative).
+fn gate_call(mode: MetadataMode, op: u64, args: *mut u8) -> u64 {
+    if mode == MetadataMode::Protected {
+        // SAFETY: `meta::init` set up the root (boot stack, PKRU values) and checked OSPKE and
+        // FSGSBASE; mpkvirt owns the GS base; `args` is the block the op expects (the
+        // caller's contract; null for `OP_REGISTER`, which reads none).
+        unsafe { mpkvirt_asm::mpkvirt_gate_call(op, args) }
+    } else {
+        // SAFETY: as above, minus OSPKE (this variant executes no PKRU instruction).
+        unsafe { mpkvirt_asm::mpkvirt_gate_call_nopku(op, args) }
+    }
+}
+
 fn cooperative_call(op: u64, args: *mut u8) -> Result<u64> {
     let pku = Pku::new();
     let entry = pku.map_or(Pkru::ALLOW_ALL, |p| p.rdpkru());
     let mut rec = ThreadRecord::current().map(|r| r as *mut ThreadRecord);
     if rec.is_none() {
-        if mpkvirt_register_thread(entry.bits()) == 0 {
+        if register_masked(entry.bits()) == 0 {
             return Ok(GATE_UNREGISTERED);
         }
         rec = ThreadRecord::current().map(|r| r as *mut ThreadRecord);
@@ -887,4 +1122,49 @@ fn cooperative_call(op: u64, args: *mut u8) -> Result<u64> {
         unsafe { mpkvirt_asm::mpkvirt_gate_sync() };
     }
     Ok(status)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{respell, spelled_level};
+
+    /// Every level survives being spelled into a PKRU and read back — exactly while the
+    /// no-access keys can hold it, as "at least the largest" beyond — and spelling changes
+    /// no right and no field outside the marker keys.
+    #[test]
+    fn levels_round_trip_through_the_spelling() {
+        // Library key 1 (read-only), key 0 open: keys 2..=15 carry the level.
+        let marker = !0b11u32 & !(0b11 << 2);
+        let base = 0x5555_5554 & !(0b11 << 2) | (0b10 << 2);
+        for granted in [0u32, 1 << 2, 0b1011 << 3, 0x3fff << 2, 0x3ffe << 2] {
+            // `granted`: keys (by number) the view opens read-write.
+            let mut pkru = base;
+            for k in 2..16 {
+                if granted & (1 << k) != 0 {
+                    pkru &= !(0b11 << (2 * k));
+                }
+            }
+            let m = (pkru & marker & 0x5555_5555).count_ones();
+            for level in 0..70usize {
+                let p = respell(pkru, marker, level);
+                assert_eq!(p & 0x5555_5555, pkru & 0x5555_5555, "access bits kept");
+                assert_eq!(p & !marker, pkru & !marker, "other keys' fields kept");
+                let got = spelled_level(p, marker);
+                if m == 0 {
+                    assert_eq!(got, None);
+                    continue;
+                }
+                let top = (1usize << m) - 1;
+                let want = if level < top {
+                    (level, false)
+                } else {
+                    (top, true)
+                };
+                assert_eq!(got, Some(want), "level {level}, {m} no-access keys");
+            }
+            // Level 0 is `01` in every no-access key, whatever the value was spelled as.
+            let all_ones = pkru | ((pkru & marker & 0x5555_5555) << 1);
+            assert_eq!(respell(all_ones, marker, 0), pkru);
+        }
+    }
 }

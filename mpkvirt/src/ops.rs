@@ -65,6 +65,10 @@ pub(crate) const OP_SYNC_ALL: u64 = 8;
 /// any right (`testing::revocation_round`, for benchmarks).
 #[cfg(feature = "testing")]
 pub(crate) const OP_SYNC_HOLDERS: u64 = 9;
+/// Does nothing but register the calling thread (its first call through a gate, with its
+/// signals blocked: `gate::call`); the thread stays *fresh* for its next op, which decides
+/// what the rights it inherited become.
+pub(crate) const OP_REGISTER: u64 = 10;
 
 /// Plain data: every bit pattern is a valid value, so it can be copied out of memory another
 /// thread may be writing.
@@ -248,17 +252,19 @@ pub(crate) fn run(op: u64, args: Args, rec: &mut ThreadRecord) -> u64 {
 
 fn run_global(code: u64, args: Args, rec: &mut ThreadRecord) -> u64 {
     match code {
-        OP_NOP => STATUS_OK,
+        OP_NOP | OP_REGISTER => STATUS_OK,
         OP_THREAD_EXIT => {
             crate::manager::ops::thread_exit(rec);
             crate::capi::thread_exit(rec);
             gate::retire_record(rec);
             STATUS_OK
         }
-        OP_VIEW_MARK => args.serve(rec, |rec, (): ()| Ok(rec.view_seq)),
-        // The recovery of a faulting guarded call (it stays in its context: `gate::note_context`).
+        OP_VIEW_MARK => args.serve(rec, |rec, (): ()| Ok(gate::guard_mark(rec))),
+        // The recovery of a faulting guarded call: back at the level the call started at
+        // (`gate::resume_level`), then the views the closure entered end.
         OP_END_VIEWS_SINCE => args.serve(rec, |rec, mark: u64| {
-            crate::manager::ops::end_views_since(rec, mark);
+            gate::resume_level(rec, mark);
+            crate::manager::ops::end_views_since(rec, gate::split_mark(mark).0);
             Ok(())
         }),
         // While the thread creates threads, its PKRU grants no view (only process-wide

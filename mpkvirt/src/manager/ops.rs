@@ -805,10 +805,21 @@ fn end_and_unlist<B: Backend>(rec: &mut ThreadRecord, m: MgrRef, cx: &mut Thread
     views::unqueue(sh, &mut inner, |w| w.cx == me);
 }
 
+/// Whether the calling thread has a live view entered after `mark`, with any manager.
+pub(crate) fn views_above(rec: &ThreadRecord, mark: u64) -> bool {
+    rec.cxs.iter().flatten().any(|p| {
+        // Views are listed in the order they were entered: the last is the newest.
+        cx_ref(p.as_ptr())
+            .stack
+            .last()
+            .is_some_and(|e| e.seq > mark)
+    })
+}
+
 /// Ends the calling thread's views entered after `mark`, with every manager (never views a
 /// signal handler's seal protects).
 pub(crate) fn end_views_since(rec: &mut ThreadRecord, mark: u64) {
-    let mark = rec.sig_floor.map_or(mark, |f| mark.max(f));
+    let mark = rec.levels.seal().map_or(mark, |f| mark.max(f));
     for idx in 0..rec.cxs.len() {
         let Some(p) = rec.cxs[idx] else {
             continue;

@@ -31,10 +31,13 @@
 //! A handler runs with the kernel's PKRU, and `rt_sigreturn` restores the interrupted PKRU.
 //! If a handler could end a view of the code it interrupted, that code would resume with the
 //! view's rights but without its pins. So the first call from a handler's context (on PKU
-//! hardware; see `gate::note_context` for how a call knows its context) seals the views
-//! entered before it, with every manager: the handler may enter and end views of its own,
-//! and ending a sealed view fails with [`Error::InterruptedView`]. The first call back in
-//! the normal context ends the views the handler left behind and lifts the seal.
+//! hardware; see `gate::note_context` for how a call knows its context) starts a new
+//! *level* whose seal covers the views entered before it, with every manager: the handler
+//! may enter and end views of its own, and ending a sealed view fails with
+//! [`Error::InterruptedView`]. A handler that interrupts a handler holding views gets a level
+//! of its own, sealed above that handler's views. The first call back at a lower level (the
+//! normal context, or a handler the nested one interrupted) ends the levels above it, the
+//! views they left behind with them, and their seals.
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
@@ -522,7 +525,7 @@ pub(crate) fn leave<B: Backend>(
     let Some(pos) = pos else {
         return Ok(());
     };
-    if rec.sig_floor.is_some_and(|f| cx.stack[pos].seq <= f) {
+    if rec.levels.seal().is_some_and(|f| cx.stack[pos].seq <= f) {
         return Err(Error::InterruptedView);
     }
     let entry = cx.stack.remove(pos);
