@@ -545,9 +545,11 @@ fn run_op_unguarded<R>(
     // Process-wide rights that changed during the op (the thread may have been signalled
     // while it ran). Not in a signal handler's context: the context it interrupted would
     // keep its old PKRU.
-    if !rec.interrupted {
+    if !rec.interrupted && op != crate::ops::OP_REGISTER {
         // The library sets the PKRU of the context it takes for the normal one (a thread's
-        // first op is taken for the normal context's: see `note_context`).
+        // first op is taken for the normal context's: see `note_context`). Registration
+        // itself (`OP_REGISTER`, which may run inside a handler) leaves that to the op that
+        // follows it.
         rec.inherited = false;
         crate::manager::global::acknowledge(rec, None);
     }
