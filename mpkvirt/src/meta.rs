@@ -167,6 +167,10 @@ pub(crate) struct Root {
     /// initiators waiting.
     pub(crate) sync_acks: AtomicU32,
     pub(crate) sync_waiters: AtomicU32,
+    /// Manager releases between clearing their registry slot and freeing their state: while
+    /// one is, a thread that finds its manager's slot cleared cannot tell whether the release
+    /// still reads the thread's cx (see `manager::ops::thread_exit`).
+    pub(crate) releasing: AtomicU32,
     /// One past the highest registry slot ever claimed (scans stop there).
     pub(crate) slots_high: AtomicUsize,
     /// The C API's state (`capi::CState`), in the region.
@@ -239,6 +243,7 @@ static mpkvirt_gate_root: Root = Root {
     sync_epoch: AtomicU64::new(0),
     sync_acks: AtomicU32::new(0),
     sync_waiters: AtomicU32::new(0),
+    releasing: AtomicU32::new(0),
     slots_high: AtomicUsize::new(0),
     capi: AtomicPtr::new(std::ptr::null_mut()),
     records: Mutex::new(MVec::new_in(Meta)),

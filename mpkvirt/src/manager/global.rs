@@ -155,6 +155,7 @@ pub(crate) fn set<B: Backend>(
         .ok_or(Error::ForeignDomain(crate::DomainId(d.uid)))?;
     let (slot, revoked) = {
         let mut inner = lock(&sh.inner);
+        let mut join_deadline = None;
         let s = loop {
             let s = match rec_d.slot.get() {
                 Some(s) => s,
@@ -176,6 +177,17 @@ pub(crate) fn set<B: Backend>(
             // A revocation of the key is still waiting for threads: this one (or the
             // destruction that calls it) joins it — it may not say the rights are gone, nor
             // let the key go, before that one knows.
+            // Each revocation waits at most `SYNC_WAIT` for threads; one that has not ended
+            // after twice that (its initiator ended inside it, or overlapping lowerings keep
+            // the count up) is not waited for any longer: the caller hears that the rights
+            // may still be held, and the key keeps its pin (the safe direction).
+            let deadline = *join_deadline.get_or_insert_with(|| Instant::now() + 2 * SYNC_WAIT);
+            if Instant::now() >= deadline {
+                return Err(Error::ThreadsNotSynced {
+                    threads: inner.unsynced[s].max(1) as usize,
+                    waited: 2 * SYNC_WAIT,
+                });
+            }
             let seen = sh.revoked_gen.load(Ordering::SeqCst);
             drop(inner);
             // Its initiator may be waiting for this thread meanwhile.
@@ -222,6 +234,8 @@ pub(crate) fn set<B: Backend>(
         let revoked = rights.is_none() || new & !old & mask != 0;
         if revoked {
             // In progress: the key keeps its global pin until the last revocation ends.
+            // (A `u32`: one per thread inside a revocation, and Linux caps threads at
+            // 2^22, so it cannot wrap.)
             inner.revoking[s] += 1;
         }
         (s, revoked)
@@ -358,6 +372,12 @@ pub(crate) fn broadcast(
         }
         if !new {
             return Ok(());
+        }
+        if Instant::now() >= deadline {
+            // Threads keep appearing (some may have been created with the old rights by a
+            // thread that had not taken the new ones yet): the revocation ends here rather
+            // than run for as long as the churn lasts, and reports them.
+            return Err(not_synced(signalled.len()));
         }
         // Wait for every signalled thread that still exists to acknowledge.
         let mut last_send = Instant::now();

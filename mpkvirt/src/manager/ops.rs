@@ -260,10 +260,15 @@ fn cx_of<'a, B: Backend>(sh: &Shared<B>, rec: &mut ThreadRecord) -> Result<&'a m
         if cx.mgr_uid == sh.uid {
             return Ok(cx);
         }
-        // A cx of a manager that is gone (its slot reused): it is listed nowhere any more.
+        // A cx of a manager that is gone (its slot reused): it is listed nowhere any more —
+        // unless that manager's release is still in progress (see `thread_exit`): then the
+        // cx stays allocated.
         rec.cxs[idx] = None;
-        // SAFETY: made by `MBox::into_raw` below, unlisted (its manager is gone), ours.
-        drop(unsafe { MBox::from_raw_in(p.as_ptr(), Meta) });
+        if root().releasing.load(Ordering::SeqCst) == 0 {
+            // SAFETY: made by `MBox::into_raw` below, unlisted (its manager is gone and no
+            // release that could still read it is in progress), ours.
+            drop(unsafe { MBox::from_raw_in(p.as_ptr(), Meta) });
+        }
     }
     let cx = MBox::into_raw(MBox::new_in(ThreadCx::new(sh.uid), Meta));
     {
@@ -686,6 +691,18 @@ fn create<B: Backend>(i: CreateIn) -> Result<MgrInfo> {
 /// How much longer than `pin_wait` dropping a manager waits for other threads' ops on it.
 const RELEASE_MARGIN: Duration = Duration::from_secs(2);
 
+/// The longest `pin_wait` a manager's drop honours while a thread stays inside an op on it.
+const MAX_RELEASE_WAIT: Duration = Duration::from_secs(10);
+
+/// Ends a release's count in `Root::releasing` when the release returns, however it returns.
+struct ReleaseInProgress;
+
+impl Drop for ReleaseInProgress {
+    fn drop(&mut self) {
+        root().releasing.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 /// Tears manager `m` down (its last handle is gone).
 fn release<B: Backend>(rec: &mut ThreadRecord, m: MgrRef) -> Result<()> {
     let Some(p) = root().lookup(m.idx, m.uid, B::TAG) else {
@@ -701,14 +718,24 @@ fn release<B: Backend>(rec: &mut ThreadRecord, m: MgrRef) -> Result<()> {
     // Every thread drops the manager's process-wide rights before its keys can go to
     // another manager; a thread that does not leaves them retired.
     let synced = global::revoke_all(sh, rec);
-    // Stop new ops, then wait for those in flight on other threads.
+    // Stop new ops, then wait for those in flight on other threads. Counted as a release in
+    // progress until the state is freed (or left in place): threads that exit meanwhile keep
+    // their cxs, which it may still read (`thread_exit`).
+    root().releasing.fetch_add(1, Ordering::SeqCst);
+    let _releasing = ReleaseInProgress;
     root().release_slot(m.idx as usize);
     let _ = binding::heavy_fence(sh.fence);
     let me = rec as *const ThreadRecord as usize;
     // A thread that ended inside an op (a signal handler ended it in a wait) keeps
     // `active_mgr` for good: only ops of live threads are waited for, and for no longer than
     // an op can wait for keys, plus a margin.
-    let bound = sh.config.pin_wait.saturating_add(RELEASE_MARGIN);
+    // (`pin_wait` may be `Duration::MAX`, "wait for keys forever"; a drop waits no longer
+    // than `MAX_RELEASE_WAIT` for a stuck thread.)
+    let bound = sh
+        .config
+        .pin_wait
+        .min(MAX_RELEASE_WAIT)
+        .saturating_add(RELEASE_MARGIN);
     let mut start = None;
     let mut rounds = 0u32;
     loop {
@@ -770,7 +797,8 @@ pub(crate) fn thread_exit(rec: &mut ThreadRecord) {
         rec.cxs[idx] = None;
         let uid = cx_ref(p.as_ptr()).mgr_uid;
         let slot = &root().managers[idx];
-        if slot.uid.load(Ordering::Acquire) == uid {
+        let unlisted;
+        if slot.uid.load(Ordering::SeqCst) == uid {
             rec.active_mgr.store(idx as u32, Ordering::SeqCst);
             let tag = slot.kind.load(Ordering::Relaxed);
             let m = MgrRef {
@@ -779,30 +807,49 @@ pub(crate) fn thread_exit(rec: &mut ThreadRecord) {
             };
             // SAFETY: the thread's own cx (see `cx_ref`).
             let cx = unsafe { &mut *p.as_ptr() };
-            match tag {
+            unlisted = match tag {
                 Simulated::TAG => end_and_unlist::<Simulated>(rec, m, cx),
                 Emulated::TAG => end_and_unlist::<Emulated>(rec, m, cx),
                 Hardware::TAG => end_and_unlist::<Hardware>(rec, m, cx),
                 Machine::TAG => end_and_unlist::<Machine>(rec, m, cx),
-                _ => {}
-            }
+                _ => false,
+            };
             rec.active_mgr.store(NO_MGR, Ordering::Release);
+        } else {
+            // The manager's slot is cleared: its release is over — unless one is still in
+            // progress (it may be about to read the cx from its list). The slot was cleared
+            // after the release counted itself (SeqCst), so a count of zero read now means
+            // that release has ended.
+            unlisted = root().releasing.load(Ordering::SeqCst) == 0;
         }
-        // SAFETY: made by `cx_of`, unlisted above (or its manager is gone), ours.
-        drop(unsafe { MBox::from_raw_in(p.as_ptr(), Meta) });
+        if unlisted {
+            // SAFETY: made by `cx_of`, unlisted above (or its manager is gone), ours.
+            drop(unsafe { MBox::from_raw_in(p.as_ptr(), Meta) });
+        }
+        // Otherwise the cx stays allocated (a few hundred bytes, only when a thread exits
+        // while a manager it used is being dropped): freeing it could pull it from under the
+        // release.
     }
 }
 
-fn end_and_unlist<B: Backend>(rec: &mut ThreadRecord, m: MgrRef, cx: &mut ThreadCx) {
-    let Some(sh) = shared::<B>(m) else {
-        return;
+/// Ends the thread's views of manager `m` and takes its cx off the manager's lists; `false`
+/// when `m` is gone.
+fn end_and_unlist<B: Backend>(rec: &mut ThreadRecord, m: MgrRef, cx: &mut ThreadCx) -> bool {
+    // A dying manager too: its release waits for this op (`active_mgr`, announced before the
+    // lookup) before it reads the thread lists, and must not find the cx there once freed.
+    let Some(p) = root().lookup(m.idx, m.uid, B::TAG) else {
+        return false;
     };
+    // SAFETY: as in `shared` (a live registry entry of tag `B::TAG`, and this op announced
+    // before the lookup), without its `dying` filter: the state is freed only after this op.
+    let sh = unsafe { &*p.as_ptr().cast::<Shared<B>>() };
     views::end_views_since(sh, &mut rec.gate.pkru, &rec.holds, cx, 0);
     let me: *const ThreadCx = cx;
     let mut inner = lock(&sh.inner);
     inner.threads.retain(|&t| t != me);
     // (A thread that ended inside a wait, whose record another thread adopts: `gate::adopt`.)
     views::unqueue(sh, &mut inner, |w| w.cx == me);
+    true
 }
 
 /// Whether the calling thread has a live view entered after `mark`, with any manager.

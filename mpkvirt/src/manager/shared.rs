@@ -175,7 +175,7 @@ pub(crate) struct Inner {
     /// Per slot: revocations of its process-wide rights still waiting for threads. While one
     /// is, the slot keeps its global pin (only the last one to end may drop it), and a later
     /// revocation of the domain (or its destruction) waits for it (`global::set`).
-    pub(crate) revoking: [u8; MAX_SLOTS],
+    pub(crate) revoking: [u32; MAX_SLOTS],
     /// Per slot: threads the last failed revocation did not hear from (with `tainted`).
     pub(crate) unsynced: [u32; MAX_SLOTS],
     /// The process-wide rights as one more contributor (emulated backend).
