@@ -392,8 +392,16 @@ fn attempt<B: Backend>(
     let mut unbound = [false; 16];
     for (i, item) in view.iter().enumerate() {
         let r = recs[i].expect("filled");
+        let owner = |s: usize| sh.slots[s].owner_locked();
         match r.slot.get() {
-            Some(s) if sh.slots[s].owner_locked() == item.d.uid => {
+            // Resident; or draining while this thread itself pins it (an outer view): the
+            // drain cannot end before this thread unpins anyway, and a nested view of the
+            // domain needs no other key.
+            Some(s)
+                if owner(s) == item.d.uid
+                    || (owner(s) == item.d.uid | DRAINING
+                        && cx.pins.pinned_mask() & (1 << s) != 0) =>
+            {
                 if !cx.pins.pin_locked(s) {
                     undo(cx, pinned);
                     return Err(Error::Unsupported(
@@ -458,7 +466,14 @@ fn drain<B: Backend>(
         .filter(|r| r.is_some_and(|r| r.slot.get().is_none()))
         .count()
         + inner.queue.len().saturating_sub(1);
-    let have = inner.draining.count_ones() as usize;
+    // Slots queued threads pin: they cannot leave until served, so a drain of one cannot end
+    // before them (it does not count as one under way), and draining one would wait for
+    // ourselves.
+    let mut queue_pins = 0u16;
+    for w in inner.queue.iter() {
+        queue_pins |= binding::deref_cx(w.cx).pins.pinned_mask();
+    }
+    let have = (inner.draining & !queue_pins).count_ones() as usize;
     if missing <= have {
         return;
     }
@@ -471,9 +486,7 @@ fn drain<B: Backend>(
             exclude |= 1 << s;
         }
     }
-    for w in inner.queue.iter() {
-        exclude |= binding::deref_cx(w.cx).pins.pinned_mask();
-    }
+    exclude |= queue_pins;
     let mut candidates = [0usize; 16];
     let mut nc = 0;
     for s in 0..sh.nkeys {
