@@ -220,3 +220,66 @@ fn pku_dead_waiters_protected_mode() {
     let _pku = require_pku!();
     run_child("protected");
 }
+
+/// A SIGUSR2 handler that keeps its thread away for 3 s (a live thread stuck in a handler).
+extern "C" fn stay_away(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    let t = libc::timespec {
+        tv_sec: 3,
+        tv_nsec: 0,
+    };
+    // SAFETY: nanosleep is async-signal-safe; `t` is a valid timespec on this frame and the
+    // remainder pointer may be null.
+    unsafe { libc::nanosleep(&t, std::ptr::null_mut()) };
+}
+
+/// A live waiter at the head of the queue that a signal handler keeps away (3 s here) loses
+/// its place soon enough for the waiters behind it to be served within their own `pin_wait`
+/// (500 ms here): before, it stayed the head for 1 s whatever `pin_wait` was, and they failed
+/// with `KeysBusy` with the key free.
+#[test]
+fn waiters_behind_a_stuck_head_are_served_within_their_pin_wait() {
+    let _g = common::real_backend();
+    // SAFETY: the handler only sleeps (async-signal-safe); SIGUSR2 is raised only by this
+    // test, at its own thread W.
+    unsafe { mpkvirt_sys::signal::install(libc::SIGUSR2, stay_away, libc::SA_ONSTACK) }.unwrap();
+    let mgr = Manager::with_backend(
+        Emulated::new(1).unwrap(),
+        Config {
+            pin_wait: Duration::from_millis(500),
+            ..config()
+        },
+    )
+    .unwrap();
+    let d1 = mgr.create_domain(DomainOptions::reserve(4096)).unwrap();
+    let d2 = mgr.create_domain(DomainOptions::reserve(4096)).unwrap();
+    let d3 = mgr.create_domain(DomainOptions::reserve(4096)).unwrap();
+    static TID: AtomicI32 = AtomicI32::new(0);
+    let held = mgr.enter(&[(&d1, Rights::ReadWrite)]).unwrap();
+    std::thread::scope(|s| {
+        // W: queues for the one key, then its handler keeps it away.
+        let w = s.spawn(|| {
+            TID.store(mpkvirt_sys::thread::gettid(), Ordering::SeqCst);
+            mgr.enter(&[(&d2, Rights::ReadWrite)]).map(drop)
+        });
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while TID.load(Ordering::SeqCst) == 0
+            || blocked_in(TID.load(Ordering::SeqCst)) != Some(libc::SYS_futex)
+        {
+            assert!(Instant::now() < deadline, "setup: W never waited");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        tgkill(TID.load(Ordering::SeqCst), libc::SIGUSR2).unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+        // X queues behind W; the key comes free right after.
+        let x = s.spawn(|| mgr.enter(&[(&d3, Rights::ReadWrite)]).map(drop));
+        std::thread::sleep(Duration::from_millis(50));
+        drop(held);
+        let got = x.join().unwrap();
+        assert!(
+            got.is_ok(),
+            "a waiter behind a head stuck in a signal handler, with the key free: {got:?}"
+        );
+        // W comes back after its handler and queues again (or times out): either is fine.
+        let _ = w.join().unwrap();
+    });
+}

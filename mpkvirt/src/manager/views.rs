@@ -298,8 +298,11 @@ const QUIET: Duration = Duration::from_millis(50);
 
 /// How long a live waiter may go without looking before it loses its place: its thread is
 /// stuck (a signal handler that blocks, or that left the library with `siglongjmp`). If it
-/// comes back, it queues again at the tail.
-const STUCK: Duration = Duration::from_secs(1);
+/// comes back, it queues again at the tail. A quarter of the manager's `pin_wait` when that
+/// is shorter (but at least two polls): the waiters behind a stuck head must still be served
+/// within their own `pin_wait`. (A live waiter the OS leaves unscheduled that long loses its place too: a
+/// cost in fairness, never in safety.)
+const STUCK: Duration = Duration::from_millis(250);
 
 /// Removes waiters that stopped looking at the queue and whose thread is gone (or that have
 /// not looked for `STUCK`): a thread that never returns from a wait must not stay the head,
@@ -311,9 +314,10 @@ fn prune_waiters<B: Backend>(sh: &Shared<B>, inner: &mut Inner, me: *const Threa
         return;
     }
     let now = Instant::now();
+    let stuck = STUCK.min(sh.config.pin_wait / 4).max(2 * SYNC_POLL);
     let gone = |w: &Waiter| {
         let quiet = now.saturating_duration_since(w.seen);
-        w.cx != me && quiet >= QUIET && (quiet >= STUCK || tgkill(w.tid, 0).is_err())
+        w.cx != me && (quiet >= stuck || (quiet >= QUIET.min(stuck) && tgkill(w.tid, 0).is_err()))
     };
     if inner.queue.iter().any(gone) {
         unqueue(sh, inner, gone);
