@@ -978,10 +978,13 @@ thread_local! {
 /// register again and wait for the lock its own interrupted frame holds — the thread, and
 /// with it every later registration and process-wide sync, would hang. Pending signals are
 /// delivered when the mask is restored, once the thread is registered.
-struct Blocked(Option<libc::sigset_t>);
+///
+/// Waiters for keys block signals the same way while awake (`manager::views`): a handler
+/// that ended the thread there could end it holding the manager's lock.
+pub(crate) struct Blocked(Option<(libc::sigset_t, libc::sigset_t)>);
 
 impl Blocked {
-    fn new() -> Blocked {
+    pub(crate) fn new() -> Blocked {
         let mut set = std::mem::MaybeUninit::<libc::sigset_t>::uninit();
         let mut old = std::mem::MaybeUninit::<libc::sigset_t>::uninit();
         // SAFETY: `sigfillset` initialises the set it is given (always succeeds for a valid
@@ -1002,14 +1005,30 @@ impl Blocked {
         // first caller).
         let ok =
             unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, set.as_ptr(), old.as_mut_ptr()) } == 0;
+        // SAFETY: `sigfillset` initialised `set` above.
+        let set = unsafe { set.assume_init() };
         // SAFETY: `pthread_sigmask` succeeded, so it initialised `old`.
-        Blocked(ok.then(|| unsafe { old.assume_init() }))
+        Blocked(ok.then(|| (unsafe { old.assume_init() }, set)))
+    }
+
+    /// Runs `f` with the thread's mask as it was before (its signals deliverable), then
+    /// blocks them again.
+    pub(crate) fn unblocked<R>(&self, f: impl FnOnce() -> R) -> R {
+        let Some((old, set)) = &self.0 else {
+            return f();
+        };
+        // SAFETY: sets the calling thread's mask to the one `new` saved (initialised).
+        unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, old, std::ptr::null_mut()) };
+        let r = f();
+        // SAFETY: blocks the set `new` built (initialised) for the calling thread again.
+        unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, set, std::ptr::null_mut()) };
+        r
     }
 }
 
 impl Drop for Blocked {
     fn drop(&mut self) {
-        if let Some(old) = &self.0 {
+        if let Some((old, _)) = &self.0 {
             // SAFETY: restores the mask `new` saved for this thread (initialised by
             // `pthread_sigmask`).
             unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, old, std::ptr::null_mut()) };

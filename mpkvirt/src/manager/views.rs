@@ -210,6 +210,10 @@ fn slow_enter<B: Backend>(
     let tid = rec.tid();
     let mut deadline: Option<Option<Instant>> = None;
     let mut queued = false;
+    // Once it waits, the thread takes signals only while it sleeps: a handler that ended it
+    // (or left with `siglongjmp`) while it held the manager's lock would stop the manager for
+    // good; one that ends it asleep only leaves a waiter that stops looking (pruned).
+    let mut blocked: Option<crate::gate::Blocked> = None;
     let result = loop {
         if queued {
             match inner.queue.iter_mut().find(|w| w.cx == me) {
@@ -269,6 +273,11 @@ fn slow_enter<B: Backend>(
             });
             sh.waiters.fetch_add(1, Ordering::SeqCst);
             queued = true;
+            if blocked.is_none() {
+                drop(inner);
+                blocked = Some(crate::gate::Blocked::new());
+                inner = lock(&sh.inner);
+            }
             continue; // re-check after announcing ourselves (no lost wake-up)
         }
         if inner.queue.first().map(|w| w.cx) == Some(me) {
@@ -278,17 +287,27 @@ fn slow_enter<B: Backend>(
         let timeout = until.map(|u| u.saturating_duration_since(now));
         // Short sleeps: a waiting thread takes process-wide rights that change meanwhile
         // (their initiator waits for it).
-        let _ = futex_wait(
-            &sh.wake,
-            seen,
-            Some(timeout.map_or(SYNC_POLL, |t| t.min(SYNC_POLL))),
-        );
+        let sleep = || {
+            futex_wait(
+                &sh.wake,
+                seen,
+                Some(timeout.map_or(SYNC_POLL, |t| t.min(SYNC_POLL))),
+            )
+        };
+        let _ = match &blocked {
+            Some(b) => b.unblocked(sleep),
+            None => sleep(),
+        };
         super::global::acknowledge(rec, Some((sh.slot_idx, cx.top_bits(sh.base_bits))));
         inner = lock(&sh.inner);
     };
     if queued {
         unqueue(sh, &mut inner, |w| w.cx == me);
     }
+    // (Signals pending meanwhile are delivered once the lock is dropped and the mask
+    // restored.)
+    drop(inner);
+    drop(blocked);
     result
 }
 
