@@ -519,6 +519,12 @@ fn run_op_unguarded<R>(
     // The gate told the thread by its FS base, which glibc hands on with the TCB of an ended
     // thread. A record whose thread armed its exit hook and has not run it is its thread's
     // (the hook runs when it ends); any other is checked by thread id (`confirm_owner`).
+    if op == crate::ops::OP_FORKED {
+        // The forking thread in a `fork()` child: the same thread for the program, with a new
+        // id, and the only thread there: no lock (one another thread held at the fork stays
+        // held in the child).
+        rec.tid = gettid();
+    }
     if rec.exited || !rec.hooked {
         confirm_owner(rec, Pkru::from_bits(entry_pkru))?;
     }
@@ -1039,6 +1045,7 @@ impl Drop for Blocked {
 /// [`mpkvirt_register_thread`] with the thread's signals blocked (cooperative mode; see
 /// [`Blocked`]).
 fn register_masked(entry_pkru: u32) -> u64 {
+    forked_hook();
     let _blocked = Blocked::new();
     mpkvirt_register_thread(entry_pkru)
 }
@@ -1074,6 +1081,7 @@ pub(crate) fn call(op: u64, args: *mut u8) -> Result<u64> {
                 }
                 _ => REGISTERED.set(true),
             }
+            forked_hook();
         }
         let status = match mode {
             MetadataMode::Protected | MetadataMode::GateOnly => Ok(gate_call(mode, op, args)),
@@ -1110,6 +1118,32 @@ fn gate_call(mode: MetadataMode, op: u64, args: *mut u8) -> u64 {
     } else {
         // SAFETY: as above, minus OSPKE (this variant executes no PKRU instruction).
         unsafe { mpkvirt_asm::mpkvirt_gate_call_nopku(op, args) }
+    }
+}
+
+/// Installs (once per process, from a thread's first call, outside any op) the `fork()` child
+/// handler that gives the forking thread's record the child's thread id: liveness checks
+/// (`op_in_flight`, the wait queue's pruning, record reuse) go by thread id, and without it the
+/// thread would look dead in the child — a manager dropped there by a second thread would not
+/// wait for its ops.
+fn forked_hook() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        // SAFETY: registers a handler with no arguments to run in fork children; it calls
+        // only `forked`, which makes one op (no allocation) when the thread has a record.
+        let r = unsafe { libc::pthread_atfork(None, None, Some(forked)) };
+        if r != 0 {
+            crate::fault::log_line(
+                "mpkvirt: cannot install the fork handler; after fork() the forking thread's record keeps the parent's thread id\n",
+            );
+        }
+    });
+}
+
+/// The `fork()` child handler (see [`forked_hook`]).
+extern "C" fn forked() {
+    if ThreadRecord::current().is_some() {
+        let _ = call(crate::ops::OP_FORKED, std::ptr::null_mut());
     }
 }
 

@@ -70,6 +70,10 @@ pub(crate) const OP_SYNC_HOLDERS: u64 = 9;
 /// what the rights it inherited become.
 pub(crate) const OP_REGISTER: u64 = 10;
 
+/// Run in a `fork()` child by the thread that forked (an atfork handler, `gate::forked`): its
+/// record takes the child's thread id (liveness checks go by thread id). Nothing else.
+pub(crate) const OP_FORKED: u64 = 11;
+
 /// Plain data: every bit pattern is a valid value, so it can be copied out of memory another
 /// thread may be writing.
 ///
@@ -252,7 +256,7 @@ pub(crate) fn run(op: u64, args: Args, rec: &mut ThreadRecord) -> u64 {
 
 fn run_global(code: u64, args: Args, rec: &mut ThreadRecord) -> u64 {
     match code {
-        OP_NOP | OP_REGISTER => STATUS_OK,
+        OP_NOP | OP_REGISTER | OP_FORKED => STATUS_OK,
         OP_THREAD_EXIT => {
             crate::manager::ops::thread_exit(rec);
             crate::capi::thread_exit(rec);

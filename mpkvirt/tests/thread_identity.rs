@@ -29,10 +29,11 @@
 //!
 //! # Safety
 //!
-//! One test creates a pthread key with a plain destructor and sets it on its own thread.
+//! One test creates a pthread key with a plain destructor and sets it on its own thread;
+//! another forks a child that only reads its record and `_exit`s.
 #![allow(
     unsafe_code,
-    reason = "a pthread key whose destructor runs after mpkvirt's exit hook"
+    reason = "a pthread key whose destructor runs after mpkvirt's exit hook; a fork child"
 )]
 
 use std::sync::mpsc::{Sender, channel};
@@ -243,4 +244,33 @@ fn the_exiting_thread_itself_is_still_refused() {
     );
     // SAFETY: the key made above; no thread uses it any more.
     unsafe { libc::pthread_key_delete(key) };
+}
+
+/// After `fork()`, the forking thread's record is bound to its id in the child: liveness
+/// checks go by thread id (a manager dropped by a second thread in the child waits for the
+/// forking thread's ops; the wait queue keeps it), and with the parent's id it would look
+/// dead there.
+#[test]
+fn the_forking_threads_record_takes_its_id_in_the_child() {
+    let _serial = serial();
+    mpkvirt::thread::without_rights(|| ()).unwrap();
+    let me = mpkvirt_sys::thread::gettid();
+    assert_eq!(mpkvirt::testing::record_tid(), Some(me), "setup");
+    // SAFETY: the child only reads its record, asks for its id and `_exit`s (no allocation,
+    // no lock a parent thread could have held, beyond mpkvirt's own fork handler).
+    let pid = unsafe { libc::fork() };
+    assert!(pid >= 0, "fork");
+    if pid == 0 {
+        let child = mpkvirt_sys::thread::gettid();
+        let ok = child != me && mpkvirt::testing::record_tid() == Some(child);
+        // SAFETY: ends the child at once, running nothing of the parent's.
+        unsafe { libc::_exit(if ok { 0 } else { 1 }) };
+    }
+    let mut status = 0;
+    // SAFETY: reaps our own child; `status` is ours to write.
+    assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+    assert!(
+        libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+        "in the fork child the forking thread's record keeps the parent's thread id ({status:#x})"
+    );
 }

@@ -561,3 +561,8 @@ pub fn domain_slot_word<B: Backend>(d: &Domain<B>) -> Option<usize> {
 pub fn view_bits_word<B: Backend>(mgr: &Manager<B>, depth: usize) -> Option<usize> {
     crate::manager::ops::view_bits_word(mgr.mref(), depth)
 }
+
+/// The thread id the calling thread's record is bound to (`None` without a record).
+pub fn record_tid() -> Option<i32> {
+    crate::gate::ThreadRecord::current().map(|r| r.tid())
+}
