@@ -749,6 +749,9 @@ fn release<B: Backend>(rec: &mut ThreadRecord, m: MgrRef) -> Result<()> {
             crate::fault::log_line(
                 "mpkvirt: manager dropped while a thread is stuck inside an op on it; its state and keys are left in place\n",
             );
+            // The stuck op may still read the thread lists: the release stays counted, so
+            // threads that exit from now on keep their cxs (see `thread_exit`).
+            std::mem::forget(_releasing);
             return Ok(());
         }
         rounds += 1;
