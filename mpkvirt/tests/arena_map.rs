@@ -26,41 +26,9 @@ mod common;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use common::config;
+use common::{config, symbols};
 use mpkvirt::{Backend, Config, DomainOptions, Emulated, Hardware, Manager, Rights};
 use mpkvirt_sys::require_pku;
-
-/// `(name, value)` of the symbols of `/proc/self/exe` whose name contains `part`.
-fn symbols(part: &str) -> Vec<(String, u64)> {
-    let d = std::fs::read("/proc/self/exe").unwrap();
-    let u16_at = |o: usize| u16::from_le_bytes(d[o..o + 2].try_into().unwrap()) as usize;
-    let u32_at = |o: usize| u32::from_le_bytes(d[o..o + 4].try_into().unwrap()) as usize;
-    let u64_at = |o: usize| u64::from_le_bytes(d[o..o + 8].try_into().unwrap());
-    let (shoff, shentsize, shnum) = (u64_at(0x28) as usize, u16_at(0x3a), u16_at(0x3c));
-    let mut out = Vec::new();
-    for i in 0..shnum {
-        let sh = shoff + i * shentsize;
-        if u32_at(sh + 4) != 2 {
-            continue; // SHT_SYMTAB
-        }
-        let (off, size, link, entsize) = (
-            u64_at(sh + 0x18) as usize,
-            u64_at(sh + 0x20) as usize,
-            u32_at(sh + 0x28),
-            u64_at(sh + 0x38) as usize,
-        );
-        let strtab = u64_at(shoff + link * shentsize + 0x18) as usize;
-        for s in (off..off + size).step_by(entsize) {
-            let name_at = strtab + u32_at(s);
-            let end = d[name_at..].iter().position(|&b| b == 0).unwrap();
-            let name = String::from_utf8_lossy(&d[name_at..name_at + end]).into_owned();
-            if name.contains(part) {
-                out.push((name, u64_at(s + 8)));
-            }
-        }
-    }
-    out
-}
 
 /// The run-time address of mpkvirt's `ARENA_MAP` static (what a stray pointer would hit).
 fn arena_map_static() -> usize {
