@@ -128,6 +128,14 @@ fn fsgs() -> FsGsBase {
 impl ThreadRecord {
     /// The calling thread's record, if it has one (its GS base points at a record it owns).
     pub(crate) fn current() -> Option<&'static mut ThreadRecord> {
+        // SAFETY: the record belongs to this thread (`current_ptr` checked the owner) and is
+        // only ever used by its owner, one op at a time (the `busy` word); records are never
+        // freed.
+        Self::current_ptr().map(|p| unsafe { &mut *p })
+    }
+
+    /// The record the calling thread's GS base points at, if it names the thread's FS base.
+    fn current_ptr() -> Option<*mut ThreadRecord> {
         let t = fsgs();
         let gs = t.gs_base();
         if gs == 0 {
@@ -143,9 +151,7 @@ impl ThreadRecord {
         if owner != t.fs_base() as u64 {
             return None;
         }
-        // SAFETY: the record belongs to this thread (checked above) and is only ever used by
-        // its owner, one op at a time (the `busy` word); records are never freed.
-        Some(unsafe { &mut *(gs as *mut ThreadRecord) })
+        Some(gs as *mut ThreadRecord)
     }
 
     /// The calling thread's record inside an op (the gate identified the thread).
@@ -600,13 +606,21 @@ pub(crate) fn direct<R>(
     let Some(rec) = rec else {
         return Some(Err(Error::Unsupported("registering the calling thread")));
     };
+    // SAFETY: a plain read of the busy word of the record `current` found for this thread
+    // (records live forever); no reference yet, as an op of this thread that a signal
+    // handler interrupted may hold one.
+    if unsafe { (&raw const (*rec).gate.busy).read_volatile() } != 0 {
+        if leave_orphaned_record() {
+            // The thread lets go of a record busy for good and registers afresh.
+            return direct(op, body);
+        }
+        return Some(Err(Error::Reentrant));
+    }
     // SAFETY: the calling thread's own record (`current` checked the owner), used by this
     // thread alone; the busy word keeps a signal handler's call out meanwhile.
     let rec = unsafe { &mut *rec };
-    if rec.gate.busy != 0 {
-        return Some(Err(Error::Reentrant));
-    }
     rec.gate.busy = 1;
+    let _in_op = InOp::new();
     let unbusy = Unbusy(rec);
     // Panics propagate to the caller (cooperative mode trusts the program; the busy word is
     // cleared on the way).
@@ -973,6 +987,63 @@ thread_local! {
     /// a hint: a thread that finds it unset blocks signals for its call, which is always safe.
     /// (Const, no destructor: readable from signal handlers and thread-exit destructors.)
     static REGISTERED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    /// How many of the calling thread's ops are in progress (more than one: a signal handler
+    /// called while an op it interrupted runs). Only a guard for [`leave_orphaned_record`]:
+    /// a thread never abandons a record one of its own interrupted ops still runs on.
+    static IN_OP: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
+}
+
+/// Counts an op of the calling thread in [`IN_OP`] while it lives.
+struct InOp;
+
+impl InOp {
+    fn new() -> InOp {
+        IN_OP.set(IN_OP.get() + 1);
+        InOp
+    }
+}
+
+impl Drop for InOp {
+    fn drop(&mut self) {
+        IN_OP.set(IN_OP.get() - 1);
+    }
+}
+
+/// Lets go of the record the calling thread's GS base points at when that record is busy for
+/// good: its thread ended inside an op (a signal handler that ended it with `SYS_exit`, or
+/// `siglongjmp`ed away and then ended), so the busy word stays set, and the calling thread,
+/// which glibc gave the dead thread's TCB (same FS base) and which inherited, through `clone`,
+/// a GS base still pointing at the record, would otherwise get [`Error::Reentrant`] for every
+/// call. Sound because the record is not the caller's: its thread id is another (glibc
+/// reuses a TCB only after its thread ended), and no op of the caller is in progress (so this
+/// is no handler that interrupted an op of its own thread, e.g. in a `fork()` child). The
+/// caller's GS base is cleared and its next call registers it afresh; the record stays busy,
+/// so it is never handed out again (leaked, one per such thread), and what the dead thread
+/// held stays held (ARCHITECTURE.md, *Thread records*). Returns whether it let go.
+fn leave_orphaned_record() -> bool {
+    let Some(rec) = ThreadRecord::current_ptr() else {
+        return false;
+    };
+    // SAFETY: `current_ptr` checked that the record is in the metadata region (records live
+    // forever) and names the caller's FS base. Plain reads of two words, no reference: the
+    // record may be in use by an op of this thread that a handler interrupted (then the
+    // reads only decide to leave it alone).
+    let (busy, tid) = unsafe {
+        (
+            (&raw const (*rec).gate.busy).read_volatile(),
+            (&raw const (*rec).tid).read_volatile(),
+        )
+    };
+    if busy == 0 || IN_OP.get() != 0 || tid == gettid() {
+        return false;
+    }
+    // SAFETY: mpkvirt owns the thread's GS base; zero means "no record" to the gates and to
+    // `ThreadRecord::current`, so the next call registers the thread.
+    if unsafe { set_gs_base(0) }.is_err() {
+        return false;
+    }
+    REGISTERED.set(false);
+    true
 }
 
 /// The calling thread's signals blocked while it lives (all but those a fault raises
@@ -1083,14 +1154,20 @@ pub(crate) fn call(op: u64, args: *mut u8) -> Result<u64> {
             }
             forked_hook();
         }
-        let status = match mode {
-            MetadataMode::Protected | MetadataMode::GateOnly => Ok(gate_call(mode, op, args)),
-            MetadataMode::Cooperative => cooperative_call(op, args),
-        }?;
-        // The record the thread was about to adopt went to another thread (see `adopt`):
-        // the thread registers again (masked, as above) on the next attempt.
+        let status = {
+            let _in_op = InOp::new();
+            match mode {
+                MetadataMode::Protected | MetadataMode::GateOnly => Ok(gate_call(mode, op, args)),
+                MetadataMode::Cooperative => cooperative_call(op, args),
+            }?
+        };
+        // The record the thread was about to adopt went to another thread (see `adopt`), or
+        // the record it inherited is busy for good (`leave_orphaned_record`): the thread
+        // registers again (masked, as above) on the next attempt.
         attempts += 1;
-        if status != crate::ops::STATUS_RETRY || attempts == 3 {
+        let retry =
+            status == crate::ops::STATUS_RETRY || (status == GATE_BUSY && leave_orphaned_record());
+        if !retry || attempts == 3 {
             break status;
         }
         REGISTERED.set(false);

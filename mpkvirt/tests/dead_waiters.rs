@@ -18,6 +18,16 @@
 //! ops of threads that are alive, and for at most `pin_wait` plus a margin; after that it
 //! leaves the manager's state in place (leaked, never freed under an op) and says so.
 //!
+//! **Attack, second form.** A thread that ends inside an op leaves its record's busy word
+//! set. glibc hands its stack and TCB (its FS base) to the next thread created with the same
+//! stack size; when that thread's creator still carries the dead thread's GS base (it was
+//! created by the dead thread and never called mpkvirt), the new thread looks like the dead
+//! one to the gate, finds it busy, and got `Reentrant` for every call, for good.
+//!
+//! **Defence.** A caller that finds its record busy while none of its own ops runs, and whose
+//! thread id is not the record's, lets go of the record (`gate::leave_orphaned_record`: its GS
+//! base is cleared) and registers afresh; the busy record is never handed out again.
+//!
 //! # Safety
 //!
 //! A SIGUSR1 handler that ends its thread with the raw `exit` system call (no unwinding, no
@@ -172,12 +182,111 @@ fn dead_waiter_child() {
     println!("dead waiter child: ok");
 }
 
+/// W registers, creates H (which inherits W's GS base and waits), and dies inside an op (its
+/// signal handler ends it while it waits for the key `d1`'s view holds). After W is joined,
+/// H creates T on W's stack and TCB: T's first call must work, on a record of its own.
+#[test]
+#[ignore = "run as a child process by the tests below"]
+fn tcb_reuse_child() {
+    if std::env::var("MPKVIRT_DEAD_WAITERS_CHILD").as_deref() != Ok("1") {
+        println!("tcb_reuse_child: only meaningful as a child process");
+        return;
+    }
+    use std::os::unix::thread::JoinHandleExt;
+    use std::sync::mpsc::channel;
+    let mgr = Manager::with_backend(Emulated::new(1).unwrap(), config()).unwrap();
+    println!("metadata mode: {:?}", mgr.metadata_mode());
+    let d1 = mgr.create_domain(DomainOptions::reserve(4096)).unwrap();
+    let d2 = mgr.create_domain(DomainOptions::reserve(4096)).unwrap();
+    let bases = || {
+        let t = mpkvirt_sys::thread::FsGsBase::new().expect("FSGSBASE");
+        (t.fs_base(), t.gs_base())
+    };
+    // SAFETY: the handler only ends its own thread; it runs on the alternate stack mpkvirt
+    // gives registered threads.
+    unsafe { mpkvirt_sys::signal::install(libc::SIGUSR1, exit_thread, libc::SA_ONSTACK) }.unwrap();
+    let view = mgr.enter(&[(&d1, Rights::ReadWrite)]).unwrap();
+    let (w_tx, w_rx) = channel();
+    let (h_go_tx, h_go_rx) = channel::<()>();
+    let (t_tx, t_rx) = channel();
+    let (mgr_w, d1_h, d2_w) = (
+        &raw const mgr as usize,
+        &raw const d1 as usize,
+        &raw const d2 as usize,
+    );
+    let w = std::thread::spawn(move || {
+        mpkvirt::thread::without_rights(|| ()).unwrap();
+        let w_bases = bases();
+        let mgr_h = mgr_w;
+        std::thread::spawn(move || {
+            h_go_rx.recv().unwrap();
+            let t_tx = t_tx.clone();
+            std::thread::spawn(move || {
+                let b = bases();
+                // SAFETY: the manager and `d1` live until the main thread got T's answer.
+                let (m, d) = unsafe {
+                    (
+                        &*(mgr_h as *const Manager<Emulated>),
+                        &*(d1_h as *const Domain<Emulated>),
+                    )
+                };
+                let r = m.enter(&[(d, Rights::ReadWrite)]).map(drop);
+                t_tx.send((b, bases(), r)).unwrap();
+            });
+            std::thread::park();
+        });
+        w_tx.send((w_bases, mpkvirt_sys::thread::gettid())).unwrap();
+        // SAFETY: the manager and `d2` outlive W: W dies here, before the main thread goes on.
+        let (m, d) = unsafe {
+            (
+                &*(mgr_w as *const Manager<Emulated>),
+                &*(d2_w as *const Domain<Emulated>),
+            )
+        };
+        let _ = m.enter(&[(d, Rights::ReadWrite)]);
+        unreachable!("W is ended by its signal handler while it waits");
+    });
+    let (w_bases, tid) = w_rx.recv().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while blocked_in(tid) != Some(libc::SYS_futex) {
+        assert!(Instant::now() < deadline, "setup: W never waited");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    std::thread::sleep(Duration::from_millis(50));
+    tgkill(tid, libc::SIGUSR1).unwrap();
+    // W never returns to Rust: join it as a pthread (glibc caches its stack and TCB) and
+    // forget the Rust handle, whose result W never wrote.
+    let pt = w.as_pthread_t();
+    std::mem::forget(w);
+    // SAFETY: W's pthread, joinable, joined once (its Rust handle is forgotten).
+    assert_eq!(unsafe { libc::pthread_join(pt, std::ptr::null_mut()) }, 0);
+    drop(view);
+    h_go_tx.send(()).unwrap();
+    let (t_bases, t_after, r) = t_rx
+        .recv_timeout(Duration::from_secs(15))
+        .expect("T never answered");
+    assert_eq!(
+        t_bases, w_bases,
+        "setup: glibc gave T W's TCB and T inherited W's record (through H)"
+    );
+    assert!(
+        r.is_ok(),
+        "a thread on the TCB of a thread that died inside an op is refused for good: {r:?}"
+    );
+    assert_ne!(t_after.1, w_bases.1, "T works on a record of its own");
+    println!("tcb reuse child: ok");
+}
+
 fn run_child(mode: &str) {
+    run_named_child("dead_waiter_child", "dead waiter child: ok", mode);
+}
+
+fn run_named_child(name: &str, ok: &str, mode: &str) {
     let mut child = Command::new(std::env::current_exe().unwrap())
         .args([
             "--ignored",
             "--exact",
-            "dead_waiter_child",
+            name,
             "--nocapture",
             "--test-threads=1",
         ])
@@ -200,7 +309,7 @@ fn run_child(mode: &str) {
     let stderr = String::from_utf8_lossy(&out.stderr);
     println!("{mode} child:\n{stdout}\n{stderr}");
     assert!(
-        out.status.success() && stdout.contains("dead waiter child: ok"),
+        out.status.success() && stdout.contains(ok),
         "the {mode} child failed: {:?}\n{stdout}\n{stderr}",
         out.status
     );
@@ -282,4 +391,20 @@ fn waiters_behind_a_stuck_head_are_served_within_their_pin_wait() {
         // W comes back after its handler and queues again (or times out): either is fine.
         let _ = w.join().unwrap();
     });
+}
+
+/// A thread on the TCB of a thread that died inside an op, in each metadata mode natively
+/// (cooperative: the direct path; gate: the call gate without PKU).
+#[test]
+fn a_thread_on_the_tcb_of_one_dead_inside_an_op_gets_a_record_of_its_own() {
+    for mode in ["cooperative", "gate"] {
+        run_named_child("tcb_reuse_child", "tcb reuse child: ok", mode);
+    }
+}
+
+/// The same in protected mode.
+#[test]
+fn pku_tcb_reuse_after_a_death_inside_an_op() {
+    let _pku = require_pku!();
+    run_named_child("tcb_reuse_child", "tcb reuse child: ok", "protected");
 }
