@@ -606,10 +606,15 @@ pub(crate) fn direct<R>(
     let Some(rec) = rec else {
         return Some(Err(Error::Unsupported("registering the calling thread")));
     };
-    // SAFETY: a plain read of the busy word of the record `current` found for this thread
-    // (records live forever); no reference yet, as an op of this thread that a signal
-    // handler interrupted may hold one.
-    if unsafe { (&raw const (*rec).gate.busy).read_volatile() } != 0 {
+    // The busy word, read with no reference yet: an op of this thread that a signal handler
+    // interrupted may hold one.
+    let busy = rec
+        .cast_const()
+        .wrapping_byte_add(std::mem::offset_of!(ThreadRecord, gate.busy))
+        .cast::<u32>();
+    // SAFETY: a plain read of an aligned word of the record `current` found for this thread
+    // (records live forever).
+    if unsafe { busy.read_volatile() } != 0 {
         if leave_orphaned_record() {
             // The thread lets go of a record busy for good and registers afresh.
             return direct(op, body);
@@ -1024,16 +1029,21 @@ fn leave_orphaned_record() -> bool {
     let Some(rec) = ThreadRecord::current_ptr() else {
         return false;
     };
+    // Plain reads of two words, no reference: the record may be in use by an op of this
+    // thread that a handler interrupted (then the reads only decide to leave it alone).
+    let busy = rec
+        .cast_const()
+        .wrapping_byte_add(std::mem::offset_of!(ThreadRecord, gate.busy))
+        .cast::<u32>();
+    let tid = rec
+        .cast_const()
+        .wrapping_byte_add(std::mem::offset_of!(ThreadRecord, tid))
+        .cast::<i32>();
     // SAFETY: `current_ptr` checked that the record is in the metadata region (records live
-    // forever) and names the caller's FS base. Plain reads of two words, no reference: the
-    // record may be in use by an op of this thread that a handler interrupted (then the
-    // reads only decide to leave it alone).
-    let (busy, tid) = unsafe {
-        (
-            (&raw const (*rec).gate.busy).read_volatile(),
-            (&raw const (*rec).tid).read_volatile(),
-        )
-    };
+    // forever, readable to every thread): an aligned word of it.
+    let busy = unsafe { busy.read_volatile() };
+    // SAFETY: as above.
+    let tid = unsafe { tid.read_volatile() };
     if busy == 0 || IN_OP.get() != 0 || tid == gettid() {
         return false;
     }

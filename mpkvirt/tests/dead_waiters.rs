@@ -223,26 +223,20 @@ fn tcb_reuse_child() {
             let t_tx = t_tx.clone();
             std::thread::spawn(move || {
                 let b = bases();
-                // SAFETY: the manager and `d1` live until the main thread got T's answer.
-                let (m, d) = unsafe {
-                    (
-                        &*(mgr_h as *const Manager<Emulated>),
-                        &*(d1_h as *const Domain<Emulated>),
-                    )
-                };
+                // SAFETY: the manager lives until the main thread got T's answer.
+                let m = unsafe { &*(mgr_h as *const Manager<Emulated>) };
+                // SAFETY: as above, for `d1`.
+                let d = unsafe { &*(d1_h as *const Domain<Emulated>) };
                 let r = m.enter(&[(d, Rights::ReadWrite)]).map(drop);
                 t_tx.send((b, bases(), r)).unwrap();
             });
             std::thread::park();
         });
         w_tx.send((w_bases, mpkvirt_sys::thread::gettid())).unwrap();
-        // SAFETY: the manager and `d2` outlive W: W dies here, before the main thread goes on.
-        let (m, d) = unsafe {
-            (
-                &*(mgr_w as *const Manager<Emulated>),
-                &*(d2_w as *const Domain<Emulated>),
-            )
-        };
+        // SAFETY: the manager outlives W: W dies here, before the main thread goes on.
+        let m = unsafe { &*(mgr_w as *const Manager<Emulated>) };
+        // SAFETY: as above, for `d2`.
+        let d = unsafe { &*(d2_w as *const Domain<Emulated>) };
         let _ = m.enter(&[(d, Rights::ReadWrite)]);
         unreachable!("W is ended by its signal handler while it waits");
     });
