@@ -211,6 +211,23 @@ int mpk_free(void *ptr);
 
 /* ---- mpkvirt extensions --------------------------------------------------------------- */
 
+/*
+ * Confines the calling thread, for the rest of its life, to the domains of the n vkeys at
+ * vkeys and to the domains it creates later (mpk_mmap or mpk_malloc of a new vkey). A vkey is
+ * a name anyone can use — and code that forges calls into the library can name any domain —
+ * so a thread that runs code it does not trust confines itself first: from then on
+ * mpk_begin, mpk_malloc, mpk_mmap, mpk_free and mpk_munmap of another domain fail with
+ * EPERM, and so does mpk_mprotect (it acts on every thread) and mpk_init. A second call
+ * narrows the set (keeps only domains in both). Threads the confined thread creates, by any
+ * means, are confined to its set. Process-wide rights (mpk_mprotect by an unconfined
+ * thread) still reach a confined thread: they are the program's decision for every thread.
+ *
+ * Returns 0, or -1 with errno: EBUSY (the thread has vkeys begun: confine first), EINVAL
+ * (no such domain, n over 65,536), EFAULT (vkeys unreadable to the thread), EDEADLK (from a
+ * signal handler: see Signal handlers above).
+ */
+int mpk_confine(const int *vkeys, size_t n);
+
 /* Where a fault happened. */
 struct mpkvirt_fault {
     int vkey;       /* virtual key of the domain the address belongs to, -1 if none */

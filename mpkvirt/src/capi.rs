@@ -50,7 +50,7 @@ use crate::manager::ops as mops;
 use crate::manager::shared::{DomRef, MgrRef, Shared};
 use crate::manager::views::{self, ViewItem};
 use crate::manager::{Rights, global, lifecycle};
-use crate::meta::{MBox, MMap, MVec, Meta, lock_rw, mmap, read_rw, root};
+use crate::meta::{MBox, MMap, MVec, Meta, lock, lock_rw, mmap, read_rw, root};
 use crate::ops::{Pod, STATUS_BAD_CALL, call};
 
 /// Address space reserved for each virtual key's domain beyond its first mapping (the
@@ -71,6 +71,7 @@ const C_GUARD_START: u64 = OP_BASE + 8;
 pub(crate) const C_GUARD_END: u64 = OP_BASE + 9;
 const C_FAULT_VKEY: u64 = OP_BASE + 10;
 const C_KEYS: u64 = OP_BASE + 11;
+const C_CONFINE: u64 = OP_BASE + 12;
 
 /// A vkey's domain and how many threads have it begun.
 #[derive(Clone, Copy, Debug)]
@@ -103,6 +104,11 @@ impl ThreadBegun {
     /// Whether the thread has C API state (begun vkeys).
     pub(crate) fn holds_state(&self) -> bool {
         self.set.is_some()
+    }
+
+    /// Whether the thread has vkeys begun now.
+    pub(crate) fn begun_any(&self) -> bool {
+        self.set.as_ref().is_some_and(|b| !b.begun.is_empty())
     }
 }
 
@@ -308,6 +314,15 @@ pub extern "C" fn mpk_malloc(vkey: c_int, size: usize) -> *mut c_void {
     })
 }
 
+/// `int mpk_confine(const int *vkeys, size_t n)`
+#[unsafe(no_mangle)]
+pub extern "C" fn mpk_confine(vkeys: *const c_int, n: usize) -> c_int {
+    ffi(-1, || {
+        op::<CArgs, ()>(C_CONFINE, args(0, 0, vkeys as u64, n as u64, 0))?;
+        Ok(0)
+    })
+}
+
 /// `int mpk_free(void *ptr)`
 #[unsafe(no_mangle)]
 pub extern "C" fn mpk_free(ptr: *mut c_void) -> c_int {
@@ -483,14 +498,21 @@ pub unsafe extern "C" fn mpk_pthread_create(
 pub(crate) fn run(code: u64, a: crate::ops::Args, rec: &mut ThreadRecord) -> u64 {
     {
         match code {
-            C_INIT => a.serve(rec, |_, i: mops::CreateIn| Ok(init(i))),
-            C_MMAP => a.serve(rec, |_, i: CArgs| Ok(mmap_op(i))),
+            C_INIT => a.serve(rec, |rec, i: mops::CreateIn| {
+                Ok(if rec.confined != 0 {
+                    Err(libc::EPERM)
+                } else {
+                    init(i)
+                })
+            }),
+            C_MMAP => a.serve(rec, |rec, i: CArgs| Ok(mmap_op(rec, i))),
             C_MUNMAP => a.serve(rec, |rec, i: CArgs| Ok(munmap_op(rec, i))),
             C_BEGIN => a.serve(rec, |rec, i: CArgs| Ok(begin_op(rec, i))),
             C_END => a.serve(rec, |rec, i: CArgs| Ok(end_op(rec, i))),
             C_MPROTECT => a.serve(rec, |rec, i: CArgs| Ok(mprotect_op(rec, i))),
-            C_MALLOC => a.serve(rec, |_, i: CArgs| Ok(malloc_op(i))),
-            C_FREE => a.serve(rec, |_, i: CArgs| Ok(free_op(i))),
+            C_MALLOC => a.serve(rec, |rec, i: CArgs| Ok(malloc_op(rec, i))),
+            C_FREE => a.serve(rec, |rec, i: CArgs| Ok(free_op(rec, i))),
+            C_CONFINE => a.serve(rec, |rec, i: CArgs| Ok(confine_op(rec, i))),
             C_GUARD_START => a.serve(rec, |rec, _: CArgs| Ok(guard_start(rec))),
             // The end of a guarded call, after a fault too (it stays in its context:
             // `gate::note_context`).
@@ -544,6 +566,7 @@ fn init(i: mops::CreateIn) -> Result<(), c_int> {
 /// The domain of `vkey`, or a new one made by `create` (reserve, prot), on which `then` runs;
 /// the new domain is published only if `then` succeeds, and destroyed otherwise.
 fn with_domain<T>(
+    rec: &mut ThreadRecord,
     vkey: c_int,
     create: Option<(usize, Prot)>,
     then: impl Fn(&Shared<Machine>, VDom) -> Result<T, c_int>,
@@ -551,6 +574,7 @@ fn with_domain<T>(
     let st = state()?;
     let sh = shared(st)?;
     if let Some(&v) = read_rw(&st.table).by_vkey.get(&vkey) {
+        rec.may_name(v.d.uid).map_err(|e| errno_of(&e))?;
         return then(sh, v);
     }
     let Some((reserve, prot)) = create else {
@@ -559,6 +583,7 @@ fn with_domain<T>(
     let mut table = lock_rw(&st.table);
     if let Some(&v) = table.by_vkey.get(&vkey) {
         drop(table);
+        rec.may_name(v.d.uid).map_err(|e| errno_of(&e))?;
         return then(sh, v);
     }
     let info = lifecycle::create(sh, Some(reserve), prot).map_err(|e| errno_of(&e))?;
@@ -567,6 +592,11 @@ fn with_domain<T>(
         prot,
         begun: 0,
     };
+    // A confined thread may name what it creates.
+    if let Err(e) = rec.admit(info.d.uid) {
+        lifecycle::destroy(sh, info.d);
+        return Err(errno_of(&e));
+    }
     // Nobody else can see the domain yet: a failure destroys it and changes nothing.
     match then(sh, v) {
         Ok(t) => {
@@ -585,7 +615,7 @@ fn with_domain<T>(
     }
 }
 
-fn mmap_op(i: CArgs) -> Result<usize, c_int> {
+fn mmap_op(rec: &mut ThreadRecord, i: CArgs) -> Result<usize, c_int> {
     let prot = prot_of(i.prot)?;
     let len = usize::try_from(i.a).map_err(|_| libc::EINVAL)?;
     // A length that cannot be rounded to pages is no mapping at all (it used to wrap to one
@@ -596,7 +626,7 @@ fn mmap_op(i: CArgs) -> Result<usize, c_int> {
         .ok_or(libc::ENOMEM)?;
     let reserve = len.checked_add(DOMAIN_HEADROOM).ok_or(libc::ENOMEM)?;
     let fd = i.b as i64 as i32;
-    with_domain(i.vkey, Some((reserve, prot)), |sh, v| {
+    with_domain(rec, i.vkey, Some((reserve, prot)), |sh, v| {
         if v.prot != prot {
             return Err(libc::EINVAL); // one protection per domain: use mpk_mprotect
         }
@@ -614,6 +644,7 @@ fn munmap_op(rec: &mut ThreadRecord, i: CArgs) -> Result<(), c_int> {
     let sh = shared(st)?;
     let mut table = lock_rw(&st.table);
     let v = *table.by_vkey.get(&i.vkey).ok_or(libc::EINVAL)?;
+    rec.may_name(v.d.uid).map_err(|e| errno_of(&e))?;
     if v.begun > 0 {
         return Err(libc::EBUSY);
     }
@@ -717,6 +748,7 @@ fn begin_op(rec: &mut ThreadRecord, i: CArgs) -> Result<(), c_int> {
     let d = {
         let mut table = lock_rw(&st.table);
         let v = table.by_vkey.get_mut(&i.vkey).ok_or(libc::EINVAL)?;
+        rec.may_name(v.d.uid).map_err(|e| errno_of(&e))?;
         if fresh {
             v.begun += 1;
         }
@@ -829,6 +861,8 @@ pub(crate) fn leave_handler_level(rec: &mut ThreadRecord, level: usize) {
 /// `PROT_EXEC`, which keys cannot express): with the domain resident, a change of rights is
 /// no page-table change at all, and threads that begun the vkey keep what they begun.
 fn mprotect_op(rec: &mut ThreadRecord, i: CArgs) -> Result<(), c_int> {
+    // Process-wide: it acts on every thread.
+    rec.unconfined("mpk_mprotect").map_err(|e| errno_of(&e))?;
     let prot = prot_of(i.prot)?;
     let rights = if prot.contains(Prot::WRITE) {
         Some(Rights::ReadWrite)
@@ -871,20 +905,22 @@ fn mprotect_op(rec: &mut ThreadRecord, i: CArgs) -> Result<(), c_int> {
     }
 }
 
-fn malloc_op(i: CArgs) -> Result<usize, c_int> {
+fn malloc_op(rec: &mut ThreadRecord, i: CArgs) -> Result<usize, c_int> {
     let size = usize::try_from(i.a).map_err(|_| libc::ENOMEM)?.max(1);
     with_domain(
+        rec,
         i.vkey,
         Some((DOMAIN_HEADROOM, Prot::READ_WRITE)),
         |sh, v| lifecycle::alloc(sh, v.d, size, 16).map_err(|e| errno_of(&e)),
     )
 }
 
-fn free_op(i: CArgs) -> Result<(), c_int> {
+fn free_op(rec: &mut ThreadRecord, i: CArgs) -> Result<(), c_int> {
     let st = state()?;
     let sh = shared(st)?;
     let addr = i.a as usize;
     let id = lifecycle::domain_at(sh, addr).ok_or(libc::EINVAL)?;
+    rec.may_name(id.get()).map_err(|e| errno_of(&e))?;
     let table = read_rw(&st.table);
     let vkey = *table.vkey_of.get(&id.get()).ok_or(libc::EINVAL)?;
     let v = *table.by_vkey.get(&vkey).ok_or(libc::EINVAL)?;
@@ -970,4 +1006,40 @@ pub(crate) fn thread_exit(rec: &mut ThreadRecord) {
             }
         }
     }
+}
+
+/// `C_CONFINE`: confines the thread to the domains of the vkeys listed at `i.a` (`i.b` of
+/// them; see `thread::confine`).
+fn confine_op(rec: &mut ThreadRecord, i: CArgs) -> Result<(), c_int> {
+    if rec.capi.begun_any() || mops::views_above(rec, 0) {
+        return Err(libc::EBUSY);
+    }
+    let len = usize::try_from(i.b)
+        .ok()
+        .filter(|&l| l <= 1 << 16)
+        .ok_or(libc::EINVAL)?;
+    let base = i.a as usize as *const c_int;
+    if len > 0
+        && (base.is_null()
+            || !base.is_aligned()
+            || !crate::ops::caller_may_access(rec, base as usize, len * size_of::<c_int>(), false))
+    {
+        return Err(libc::EFAULT);
+    }
+    let st = state()?;
+    let mut uids = MVec::new_in(Meta);
+    uids.try_reserve(len).map_err(|_| libc::ENOMEM)?;
+    {
+        let table = read_rw(&st.table);
+        for k in 0..len {
+            // SAFETY: `len` ints at `base`, checked for null, alignment and that the thread
+            // may read them itself (`caller_may_access`; an unmapped address faults in the
+            // library, see `ops`); each is read once, and any bits are a valid int.
+            let vkey = unsafe { std::ptr::read_volatile(base.wrapping_add(k)) };
+            uids.push(table.by_vkey.get(&vkey).ok_or(libc::EINVAL)?.d.uid);
+        }
+    }
+    // Under the records lock (see `ops::confine`).
+    let _records = lock(&root().records);
+    rec.confine(&uids).map_err(|e| errno_of(&e))
 }

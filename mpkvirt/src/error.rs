@@ -116,6 +116,9 @@ pub enum Error {
     Unsupported(&'static str),
     /// A configuration value could not be parsed.
     Config(String),
+    /// The calling thread is confined ([`crate::thread::confine`]) and the call names a
+    /// domain outside its confinement, or does what confined threads may not (what, here).
+    Confined(&'static str),
 }
 
 impl fmt::Display for Error {
@@ -188,6 +191,7 @@ impl fmt::Display for Error {
             Error::Fault(report) => write!(f, "{report}"),
             Error::Unsupported(what) => write!(f, "{what} is not supported by this backend"),
             Error::Config(msg) => write!(f, "invalid configuration: {msg}"),
+            Error::Confined(what) => write!(f, "the calling thread is confined: {what}"),
         }
     }
 }
@@ -220,6 +224,7 @@ impl Error {
             Error::InterruptedView | Error::Reentrant => libc::EDEADLK,
             Error::OutOfMemory { .. } => libc::ENOMEM,
             Error::Fault(_) => libc::EFAULT,
+            Error::Confined(_) => libc::EPERM,
             Error::DuplicateDomain(_)
             | Error::ForeignDomain(_)
             | Error::BadAlignment(_)

@@ -116,6 +116,116 @@ pub(crate) struct ThreadRecord {
     pub(crate) cxs: MVec<Option<NonNull<ThreadCx>>>,
     /// The C API's per-thread state.
     pub(crate) capi: crate::capi::ThreadBegun,
+    /// Whether the thread is confined (see [`Confinement`]); a plain word, so that
+    /// application code (`leave_orphaned_record`) can read it without a reference.
+    pub(crate) confined: u32,
+    /// The domains a confined thread may name.
+    pub(crate) confinement: Confinement,
+}
+
+/// The domains a confined thread may name, by uid (uids are unique in the process and never
+/// reused), sorted. A thread is confined by `OP_CONFINE` (`thread::confine`, `mpk_confine`)
+/// for the rest of its life: the set only ever shrinks (a later confinement intersects it),
+/// except by the domains the thread creates itself. A thread a confined thread creates
+/// inherits the set when it registers (through the GS base `clone` copies), and a confined
+/// record is never re-issued to another thread, so the set cannot be shed by ending the
+/// thread, by reusing its TCB, or by a child registering late.
+pub(crate) struct Confinement {
+    uids: MVec<u64>,
+}
+
+impl Confinement {
+    fn new() -> Confinement {
+        Confinement {
+            uids: MVec::new_in(Meta),
+        }
+    }
+
+    /// Whether the set holds `uid`.
+    fn holds(&self, uid: u64) -> bool {
+        self.uids.binary_search(&uid).is_ok()
+    }
+}
+
+impl ThreadRecord {
+    /// Refuses a name (a domain uid) the thread may not use: [`Error::Confined`] when the
+    /// thread is confined and the domain is outside its set.
+    pub(crate) fn may_name(&self, uid: u64) -> Result<()> {
+        if self.confined != 0 && !self.confinement.holds(uid) {
+            return Err(Error::Confined("the domain is outside its confinement"));
+        }
+        Ok(())
+    }
+
+    /// Whether a name can be used (as [`Self::may_name`], as a `bool`).
+    pub(crate) fn names(&self, uid: u64) -> bool {
+        self.may_name(uid).is_ok()
+    }
+
+    /// Refuses what confined threads may not do at all (`what`: for the error).
+    pub(crate) fn unconfined(&self, what: &'static str) -> Result<()> {
+        if self.confined != 0 {
+            return Err(Error::Confined(what));
+        }
+        Ok(())
+    }
+
+    /// Adds a domain the thread just created to its set (confined threads only).
+    pub(crate) fn admit(&mut self, uid: u64) -> Result<()> {
+        if self.confined == 0 {
+            return Ok(());
+        }
+        // (See `ops::confine`: a registering child may be reading the set.)
+        let _records = lock(&root().records);
+        let at = match self.confinement.uids.binary_search(&uid) {
+            Ok(_) => return Ok(()),
+            Err(at) => at,
+        };
+        self.confinement
+            .uids
+            .try_reserve(1)
+            .map_err(|_| Error::Unsupported("library metadata beyond its reserve"))?;
+        self.confinement.uids.insert(at, uid);
+        Ok(())
+    }
+
+    /// Confines the thread to `uids` (intersected with its set if it is confined already).
+    pub(crate) fn confine(&mut self, uids: &[u64]) -> Result<()> {
+        let mut set = MVec::new_in(Meta);
+        set.try_reserve(uids.len())
+            .map_err(|_| Error::Unsupported("library metadata beyond its reserve"))?;
+        set.extend(
+            uids.iter()
+                .copied()
+                .filter(|&u| self.confined == 0 || self.confinement.holds(u)),
+        );
+        set.sort_unstable();
+        set.dedup();
+        self.confinement.uids = set;
+        self.confined = 1;
+        Ok(())
+    }
+
+    /// No confinement (a thread created by one without a record).
+    fn inherit_nothing(&mut self) {
+        self.confined = 0;
+        self.confinement.uids = MVec::new_in(Meta);
+    }
+
+    /// Takes the confinement of `parent` (the record of the thread that created this one).
+    fn inherit(&mut self, parent: &ThreadRecord) -> Result<()> {
+        if parent.confined == 0 {
+            self.inherit_nothing();
+            return Ok(());
+        }
+        let mut set = MVec::new_in(Meta);
+        set.try_reserve(parent.confinement.uids.len())
+            .map_err(|_| Error::Unsupported("library metadata beyond its reserve"))?;
+        set.extend(parent.confinement.uids.iter().copied());
+        self.confinement.uids = set;
+        self.confined = 1;
+        Ok(())
+    }
 }
 
 fn fsgs() -> FsGsBase {
@@ -202,8 +312,17 @@ fn register(entry: Pkru) -> Result<()> {
         // A dead record, or one whose thread never left state behind (registered by the
         // sync signal, no exit hook): reusable once its thread is gone, unless some thread is
         // inside it (its library stack is in use).
-        (rec.dead || !rec.holds_state()) && rec.gate.busy == 0 && tgkill(rec.tid, 0).is_err()
+        // Never a confined one: a thread its thread created may still register through it
+        // (and must inherit its confinement).
+        (rec.dead || !rec.holds_state())
+            && rec.gate.busy == 0
+            && rec.confined == 0
+            && tgkill(rec.tid, 0).is_err()
     });
+    // The record of the thread that created this one, if it had one (`clone` copied its GS
+    // base): a confined creator's set passes on.
+    let parent = t.gs_base();
+    let parent = (parent != 0 && records.contains(&parent)).then_some(parent);
     let addr = match reusable {
         Some(addr) => addr,
         None => {
@@ -236,6 +355,8 @@ fn register(entry: Pkru) -> Result<()> {
                     spawning: false,
                     cxs: MVec::new_in(Meta),
                     capi: crate::capi::ThreadBegun::default(),
+                    confined: 0,
+                    confinement: Confinement::new(),
                 },
                 Meta,
             );
@@ -248,6 +369,13 @@ fn register(entry: Pkru) -> Result<()> {
     // and no thread inside it); it becomes this thread's alone.
     let rec = unsafe { &mut *(addr as *mut ThreadRecord) };
     debug_assert!(!rec.holds_state(), "dead records hold no state");
+    match parent {
+        // SAFETY: a record of the list (records live forever); its confinement is written
+        // only by its own thread inside an op, and read here under the records lock, which
+        // `OP_CONFINE` holds while it writes.
+        Some(p) if p != addr => rec.inherit(unsafe { &*(p as *const ThreadRecord) })?,
+        _ => rec.inherit_nothing(),
+    }
     rec.gate.self_addr = addr as u64;
     rec.gate.busy = 0;
     rec.tid = tid;
@@ -1044,7 +1172,15 @@ fn leave_orphaned_record() -> bool {
     let busy = unsafe { busy.read_volatile() };
     // SAFETY: as above.
     let tid = unsafe { tid.read_volatile() };
-    if busy == 0 || IN_OP.get() != 0 || tid == gettid() {
+    let confined = rec
+        .cast_const()
+        .wrapping_byte_add(std::mem::offset_of!(ThreadRecord, confined))
+        .cast::<u32>();
+    // SAFETY: as above.
+    let confined = unsafe { confined.read_volatile() };
+    // (A confined record is kept: the thread would register afresh without its creator's
+    // confinement. It gets `Reentrant` instead, the safe direction.)
+    if busy == 0 || IN_OP.get() != 0 || tid == gettid() || confined != 0 {
         return false;
     }
     // SAFETY: mpkvirt owns the thread's GS base; zero means "no record" to the gates and to

@@ -74,6 +74,10 @@ pub(crate) const OP_REGISTER: u64 = 10;
 /// record takes the child's thread id (liveness checks go by thread id). Nothing else.
 pub(crate) const OP_FORKED: u64 = 11;
 
+/// Confines the calling thread to a set of domains (`thread::confine`): input the address
+/// and length of a list of domain uids (`u64`).
+pub(crate) const OP_CONFINE: u64 = 12;
+
 /// Plain data: every bit pattern is a valid value, so it can be copied out of memory another
 /// thread may be writing.
 ///
@@ -318,6 +322,7 @@ fn run_global(code: u64, args: Args, rec: &mut ThreadRecord) -> u64 {
             crate::manager::global::announce_ack();
             Ok(u64::from(gate::normal_pkru(rec)))
         }),
+        OP_CONFINE => args.serve(rec, |rec, list: [u64; 2]| confine(rec, list)),
         OP_SYNC_ALL => args.serve(rec, |rec, (): ()| {
             crate::manager::global::broadcast(rec, None, None)
         }),
@@ -328,4 +333,40 @@ fn run_global(code: u64, args: Args, rec: &mut ThreadRecord) -> u64 {
         c if c >= crate::capi::OP_BASE => crate::capi::run(c, args, rec),
         _ => STATUS_BAD_CALL,
     }
+}
+
+/// `OP_CONFINE`: reads the list of uids (address, length; at most 2^16, checked as every
+/// list: [`caller_may_access`]) and confines the thread to them. Only with no view open: a
+/// view the thread keeps would outlive the confinement's promise.
+fn confine(rec: &mut ThreadRecord, [addr, len]: [u64; 2]) -> Result<()> {
+    if crate::manager::ops::views_above(rec, 0) || rec.capi.begun_any() {
+        return Err(Error::Confined(
+            "a thread confines itself only while no view is open",
+        ));
+    }
+    let len = usize::try_from(len)
+        .ok()
+        .filter(|&l| l <= 1 << 16)
+        .ok_or(Error::InvalidConfig("list length"))?;
+    let base = addr as usize as *const u64;
+    if len > 0
+        && (base.is_null()
+            || !base.is_aligned()
+            || !caller_may_access(rec, base as usize, len * size_of::<u64>(), false))
+    {
+        return Err(Error::InvalidConfig("list address"));
+    }
+    let mut uids = crate::meta::MVec::new_in(crate::meta::Meta);
+    uids.try_reserve(len)
+        .map_err(|_| Error::Unsupported("library metadata beyond its reserve"))?;
+    for k in 0..len {
+        // SAFETY: `len` u64s at `base`, checked for null, alignment and that the thread may
+        // read them itself (an unmapped address faults in the library, see the module docs);
+        // each is read once, and any bits are a valid u64.
+        uids.push(unsafe { std::ptr::read_volatile(base.wrapping_add(k)) });
+    }
+    // Under the records lock: a thread this one created may be registering, and reads the
+    // set to inherit it (`gate::register`).
+    let _records = crate::meta::lock(&crate::meta::root().records);
+    rec.confine(&uids)
 }

@@ -1,4 +1,4 @@
-//! Creating threads without rights they did not begin.
+//! Creating threads without rights they did not begin, and confining threads to domains.
 //!
 //! The kernel copies the creating thread's PKRU into a new thread. Created inside a view,
 //! the new thread would hold the view's rights without holding its pins: once the view ends
@@ -11,8 +11,10 @@
 //! keep the view's rights: create them outside views, or through these functions. The host
 //! creates all its threads itself, outside views.
 
+use crate::backend::Backend;
+use crate::domain::Domain;
 use crate::error::Result;
-use crate::ops::{OP_SPAWN_DONE, OP_SPAWN_PREPARE, call};
+use crate::ops::{OP_CONFINE, OP_SPAWN_DONE, OP_SPAWN_PREPARE, call};
 
 /// Runs `f` (which creates threads) while the calling thread holds no view's rights.
 ///
@@ -66,4 +68,26 @@ where
 /// has another handler: see `MPKVIRT_SYNC_SIGNAL`) or the threads cannot be listed.
 pub fn sync_process_wide() -> Result<()> {
     call::<(), ()>(crate::ops::OP_SYNC_ALL, ())
+}
+
+/// Confines the calling thread, for the rest of its life, to `domains` (of any managers) and
+/// the domains it creates later: every call that names another domain — entering a view of
+/// it, allocating in it, destroying it, asking about it (`domain_at` answers `None`) — fails
+/// with [`crate::Error::Confined`], and so do calls that act on every thread or on a whole
+/// manager (process-wide rights, creating or dropping a manager). A second call narrows the
+/// set (the intersection). Threads the confined thread creates, by any means, inherit its
+/// set. Handles are no capability, so code that can forge calls into the library could
+/// otherwise name any domain whose id it learns; confinement is what makes a thread unable to
+/// reach domains it was not given, whatever code it runs (ARCHITECTURE.md, threat model).
+/// Process-wide rights (set by unconfined threads) still reach confined threads: they are
+/// the program's decision for every thread.
+///
+/// # Errors
+///
+/// [`crate::Error::Confined`] while the thread has a view open (Rust or C API): confine
+/// first, then enter views; [`crate::Error::Reentrant`] from a signal handler that
+/// interrupted the library.
+pub fn confine<B: Backend>(domains: &[&Domain<B>]) -> Result<()> {
+    let uids: Vec<u64> = domains.iter().map(|d| d.id().get()).collect();
+    call::<[u64; 2], ()>(OP_CONFINE, [uids.as_ptr() as u64, uids.len() as u64])
 }

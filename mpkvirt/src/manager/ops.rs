@@ -289,8 +289,14 @@ fn cx_of<'a, B: Backend>(sh: &Shared<B>, rec: &mut ThreadRecord) -> Result<&'a m
 /// Runs manager op `code` for managers of type `B`.
 pub(crate) fn run<B: Backend>(code: u64, args: Args, rec: &mut ThreadRecord) -> u64 {
     match code {
-        M_CREATE => args.serve(rec, |_, i: CreateIn| create::<B>(i)),
-        M_RELEASE => args.serve(rec, |rec, m: MgrRef| release::<B>(rec, m)),
+        M_CREATE => args.serve(rec, |rec, i: CreateIn| {
+            rec.unconfined("creating a manager")?;
+            create::<B>(i)
+        }),
+        M_RELEASE => args.serve(rec, |rec, m: MgrRef| {
+            rec.unconfined("dropping a manager ends every domain of it")?;
+            release::<B>(rec, m)
+        }),
         _ => {
             // Every other op names a manager first: announce it (the manager is not torn down
             // while an op is on it), then look it up.
@@ -334,9 +340,16 @@ fn on_manager<B: Backend>(code: u64, args: Args, rec: &mut ThreadRecord) -> u64 
                 let sh = with_mgr::<B>(rec, i.m)?;
                 let reserve = (i.a != 0).then(|| usize::try_from(i.b).unwrap_or(usize::MAX));
                 let prot = Prot::from_bits(i.c as i32).ok_or(Error::InvalidConfig("prot"))?;
-                lifecycle::create(sh, reserve, prot)
+                let info = lifecycle::create(sh, reserve, prot)?;
+                // A confined thread may name what it creates.
+                if let Err(e) = rec.admit(info.d.uid) {
+                    lifecycle::destroy(sh, info.d);
+                    return Err(e);
+                }
+                Ok(info)
             }),
             D_DESTROY => args.serve(rec, |rec, i: DomIn| {
+                rec.may_name(i.d.uid)?;
                 let sh = with_mgr::<B>(rec, i.m)?;
                 // Process-wide rights go first (every thread drops them); the key could not be
                 // handed on otherwise.
@@ -346,6 +359,7 @@ fn on_manager<B: Backend>(code: u64, args: Args, rec: &mut ThreadRecord) -> u64 
                 Ok(())
             }),
             D_PROCESS_WIDE => args.serve(rec, |rec, i: DomIn| {
+                rec.unconfined("process-wide rights act on every thread")?;
                 let sh = with_mgr::<B>(rec, i.m)?;
                 let rights = match i.a {
                     0 => None,
@@ -357,35 +371,43 @@ fn on_manager<B: Backend>(code: u64, args: Args, rec: &mut ThreadRecord) -> u64 
                 global::set(sh, rec, cx, i.d, rights)
             }),
             D_ALLOC => args.serve(rec, |rec, i: DomIn| {
+                rec.may_name(i.d.uid)?;
                 let sh = with_mgr::<B>(rec, i.m)?;
                 lifecycle::alloc(sh, i.d, i.a as usize, i.b as usize)
             }),
             D_ALLOC_PAGES => args.serve(rec, |rec, i: DomIn| {
+                rec.may_name(i.d.uid)?;
                 let sh = with_mgr::<B>(rec, i.m)?;
                 lifecycle::alloc_pages(sh, i.d, i.a as usize)
             }),
             D_FREE => args.serve(rec, |rec, i: DomIn| {
+                rec.may_name(i.d.uid)?;
                 let sh = with_mgr::<B>(rec, i.m)?;
                 lifecycle::free(sh, i.d, i.a as usize)
             }),
             D_IN_USE => args.serve(rec, |rec, i: DomIn| {
+                rec.may_name(i.d.uid)?;
                 let sh = with_mgr::<B>(rec, i.m)?;
                 lifecycle::in_use(sh, i.d)
             }),
             D_PROTECT => args.serve(rec, |rec, i: DomIn| {
+                rec.may_name(i.d.uid)?;
                 let sh = with_mgr::<B>(rec, i.m)?;
                 let prot = Prot::from_bits(i.a as i32).ok_or(Error::InvalidConfig("prot"))?;
                 lifecycle::protect(sh, i.d, prot)
             }),
             D_RESET => args.serve(rec, |rec, i: DomIn| {
+                rec.may_name(i.d.uid)?;
                 let sh = with_mgr::<B>(rec, i.m)?;
                 lifecycle::reset(sh, i.d)
             }),
             D_MAP_FD => args.serve(rec, |rec, i: DomIn| {
+                rec.may_name(i.d.uid)?;
                 let sh = with_mgr::<B>(rec, i.m)?;
                 lifecycle::map_fd(sh, i.d, i.a as i32, i.b, i.c as usize)
             }),
             D_INFO => args.serve(rec, |rec, i: DomIn| -> Result<(Option<Pkey>, Prot)> {
+                rec.may_name(i.d.uid)?;
                 let sh = with_mgr::<B>(rec, i.m)?;
                 let r = sh
                     .domain(i.d)
@@ -394,7 +416,8 @@ fn on_manager<B: Backend>(code: u64, args: Args, rec: &mut ThreadRecord) -> u64 
             }),
             D_AT => args.serve(rec, |rec, i: MgrIn| {
                 let sh = with_mgr::<B>(rec, i.m)?;
-                Ok(lifecycle::domain_at(sh, i.a as usize))
+                // A confined thread learns nothing of domains outside its set.
+                Ok(lifecycle::domain_at(sh, i.a as usize).filter(|d| rec.names(d.get())))
             }),
             V_ENTER => args.serve(rec, |rec, i: EnterIn| -> Result<u64> {
                 // The list is checked and read before the manager is announced: checking a
@@ -446,6 +469,7 @@ fn on_manager<B: Backend>(code: u64, args: Args, rec: &mut ThreadRecord) -> u64 
                 views::leave(sh, rec, cx, i.a)
             }),
             V_HINT => args.serve(rec, |rec, i: ListIn| {
+                rec.unconfined("hints steer the key cache of every thread")?;
                 // Checked before the manager is announced (see V_ENTER).
                 let list = list_of(rec, i)?;
                 let sh = with_mgr::<B>(rec, i.m)?;
@@ -454,6 +478,7 @@ fn on_manager<B: Backend>(code: u64, args: Args, rec: &mut ThreadRecord) -> u64 
                 Ok(())
             }),
             V_PREFETCH => args.serve(rec, |rec, i: ListIn| {
+                rec.unconfined("hints steer the key cache of every thread")?;
                 // Checked before the manager is announced (see V_ENTER).
                 let list = list_of(rec, i)?;
                 let sh = with_mgr::<B>(rec, i.m)?;

@@ -74,6 +74,11 @@ pub(crate) fn enter<B: Backend>(
     cx: &mut ThreadCx,
     view: &[ViewItem],
 ) -> Result<Token> {
+    // A confined thread names only its domains (every path to a view comes here: the op,
+    // the direct path, the C API).
+    for v in view {
+        rec.may_name(v.d.uid)?;
+    }
     if view.len() > sh.nkeys {
         return Err(Error::ViewTooLarge {
             domains: view.len(),
