@@ -248,10 +248,19 @@ struct mpkvirt_fault {
  * resume, so it must not hold locks or resources the program needs later — the thread's
  * begun domains are put back to what they were before the call (whatever fn began or
  * ended is undone), and the fault is described in *fault (if fault is not NULL; vkey is -1
- * for a stack overflow). Other faults are not caught. fn must not throw C++ exceptions.
+ * for a stack overflow). Other faults are not caught. A signal handler that faults inside
+ * fn is abandoned with it, and the thread resumes with the signal mask it had when the call
+ * started.
+ *
+ * fn must return or fault: it must not throw C++ exceptions, call pthread_exit, be
+ * cancelled (the call runs with cancellation disabled, so pthread_testcancel does nothing
+ * inside it), or longjmp/siglongjmp out of the call — each of these leaves the call's stack
+ * and state behind (pthread_exit and cancellation abort the process: their forced unwind
+ * cannot cross the call). The same holds for every mpk_* call: a signal handler must not
+ * siglongjmp out of one (the thread keeps its keys pinned and gets EDEADLK from then on).
  *
  * Returns 0 when fn returned, or -1 with errno: EFAULT (fn faulted; see *fault), EINVAL
- * (fn is NULL).
+ * (fn is NULL), ENOMEM (no stack could be mapped for the call; fn did not run).
  */
 int mpkvirt_guarded_call(void (*fn)(void *), void *arg, struct mpkvirt_fault *fault);
 

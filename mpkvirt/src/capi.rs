@@ -413,7 +413,11 @@ pub unsafe extern "C" fn mpkvirt_guarded_call(
                 op::<CArgs, ()>(C_GUARD_END, args(0, 0, mark, 0, 0))?;
                 return Err(libc::EFAULT);
             }
-            Err((raw, kind)) => {
+            Err(crate::fault::Failed::NoStack(e)) => {
+                op::<CArgs, ()>(C_GUARD_END, args(0, 0, mark, 0, 0))?;
+                return Err(errno_of(&e));
+            }
+            Err(crate::fault::Failed::Fault(raw, kind)) => {
                 // Ends the views `f` entered, restores the begun set and with it the thread's
                 // legitimate PKRU (the handler left it with none).
                 op::<CArgs, ()>(C_GUARD_END, args(0, 0, mark, 1, 0))?;

@@ -41,7 +41,6 @@
 //! redirects a guarded call, the handler writes the deny value into the frame's PKRU.
 #![allow(unsafe_code, reason = "signal handler, probes and stack switching")]
 
-use std::any::Any;
 use std::cell::{Cell, RefCell};
 use std::ffi::c_void;
 use std::fmt;
@@ -127,10 +126,22 @@ struct Recovery {
     stack: (usize, usize),
     /// The end of the guard page.
     guard_end: usize,
+    /// The thread's signal mask when the call started: a recovery resumes with it (the
+    /// faulting code may have been a signal handler, whose frame's mask — with the handler's
+    /// own signals blocked — would otherwise stay in force for good).
+    mask: libc::sigset_t,
 }
 
+/// An empty signal set, as a constant (all bits clear).
+const NO_SIGNALS: libc::sigset_t = {
+    // SAFETY: `sigset_t` is plain integers; all-zero is the empty set.
+    unsafe { std::mem::zeroed() }
+};
+
 thread_local! {
-    static RECOVERY: Cell<Recovery> = const { Cell::new(Recovery { jmp: 0, stack: (0, 0), guard_end: 0 }) };
+    static RECOVERY: Cell<Recovery> = const {
+        Cell::new(Recovery { jmp: 0, stack: (0, 0), guard_end: 0, mask: NO_SIGNALS })
+    };
     static LAST_FAULT: Cell<Option<RawFault>> = const { Cell::new(None) };
 }
 
@@ -222,6 +233,8 @@ fn handle_segv(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut c_void) {
             // the non-zero stack pointer mpkvirt_stack_call saved for exactly this resume
             // point, which expects %rax = 1. The frames left behind are never resumed.
             unsafe { signal::redirect(uc, addr::stack_call_resume(), sp, 1) };
+            // The call's caller resumes with the signal mask it had.
+            uc.uc_sigmask = rec.mask;
             // Whatever PKRU the faulting code had (it may have reached a gate's WRPKRU with a
             // forged value before faulting), it resumes with none but key 0; the guarded
             // call's caller installs its legitimate view again through the gate.
@@ -443,6 +456,28 @@ thread_local! {
     static FREE_STACKS: RefCell<Vec<GuardStack>> = const { RefCell::new(Vec::new()) };
 }
 
+/// Puts a stack back in the thread's cache (or unmaps it when the cache is gone: the
+/// thread's thread-locals are being destroyed).
+fn keep(stack: GuardStack) {
+    let mut stack = Some(stack);
+    let _ = FREE_STACKS.try_with(|v| {
+        if let Ok(mut v) = v.try_borrow_mut()
+            && let Some(s) = stack.take()
+        {
+            v.push(s);
+        }
+    });
+    drop(stack);
+}
+
+/// Why a guarded call ended without `f`'s result.
+pub(crate) enum Failed {
+    /// `f` faulted (and was abandoned).
+    Fault(RawFault, FaultKind),
+    /// No stack could be mapped for the call; `f` did not run.
+    NoStack(Error),
+}
+
 struct Call<'f, F, R> {
     f: &'f mut F,
     out: Option<std::thread::Result<R>>,
@@ -493,22 +528,24 @@ fn ensure_altstack() {
 /// `Manager::guarded`).
 pub(crate) unsafe fn run_guarded<F, R>(
     mut f: F,
-) -> std::result::Result<std::thread::Result<R>, (RawFault, FaultKind)>
+) -> std::result::Result<std::thread::Result<R>, Failed>
 where
     F: FnMut() -> R,
 {
     ensure_altstack();
-    let stack = match FREE_STACKS.with_borrow_mut(Vec::pop) {
+    // (The cache is gone while the thread's thread-locals are destroyed: a guarded call from
+    // a destructor then uses a stack of its own.)
+    let stack = match FREE_STACKS
+        .try_with(|v| v.try_borrow_mut().ok().and_then(|mut v| v.pop()))
+        .ok()
+        .flatten()
+    {
         Some(s) => s,
-        None => match GuardStack::new() {
-            Ok(s) => s,
-            Err(_) => {
-                let payload: Box<dyn Any + Send> =
-                    Box::new("mpkvirt: cannot map a stack for a guarded call");
-                return Ok(Err(payload));
-            }
-        },
+        None => GuardStack::new().map_err(Failed::NoStack)?,
     };
+    let mut mask = NO_SIGNALS;
+    // SAFETY: queries the calling thread's mask into `mask` (no new mask).
+    unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, std::ptr::null(), &raw mut mask) };
     let was_panicking = std::thread::panicking();
     let mut call = Call {
         f: &mut f,
@@ -519,6 +556,7 @@ where
         jmp: (&raw mut jmp) as usize,
         stack: (stack.base, stack.top()),
         guard_end: stack.guard().1,
+        mask,
     });
     // SAFETY: `stack.top()` is 16-byte aligned (the mapping is page-aligned and its length a
     // page multiple) and tops a read-write stack with a guard page below that no live frame
@@ -559,11 +597,11 @@ where
         // The touched pages of the abandoned frames go back to the system; the stack (and
         // its two mappings) is reused.
         stack.release_pages();
-        FREE_STACKS.with_borrow_mut(|v| v.push(stack));
+        keep(stack);
         drop(call);
-        return Err((raw, kind));
+        return Err(Failed::Fault(raw, kind));
     }
-    FREE_STACKS.with_borrow_mut(|v| v.push(stack));
+    keep(stack);
     Ok(call
         .out
         .take()

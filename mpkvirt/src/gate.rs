@@ -668,8 +668,12 @@ fn run_op_unguarded<R>(
         return Err(crate::ops::STATUS_EXITING);
     }
     // (Not from the exit hook itself, nor from the sync signal's handler, which must not
-    // allocate.)
-    if op != crate::ops::OP_THREAD_EXIT && op != crate::ops::OP_SYNC {
+    // allocate.) Only in cooperative mode: elsewhere library code runs with every key open,
+    // and the thread arms the hook itself (`arm_from_app`).
+    if op != crate::ops::OP_THREAD_EXIT
+        && op != crate::ops::OP_SYNC
+        && meta::app_mode() == Some(MetadataMode::Cooperative)
+    {
         arm_exit_hook(rec);
     }
     if !note_context(rec, op, entry_pkru) {
@@ -1102,7 +1106,58 @@ extern "C" fn on_thread_exit(_value: *mut libc::c_void) {
     let _ = call(crate::ops::OP_THREAD_EXIT, std::ptr::null_mut());
 }
 
-/// Arms the calling thread's exit hook (inside the library, once per record).
+/// `OP_HOOK` (see [`arm_from_app`]): stage 0 answers the hook's key + 1 (0: none), stage 1
+/// notes that the thread armed it.
+pub(crate) fn hook_op(rec: &mut ThreadRecord, stage: u64) -> u64 {
+    match stage {
+        0 => exit_key().map_or(0, |k| u64::from(k) + 1),
+        _ => {
+            rec.hooked = exit_key().is_some();
+            0
+        }
+    }
+}
+
+/// Arms the calling thread's exit hook from application code, with the thread's own rights
+/// (protected and gate modes), if its record says it is not armed. `pthread_setspecific`
+/// follows pointers kept in the thread's TCB — application memory — for keys of 32 and up
+/// (and allocates with the program's `malloc` on first use): called by library code, which
+/// runs with every key open, a thread that rewrote those pointers would have it write where
+/// it chose, library memory included. Here it writes only what the thread could write
+/// itself. The record learns of it by an op; a thread that lies about it only loses its own
+/// exit hook (its leftovers are then ended when its record is adopted or re-issued, as for a
+/// thread that ended with `SYS_exit`).
+fn arm_from_app() {
+    let Some(rec) = ThreadRecord::current_ptr() else {
+        return;
+    };
+    let hooked = rec
+        .cast_const()
+        .wrapping_byte_add(std::mem::offset_of!(ThreadRecord, hooked))
+        .cast::<u8>();
+    // SAFETY: `current_ptr` checked that the record is in the metadata region (records live
+    // forever, readable to every thread): one byte of it (a `bool`, 0 or 1).
+    if unsafe { hooked.read_volatile() } != 0 {
+        return;
+    }
+    let Ok(key) = crate::ops::call::<u64, u64>(crate::ops::OP_HOOK, 0) else {
+        return;
+    };
+    let Some(key) = key
+        .checked_sub(1)
+        .and_then(|k| libc::pthread_key_t::try_from(k).ok())
+    else {
+        return;
+    };
+    // SAFETY: `key` is the library's exit key (made by `exit_key` inside an op); the value is
+    // a non-null marker that is never dereferenced (the destructor ignores it).
+    if unsafe { libc::pthread_setspecific(key, std::ptr::dangling::<u8>().cast()) } == 0 {
+        let _ = crate::ops::call::<u64, u64>(crate::ops::OP_HOOK, 1);
+    }
+}
+
+/// Arms the calling thread's exit hook (inside the library, once per record; cooperative
+/// mode only, where library code runs with the thread's own rights).
 fn arm_exit_hook(rec: &mut ThreadRecord) {
     if rec.hooked {
         return;
@@ -1299,6 +1354,19 @@ pub(crate) fn call(op: u64, args: *mut u8) -> Result<u64> {
                 _ => REGISTERED.set(true),
             }
             forked_hook();
+        }
+        if mode != MetadataMode::Cooperative
+            && IN_OP.get() == 0
+            && !matches!(
+                op,
+                crate::ops::OP_THREAD_EXIT
+                    | crate::ops::OP_SYNC
+                    | crate::ops::OP_REGISTER
+                    | crate::ops::OP_FORKED
+                    | crate::ops::OP_HOOK
+            )
+        {
+            arm_from_app();
         }
         let status = {
             let _in_op = InOp::new();

@@ -78,6 +78,11 @@ pub(crate) const OP_FORKED: u64 = 11;
 /// and length of a list of domain uids (`u64`).
 pub(crate) const OP_CONFINE: u64 = 12;
 
+/// The calling thread's exit hook (protected and gate modes: the hook is armed by the thread
+/// itself, with its own rights, never by library code — see `gate::arm_from_app`). Input 0:
+/// output the hook's pthread key + 1 (0: none); input 1: the thread armed it.
+pub(crate) const OP_HOOK: u64 = 13;
+
 /// Plain data: every bit pattern is a valid value, so it can be copied out of memory another
 /// thread may be writing.
 ///
@@ -323,6 +328,7 @@ fn run_global(code: u64, args: Args, rec: &mut ThreadRecord) -> u64 {
             Ok(u64::from(gate::normal_pkru(rec)))
         }),
         OP_CONFINE => args.serve(rec, |rec, list: [u64; 2]| confine(rec, list)),
+        OP_HOOK => args.serve(rec, |rec, stage: u64| Ok(gate::hook_op(rec, stage))),
         OP_SYNC_ALL => args.serve(rec, |rec, (): ()| {
             crate::manager::global::broadcast(rec, None, None)
         }),

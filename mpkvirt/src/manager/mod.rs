@@ -561,7 +561,8 @@ impl<B: Backend> Manager<B> {
         match unsafe { fault::run_guarded(f) } {
             Ok(Ok(r)) => Ok(r),
             Ok(Err(payload)) => std::panic::resume_unwind(payload),
-            Err((raw, kind)) => {
+            Err(fault::Failed::NoStack(e)) => Err(e),
+            Err(fault::Failed::Fault(raw, kind)) => {
                 // The handler left the thread without rights; ending the abandoned views
                 // (an op) installs its legitimate PKRU again.
                 let _ = call::<u64, ()>(crate::ops::OP_END_VIEWS_SINCE, mark);
