@@ -213,7 +213,9 @@ int mpk_free(void *ptr);
 
 /*
  * Confines the calling thread, for the rest of its life, to the domains of the n vkeys at
- * vkeys and to the domains it creates later (mpk_mmap or mpk_malloc of a new vkey). A vkey is
+ * vkeys; it creates no new vkey (mpk_mmap or mpk_malloc of an unused vkey fail with EPERM:
+ * vkeys are the program's namespace, and the thread would own the domain the program later
+ * fills under that number). A vkey is
  * a name anyone can use — and code that forges calls into the library can name any domain —
  * so a thread that runs code it does not trust confines itself first: from then on
  * mpk_begin, mpk_malloc, mpk_mmap, mpk_free and mpk_munmap of another domain fail with

@@ -521,7 +521,13 @@ pub(crate) fn run(code: u64, a: crate::ops::Args, rec: &mut ThreadRecord) -> u64
             // The end of a guarded call, after a fault too (it stays in its context:
             // `gate::note_context`).
             C_GUARD_END => a.serve(rec, |rec, i: CArgs| Ok(guard_end(rec, i.a, i.b != 0))),
-            C_FAULT_VKEY => a.serve(rec, |_, i: CArgs| Ok(fault_vkey(i.a as usize))),
+            C_FAULT_VKEY => a.serve(rec, |rec, i: CArgs| {
+                // A confined thread learns nothing of domains outside its set.
+                Ok(fault_vkey(i.a as usize).map(|(d, v)| match d {
+                    Some(id) if !rec.names(id.get()) => (None, -1),
+                    _ => (d, v),
+                }))
+            }),
             C_KEYS => a.serve(rec, |_, _: CArgs| -> crate::Result<Result<u64, c_int>> {
                 Ok(state().and_then(|st| shared(st).map(|sh| sh.nkeys as u64)))
             }),
@@ -584,6 +590,11 @@ fn with_domain<T>(
     let Some((reserve, prot)) = create else {
         return Err(libc::EINVAL);
     };
+    // vkeys are one namespace for the whole program: a confined thread that created one
+    // would own the domain the program later fills under that number.
+    if rec.confined != 0 {
+        return Err(libc::EPERM);
+    }
     let mut table = lock_rw(&st.table);
     if let Some(&v) = table.by_vkey.get(&vkey) {
         drop(table);
@@ -596,11 +607,6 @@ fn with_domain<T>(
         prot,
         begun: 0,
     };
-    // A confined thread may name what it creates.
-    if let Err(e) = rec.admit(info.d.uid) {
-        lifecycle::destroy(sh, info.d);
-        return Err(errno_of(&e));
-    }
     // Nobody else can see the domain yet: a failure destroys it and changes nothing.
     match then(sh, v) {
         Ok(t) => {

@@ -1110,6 +1110,7 @@ extern "C" fn on_thread_exit(_value: *mut libc::c_void) {
 /// notes that the thread armed it.
 pub(crate) fn hook_op(rec: &mut ThreadRecord, stage: u64) -> u64 {
     match stage {
+        0 if rec.hooked => 0,
         0 => exit_key().map_or(0, |k| u64::from(k) + 1),
         _ => {
             rec.hooked = exit_key().is_some();
@@ -1128,16 +1129,7 @@ pub(crate) fn hook_op(rec: &mut ThreadRecord, stage: u64) -> u64 {
 /// exit hook (its leftovers are then ended when its record is adopted or re-issued, as for a
 /// thread that ended with `SYS_exit`).
 fn arm_from_app() {
-    let Some(rec) = ThreadRecord::current_ptr() else {
-        return;
-    };
-    let hooked = rec
-        .cast_const()
-        .wrapping_byte_add(std::mem::offset_of!(ThreadRecord, hooked))
-        .cast::<u8>();
-    // SAFETY: `current_ptr` checked that the record is in the metadata region (records live
-    // forever, readable to every thread): one byte of it (a `bool`, 0 or 1).
-    if unsafe { hooked.read_volatile() } != 0 {
+    if HOOKED.get() {
         return;
     }
     let Ok(key) = crate::ops::call::<u64, u64>(crate::ops::OP_HOOK, 0) else {
@@ -1147,8 +1139,11 @@ fn arm_from_app() {
         .checked_sub(1)
         .and_then(|k| libc::pthread_key_t::try_from(k).ok())
     else {
+        // Armed already (or no key): nothing to do on this record.
+        HOOKED.set(true);
         return;
     };
+    HOOKED.set(true);
     // SAFETY: `key` is the library's exit key (made by `exit_key` inside an op); the value is
     // a non-null marker that is never dereferenced (the destructor ignores it).
     if unsafe { libc::pthread_setspecific(key, std::ptr::dangling::<u8>().cast()) } == 0 {
@@ -1179,6 +1174,8 @@ thread_local! {
     /// called while an op it interrupted runs). Only a guard for [`leave_orphaned_record`]:
     /// a thread never abandons a record one of its own interrupted ops still runs on.
     static IN_OP: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
+    /// Whether the thread armed the exit hook of its record (`arm_from_app`).
+    static HOOKED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
 /// Counts an op of the calling thread in [`IN_OP`] while it lives.
@@ -1209,6 +1206,11 @@ impl Drop for InOp {
 /// so it is never handed out again (leaked, one per such thread), and what the dead thread
 /// held stays held (ARCHITECTURE.md, *Thread records*). Returns whether it let go.
 fn leave_orphaned_record() -> bool {
+    // (Application code reading library memory: not in a signal handler's context, whose
+    // PKRU denies the library key.)
+    if IN_OP.get() != 0 || !meta::library_readable() {
+        return false;
+    }
     let Some(rec) = ThreadRecord::current_ptr() else {
         return false;
     };
@@ -1244,6 +1246,7 @@ fn leave_orphaned_record() -> bool {
         return false;
     }
     REGISTERED.set(false);
+    HOOKED.set(false);
     true
 }
 
@@ -1355,8 +1358,13 @@ pub(crate) fn call(op: u64, args: *mut u8) -> Result<u64> {
             }
             forked_hook();
         }
+        // (Not in a signal handler's context either — it runs with the kernel's initial
+        // PKRU, which denies the library key: `pthread_setspecific` is no async-signal-safe
+        // function; the thread arms the hook at its next call from normal code.)
         if mode != MetadataMode::Cooperative
             && IN_OP.get() == 0
+            && !HOOKED.get()
+            && meta::library_readable()
             && !matches!(
                 op,
                 crate::ops::OP_THREAD_EXIT

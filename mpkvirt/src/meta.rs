@@ -416,6 +416,24 @@ pub(crate) fn lock_rw<T>(l: &std::sync::RwLock<T>) -> std::sync::RwLockWriteGuar
 /// exit, and always to signal handlers): the mode once initialised (0 before), and the
 /// region's bounds. Facts only, never trusted by library code.
 static APP_MODE: AtomicU32 = AtomicU32::new(0);
+
+/// The library key's number (0: none), in application memory: only for application code
+/// that wants to know whether its PKRU lets it read library memory right now
+/// ([`library_readable`]). A wrong value harms only the thread that wrote it.
+static LIB_KEY_HINT: AtomicU32 = AtomicU32::new(0);
+
+/// Whether the calling thread may read library memory with its current PKRU (application
+/// code: a signal handler runs with the kernel's initial PKRU, which denies the library key).
+pub(crate) fn library_readable() -> bool {
+    let k = LIB_KEY_HINT.load(Ordering::Acquire);
+    if k == 0 {
+        return true;
+    }
+    match (mpkvirt_sys::Pku::new(), mpkvirt_sys::Pkey::new(k as u8)) {
+        (Some(p), Some(key)) => p.rdpkru().rights(key).can_read(),
+        _ => true,
+    }
+}
 static APP_REGION: [AtomicUsize; 2] = [AtomicUsize::new(0), AtomicUsize::new(0)];
 
 fn mode_code(m: MetadataMode) -> u32 {
@@ -471,6 +489,10 @@ pub(crate) fn init() -> Result<MetadataMode> {
     match init_once(root()) {
         Ok(mode) => {
             APP_MODE.store(mode_code(mode), Ordering::Release);
+            LIB_KEY_HINT.store(
+                root().library_key().map_or(0, |k| u32::from(k.index())),
+                Ordering::Release,
+            );
             INIT.store(READY, Ordering::Release);
             Ok(mode)
         }

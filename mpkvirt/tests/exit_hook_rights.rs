@@ -32,7 +32,10 @@ static WITH_LIBRARY_RIGHTS: AtomicU32 = AtomicU32::new(0);
 ///
 /// glibc's contract: `key` from `pthread_key_create`; `value` is stored, never dereferenced.
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn pthread_setspecific(key: libc::pthread_key_t, value: *const c_void) -> c_int {
+pub unsafe extern "C" fn pthread_setspecific(
+    key: libc::pthread_key_t,
+    value: *const c_void,
+) -> c_int {
     if value as usize == 1 {
         MARKER_CALLS.fetch_add(1, Ordering::SeqCst);
         // PKRU 0 opens every key: what library code runs with (`PKRU_LIB`).

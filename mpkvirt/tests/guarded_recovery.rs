@@ -39,10 +39,8 @@ extern "C" fn touch(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_voi
 fn usr1_blocked() -> bool {
     let mut set = std::mem::MaybeUninit::<libc::sigset_t>::zeroed();
     // SAFETY: queries the calling thread's mask into `set`.
-    assert_eq!(
-        unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, std::ptr::null(), set.as_mut_ptr()) },
-        0
-    );
+    let r = unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, std::ptr::null(), set.as_mut_ptr()) };
+    assert_eq!(r, 0);
     // SAFETY: filled by pthread_sigmask; `sigismember` only reads it.
     unsafe { libc::sigismember(set.as_ptr(), libc::SIGUSR1) == 1 }
 }
@@ -57,13 +55,12 @@ fn a_recovery_from_a_faulting_handler_restores_the_signal_mask() {
     TARGET.store(d.base().as_ptr() as usize, Ordering::SeqCst);
     std::thread::spawn(move || {
         assert!(!usr1_blocked(), "setup: SIGUSR1 unblocked");
-        // SAFETY: the closure starts no thread.
-        let r = unsafe {
-            mgr.guarded(|| {
-                // SAFETY: raises a signal whose handler is installed above.
-                unsafe { libc::raise(libc::SIGUSR1) };
-            })
+        let f = || {
+            // SAFETY: raises a signal whose handler is installed above.
+            unsafe { libc::raise(libc::SIGUSR1) };
         };
+        // SAFETY: the closure starts no thread.
+        let r = unsafe { mgr.guarded(f) };
         assert!(
             matches!(r, Err(Error::Fault(_))),
             "setup: the handler faulted: {r:?}"
@@ -76,7 +73,11 @@ fn a_recovery_from_a_faulting_handler_restores_the_signal_mask() {
         let before = RUNS.load(Ordering::SeqCst);
         // SAFETY: as above; the handler now only counts.
         unsafe { libc::raise(libc::SIGUSR1) };
-        assert_eq!(RUNS.load(Ordering::SeqCst), before + 1, "the handler runs again");
+        assert_eq!(
+            RUNS.load(Ordering::SeqCst),
+            before + 1,
+            "the handler runs again"
+        );
         drop(d);
     })
     .join()

@@ -488,9 +488,11 @@ fn on_manager<B: Backend>(code: u64, args: Args, rec: &mut ThreadRecord) -> u64 
             ACCESS => args.serve(rec, |rec, i: MgrIn| -> Result<Access> {
                 let sh = with_mgr::<B>(rec, i.m)?;
                 let addr = i.a as usize;
+                // (A confined thread learns nothing of domains outside its set.)
+                let at = lifecycle::domain_at(sh, addr).filter(|d| rec.names(d.get()));
                 // Only live domains' memory: a destroyed domain's range is parked (or reused).
                 if !sh.live.owns(addr, 1) || lifecycle::domain_at(sh, addr).is_none() {
-                    return Ok(Access::NotOwned(lifecycle::domain_at(sh, addr)));
+                    return Ok(Access::NotOwned(at));
                 }
                 let write = (i.b >> 8 != 0).then_some(i.b as u8);
                 let cx = cx_of(sh, rec)?;
@@ -502,7 +504,7 @@ fn on_manager<B: Backend>(code: u64, args: Args, rec: &mut ThreadRecord) -> u64 
                 let pkru = global::with_globals(sh, pkru);
                 Ok(match sh.live.model_access(pkru, addr, write) {
                     Some(Ok(v)) => Access::Done(v),
-                    Some(Err(f)) => Access::Faulted(f, lifecycle::domain_at(sh, addr)),
+                    Some(Err(f)) => Access::Faulted(f, at),
                     None => Access::Probe,
                 })
             }),

@@ -236,7 +236,10 @@ fn slow_enter<B: Backend>(
             inner.queue.is_empty()
         };
         let seen = sh.wake.load(Ordering::SeqCst);
-        if queued && !binding::heavy_fence(sh.fence) {
+        // (Only the head looks at pins, so only it needs the heavy half of the Dekker with
+        // `unpin_and_wake`: every waiter is woken at each leave, and a fence each, under the
+        // lock, made a handoff cost O(waiters) system calls.)
+        if queued && is_head && !binding::heavy_fence(sh.fence) {
             break Err(Error::Unsupported("membarrier failed"));
         }
         if is_head {
