@@ -280,15 +280,15 @@ fn a_confined_thread_enters_nothing_with_forged_names() {
             let uid = mgr.domain_at(addr).expect("a live domain").get();
             let unconfined = forged_enter(EMU, raw, uid);
             // (The forged view of the setup ends with the thread's views.)
-            std::thread::scope(|s2| {
+            let confined_got = std::thread::scope(|s2| {
                 s2.spawn(|| {
                     thread::confine(&[&own]).unwrap();
                     (mgr.domain_at(addr), forged_enter(EMU, raw, uid))
                 })
                 .join()
                 .unwrap()
-            })
-            .pipe(|c| (unconfined, c))
+            });
+            (unconfined, confined_got)
         })
         .join()
         .unwrap()
@@ -303,13 +303,6 @@ fn a_confined_thread_enters_nothing_with_forged_names() {
         "a confined thread learned the victim's id or entered it with a forged name"
     );
 }
-
-trait Pipe: Sized {
-    fn pipe<R>(self, f: impl FnOnce(Self) -> R) -> R {
-        f(self)
-    }
-}
-impl<T> Pipe for T {}
 
 /// A forged call through the gate (PKU guest).
 fn gate(op: u64, args: *mut u8) -> u64 {
