@@ -62,28 +62,41 @@ struct Reuse {
     t5_cmd: Sender<Box<dyn FnOnce() + Send>>,
 }
 
+/// The stack size of T1 and T5 (see `reuse`): libtest's threads take the default 2 MiB.
+const REUSE_STACK: usize = 9 << 20;
+
 fn reuse(t1_setup: impl FnOnce() + Send + 'static) -> Reuse {
     let (h_cmd_tx, h_cmd_rx) = channel::<()>();
     let (t1_tx, t1_rx) = channel();
-    let t1 = std::thread::spawn(move || {
-        t1_setup();
-        let mine = bases();
-        let (t5_tx, t5_rx) = channel();
-        std::thread::spawn(move || {
-            h_cmd_rx.recv().unwrap();
-            let (cmd_tx, cmd_rx) = channel::<Box<dyn FnOnce() + Send>>();
+    // T1 and T5 take a stack size no other thread of the test process uses, and more than
+    // four times the default: glibc's stack cache gives a new thread a cached stack at least
+    // as large as asked and at most four times as large, so T5 gets T1's stack (and TCB) and
+    // no other thread (libtest's, created or ended meanwhile) takes it or gives T5 its own.
+    let t1 = std::thread::Builder::new()
+        .stack_size(REUSE_STACK)
+        .spawn(move || {
+            t1_setup();
+            let mine = bases();
+            let (t5_tx, t5_rx) = channel();
             std::thread::spawn(move || {
-                let b = bases();
-                let r = mpkvirt::thread::without_rights(|| ()).map_err(|e| e.to_string());
-                t5_tx.send((b, r, cmd_tx)).unwrap();
-                while let Ok(f) = cmd_rx.recv() {
-                    f();
-                }
+                h_cmd_rx.recv().unwrap();
+                let (cmd_tx, cmd_rx) = channel::<Box<dyn FnOnce() + Send>>();
+                std::thread::Builder::new()
+                    .stack_size(REUSE_STACK)
+                    .spawn(move || {
+                        let b = bases();
+                        let r = mpkvirt::thread::without_rights(|| ()).map_err(|e| e.to_string());
+                        t5_tx.send((b, r, cmd_tx)).unwrap();
+                        while let Ok(f) = cmd_rx.recv() {
+                            f();
+                        }
+                    })
+                    .expect("spawn T5");
+                std::thread::park();
             });
-            std::thread::park();
-        });
-        t1_tx.send((mine, t5_rx)).unwrap();
-    });
+            t1_tx.send((mine, t5_rx)).unwrap();
+        })
+        .expect("spawn T1");
     let (t1_bases, t5_rx) = t1_rx.recv().unwrap();
     t1.join().unwrap(); // T1 is gone; its stack goes to glibc's cache
     h_cmd_tx.send(()).unwrap();

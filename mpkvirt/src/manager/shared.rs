@@ -109,6 +109,9 @@ pub(crate) struct ThreadCx {
     pub(crate) stats: ThreadStats,
     /// The thread's rights for this manager's keys on backends without PKU.
     pub(crate) virt_pkru: Pkru,
+    /// The futex word the thread sleeps on while it waits in the manager's queue behind
+    /// others: bumped (under the manager's lock) when it moves to the front.
+    pub(crate) turn: AtomicU32,
 }
 
 impl ThreadCx {
@@ -122,6 +125,7 @@ impl ThreadCx {
             next_id: 0,
             stats: ThreadStats::default(),
             virt_pkru: Pkru::LINUX_INIT,
+            turn: AtomicU32::new(0),
         }
     }
 
@@ -137,7 +141,8 @@ pub(crate) struct Waiter {
     pub(crate) cx: *const ThreadCx,
     /// Its thread's id (to tell a waiter that stopped looking at the queue from one that died).
     pub(crate) tid: i32,
-    /// When it last looked at the queue (a waiting thread does at least every `SYNC_POLL`).
+    /// When it last looked at the queue while at its head (or when it became the head): the
+    /// head looks at least every `SYNC_POLL`.
     pub(crate) seen: std::time::Instant,
 }
 

@@ -16,13 +16,17 @@
 //! When every key is pinned by other views, the thread joins the manager's FIFO queue. Only
 //! the head of the queue binds; it *drains* as many victims as it needs — their owner words
 //! get the DRAINING bit, so new users of those domains fall to the slow path and queue behind
-//! it — and sleeps on a futex until their pins drop. Leaving threads wake waiters when any
-//! exist (one shared-counter load on the leave path). Each waiter's wait is bounded by
-//! `Config::pin_wait`. Every waiter notes when it last looked at the queue (at least every
-//! `SYNC_POLL`); one that stopped looking is checked (`tgkill`) and removed when its thread is
-//! gone or it stayed away for `STUCK` (a signal handler ended it, blocks, or left the library
-//! with `siglongjmp`): it must not stay the head for good. A removed waiter that comes back
-//! queues again at the tail. A view that needs more keys than the thread's *own* other views leave
+//! it — and sleeps on a futex until their pins drop. Leaving threads wake the head when
+//! anyone waits (one shared-counter load on the leave path); the other waiters sleep on a
+//! word of their own and are woken one at a time as they move to the front, so a leave
+//! wakes one thread however long the queue. Each waiter's wait is bounded by
+//! `Config::pin_wait`. A thread behind the queue still enters at once a view whose keys are
+//! all resident (pinning a drained key only when its own outer view already pins it): it
+//! takes nothing the head waits for. The head notes when it last looked at the queue (at
+//! least every `SYNC_POLL`), and the waiter behind it watches: a head that stopped looking
+//! is checked (`tgkill`) and removed when its thread is gone or it stayed away for `STUCK`
+//! (a signal handler ended it, blocks, or left the library with `siglongjmp`): it must not
+//! stay the head for good. A removed waiter that comes back queues again at the tail. A view that needs more keys than the thread's *own* other views leave
 //! free can never succeed by waiting and fails at once with [`Error::ViewsExceedKeys`];
 //! [`Error::KeysBusy`] means only that other threads' views kept the keys.
 //!
@@ -165,8 +169,12 @@ fn rec_seq_bump(rec: &mut ThreadRecord) {
     rec.view_seq += 1;
 }
 
-/// The longest a waiting thread sleeps before it looks at the process-wide rights again.
+/// The longest the head of the queue (and the waiter behind it) sleeps before it looks at
+/// the queue and the process-wide rights again.
 const SYNC_POLL: Duration = Duration::from_millis(10);
+
+/// The same for waiters further back: they look at the queue only when woken.
+const IDLE_POLL: Duration = Duration::from_millis(50);
 
 /// How the slow path ended one attempt.
 enum Attempt {
@@ -220,44 +228,59 @@ fn slow_enter<B: Backend>(
     // good; one that ends it asleep only leaves a waiter that stops looking (pruned).
     let mut blocked: Option<crate::gate::Blocked> = None;
     let result = loop {
+        // Where the thread stands: 0 is the head (it binds, drains and sleeps on `sh.wake`,
+        // which every leave bumps); 1 watches the head (it looks every `SYNC_POLL` too, so a
+        // head that stopped looking is pruned); the others sleep on their own word until they
+        // move up, so a leave wakes one thread, not the whole queue.
+        let mut pos = None;
         if queued {
-            match inner.queue.iter_mut().find(|w| w.cx == me) {
-                Some(w) => w.seen = Instant::now(),
+            match inner.queue.iter_mut().position(|w| w.cx == me) {
+                Some(i) => {
+                    if i == 0 {
+                        inner.queue[0].seen = Instant::now();
+                    }
+                    pos = Some(i);
+                }
                 // Removed while it did not look (`prune_waiters`): it queues again, at the tail.
                 None => queued = false,
             }
         }
         prune_waiters(sh, &mut inner, me);
+        if queued {
+            pos = inner.queue.iter().position(|w| w.cx == me);
+        }
         // First come, first served: a thread arriving while others wait queues behind them
         // (binding now could take the keys the head is draining for itself).
         let is_head = if queued {
-            inner.queue.first().map(|w| w.cx) == Some(me)
+            pos == Some(0)
         } else {
             inner.queue.is_empty()
         };
         let seen = sh.wake.load(Ordering::SeqCst);
+        let turn = cx.turn.load(Ordering::SeqCst);
         // (Only the head looks at pins, so only it needs the heavy half of the Dekker with
-        // `unpin_and_wake`: every waiter is woken at each leave, and a fence each, under the
-        // lock, made a handoff cost O(waiters) system calls.)
+        // `unpin_and_wake`.)
         if queued && is_head && !binding::heavy_fence(sh.fence) {
             break Err(Error::Unsupported("membarrier failed"));
         }
-        if is_head {
-            match attempt(sh, &mut inner, cx, view, recs) {
-                Ok(Attempt::Done(bits, pinned)) => {
-                    // An eviction in this attempt may have pruned this thread (it held no pin
-                    // then): evictors must see the pins it holds now.
-                    if let Err(e) = register(&mut inner, cx) {
-                        for s in SlotIter(pinned) {
-                            cx.pins.unpin(s);
-                        }
-                        break Err(e);
+        // Behind others, a view whose keys are all resident (some drained for the head, but
+        // pinned by this thread's own outer views) still goes ahead: it takes nothing the head
+        // waits for, and making it wait would be a hold-and-wait, since the head's drain waits
+        // for this thread's outer views to end.
+        match attempt(sh, &mut inner, cx, view, recs, is_head) {
+            Ok(Attempt::Done(bits, pinned)) => {
+                // An eviction in this attempt may have pruned this thread (it held no pin
+                // then): evictors must see the pins it holds now.
+                if let Err(e) = register(&mut inner, cx) {
+                    for s in SlotIter(pinned) {
+                        cx.pins.unpin(s);
                     }
-                    break Ok((bits, pinned));
+                    break Err(e);
                 }
-                Ok(Attempt::Wait) => {}
-                Err(e) => break Err(e),
+                break Ok((bits, pinned));
             }
+            Ok(Attempt::Wait) => {}
+            Err(e) => break Err(e),
         }
         // Keys are pinned by other threads' views (or others are ahead in the queue).
         let until = *deadline.get_or_insert_with(|| Instant::now().checked_add(sh.config.pin_wait));
@@ -288,25 +311,36 @@ fn slow_enter<B: Backend>(
             }
             continue; // re-check after announcing ourselves (no lost wake-up)
         }
-        if inner.queue.first().map(|w| w.cx) == Some(me) {
+        if is_head {
             drain(sh, &mut inner, cx, view, recs);
         }
         drop(inner);
-        let timeout = until.map(|u| u.saturating_duration_since(now));
-        // Short sleeps: a waiting thread takes process-wide rights that change meanwhile
-        // (their initiator waits for it).
-        let sleep = || {
-            futex_wait(
-                &sh.wake,
-                seen,
-                Some(timeout.map_or(SYNC_POLL, |t| t.min(SYNC_POLL))),
-            )
+        // The word to sleep on, and how long at most before looking again: a waiting thread
+        // takes process-wide rights that change meanwhile (their initiator waits for it; its
+        // signal cuts the sleep short unless the application blocks it).
+        let (word, expect, poll) = match pos {
+            Some(0) => (&sh.wake, seen, SYNC_POLL),
+            Some(1) => (&cx.turn, turn, SYNC_POLL),
+            _ => (&cx.turn, turn, IDLE_POLL),
         };
-        let _ = match &blocked {
-            Some(b) => b.unblocked(sleep),
-            None => sleep(),
-        };
-        super::global::acknowledge(rec, Some((sh.slot_idx, cx.top_bits(sh.base_bits))));
+        loop {
+            let now = Instant::now();
+            let left = until.map(|u| u.saturating_duration_since(now));
+            let sleep = || futex_wait(word, expect, Some(left.map_or(poll, |t| t.min(poll))));
+            let _ = match &blocked {
+                Some(b) => b.unblocked(sleep),
+                None => sleep(),
+            };
+            super::global::acknowledge(rec, Some((sh.slot_idx, cx.top_bits(sh.base_bits))));
+            // Far back in the queue, the thread looks again (under the lock) only when it
+            // moved up or its wait is over.
+            if pos.is_some_and(|p| p <= 1)
+                || word.load(Ordering::SeqCst) != expect
+                || until.is_some_and(|u| Instant::now() >= u)
+            {
+                break;
+            }
+        }
         inner = lock(&sh.inner);
     };
     if queued {
@@ -331,34 +365,38 @@ const QUIET: Duration = Duration::from_millis(50);
 /// cost in fairness, never in safety.)
 const STUCK: Duration = Duration::from_millis(250);
 
-/// Removes waiters that stopped looking at the queue and whose thread is gone (or that have
+/// Removes the head of the queue if it stopped looking and its thread is gone (or it has
 /// not looked for `STUCK`): a thread that never returns from a wait must not stay the head,
-/// nor keep the victims it drained (the drains end when nobody waits any more).
+/// nor keep the victims it drained (the drains end when nobody waits any more). Waiters
+/// further back are judged when they reach the head.
 fn prune_waiters<B: Backend>(sh: &Shared<B>, inner: &mut Inner, me: *const ThreadCx) {
     // (No clock read on a miss nobody waits at: where the clock is no vDSO call, a miss makes
     // no system call beyond binding.)
-    if inner.queue.iter().all(|w| w.cx == me) {
+    let Some(&head) = inner.queue.first() else {
+        return;
+    };
+    if head.cx == me {
         return;
     }
     let now = Instant::now();
     let stuck = STUCK.min(sh.config.pin_wait / 4).max(2 * SYNC_POLL);
-    let gone = |w: &Waiter| {
-        let quiet = now.saturating_duration_since(w.seen);
-        w.cx != me && (quiet >= stuck || (quiet >= QUIET.min(stuck) && tgkill(w.tid, 0).is_err()))
-    };
-    if inner.queue.iter().any(gone) {
-        unqueue(sh, inner, gone);
+    let quiet = now.saturating_duration_since(head.seen);
+    if quiet >= stuck || (quiet >= QUIET.min(stuck) && tgkill(head.tid, 0).is_err()) {
+        unqueue(sh, inner, |w| w.cx == head.cx);
     }
 }
 
 /// Removes the waiters `which` selects: drains end when nobody waits any more, and the
-/// others are woken (the next one may be the head now).
+/// threads that moved to the front are woken (the new head binds; the one behind it
+/// watches the head).
 pub(crate) fn unqueue<B: Backend>(
     sh: &Shared<B>,
     inner: &mut Inner,
     mut which: impl FnMut(&Waiter) -> bool,
 ) {
+    let front = |q: &[Waiter]| [q.first().map(|w| w.cx), q.get(1).map(|w| w.cx)];
     let before = inner.queue.len();
+    let was = front(&inner.queue);
     inner.queue.retain(|w| !which(w));
     let removed = before - inner.queue.len();
     if removed == 0 {
@@ -368,9 +406,24 @@ pub(crate) fn unqueue<B: Backend>(
     // Drains serve the whole queue: they end only when nobody waits any more.
     if inner.queue.is_empty() {
         binding::undrain(sh, inner);
+        return;
     }
-    sh.wake.fetch_add(1, Ordering::SeqCst);
-    futex_wake(&sh.wake, i32::MAX);
+    let now = front(&inner.queue);
+    if now[0] != was[0] {
+        // Its time as the head starts now (see `prune_waiters`).
+        inner.queue[0].seen = Instant::now();
+    }
+    for (i, cx) in now.into_iter().enumerate() {
+        if let Some(cx) = cx
+            && Some(cx) != was[i]
+        {
+            // (A queued cx is live: it is freed only after its thread's exit took it off
+            // the queue, under this lock.)
+            let turn = &binding::deref_cx(cx).turn;
+            turn.fetch_add(1, Ordering::SeqCst);
+            futex_wake(turn, 1);
+        }
+    }
 }
 
 /// Lists the thread with the evictors (under the lock) unless it is.
@@ -398,9 +451,10 @@ fn attempt<B: Backend>(
     cx: &mut ThreadCx,
     view: &[ViewItem],
     recs: &[Option<&DomainRec>],
+    may_bind: bool,
 ) -> Result<Attempt> {
     // Drained slots whose pins are gone are taken now (parked, free).
-    for s in SlotIter(inner.draining) {
+    for s in SlotIter(if may_bind { inner.draining } else { 0 }) {
         let owner = sh.slots[s].owner_locked();
         if let Some(v) = inner.bound[s]
             && owner == v.uid | DRAINING
@@ -453,6 +507,11 @@ fn attempt<B: Backend>(
         let s = match r.slot.get() {
             // Bound but draining (someone ahead drains it) or being evicted: wait.
             Some(_) => {
+                undo(cx, pinned);
+                return Ok(Attempt::Wait);
+            }
+            // Only the head of the queue binds.
+            None if !may_bind => {
                 undo(cx, pinned);
                 return Ok(Attempt::Wait);
             }
