@@ -188,8 +188,11 @@ impl LiveOps for EmulatedLive {
         *regs.virt
     }
 
-    fn write_pkru(&self, regs: &mut Regs<'_>, new: Pkru) {
-        let old = std::mem::replace(regs.virt, new);
+    fn write_pkru(&self, regs: &mut Regs<'_>, new: Pkru) -> Result<()> {
+        let old = *regs.virt;
+        // What the thread ends up with: `new`, except keys whose grant failed.
+        let mut applied = new;
+        let mut failed = None;
         for &k in self.keys.iter() {
             let (before, after) = (old.rights(k), new.rights(k));
             if before == after {
@@ -214,18 +217,35 @@ impl LiveOps for EmulatedLive {
                 && let Some((addr, len, prot)) = ks.bound
                 && let Err(e) = Self::mprotect(addr, len, effective(prot, union_after), k)
             {
-                // Failing to *grant* leaves the pages closed: accesses fault, the safe
-                // direction. Failing to *revoke* would leave a domain open to threads whose
-                // view no longer grants it; there is no safe way to continue.
+                // Failing to *grant* leaves the pages as they were: the thread keeps its old
+                // rights for the key (the counts go back) and the caller hears of it (an
+                // enter fails). Failing to *revoke* would leave a domain open to threads
+                // whose view no longer grants it; there is no safe way to continue.
                 let granting = union_after.can_write()
                     || (union_after.can_read() && !union_before.can_write());
-                fault::log_error("mpkvirt: emulated backend could not change rights: ", &e);
                 if !granting {
+                    fault::log_error("mpkvirt: emulated backend could not change rights: ", &e);
                     fault::log_line("mpkvirt: a revocation failed; aborting\n");
                     std::process::abort();
                 }
+                for (rights, delta) in [(after, -1i32), (before, 1)] {
+                    let counter = if rights.can_write() {
+                        &mut ks.rw
+                    } else if rights.can_read() {
+                        &mut ks.ro
+                    } else {
+                        continue;
+                    };
+                    *counter = counter
+                        .checked_add_signed(delta)
+                        .expect("emulated rights count");
+                }
+                applied = applied.with(k, before);
+                failed.get_or_insert(e);
             }
         }
+        *regs.virt = applied;
+        failed.map_or(Ok(()), Err)
     }
 
     fn owns(&self, addr: usize, len: usize) -> bool {

@@ -148,9 +148,10 @@ impl LiveOps for HardwareLive {
     }
 
     #[inline]
-    fn write_pkru(&self, regs: &mut Regs<'_>, new: Pkru) {
+    fn write_pkru(&self, regs: &mut Regs<'_>, new: Pkru) -> Result<()> {
         // The thread record's value; the gate installs it when the op returns.
         *regs.real = new.bits();
+        Ok(())
     }
 
     fn owns(&self, addr: usize, len: usize) -> bool {

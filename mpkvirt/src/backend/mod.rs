@@ -166,8 +166,10 @@ pub(crate) mod sealed {
         /// The calling thread's rights.
         fn read_pkru(&self, regs: &Regs<'_>) -> Pkru;
         /// Sets the calling thread's rights. The manager only changes the bits of
-        /// [`LiveOps::keys`].
-        fn write_pkru(&self, regs: &mut Regs<'_>, new: Pkru);
+        /// [`LiveOps::keys`]. An error means some key's rights could not be *granted*
+        /// (the emulated backend's `mprotect` failed): those keys keep their old rights in
+        /// `regs` (closed, the safe direction) and the others are changed.
+        fn write_pkru(&self, regs: &mut Regs<'_>, new: Pkru) -> Result<()>;
         /// For backends without memory: the outcome of a read (`write == None`) or write of
         /// one byte at `addr` by a thread with rights `pkru`. `None`: the access must be made
         /// for real, by the caller.
@@ -291,7 +293,7 @@ impl LiveOps for MachineLive {
         dispatch!(self, b => b.read_pkru(regs))
     }
     #[inline]
-    fn write_pkru(&self, regs: &mut Regs<'_>, new: Pkru) {
+    fn write_pkru(&self, regs: &mut Regs<'_>, new: Pkru) -> Result<()> {
         dispatch!(self, b => b.write_pkru(regs, new))
     }
     fn owns(&self, addr: usize, len: usize) -> bool {

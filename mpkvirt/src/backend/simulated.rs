@@ -254,8 +254,9 @@ impl LiveOps for SimulatedLive {
         *regs.virt
     }
 
-    fn write_pkru(&self, regs: &mut Regs<'_>, new: Pkru) {
+    fn write_pkru(&self, regs: &mut Regs<'_>, new: Pkru) -> Result<()> {
         *regs.virt = new;
+        Ok(())
     }
 
     fn model_access(

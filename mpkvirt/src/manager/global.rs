@@ -213,6 +213,7 @@ pub(crate) fn set<B: Backend>(
         let (mask, _) = sh.key_fields[s];
         let old = slot_of(sh).global.load(Ordering::Relaxed);
         let new = (old & !mask) | field(sh, s, rights);
+        let was_pinned = inner.global_pins & bit != 0;
         slot_of(sh).global.store(new, Ordering::SeqCst);
         if rights.is_some() {
             inner.global_pins |= bit;
@@ -225,7 +226,15 @@ pub(crate) fn set<B: Backend>(
                 virt: &mut inner.global_virt,
                 real: &mut unused,
             };
-            sh.live.write_pkru(&mut regs, Pkru::from_bits(virt));
+            if let Err(e) = sh.live.write_pkru(&mut regs, Pkru::from_bits(virt)) {
+                // The grant failed (at the mapping limit): the key's process-wide rights
+                // stay as they were.
+                slot_of(sh).global.store(old, Ordering::SeqCst);
+                if !was_pinned {
+                    inner.global_pins &= !bit;
+                }
+                return Err(e);
+            }
         }
         // Deny bits the new value sets that the old one did not: something was taken away.
         // Taking the rights away while the key is globally pinned always waits for the

@@ -22,6 +22,7 @@ use crate::alloc::{DomainHeap, FreeRanges};
 use crate::backend::sealed::{LiveOps, Spec};
 use crate::backend::{Backend, Regs};
 use crate::config::Config;
+use crate::error::Result;
 use crate::keycache::{FenceMode, MAX_SLOTS, Registered, Slot, SlotRef, ThreadPins};
 use crate::meta::{MBox, MVec, Meta};
 use crate::policy::LivePolicy;
@@ -258,7 +259,16 @@ impl<B: Backend> Shared<B> {
     /// Writes the thread's rights for the view bits `bits` (merged into the bits of keys
     /// other managers own), unless they already hold them. `holds`: the thread record's
     /// (process-wide rights taken here are recorded in it: `global::with_globals_held`).
-    pub(crate) fn apply(&self, cx: &mut ThreadCx, real: &mut u32, holds: &AtomicU32, bits: Pkru) {
+    ///
+    /// An error: some key's rights could not be granted (the emulated backend's `mprotect`
+    /// failed, at the process's mapping limit); that key keeps the thread's old rights.
+    pub(crate) fn apply(
+        &self,
+        cx: &mut ThreadCx,
+        real: &mut u32,
+        holds: &AtomicU32,
+        bits: Pkru,
+    ) -> Result<()> {
         let mut regs = Regs {
             virt: &mut cx.virt_pkru,
             real,
@@ -272,9 +282,10 @@ impl<B: Backend> Shared<B> {
         let new = cur.merge(bits, self.our_mask);
         if new == cur {
             cx.stats.pkru_writes_skipped += 1;
+            Ok(())
         } else {
-            self.live.write_pkru(&mut regs, new);
             cx.stats.pkru_writes += 1;
+            self.live.write_pkru(&mut regs, new)
         }
     }
 

@@ -156,7 +156,17 @@ pub(crate) fn enter<B: Backend>(
         pinned,
     });
     cx.stats.enters += 1;
-    sh.apply(cx, &mut rec.gate.pkru, &rec.holds, bits);
+    if let Err(e) = sh.apply(cx, &mut rec.gate.pkru, &rec.holds, bits) {
+        // Some key could not be opened (emulated backend, at the mapping limit): the view
+        // is not entered. Back to the rights of the views before it, then unpinned.
+        cx.stack.pop();
+        let top = cx.top_bits(sh.base_bits);
+        // (Only keys this view opened change back; a grant that fails here leaves those
+        // keys closed, which the backend already reported.)
+        let _ = sh.apply(cx, &mut rec.gate.pkru, &rec.holds, top);
+        unpin_and_wake(sh, cx, pinned);
+        return Err(e);
+    }
     Ok(Token { id })
 }
 
@@ -633,7 +643,10 @@ pub(crate) fn leave<B: Backend>(
     }
     let entry = cx.stack.remove(pos);
     let top = cx.top_bits(sh.base_bits);
-    sh.apply(cx, &mut rec.gate.pkru, &rec.holds, top);
+    // Leaving revokes; it grants only where an inner view narrowed an outer one (read-only
+    // inside read-write). Such a grant that fails leaves the outer view's key closed: its
+    // accesses fault (the safe direction; the backend reported it).
+    let _ = sh.apply(cx, &mut rec.gate.pkru, &rec.holds, top);
     unpin_and_wake(sh, cx, entry.pinned);
     Ok(())
 }
@@ -674,7 +687,8 @@ pub(crate) fn end_views_since<B: Backend>(
         .rev()
         .find(|e| e.seq <= mark)
         .map_or(sh.base_bits, |e| e.bits);
-    sh.apply(cx, rec_pkru, holds, top);
+    // (As in `leave`.)
+    let _ = sh.apply(cx, rec_pkru, holds, top);
     let mut i = 0;
     while i < cx.stack.len() {
         if cx.stack[i].seq > mark {
