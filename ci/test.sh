@@ -35,7 +35,7 @@ run_step() {
         RUSTFLAGS="--cfg mpkvirt_no_hw" CARGO_TARGET_DIR=target/nohw \
             cargo test -p mpkvirt-sys --lib the_twin ;;
     loom)
-        section "loom model of the key cache's pin/evict protocol"
+        section "loom models: the key cache (pin/evict, destroy/bind), the allocator's free path, record claims"
         # The pin/evict and allocator models explore every interleaving (no preemption bound);
         # the destroy/evict model bounds preemptions at 4 unless LOOM_MAX_PREEMPTIONS is set.
         RUSTFLAGS="--cfg loom" CARGO_TARGET_DIR=target/loom \

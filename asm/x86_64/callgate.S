@@ -30,8 +30,9 @@
  *   3. Identify: the record %gs points at must belong to this thread (its owner_fs equals
  *      RDFSBASE). A thread with no record, or one it inherited from its creator (clone
  *      copies the GS base), registers first on the shared boot stack, one thread at a time.
- *   4. Refuse re-entry (a signal handler that interrupted library code on this thread):
- *      return GATE_BUSY without touching the library stack.
+ *   4. Claim the record's busy word (XCHG) and check the owner again. Refuse re-entry (a
+ *      signal handler that interrupted library code on this thread): return GATE_BUSY
+ *      without touching the library stack.
  *   5. Switch to the record's library stack and call
  *      mpkvirt_dispatch(op, args, entry_pkru) (Rust).
  *   6. Lower: PKRU <- record.pkru, re-checked; return the dispatcher's result.
@@ -87,9 +88,17 @@ FUNCTION(\name)
     rdfsbase %rcx
     cmp     %gs:REC_OWNER_FS, %rcx
     jne     .L\name\()_register
-    cmpl    $0, %gs:REC_BUSY
-    jne     .L\name\()_busy
-    movl    $1, %gs:REC_BUSY
+    /* Claim the record, then look at its owner again: `register` re-issues a record only
+     * after claiming its busy word the same way (under the records lock), so either it
+     * sees this claim and leaves the record alone, or this check sees the new owner. (A
+     * thread on the TCB of a dead record's thread passes the first check; without the
+     * second, it and the record's new owner could both run on the record's stack.) */
+    mov     $1, %eax
+    xchg    %eax, %gs:REC_BUSY
+    test    %eax, %eax
+    jnz     .L\name\()_busy
+    cmp     %gs:REC_OWNER_FS, %rcx
+    jne     .L\name\()_lost
     mov     %rsp, %gs:REC_SAVED_RSP
     mov     %gs:REC_STACK_TOP, %rsp
     /* No unwinder may cross the stack switch (the dispatcher catches panics). */
@@ -115,6 +124,10 @@ FUNCTION(\name)
 .L\name\()_busy:
     movabs  $GATE_BUSY, %r8
     jmp     .L\name\()_lower
+.L\name\()_lost:
+    /* Re-issued to another thread between the two checks: let go, and register. */
+    movl    $0, %gs:REC_BUSY
+    jmp     .L\name\()_register
 .L\name\()_register:
     /* One thread at a time on the boot stack (library memory). */
     mov     $1, %ecx

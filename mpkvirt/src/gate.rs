@@ -46,8 +46,9 @@
 use std::arch::asm;
 use std::ptr::NonNull;
 use std::sync::OnceLock;
-use std::sync::atomic::AtomicU32;
+use std::sync::atomic::{AtomicU32, Ordering};
 
+use crate::claim::Claim;
 use mpkvirt_asm::{GATE_BUSY, GATE_UNREGISTERED, GateRecord};
 use mpkvirt_sys::thread::{FsGsBase, gettid, set_gs_base, tgkill};
 use mpkvirt_sys::{Pkru, Pku};
@@ -314,10 +315,13 @@ fn register(entry: Pkru) -> Result<()> {
         // inside it (its library stack is in use).
         // Never a confined one: a thread its thread created may still register through it
         // (and must inherit its confinement).
+        // Claimed last, as the gates claim it (`callgate.S`): a thread on the TCB of the
+        // record's dead thread that passed the gate's owner check either holds the word
+        // now (the record is not taken) or sees the new owner once it holds it.
         (rec.dead || !rec.holds_state())
-            && rec.gate.busy == 0
             && rec.confined == 0
             && tgkill(rec.tid, 0).is_err()
+            && crate::claim::claim_for_reissue(busy_word(addr as *mut ThreadRecord))
     });
     // The record of the thread that created this one, if it had one (`clone` copied its GS
     // base): a confined creator's set passes on.
@@ -377,12 +381,13 @@ fn register(entry: Pkru) -> Result<()> {
         _ => rec.inherit_nothing(),
     }
     rec.gate.self_addr = addr as u64;
-    rec.gate.busy = 0;
     rec.tid = tid;
     rec.dead = false;
     rec.gate.owner_fs = t.fs_base() as u64;
     drop(records);
     rec.issue(entry);
+    // Free for its new owner (a reused record was claimed above; a new one never was).
+    crate::claim::release(busy_word(addr as *mut ThreadRecord));
     // SAFETY: mpkvirt owns the thread's GS base; the record is laid out as the gates and
     // `ThreadRecord::current` expect and lives forever.
     unsafe { set_gs_base(addr) }.map_err(|_| Error::Unsupported("setting the GS base"))
@@ -709,10 +714,36 @@ struct Unbusy(*mut ThreadRecord);
 
 impl Drop for Unbusy {
     fn drop(&mut self) {
-        // SAFETY: the calling thread's own record, which outlives the call (records are never
-        // freed); no other reference to it is live at this point.
-        unsafe { (*self.0).gate.busy = 0 };
+        crate::claim::release(busy_word(self.0));
     }
+}
+
+/// A record's busy word, for atomic access. Every access to it is atomic: the gates claim
+/// it with XCHG, [`claim`] with a swap, `register` with a compare-exchange (`claim.rs`).
+fn busy_word<'a>(rec: *mut ThreadRecord) -> &'a AtomicU32 {
+    let word = rec
+        .wrapping_byte_add(std::mem::offset_of!(ThreadRecord, gate.busy))
+        .cast::<u32>();
+    // SAFETY: `rec` is a record (records are never freed), so the field is valid for the
+    // program's lifetime; it is a `u32` of a `repr(C)` struct, so aligned for an
+    // `AtomicU32`; and nothing accesses it non-atomically (see above).
+    unsafe { AtomicU32::from_ptr(word) }
+}
+
+/// Claims the busy word of `rec`, found by `current_ptr`, and checks the owner again (the
+/// cooperative paths' version of the gate's claim; see `claim.rs`).
+fn claim(rec: *mut ThreadRecord) -> Claim {
+    let owner = || {
+        let field = rec
+            .cast_const()
+            .wrapping_byte_add(std::mem::offset_of!(ThreadRecord, gate.owner_fs))
+            .cast::<u64>();
+        // SAFETY: an aligned `u64` field of a record (never freed); read with the busy word
+        // held, so `register`, which claims the word before it writes the owner, is not
+        // writing it.
+        unsafe { field.read() }
+    };
+    crate::claim::claim(busy_word(rec), owner, fsgs().fs_base() as u64)
 }
 
 /// In cooperative mode, runs op `op` as a direct call of `body` on the calling thread's
@@ -738,25 +769,24 @@ pub(crate) fn direct<R>(
     let Some(rec) = rec else {
         return Some(Err(Error::Unsupported("registering the calling thread")));
     };
-    // The busy word, read with no reference yet: an op of this thread that a signal handler
-    // interrupted may hold one.
-    let busy = rec
-        .cast_const()
-        .wrapping_byte_add(std::mem::offset_of!(ThreadRecord, gate.busy))
-        .cast::<u32>();
-    // SAFETY: a plain read of an aligned word of the record `current` found for this thread
-    // (records live forever).
-    if unsafe { busy.read_volatile() } != 0 {
-        if leave_orphaned_record() {
-            // The thread lets go of a record busy for good and registers afresh.
+    // Claimed with no reference yet: an op of this thread that a signal handler interrupted
+    // may hold one.
+    match claim(rec) {
+        Claim::Held => {}
+        // The thread lets go of a record busy for good (or taken) and registers afresh.
+        Claim::Busy if leave_orphaned_record() => return direct(op, body),
+        Claim::Lost => {
+            REGISTERED.set(false);
+            if register_masked(entry.bits()) == 0 {
+                return Some(Err(Error::Unsupported("registering the calling thread")));
+            }
             return direct(op, body);
         }
-        return Some(Err(Error::Reentrant));
+        Claim::Busy => return Some(Err(Error::Reentrant)),
     }
-    // SAFETY: the calling thread's own record (`current` checked the owner), used by this
-    // thread alone; the busy word keeps a signal handler's call out meanwhile.
+    // SAFETY: the calling thread's own record (the owner checked with the busy word held),
+    // used by this thread alone; the busy word keeps a signal handler's call out meanwhile.
     let rec = unsafe { &mut *rec };
-    rec.gate.busy = 1;
     let _in_op = InOp::new();
     let unbusy = Unbusy(rec);
     // Panics propagate to the caller (cooperative mode trusts the program; the busy word is
@@ -1204,8 +1234,13 @@ impl Drop for InOp {
 /// is no handler that interrupted an op of its own thread, e.g. in a `fork()` child). The
 /// caller's GS base is cleared and its next call registers it afresh; the record stays busy,
 /// so it is never handed out again (leaked, one per such thread), and what the dead thread
-/// held stays held (ARCHITECTURE.md, *Thread records*). Returns whether it let go.
+/// held stays held (ARCHITECTURE.md, *Thread records*). Returns whether it let go — or, for
+/// the thread's own record, whether a momentary claim by another thread ended (see the
+/// body): either way, the caller tries again.
 fn leave_orphaned_record() -> bool {
+    /// How long the thread waits for a claim of its record by another thread to end (see
+    /// below): that thread runs a few instructions with the claim, unless it is preempted.
+    const TRANSIENT_BUSY_YIELDS: usize = 10_000;
     // (Application code reading library memory: not in a signal handler's context, whose
     // PKRU denies the library key.)
     if IN_OP.get() != 0 || !meta::library_readable() {
@@ -1214,20 +1249,15 @@ fn leave_orphaned_record() -> bool {
     let Some(rec) = ThreadRecord::current_ptr() else {
         return false;
     };
-    // Plain reads of two words, no reference: the record may be in use by an op of this
+    // Reads of single words, no reference: the record may be in use by an op of this
     // thread that a handler interrupted (then the reads only decide to leave it alone).
-    let busy = rec
-        .cast_const()
-        .wrapping_byte_add(std::mem::offset_of!(ThreadRecord, gate.busy))
-        .cast::<u32>();
+    let busy = busy_word(rec).load(Ordering::Acquire);
     let tid = rec
         .cast_const()
         .wrapping_byte_add(std::mem::offset_of!(ThreadRecord, tid))
         .cast::<i32>();
     // SAFETY: `current_ptr` checked that the record is in the metadata region (records live
     // forever, readable to every thread): an aligned word of it.
-    let busy = unsafe { busy.read_volatile() };
-    // SAFETY: as above.
     let tid = unsafe { tid.read_volatile() };
     let confined = rec
         .cast_const()
@@ -1235,9 +1265,26 @@ fn leave_orphaned_record() -> bool {
         .cast::<u32>();
     // SAFETY: as above.
     let confined = unsafe { confined.read_volatile() };
+    if busy == 0 || IN_OP.get() != 0 {
+        return false;
+    }
+    if tid == gettid() {
+        // The thread's own record, and no op of the thread is under way: the word is held
+        // for a moment by a thread on the TCB of the record's previous owner, which passed
+        // the gate's first owner check just before the record was re-issued to this thread,
+        // and lets go at its second check (`callgate.S`). The caller tries again once it is
+        // free.
+        for _ in 0..TRANSIENT_BUSY_YIELDS {
+            if busy_word(rec).load(Ordering::Acquire) == 0 {
+                return true;
+            }
+            std::thread::yield_now();
+        }
+        return false;
+    }
     // (A confined record is kept: the thread would register afresh without its creator's
     // confinement. It gets `Reentrant` instead, the safe direction.)
-    if busy == 0 || IN_OP.get() != 0 || tid == gettid() || confined != 0 {
+    if confined != 0 {
         return false;
     }
     // SAFETY: mpkvirt owns the thread's GS base; zero means "no record" to the gates and to
@@ -1457,17 +1504,17 @@ fn cooperative_call(op: u64, args: *mut u8) -> Result<u64> {
         rec = ThreadRecord::current().map(|r| r as *mut ThreadRecord);
     }
     let rec = rec.ok_or(Error::Unsupported("registering the calling thread"))?;
-    // SAFETY: the calling thread's own record (`current` checked the owner); the reference
-    // ends before the dispatcher makes its own.
-    let gate = unsafe { &mut (*rec).gate };
-    if gate.busy != 0 {
-        return Ok(GATE_BUSY);
+    match claim(rec) {
+        Claim::Held => {}
+        Claim::Busy => return Ok(GATE_BUSY),
+        // (`call` registers the thread again.)
+        Claim::Lost => return Ok(crate::ops::STATUS_RETRY),
     }
-    gate.busy = 1;
     let status = mpkvirt_dispatch(op, args, entry.bits());
-    // SAFETY: as above; the dispatcher's reference is gone.
+    crate::claim::release(busy_word(rec));
+    // SAFETY: the calling thread's own record (`current` checked the owner); the
+    // dispatcher's reference is gone.
     let gate = unsafe { &mut (*rec).gate };
-    gate.busy = 0;
     if let Some(_pku) = pku
         && gate.pkru != entry.bits()
     {

@@ -60,6 +60,7 @@ mod alloc;
 pub mod backend;
 #[cfg(target_os = "linux")]
 pub mod capi;
+mod claim;
 pub mod config;
 mod domain;
 mod error;
