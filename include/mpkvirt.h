@@ -181,7 +181,8 @@ int mpk_end(int vkey);
  * grant reaches each thread at its next access to the domain (a fault the library handles
  * and retries) or its next library call; a revocation has reached every thread that may
  * hold the rights when mpk_mprotect returns (each is sent SIGRTMIN + 7, or the real-time
- * signal in MPKVIRT_SYNC_SIGNAL, and rewrites its own PKRU). Do not block or handle that
+ * signal in MPKVIRT_SYNC_SIGNAL, and rewrites its own PKRU; mpkvirt installs its handler
+ * when it starts, unless the signal has a handler already). Do not block or handle that
  * signal yourself. With the emulated backend this is one mprotect.
  *
  * Returns 0, or -1 with errno: EINVAL (no such domain, unknown prot bits), EBUSY (every key

@@ -48,7 +48,9 @@
 use std::cell::UnsafeCell;
 use std::ptr::NonNull;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{
+    AtomicBool, AtomicI32, AtomicPtr, AtomicU32, AtomicU64, AtomicUsize, Ordering,
+};
 
 use allocator_api2::alloc::{AllocError, Allocator, Layout};
 use mpkvirt_asm::GateRoot;
@@ -195,6 +197,10 @@ pub(crate) struct Root {
     /// The pthread key of the exit hook plus one (`gate::exit_key`; 0: none yet). Here rather
     /// than in a static: library code hands it to `pthread_setspecific`.
     pub(crate) exit_key: AtomicU64,
+    /// The sync signal's number once its handler is installed (0: not installed). Here
+    /// rather than in a static: library code sends it to every thread, and a number the
+    /// program could change would let a stray write make a revocation send, say, `SIGKILL`.
+    pub(crate) sync_sig: AtomicI32,
 }
 
 // SAFETY: every field is an atomic or a mutex except `gate`, which is written only during
@@ -252,6 +258,7 @@ static mpkvirt_gate_root: Root = Root {
     arena_shadow: AtomicPtr::new(std::ptr::null_mut()),
     fence_mode: std::sync::atomic::AtomicU8::new(0),
     exit_key: AtomicU64::new(0),
+    sync_sig: AtomicI32::new(0),
 };
 
 /// The root (initialised: callers go through [`init`] first).
@@ -540,6 +547,11 @@ fn init_once(r: &Root) -> Result<MetadataMode> {
     let mode = chosen_mode()?;
     if std::env::var_os("MPKVIRT_DEBUG_FAULTS").is_some() {
         crate::fault::install_handler()?;
+    }
+    // The sync signal's handler, installed here, outside the library (a failure is reported
+    // when process-wide rights first need the signal).
+    if let Ok(sig) = crate::sync::install_handler() {
+        r.sync_sig.store(sig, Ordering::Relaxed);
     }
     if mpkvirt_sys::thread::FsGsBase::new().is_none() {
         return Err(Error::Unsupported(

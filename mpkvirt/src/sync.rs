@@ -2,7 +2,8 @@
 //! runs application code.
 //!
 //! The initiator of a change sends every thread of the process this signal (`SIGRTMIN + 7`,
-//! or the number in `MPKVIRT_SYNC_SIGNAL`). The handler calls the library (`OP_SYNC`), which
+//! or the number in `MPKVIRT_SYNC_SIGNAL`; its handler is installed when mpkvirt starts, and
+//! the number kept in the root, library memory, for ops to send). The handler calls the library (`OP_SYNC`), which
 //! recomputes the thread's PKRU and acknowledges the change, and writes the new value into
 //! the signal frame, so that `rt_sigreturn` installs it in the interrupted context.
 //!
@@ -45,13 +46,14 @@ pub(crate) fn signal_number() -> i32 {
     })
 }
 
-/// Installs the handler (once per process).
+/// Installs the handler (once per process, from `meta::init`, outside the library) and
+/// returns the signal's number.
 ///
 /// # Errors
 ///
 /// [`Error::Unsupported`] when the signal already has a handler that is not mpkvirt's, or
 /// `sigaction` fails.
-pub(crate) fn install_handler() -> Result<()> {
+pub(crate) fn install_handler() -> Result<i32> {
     static INSTALLED: OnceLock<bool> = OnceLock::new();
     let ok = *INSTALLED.get_or_init(|| {
         let sig = signal_number();
@@ -63,9 +65,6 @@ pub(crate) fn install_handler() -> Result<()> {
         // SAFETY: sigaction succeeded and filled `old`.
         let old = unsafe { old.assume_init() };
         if old.sa_sigaction != libc::SIG_DFL && old.sa_sigaction != on_sync as *const () as usize {
-            crate::fault::log_line(
-                "mpkvirt: the sync signal already has a handler; set MPKVIRT_SYNC_SIGNAL to a free real-time signal\n",
-            );
             return false;
         }
         // SAFETY: `on_sync` is async-signal-safe (see its docs); the signal had no handler,
@@ -74,7 +73,7 @@ pub(crate) fn install_handler() -> Result<()> {
         unsafe { signal::install(sig, on_sync, libc::SA_ONSTACK | libc::SA_RESTART) }.is_ok()
     });
     if ok {
-        Ok(())
+        Ok(signal_number())
     } else {
         Err(Error::Unsupported("installing the sync signal handler"))
     }

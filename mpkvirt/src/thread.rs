@@ -64,8 +64,9 @@ where
 /// # Errors
 ///
 /// [`crate::Error::ThreadsNotSynced`] when some thread did not acknowledge in time,
-/// [`crate::Error::Unsupported`] when the signal handler cannot be installed (the signal
-/// has another handler: see `MPKVIRT_SYNC_SIGNAL`) or the threads cannot be listed.
+/// [`crate::Error::Unsupported`] when the signal handler could not be installed (mpkvirt
+/// installs it when it starts, and the signal had another handler then: see
+/// `MPKVIRT_SYNC_SIGNAL`) or the threads cannot be listed.
 pub fn sync_process_wide() -> Result<()> {
     call::<(), ()>(crate::ops::OP_SYNC_ALL, ())
 }

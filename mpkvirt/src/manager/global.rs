@@ -334,8 +334,13 @@ pub(crate) fn broadcast(
     // `resyncing` are read; a thread sets `resyncing`, then reads the rights.)
     std::sync::atomic::fence(Ordering::SeqCst);
     let epoch = bump(rec, current);
-    crate::sync::install_handler()?;
-    let sig = crate::sync::signal_number();
+    let sig = root().sync_sig.load(Ordering::Relaxed);
+    if sig == 0 {
+        crate::fault::log_line(
+            "mpkvirt: the sync signal already had a handler when mpkvirt started; set MPKVIRT_SYNC_SIGNAL to a free real-time signal\n",
+        );
+        return Err(Error::Unsupported("installing the sync signal handler"));
+    }
     let me = rec.tid();
     let mut signalled: MVec<i32> = MVec::new_in(Meta);
     let mut skipped: MVec<i32> = MVec::new_in(Meta);
