@@ -1133,7 +1133,15 @@ fn exit_key() -> Option<libc::pthread_key_t> {
 }
 
 extern "C" fn on_thread_exit(_value: *mut libc::c_void) {
+    // With signals blocked: a thread's destructors run after Rust disabled the alternate
+    // signal stack it gave the thread (and a C thread may have none). A handler of a signal
+    // delivered while the op runs on the thread's library stack would get its frame there
+    // and run with the kernel's initial PKRU, which denies the library key: its first push
+    // faults, and the fault cannot be delivered either — the kernel kills the process.
+    // (Signals sent meanwhile are delivered when the op has returned.)
+    let blocked = Blocked::new();
     let _ = call(crate::ops::OP_THREAD_EXIT, std::ptr::null_mut());
+    drop(blocked);
 }
 
 /// `OP_HOOK` (see [`arm_from_app`]): stage 0 answers the hook's key + 1 (0: none), stage 1

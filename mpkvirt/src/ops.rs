@@ -297,6 +297,18 @@ fn run_global(code: u64, args: Args, rec: &mut ThreadRecord) -> u64 {
         OP_SYNC => args.serve(rec, |rec, arg: u64| {
             let frame = arg as u32;
             let pku = mpkvirt_sys::Pku::new().is_some();
+            // The handler interrupted library code: only the gates run with the library key
+            // writable (between a gate's raising WRPKRU and its busy claim, or between its
+            // release and its lowering WRPKRU, where this op could start). The frame keeps
+            // its PKRU — rewritten, the gate would resume with the application's rights and
+            // fault on its own record — and that op takes the rights when it ends.
+            if pku
+                && crate::meta::root()
+                    .library_key()
+                    .is_some_and(|k| mpkvirt_sys::Pkru::from_bits(frame).rights(k).can_write())
+            {
+                return Ok(crate::sync::NOT_NOW);
+            }
             // The interrupted context is the thread's normal one when it runs with the value
             // the library set; for a thread whose normal context may still run with its
             // inherited PKRU, when it looks normal (`gate::looks_normal`).

@@ -71,3 +71,10 @@ fn registrations_survive_the_sync_signal() {
 fn registration_survives_the_sync_signal() {
     registrations_survive_the_sync_signal();
 }
+
+/// In the PKU guest: the call gate's register path (the boot lock), in protected mode.
+#[test]
+fn pku_registration_survives_the_sync_signal() {
+    let _pku = mpkvirt_sys::require_pku!();
+    registrations_survive_the_sync_signal();
+}

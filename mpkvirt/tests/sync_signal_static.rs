@@ -78,6 +78,17 @@ fn sync_signal_child() {
 
 #[test]
 fn a_stray_write_does_not_choose_the_sync_signal() {
+    stray_write_in_a_child();
+}
+
+/// In the PKU guest (protected metadata: the sync itself runs inside the library).
+#[test]
+fn pku_a_stray_write_does_not_choose_the_sync_signal() {
+    let _pku = mpkvirt_sys::require_pku!();
+    stray_write_in_a_child();
+}
+
+fn stray_write_in_a_child() {
     let out = Command::new(std::env::current_exe().unwrap())
         .args([
             "--ignored",
