@@ -41,7 +41,7 @@
 //! redirects a guarded call, the handler writes the deny value into the frame's PKRU.
 #![allow(unsafe_code, reason = "signal handler, probes and stack switching")]
 
-use std::cell::{Cell, RefCell};
+use std::cell::Cell;
 use std::ffi::c_void;
 use std::fmt;
 use std::panic::{AssertUnwindSafe, catch_unwind};
@@ -444,30 +444,60 @@ impl GuardStack {
 
 impl Drop for GuardStack {
     fn drop(&mut self) {
-        // SAFETY: a stack is dropped only from the thread's pool (thread exit), when no
-        // guarded call runs on it; by `run_guarded`'s contract nothing refers to abandoned
-        // frames on it.
+        // SAFETY: a stack is dropped when no guarded call runs on it (its call returned or
+        // was abandoned, or it left the thread's cache); by `run_guarded`'s contract nothing
+        // refers to abandoned frames on it.
         let _ = unsafe { mman::munmap(self.base as *mut u8, self.len) };
     }
 }
 
+/// How many finished stacks a thread keeps for reuse (guarded calls nested deeper map a
+/// stack of their own and unmap it when they end).
+const CACHED_STACKS: usize = 4;
+
 thread_local! {
-    /// Stacks of finished guarded calls, ready for reuse.
-    static FREE_STACKS: RefCell<Vec<GuardStack>> = const { RefCell::new(Vec::new()) };
+    /// Stacks of finished guarded calls, ready for reuse, as `(base, len)` (`len` 0: empty).
+    /// Plain values with no destructor: a thread-local with one registers it when first
+    /// used, and one first used from a pthread-key destructor — after the thread-local
+    /// destructors ran — never runs it (the stacks leaked). The exit hook empties the cache
+    /// instead ([`free_cached_stacks`]).
+    static FREE_STACKS: Cell<[(usize, usize); CACHED_STACKS]> =
+        const { Cell::new([(0, 0); CACHED_STACKS]) };
+    /// Set once the exit hook emptied the cache: later stacks are unmapped at once.
+    static STACKS_CLOSED: Cell<bool> = const { Cell::new(false) };
 }
 
-/// Puts a stack back in the thread's cache (or unmaps it when the cache is gone: the
-/// thread's thread-locals are being destroyed).
+/// A stack from the thread's cache.
+fn cached_stack() -> Option<GuardStack> {
+    let mut cache = FREE_STACKS.get();
+    let slot = cache.iter_mut().find(|s| s.1 != 0)?;
+    let (base, len) = std::mem::take(slot);
+    FREE_STACKS.set(cache);
+    Some(GuardStack { base, len })
+}
+
+/// Puts a stack back in the thread's cache (or unmaps it: the cache is full, or the thread
+/// is exiting).
 fn keep(stack: GuardStack) {
-    let mut stack = Some(stack);
-    let _ = FREE_STACKS.try_with(|v| {
-        if let Ok(mut v) = v.try_borrow_mut()
-            && let Some(s) = stack.take()
-        {
-            v.push(s);
+    if STACKS_CLOSED.get() {
+        return drop(stack);
+    }
+    let mut cache = FREE_STACKS.get();
+    if let Some(slot) = cache.iter_mut().find(|s| s.1 == 0) {
+        *slot = (stack.base, stack.len);
+        std::mem::forget(stack);
+        FREE_STACKS.set(cache);
+    }
+}
+
+/// Unmaps the thread's cached stacks, for good (the thread is exiting: its exit hook).
+pub(crate) fn free_cached_stacks() {
+    STACKS_CLOSED.set(true);
+    for (base, len) in FREE_STACKS.replace([(0, 0); CACHED_STACKS]) {
+        if len != 0 {
+            drop(GuardStack { base, len });
         }
-    });
-    drop(stack);
+    }
 }
 
 /// Why a guarded call ended without `f`'s result.
@@ -533,13 +563,7 @@ where
     F: FnMut() -> R,
 {
     ensure_altstack();
-    // (The cache is gone while the thread's thread-locals are destroyed: a guarded call from
-    // a destructor then uses a stack of its own.)
-    let stack = match FREE_STACKS
-        .try_with(|v| v.try_borrow_mut().ok().and_then(|mut v| v.pop()))
-        .ok()
-        .flatten()
-    {
+    let stack = match cached_stack() {
         Some(s) => s,
         None => GuardStack::new().map_err(Failed::NoStack)?,
     };

@@ -1142,6 +1142,7 @@ extern "C" fn on_thread_exit(_value: *mut libc::c_void) {
     let blocked = Blocked::new();
     let _ = call(crate::ops::OP_THREAD_EXIT, std::ptr::null_mut());
     drop(blocked);
+    crate::fault::free_cached_stacks();
 }
 
 /// `OP_HOOK` (see [`arm_from_app`]): stage 0 answers the hook's key + 1 (0: none), stage 1
