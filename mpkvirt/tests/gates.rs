@@ -55,6 +55,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use iced_x86::{Decoder, DecoderOptions, FlowControl, Instruction, Mnemonic};
+use mpkvirt::scan::{Gadget, gadgets};
 use mpkvirt::{Config, DomainOptions, Manager, MetadataMode, Rights};
 use mpkvirt_sys::require_pku;
 use mpkvirt_sys::signal::SegvCode;
@@ -434,73 +435,6 @@ impl Elf {
 
 // ---- the gadget scanner -----------------------------------------------------------------------
 
-/// Instructions that change PKRU or the FS/GS base.
-#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug)]
-enum Gadget {
-    /// `0F 01 EF`.
-    Wrpkru,
-    /// `0F AE /5` with a memory operand (XRSTOR, XRSTOR64 with REX.W).
-    Xrstor,
-    /// `F3 [REX] 0F AE /2` with a register operand.
-    Wrfsbase,
-    /// `F3 [REX] 0F AE /3` with a register operand.
-    Wrgsbase,
-}
-
-fn is_legacy_prefix(b: u8) -> bool {
-    matches!(
-        b,
-        0x26 | 0x2e | 0x36 | 0x3e | 0x64 | 0x65 | 0x66 | 0x67 | 0xf0 | 0xf2 | 0xf3
-    )
-}
-
-/// Every decoding of `code`, at any byte offset, as one of the [`Gadget`]s: `(offset of the
-/// first byte an attacker jumps to, kind)`. A prefix or REX byte before an XRSTOR/WRPKRU does
-/// not matter (the attacker jumps to the `0F`); WRFSBASE/WRGSBASE need an `F3` among the
-/// prefixes before `0F AE` with no `F2` after it (other prefixes and REX in between are
-/// accepted: the scan over-approximates rather than miss one).
-fn gadgets(code: &[u8]) -> Vec<(usize, Gadget)> {
-    let mut found = Vec::new();
-    for i in 0..code.len().saturating_sub(2) {
-        let (a, b, m) = (code[i], code[i + 1], code[i + 2]);
-        if a != 0x0f {
-            continue;
-        }
-        let (modrm_mod, reg) = (m >> 6, (m >> 3) & 7);
-        match b {
-            0x01 if m == 0xef => found.push((i, Gadget::Wrpkru)),
-            0xae if modrm_mod != 3 && reg == 5 => found.push((i, Gadget::Xrstor)),
-            0xae if modrm_mod == 3 && (reg == 2 || reg == 3) => {
-                // Walk back over at most 14 bytes of prefixes.
-                let mut j = i;
-                let mut f3 = None;
-                while j > 0 && i - j < 14 {
-                    let p = code[j - 1];
-                    if !(is_legacy_prefix(p) || (0x40..=0x4f).contains(&p)) {
-                        break;
-                    }
-                    j -= 1;
-                    match p {
-                        0xf3 if f3.is_none() => f3 = Some(j),
-                        0xf2 if f3.is_none() => break,
-                        _ => {}
-                    }
-                }
-                if let Some(at) = f3 {
-                    let kind = if reg == 2 {
-                        Gadget::Wrfsbase
-                    } else {
-                        Gadget::Wrgsbase
-                    };
-                    found.push((at, kind));
-                }
-            }
-            _ => {}
-        }
-    }
-    found
-}
-
 /// One occurrence in a file.
 #[derive(Clone, Debug)]
 struct Hit {
@@ -554,52 +488,6 @@ fn profile_dir() -> PathBuf {
         exe.display()
     );
     deps.parent().expect("target/<profile>").to_path_buf()
-}
-
-#[test]
-fn gadget_scanner_finds_every_encoding_at_any_offset() {
-    // Aligned instructions.
-    assert_eq!(gadgets(&[0x0f, 0x01, 0xef]), [(0, Gadget::Wrpkru)]);
-    assert_eq!(gadgets(&[0x0f, 0xae, 0x2f]), [(0, Gadget::Xrstor)]); // xrstor (%rdi)
-    assert_eq!(
-        gadgets(&[0x48, 0x0f, 0xae, 0x6f, 0x08]),
-        [(1, Gadget::Xrstor)]
-    ); // xrstor64 8(%rdi)
-    // XRSTORS (`0F C7 /3`) faults outside ring 0: no gadget, not reported (its bytes turn up
-    // inside ordinary instructions depending on code layout).
-    assert_eq!(gadgets(&[0x0f, 0xc7, 0x1f]), []); // xrstors (%rdi)
-    assert_eq!(
-        gadgets(&[0xf3, 0x48, 0x0f, 0xae, 0xd0]),
-        [(0, Gadget::Wrfsbase)]
-    ); // wrfsbase %rax
-    assert_eq!(gadgets(&[0xf3, 0x0f, 0xae, 0xdf]), [(0, Gadget::Wrgsbase)]); // wrgsbase %edi
-    assert_eq!(
-        gadgets(&[0xf3, 0x2e, 0x49, 0x0f, 0xae, 0xd8]),
-        [(0, Gadget::Wrgsbase)]
-    ); // with an ignored segment prefix
-    // Unaligned: inside the immediate of `mov $0x90ef010f, %eax` and of a displacement.
-    assert_eq!(
-        gadgets(&[0xb8, 0x0f, 0x01, 0xef, 0x90, 0xc3]),
-        [(1, Gadget::Wrpkru)]
-    );
-    assert_eq!(
-        gadgets(&[0x48, 0x8b, 0x80, 0x0f, 0xae, 0x28, 0x00]),
-        [(3, Gadget::Xrstor)]
-    );
-    // Look-alikes that are not gadgets: RDPKRU, LFENCE (0F AE /5, mod 3), XSAVE (0F AE /4),
-    // RDFSBASE/RDGSBASE, WRFSBASE's bytes without F3 or with a later F2, CMPXCHG16B (0F C7 /1).
-    for benign in [
-        &[0x0f, 0x01, 0xee][..],
-        &[0x0f, 0xae, 0xe8],
-        &[0x0f, 0xae, 0x27],
-        &[0xf3, 0x48, 0x0f, 0xae, 0xc0],
-        &[0xf3, 0x48, 0x0f, 0xae, 0xc8],
-        &[0x90, 0x48, 0x0f, 0xae, 0xd0],
-        &[0xf3, 0xf2, 0x0f, 0xae, 0xd0],
-        &[0x48, 0x0f, 0xc7, 0x0f],
-    ] {
-        assert_eq!(gadgets(benign), [], "{benign:02x?}");
-    }
 }
 
 /// Checks every occurrence in `elf` lies in `allowed`; returns them all.
