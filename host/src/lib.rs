@@ -1,9 +1,12 @@
 //! mpkvirt-host: many tenant functions in one process, each in its own protection domain.
 //!
 //! Today the host reports what the machine offers ([`info`]): whether PKU is usable and why
-//! not, which backend mpkvirt would run on, and how many keys it would get. Scheduling,
-//! system-call interposition and the HTTP front end are planned on top of it.
+//! not, which backend mpkvirt would run on, and how many keys it would get; and it validates
+//! tenants' shared objects before loading them ([`app::image`]). The runtime (instances,
+//! green-thread scheduling), system-call interposition and the HTTP front end are built on
+//! top of these.
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod app;
 pub mod info;

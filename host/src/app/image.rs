@@ -1,0 +1,276 @@
+//! Validating a tenant's shared object before it is loaded.
+//!
+//! Everything here reads the file's bytes; nothing of it is mapped or run. A file passes
+//! only if
+//!
+//! - it is a 64-bit little-endian x86-64 ELF shared object (`ET_DYN`) that parses;
+//! - no loadable segment is both writable and executable, the stack is not executable
+//!   (`PT_GNU_STACK`), and it has no text relocations (W^X holds from the first instruction);
+//! - no executable segment contains, at any byte offset, an instruction that changes PKRU
+//!   or the thread pointer ([`mpkvirt::scan`]: WRPKRU, XRSTOR, WRFSBASE, WRGSBASE) — a jump
+//!   into the middle of an instruction reaches those bytes too;
+//! - it defines `mpkvirt_fn_entry` (a function) and `mpkvirt_fn_abi_version` (a 4-byte
+//!   object) whose value is [`ABI_VERSION`];
+//! - every symbol it imports is on [`ALLOWED_IMPORTS`]: the C library's pure functions and
+//!   its allocator (which the host routes into the instance's domain), plus what compilers
+//!   add to every object. A tenant that imports `mprotect`, `syscall` or `pkey_alloc` is
+//!   refused here, before system-call interposition would have to catch it.
+//!
+//! Each failure is a [`ImageError`] that names the offending part.
+
+use std::fmt;
+
+use mpkvirt::scan::{Gadget, gadgets};
+use object::elf;
+use object::read::elf::{Dyn, ElfFile64, FileHeader, ProgramHeader};
+use object::{Endianness, FileKind, Object, ObjectSymbol};
+
+/// `MPKVIRT_FN_ABI_VERSION` of `include/mpkvirt_fn.h`.
+pub const ABI_VERSION: u32 = 1;
+/// The entry point a tenant defines.
+pub const ENTRY: &str = "mpkvirt_fn_entry";
+/// The version symbol a tenant defines.
+pub const VERSION_SYMBOL: &str = "mpkvirt_fn_abi_version";
+
+/// Functions a tenant may import.
+#[rustfmt::skip]
+pub const ALLOWED_IMPORTS: &[&str] = &[
+    // Memory and strings.
+    "memcpy", "memmove", "memset", "memcmp", "memchr", "strlen", "strnlen", "strcmp",
+    "strncmp", "strchr", "strrchr", "strstr", "strcpy", "strncpy", "strcat", "strncat",
+    "strspn", "strcspn", "strtol", "strtoul", "strtoll", "strtoull", "strtod", "strtof",
+    "atoi", "atol", "toupper", "tolower", "isalpha", "isdigit", "isspace", "isalnum",
+    "isxdigit", "isupper", "islower", "isprint", "ispunct", "__ctype_b_loc",
+    "__ctype_toupper_loc", "__ctype_tolower_loc", "abs", "labs", "qsort", "bsearch",
+    // Formatting (into memory only).
+    "snprintf", "vsnprintf", "sprintf", "vsprintf", "sscanf",
+    // Mathematics.
+    "sin", "cos", "tan", "asin", "acos", "atan", "atan2", "sinh", "cosh", "tanh", "exp",
+    "exp2", "log", "log2", "log10", "pow", "sqrt", "cbrt", "floor", "ceil", "fabs", "fmod",
+    "round", "trunc", "lround", "fmin", "fmax", "hypot", "sinf", "cosf", "expf", "logf",
+    "powf", "sqrtf", "floorf", "ceilf", "fabsf",
+    // The allocator (routed into the instance's domain).
+    "malloc", "calloc", "realloc", "free", "aligned_alloc", "posix_memalign",
+    // Added by compilers and fortification.
+    "__cxa_finalize", "__gmon_start__", "_ITM_registerTMCloneTable",
+    "_ITM_deregisterTMCloneTable", "__stack_chk_fail", "__memcpy_chk", "__memmove_chk",
+    "__memset_chk", "__strcpy_chk", "__strcat_chk", "__strncpy_chk", "__snprintf_chk",
+    "__vsnprintf_chk", "__sprintf_chk",
+];
+
+/// Why a shared object is refused.
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub enum ImageError {
+    /// Not an ELF file (another format, or too short).
+    NotElf,
+    /// An ELF file for another machine or class.
+    WrongArchitecture(String),
+    /// An ELF file of another type than a shared object.
+    NotSharedObject,
+    /// The ELF structures are inconsistent (what the parser said).
+    Malformed(String),
+    /// A loadable segment at this address is writable and executable.
+    WritableAndExecutable {
+        /// The segment's virtual address.
+        vaddr: u64,
+    },
+    /// The object asks for an executable stack.
+    ExecutableStack,
+    /// The object has text relocations (its code is written while it is relocated).
+    TextRelocations,
+    /// Code that changes PKRU or the thread pointer.
+    ForbiddenInstruction {
+        /// Which instruction.
+        kind: Gadget,
+        /// Its virtual address in the object.
+        vaddr: u64,
+    },
+    /// A required symbol is missing or of the wrong kind.
+    MissingSymbol(&'static str),
+    /// The object was built for another version of the ABI.
+    AbiVersion {
+        /// The version it declares.
+        found: u32,
+    },
+    /// It imports a function tenants may not call.
+    ForbiddenImport(String),
+}
+
+impl fmt::Display for ImageError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ImageError::NotElf => write!(f, "not an ELF file"),
+            ImageError::WrongArchitecture(what) => {
+                write!(f, "built for {what}; the host runs x86-64 ELF64 objects")
+            }
+            ImageError::NotSharedObject => write!(f, "not a shared object (ET_DYN)"),
+            ImageError::Malformed(why) => write!(f, "malformed ELF: {why}"),
+            ImageError::WritableAndExecutable { vaddr } => {
+                write!(f, "segment at {vaddr:#x} is writable and executable")
+            }
+            ImageError::ExecutableStack => write!(f, "asks for an executable stack"),
+            ImageError::TextRelocations => write!(f, "has text relocations"),
+            ImageError::ForbiddenInstruction { kind, vaddr } => write!(
+                f,
+                "code at {vaddr:#x} contains {kind:?}, which changes PKRU or the thread pointer"
+            ),
+            ImageError::MissingSymbol(name) => write!(f, "does not define {name}"),
+            ImageError::AbiVersion { found } => write!(
+                f,
+                "built for ABI version {found}; this host runs version {ABI_VERSION}"
+            ),
+            ImageError::ForbiddenImport(name) => {
+                write!(f, "imports {name}, which tenant code may not call")
+            }
+        }
+    }
+}
+
+impl std::error::Error for ImageError {}
+
+/// What validation learned about an object that passed.
+#[derive(Clone, Debug)]
+pub struct ImageInfo {
+    /// Bytes of executable segments scanned.
+    pub code_bytes: usize,
+    /// The functions it imports (all allowed).
+    pub imports: Vec<String>,
+}
+
+/// Checks `bytes`, a tenant's shared object (see the module docs).
+///
+/// # Errors
+///
+/// The first rule the object breaks, as an [`ImageError`].
+pub fn validate(bytes: &[u8]) -> Result<ImageInfo, ImageError> {
+    match FileKind::parse(bytes) {
+        Ok(FileKind::Elf64) => {}
+        Ok(FileKind::Elf32) => return Err(ImageError::WrongArchitecture("ELF32".into())),
+        _ => return Err(ImageError::NotElf),
+    }
+    let file =
+        ElfFile64::<Endianness>::parse(bytes).map_err(|e| ImageError::Malformed(e.to_string()))?;
+    let endian = file.endian();
+    let header = file.elf_header();
+    if !file.is_little_endian() {
+        return Err(ImageError::WrongArchitecture("big-endian ELF".into()));
+    }
+    let machine = header.e_machine(endian);
+    if machine != elf::EM_X86_64 {
+        return Err(ImageError::WrongArchitecture(format!(
+            "machine {machine:?}"
+        )));
+    }
+    if header.e_type(endian) != elf::ET_DYN {
+        return Err(ImageError::NotSharedObject);
+    }
+    let mut code_bytes = 0;
+    for ph in file.elf_program_headers() {
+        let flags = ph.p_flags(endian).0;
+        let (x, w) = (flags & elf::PF_X.0 != 0, flags & elf::PF_W.0 != 0);
+        let vaddr = ph.p_vaddr(endian);
+        match ph.p_type(endian) {
+            elf::PT_LOAD => {
+                if x && w {
+                    return Err(ImageError::WritableAndExecutable { vaddr });
+                }
+                if x {
+                    let code = ph
+                        .data(endian, bytes)
+                        .map_err(|_| ImageError::Malformed("segment outside the file".into()))?;
+                    if let Some(&(at, kind)) = gadgets(code).first() {
+                        return Err(ImageError::ForbiddenInstruction {
+                            kind,
+                            vaddr: vaddr + at as u64,
+                        });
+                    }
+                    code_bytes += code.len();
+                }
+            }
+            elf::PT_GNU_STACK if x => return Err(ImageError::ExecutableStack),
+            elf::PT_DYNAMIC => {
+                let entries = ph
+                    .dynamic(endian, bytes)
+                    .map_err(|e| ImageError::Malformed(e.to_string()))?
+                    .unwrap_or(&[]);
+                for d in entries {
+                    let tag = d.tag(endian);
+                    let textrel_flag =
+                        tag == elf::DT_FLAGS && d.d_val(endian) & elf::DF_TEXTREL.0 != 0;
+                    if tag == elf::DT_TEXTREL || textrel_flag {
+                        return Err(ImageError::TextRelocations);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    let mut entry = false;
+    let mut version = None;
+    let mut imports = Vec::new();
+    for sym in file.dynamic_symbols() {
+        let name = sym
+            .name()
+            .map_err(|e| ImageError::Malformed(e.to_string()))?;
+        if name.is_empty() {
+            continue;
+        }
+        if sym.is_undefined() {
+            if !ALLOWED_IMPORTS.contains(&name) {
+                return Err(ImageError::ForbiddenImport(name.to_owned()));
+            }
+            imports.push(name.to_owned());
+            continue;
+        }
+        match name {
+            ENTRY if sym.kind() == object::SymbolKind::Text => entry = true,
+            VERSION_SYMBOL if sym.size() == 4 => {
+                version = Some(read_u32_at(&file, bytes, sym.address())?);
+            }
+            _ => {}
+        }
+    }
+    if !entry {
+        return Err(ImageError::MissingSymbol(ENTRY));
+    }
+    match version {
+        None => return Err(ImageError::MissingSymbol(VERSION_SYMBOL)),
+        Some(v) if v != ABI_VERSION => return Err(ImageError::AbiVersion { found: v }),
+        Some(_) => {}
+    }
+    Ok(ImageInfo {
+        code_bytes,
+        imports,
+    })
+}
+
+/// The little-endian `u32` the object's file holds at virtual address `vaddr` (inside a
+/// loadable segment's file bytes).
+fn read_u32_at(
+    file: &ElfFile64<'_, Endianness>,
+    bytes: &[u8],
+    vaddr: u64,
+) -> Result<u32, ImageError> {
+    let endian = file.endian();
+    for ph in file.elf_program_headers() {
+        if ph.p_type(endian) != elf::PT_LOAD {
+            continue;
+        }
+        let start = ph.p_vaddr(endian);
+        let data = ph
+            .data(endian, bytes)
+            .map_err(|_| ImageError::Malformed("segment outside the file".into()))?;
+        let Some(off) = vaddr.checked_sub(start) else {
+            continue;
+        };
+        let Ok(off) = usize::try_from(off) else {
+            continue;
+        };
+        if let Some(b) = data.get(off..off.saturating_add(4)) {
+            return Ok(u32::from_le_bytes(b.try_into().expect("4 bytes")));
+        }
+    }
+    Err(ImageError::Malformed(format!(
+        "{VERSION_SYMBOL} at {vaddr:#x} has no bytes in the file"
+    )))
+}

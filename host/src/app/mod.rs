@@ -1,0 +1,7 @@
+//! Applications: what a tenant ships and what the host checks before it runs any of it.
+//!
+//! [`image`] validates a native shared object from its bytes alone (no code of it runs):
+//! format, architecture, W^X, the instructions tenant code must not contain, the ABI symbols
+//! of `include/mpkvirt_fn.h`, and the functions it imports.
+
+pub mod image;
