@@ -46,6 +46,7 @@ use std::ffi::c_void;
 use std::fmt;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::OnceLock;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use mpkvirt_asm::{PROBE_FAULTED, addr};
 use mpkvirt_sys::Pkey;
@@ -406,9 +407,14 @@ struct GuardStack {
 }
 
 impl GuardStack {
+    /// The length of every stack's mapping: the guard page and the usable stack.
+    fn len() -> usize {
+        STACK_SIZE + mman::page_size()
+    }
+
     fn new() -> Result<GuardStack> {
         let page = mman::page_size();
-        let len = STACK_SIZE + page;
+        let len = GuardStack::len();
         let base = mman::reserve(len, Prot::NONE)
             .map_err(|source| Error::Reserve { len, source })? as usize;
         // SAFETY: the range was just reserved by us and nothing refers to it.
@@ -445,59 +451,50 @@ impl GuardStack {
 impl Drop for GuardStack {
     fn drop(&mut self) {
         // SAFETY: a stack is dropped when no guarded call runs on it (its call returned or
-        // was abandoned, or it left the thread's cache); by `run_guarded`'s contract nothing
+        // was abandoned, or the cache was full); by `run_guarded`'s contract nothing
         // refers to abandoned frames on it.
         let _ = unsafe { mman::munmap(self.base as *mut u8, self.len) };
     }
 }
 
-/// How many finished stacks a thread keeps for reuse (guarded calls nested deeper map a
-/// stack of their own and unmap it when they end).
-const CACHED_STACKS: usize = 4;
+/// How many finished stacks the process keeps for reuse (more guarded calls at once map
+/// stacks of their own and unmap them when they end).
+const CACHED_STACKS: usize = 64;
 
-thread_local! {
-    /// Stacks of finished guarded calls, ready for reuse, as `(base, len)` (`len` 0: empty).
-    /// Plain values with no destructor: a thread-local with one registers it when first
-    /// used, and one first used from a pthread-key destructor — after the thread-local
-    /// destructors ran — never runs it (the stacks leaked). The exit hook empties the cache
-    /// instead ([`free_cached_stacks`]).
-    static FREE_STACKS: Cell<[(usize, usize); CACHED_STACKS]> =
-        const { Cell::new([(0, 0); CACHED_STACKS]) };
-    /// Set once the exit hook emptied the cache: later stacks are unmapped at once.
-    static STACKS_CLOSED: Cell<bool> = const { Cell::new(false) };
-}
+/// Stacks of finished guarded calls, ready for reuse by any thread: each slot holds a
+/// stack's base (0: empty). Process-wide rather than per thread: a thread's cache would have
+/// to be emptied when the thread ends, and no hook runs reliably then (a Rust thread-local
+/// first used from a pthread-key destructor never gets its destructor run, nor does a key
+/// set in glibc's last destructor round). Lock-free: signal handlers make guarded calls too.
+static FREE_STACKS: [AtomicUsize; CACHED_STACKS] = [const { AtomicUsize::new(0) }; CACHED_STACKS];
 
-/// A stack from the thread's cache.
+/// A stack from the cache.
 fn cached_stack() -> Option<GuardStack> {
-    let mut cache = FREE_STACKS.get();
-    let slot = cache.iter_mut().find(|s| s.1 != 0)?;
-    let (base, len) = std::mem::take(slot);
-    FREE_STACKS.set(cache);
-    Some(GuardStack { base, len })
+    FREE_STACKS.iter().find_map(|slot| {
+        if slot.load(Ordering::Relaxed) == 0 {
+            return None;
+        }
+        let base = slot.swap(0, Ordering::Acquire);
+        (base != 0).then(|| GuardStack {
+            base,
+            len: GuardStack::len(),
+        })
+    })
 }
 
-/// Puts a stack back in the thread's cache (or unmaps it: the cache is full, or the thread
-/// is exiting).
+/// Puts a stack back in the cache (or unmaps it when the cache is full).
 fn keep(stack: GuardStack) {
-    if STACKS_CLOSED.get() {
-        return drop(stack);
-    }
-    let mut cache = FREE_STACKS.get();
-    if let Some(slot) = cache.iter_mut().find(|s| s.1 == 0) {
-        *slot = (stack.base, stack.len);
-        std::mem::forget(stack);
-        FREE_STACKS.set(cache);
-    }
-}
-
-/// Unmaps the thread's cached stacks, for good (the thread is exiting: its exit hook).
-pub(crate) fn free_cached_stacks() {
-    STACKS_CLOSED.set(true);
-    for (base, len) in FREE_STACKS.replace([(0, 0); CACHED_STACKS]) {
-        if len != 0 {
-            drop(GuardStack { base, len });
+    for slot in &FREE_STACKS {
+        if slot.load(Ordering::Relaxed) == 0
+            && slot
+                .compare_exchange(0, stack.base, Ordering::Release, Ordering::Relaxed)
+                .is_ok()
+        {
+            std::mem::forget(stack);
+            return;
         }
     }
+    drop(stack);
 }
 
 /// Why a guarded call ended without `f`'s result.
@@ -550,7 +547,7 @@ fn ensure_altstack() {
 
 /// Runs `f` on a separate stack. Returns `Ok` with `f`'s result (or its panic payload), or
 /// the fault that made the handler abandon it (see the module docs). The stack goes back to
-/// the thread's pool either way.
+/// the cache either way.
 ///
 /// # Safety
 ///

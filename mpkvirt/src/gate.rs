@@ -373,12 +373,20 @@ fn register(entry: Pkru) -> Result<()> {
     // and no thread inside it); it becomes this thread's alone.
     let rec = unsafe { &mut *(addr as *mut ThreadRecord) };
     debug_assert!(!rec.holds_state(), "dead records hold no state");
-    match parent {
+    let inherited = match parent {
         // SAFETY: a record of the list (records live forever); its confinement is written
         // only by its own thread inside an op, and read here under the records lock, which
         // `OP_CONFINE` holds while it writes.
-        Some(p) if p != addr => rec.inherit(unsafe { &*(p as *const ThreadRecord) })?,
-        _ => rec.inherit_nothing(),
+        Some(p) if p != addr => rec.inherit(unsafe { &*(p as *const ThreadRecord) }),
+        _ => {
+            rec.inherit_nothing();
+            Ok(())
+        }
+    };
+    if let Err(e) = inherited {
+        // The record stays unissued, and free for the next registration.
+        crate::claim::release(busy_word(addr as *mut ThreadRecord));
+        return Err(e);
     }
     rec.gate.self_addr = addr as u64;
     rec.tid = tid;
@@ -770,8 +778,15 @@ pub(crate) fn direct<R>(
         return Some(Err(Error::Unsupported("registering the calling thread")));
     };
     // Claimed with no reference yet: an op of this thread that a signal handler interrupted
-    // may hold one.
-    match claim(rec) {
+    // may hold one. The op counts as under way from before the claim: a handler that
+    // interrupts between the two must not take the claim for a momentary one and wait for
+    // it (`leave_orphaned_record`).
+    let in_op = InOp::new();
+    let claimed = claim(rec);
+    if claimed != Claim::Held {
+        drop(in_op);
+    }
+    match claimed {
         Claim::Held => {}
         // The thread lets go of a record busy for good (or taken) and registers afresh.
         Claim::Busy if leave_orphaned_record() => return direct(op, body),
@@ -787,7 +802,6 @@ pub(crate) fn direct<R>(
     // SAFETY: the calling thread's own record (the owner checked with the busy word held),
     // used by this thread alone; the busy word keeps a signal handler's call out meanwhile.
     let rec = unsafe { &mut *rec };
-    let _in_op = InOp::new();
     let unbusy = Unbusy(rec);
     // Panics propagate to the caller (cooperative mode trusts the program; the busy word is
     // cleared on the way).
@@ -1142,7 +1156,6 @@ extern "C" fn on_thread_exit(_value: *mut libc::c_void) {
     let blocked = Blocked::new();
     let _ = call(crate::ops::OP_THREAD_EXIT, std::ptr::null_mut());
     drop(blocked);
-    crate::fault::free_cached_stacks();
 }
 
 /// `OP_HOOK` (see [`arm_from_app`]): stage 0 answers the hook's key + 1 (0: none), stage 1

@@ -228,6 +228,15 @@ impl LiveOps for EmulatedLive {
                     fault::log_line("mpkvirt: a revocation failed; aborting\n");
                     std::process::abort();
                 }
+                // `mprotect` changes a range mapping by mapping and stops at the first split it
+                // cannot make: the mappings before it are open already. The whole range goes
+                // back to the rights it had (a change that only merges mappings back); if even
+                // that fails, continuing would leave part of the domain open.
+                if Self::mprotect(addr, len, effective(prot, union_before), k).is_err() {
+                    fault::log_error("mpkvirt: emulated backend could not change rights: ", &e);
+                    fault::log_line("mpkvirt: undoing a failed grant failed; aborting\n");
+                    std::process::abort();
+                }
                 for (rights, delta) in [(after, -1i32), (before, 1)] {
                     let counter = if rights.can_write() {
                         &mut ks.rw

@@ -220,6 +220,8 @@ pub(crate) struct Shared<B: Backend> {
     /// Threads waiting for a key; leavers wake them through `wake`.
     pub(crate) waiters: AtomicU32,
     pub(crate) wake: AtomicU32,
+    /// Bumped whenever waiters leave the queue (its progress, which waiters far back watch).
+    pub(crate) queue_gen: AtomicU32,
     /// Bumped whenever a revocation of process-wide rights ends; revokers that join one in
     /// progress wait on it (`global::set`).
     pub(crate) revoked_gen: AtomicU32,
@@ -365,6 +367,7 @@ impl<B: Backend> Shared<B> {
             ranges: RwLock::new(Treap::new_in(Meta)),
             waiters: AtomicU32::new(0),
             wake: AtomicU32::new(0),
+            queue_gen: AtomicU32::new(0),
             revoked_gen: AtomicU32::new(0),
             dying: AtomicBool::new(false),
         })

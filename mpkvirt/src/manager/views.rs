@@ -333,6 +333,11 @@ fn slow_enter<B: Backend>(
             Some(1) => (&cx.turn, turn, SYNC_POLL),
             _ => (&cx.turn, turn, IDLE_POLL),
         };
+        // The queue's progress when this sleep began: a waiter far back that sees none for
+        // as long as a head may stay quiet looks itself (the head and the waiter behind it
+        // may both have stopped looking: nobody else would prune them).
+        let (gen0, since) = (sh.queue_gen.load(Ordering::SeqCst), Instant::now());
+        let stuck = stuck_after(sh);
         loop {
             let now = Instant::now();
             let left = until.map(|u| u.saturating_duration_since(now));
@@ -344,9 +349,11 @@ fn slow_enter<B: Backend>(
             super::global::acknowledge(rec, Some((sh.slot_idx, cx.top_bits(sh.base_bits))));
             // Far back in the queue, the thread looks again (under the lock) only when it
             // moved up or its wait is over.
+            let now = Instant::now();
             if pos.is_some_and(|p| p <= 1)
                 || word.load(Ordering::SeqCst) != expect
-                || until.is_some_and(|u| Instant::now() >= u)
+                || until.is_some_and(|u| now >= u)
+                || (sh.queue_gen.load(Ordering::SeqCst) == gen0 && now - since >= stuck)
             {
                 break;
             }
@@ -375,6 +382,11 @@ const QUIET: Duration = Duration::from_millis(50);
 /// cost in fairness, never in safety.)
 const STUCK: Duration = Duration::from_millis(250);
 
+/// How long a head may go without looking before it loses its place (see `STUCK`).
+fn stuck_after<B: Backend>(sh: &Shared<B>) -> Duration {
+    STUCK.min(sh.config.pin_wait / 4).max(2 * SYNC_POLL)
+}
+
 /// Removes the head of the queue if it stopped looking and its thread is gone (or it has
 /// not looked for `STUCK`): a thread that never returns from a wait must not stay the head,
 /// nor keep the victims it drained (the drains end when nobody waits any more). Waiters
@@ -389,7 +401,7 @@ fn prune_waiters<B: Backend>(sh: &Shared<B>, inner: &mut Inner, me: *const Threa
         return;
     }
     let now = Instant::now();
-    let stuck = STUCK.min(sh.config.pin_wait / 4).max(2 * SYNC_POLL);
+    let stuck = stuck_after(sh);
     let quiet = now.saturating_duration_since(head.seen);
     if quiet >= stuck || (quiet >= QUIET.min(stuck) && tgkill(head.tid, 0).is_err()) {
         unqueue(sh, inner, |w| w.cx == head.cx);
@@ -413,6 +425,7 @@ pub(crate) fn unqueue<B: Backend>(
         return;
     }
     sh.waiters.fetch_sub(removed as u32, Ordering::SeqCst);
+    sh.queue_gen.fetch_add(1, Ordering::SeqCst);
     // Drains serve the whole queue: they end only when nobody waits any more.
     if inner.queue.is_empty() {
         binding::undrain(sh, inner);
