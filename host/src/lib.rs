@@ -1,8 +1,9 @@
 //! mpkvirt-host: many tenant functions in one process, each in its own protection domain.
 //!
 //! Today the host reports what the machine offers ([`info`]): whether PKU is usable and why
-//! not, which backend mpkvirt would run on, and how many keys it would get; and it validates
-//! tenants' shared objects before loading them ([`app::image`]). The runtime (instances,
+//! not, which backend mpkvirt would run on, and how many keys it would get; it validates
+//! tenants' shared objects before loading them ([`app::image`]); and it orders waiting
+//! invocations ([`sched::policy`]). The runtime (instances,
 //! green-thread scheduling), system-call interposition and the HTTP front end are built on
 //! top of these.
 #![deny(unsafe_code)]
@@ -10,3 +11,4 @@
 
 pub mod app;
 pub mod info;
+pub mod sched;
