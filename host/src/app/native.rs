@@ -1,0 +1,203 @@
+//! Loading a validated tenant shared object and calling its entry point.
+//!
+//! [`NativeFunction::load`] reads the file, validates it ([`super::image::validate`]), and
+//! maps it with `dlopen(RTLD_NOW | RTLD_LOCAL)`: every symbol is bound at load (an unresolved
+//! one is a load error, not a crash at the first call), and none of the object's symbols
+//! become visible to other objects. Its constructors run then — validation already refused
+//! code that could change PKRU or the thread pointer, and imports outside the allowed list.
+//!
+//! [`NativeFunction::call`] runs the entry with a [`HostApi`] table. It runs the tenant's code
+//! *with the caller's rights*: the runtime calls it on an instance's green thread, inside the
+//! instance's view; this module only knows the ABI (`include/mpkvirt_fn.h`).
+//!
+//! # Safety
+//!
+//! `dlopen`/`dlsym`/`dlclose` and calls through the function pointers they give. The object
+//! was validated first; what its code does when called is the caller's contract
+//! ([`NativeFunction::call`] is `unsafe`).
+#![allow(unsafe_code, reason = "dlopen and calls into the tenant's code")]
+
+use std::ffi::{CStr, CString, c_char, c_int, c_void};
+use std::fmt;
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+
+use super::image::{self, ENTRY, ImageError};
+
+/// `struct mpkvirt_host_api` (`include/mpkvirt_fn.h`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct HostApi {
+    /// `MPKVIRT_FN_ABI_VERSION`.
+    pub version: u32,
+    /// Memory for the tenant (NULL when its quota is spent).
+    pub alloc: unsafe extern "C" fn(len: usize) -> *mut c_void,
+    /// Gives memory from `alloc` back.
+    pub free: unsafe extern "C" fn(p: *mut c_void),
+    /// A line for the host's log.
+    pub log: unsafe extern "C" fn(msg: *const c_char, len: usize),
+    /// Nanoseconds of a monotonic clock.
+    pub time_ns: unsafe extern "C" fn() -> u64,
+    /// Random bytes; 0 on success.
+    pub random: unsafe extern "C" fn(buf: *mut c_void, len: usize) -> c_int,
+    /// Another function's invocation; 0 on success.
+    pub invoke: unsafe extern "C" fn(
+        name: *const c_char,
+        name_len: usize,
+        request: *const u8,
+        request_len: usize,
+        response: *mut *mut u8,
+        response_len: *mut usize,
+    ) -> c_int,
+}
+
+/// `struct mpkvirt_response`.
+#[repr(C)]
+#[derive(Debug)]
+struct Response {
+    data: *mut u8,
+    len: usize,
+}
+
+type Entry = unsafe extern "C" fn(
+    host: *const HostApi,
+    request: *const u8,
+    request_len: usize,
+    response: *mut Response,
+) -> c_int;
+
+/// Why an object could not be loaded.
+#[derive(Debug)]
+pub enum LoadError {
+    /// The file could not be read.
+    Read(std::io::Error),
+    /// Validation refused it.
+    Invalid(ImageError),
+    /// The dynamic linker refused it (an unresolved symbol, a missing library), with its
+    /// message.
+    Link(String),
+}
+
+impl fmt::Display for LoadError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            LoadError::Read(e) => write!(f, "cannot read the object: {e}"),
+            LoadError::Invalid(e) => write!(f, "invalid object: {e}"),
+            LoadError::Link(e) => write!(f, "cannot link the object: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for LoadError {}
+
+/// How a call ended without a response.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum CallError {
+    /// The entry returned this non-zero code.
+    Failed(c_int),
+    /// It returned 0 but left a null response with a non-zero length.
+    BadResponse,
+}
+
+/// A loaded tenant function.
+#[derive(Debug)]
+pub struct NativeFunction {
+    handle: *mut c_void,
+    entry: Entry,
+}
+
+// SAFETY: the handle and the entry are process-wide (dlopen's handle may be used from any
+// thread); calls are `unsafe` and their contract is the caller's.
+unsafe impl Send for NativeFunction {}
+// SAFETY: as above: `&NativeFunction` only reads the two pointers.
+unsafe impl Sync for NativeFunction {}
+
+/// `dlerror()`'s message, or a placeholder.
+fn dl_error() -> String {
+    // SAFETY: dlerror returns null or a C string valid until the next dl* call on this
+    // thread, copied out at once.
+    let e = unsafe { libc::dlerror() };
+    if e.is_null() {
+        "(no message)".into()
+    } else {
+        // SAFETY: non-null: a NUL-terminated string from the dynamic linker.
+        unsafe { CStr::from_ptr(e) }.to_string_lossy().into_owned()
+    }
+}
+
+impl NativeFunction {
+    /// Reads, validates and links the object at `path`.
+    ///
+    /// # Errors
+    ///
+    /// [`LoadError`]: unreadable, refused by validation, or by the dynamic linker.
+    pub fn load(path: &Path) -> Result<NativeFunction, LoadError> {
+        let bytes = std::fs::read(path).map_err(LoadError::Read)?;
+        image::validate(&bytes).map_err(LoadError::Invalid)?;
+        let c_path = CString::new(path.as_os_str().as_bytes())
+            .map_err(|_| LoadError::Link("a path with a NUL byte".into()))?;
+        // SAFETY: a NUL-terminated path; the object was validated (its constructors contain
+        // no PKRU or thread-pointer writes and import only allowed functions).
+        let handle = unsafe { libc::dlopen(c_path.as_ptr(), libc::RTLD_NOW | libc::RTLD_LOCAL) };
+        if handle.is_null() {
+            return Err(LoadError::Link(dl_error()));
+        }
+        let name = CString::new(ENTRY).expect("no NUL");
+        // SAFETY: a live handle and a NUL-terminated name.
+        let sym = unsafe { libc::dlsym(handle, name.as_ptr()) };
+        if sym.is_null() {
+            let e = dl_error();
+            // SAFETY: the handle from above, closed once.
+            unsafe { libc::dlclose(handle) };
+            return Err(LoadError::Link(e));
+        }
+        // SAFETY: validation found `ENTRY` as a function symbol of the object; the ABI
+        // header declares its type.
+        let entry = unsafe { std::mem::transmute::<*mut c_void, Entry>(sym) };
+        Ok(NativeFunction { handle, entry })
+    }
+
+    /// Calls the entry with `request` and `host`; returns the response's bytes (copied out,
+    /// and the tenant's buffer given back with `host.free`).
+    ///
+    /// # Errors
+    ///
+    /// [`CallError`] when the entry reports a failure or an inconsistent response.
+    ///
+    /// # Safety
+    ///
+    /// The tenant's code runs on the calling thread with its rights: the caller provides the
+    /// isolation (an instance's view) and a `host` table whose functions are safe to call
+    /// with any arguments the tenant passes.
+    pub unsafe fn call(&self, host: &HostApi, request: &[u8]) -> Result<Vec<u8>, CallError> {
+        let mut resp = Response {
+            data: std::ptr::null_mut(),
+            len: 0,
+        };
+        // SAFETY: the caller's contract (see above); the arguments follow the ABI.
+        let rc = unsafe { (self.entry)(host, request.as_ptr(), request.len(), &raw mut resp) };
+        if rc != 0 {
+            return Err(CallError::Failed(rc));
+        }
+        if resp.data.is_null() {
+            return if resp.len == 0 {
+                Ok(Vec::new())
+            } else {
+                Err(CallError::BadResponse)
+            };
+        }
+        // SAFETY: the tenant returned `len` bytes it wrote at `data` (memory from
+        // `host.alloc`), per the ABI; the caller's contract covers a tenant that lies.
+        let out = unsafe { std::slice::from_raw_parts(resp.data, resp.len) }.to_vec();
+        // SAFETY: `data` came from `host.alloc` (the ABI), given back once.
+        unsafe { (host.free)(resp.data.cast()) };
+        Ok(out)
+    }
+}
+
+impl Drop for NativeFunction {
+    fn drop(&mut self) {
+        // SAFETY: the handle from `load`, closed once; no call runs (calls borrow `self`).
+        unsafe { libc::dlclose(self.handle) };
+    }
+}

@@ -1,0 +1,211 @@
+//! The example tenants (`host/tenants/c/`): each builds with the system's C compiler, passes
+//! validation, links, and answers correctly, including refusals of bad requests.
+//!
+//! The calls here run the tenants' code directly on the test's thread with a host table
+//! backed by `malloc`; the runtime runs the same entry points inside instances.
+//!
+//! # Safety
+//!
+//! The host table's functions (plain C ABI over `malloc`/`free`), and calls into the
+//! example tenants, whose code is the project's own.
+#![allow(unsafe_code, reason = "a C host table and calls into tenant code")]
+
+use std::ffi::{c_char, c_int, c_void};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use mpkvirt_host::app::native::{CallError, HostApi, LoadError, NativeFunction};
+
+unsafe extern "C" fn alloc(len: usize) -> *mut c_void {
+    // SAFETY: malloc of any size (NULL when it cannot).
+    unsafe { libc::malloc(len.max(1)) }
+}
+unsafe extern "C" fn free(p: *mut c_void) {
+    // SAFETY: memory from `alloc` (the ABI), or null.
+    unsafe { libc::free(p) }
+}
+unsafe extern "C" fn log(_msg: *const c_char, _len: usize) {}
+unsafe extern "C" fn time_ns() -> u64 {
+    0
+}
+unsafe extern "C" fn random(_buf: *mut c_void, _len: usize) -> c_int {
+    -1
+}
+unsafe extern "C" fn invoke(
+    _name: *const c_char,
+    _name_len: usize,
+    _request: *const u8,
+    _request_len: usize,
+    _response: *mut *mut u8,
+    _response_len: *mut usize,
+) -> c_int {
+    -1
+}
+
+const HOST: HostApi = HostApi {
+    version: 1,
+    alloc,
+    free,
+    log,
+    time_ns,
+    random,
+    invoke,
+};
+
+/// Builds `host/tenants/c/{name}.c` into a fresh directory and returns the object's path.
+fn build(name: &str) -> PathBuf {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let dir = std::env::temp_dir().join(format!("mpkvirt-tenant-{}-{name}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let out = dir.join(format!("lib{name}.so"));
+    let status = Command::new("cc")
+        .args(["-O2", "-fPIC", "-shared", "-Wall", "-Werror", "-o"])
+        .arg(&out)
+        .arg(root.join(format!("tenants/c/{name}.c")))
+        .arg("-I")
+        .arg(root.join("../include"))
+        .status()
+        .expect("a C compiler (cc)");
+    assert!(status.success(), "cc failed for {name}");
+    out
+}
+
+fn load(name: &str) -> NativeFunction {
+    NativeFunction::load(&build(name)).unwrap_or_else(|e| panic!("{name}: {e}"))
+}
+
+fn call(f: &NativeFunction, req: &[u8]) -> Result<Vec<u8>, CallError> {
+    // SAFETY: the project's own example tenants, with a table over malloc/free.
+    unsafe { f.call(&HOST, req) }
+}
+
+#[test]
+fn echo_returns_the_request() {
+    let f = load("echo");
+    for req in [&b""[..], b"x", &[0u8; 70_000]] {
+        assert_eq!(call(&f, req).unwrap(), req);
+    }
+}
+
+#[test]
+fn sha256_matches_the_standard_vectors() {
+    let f = load("sha256");
+    let a_million = vec![b'a'; 1_000_000];
+    for (req, digest) in [
+        (
+            &b""[..],
+            "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855",
+        ),
+        (
+            b"abc",
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad",
+        ),
+        (
+            b"abcdbcdecdefdefgefghfghighijhijkijkljklmklmnlmnomnopnopq",
+            "248d6a61d20638b8e5c026930c3e6039a33ce45964ff2167f6ecedd419db06c1",
+        ),
+        (
+            &a_million,
+            "cdc76e5c9914fb9281a1c7e284d73e67f1809a48a497200e046d39ccc7112cd0",
+        ),
+    ] {
+        assert_eq!(String::from_utf8(call(&f, req).unwrap()).unwrap(), digest);
+    }
+}
+
+#[test]
+fn matmul_multiplies_and_refuses_bad_sizes() {
+    let f = load("matmul");
+    let n = 5u32;
+    let a: Vec<f64> = (0..25).map(|i| f64::from(i) * 0.5 - 3.0).collect();
+    let b: Vec<f64> = (0..25).map(|i| f64::from(i * i % 7) + 1.0).collect();
+    let mut req = n.to_le_bytes().to_vec();
+    for v in a.iter().chain(&b) {
+        req.extend_from_slice(&v.to_le_bytes());
+    }
+    let out = call(&f, &req).unwrap();
+    let got: Vec<f64> = out
+        .chunks_exact(8)
+        .map(|c| f64::from_le_bytes(c.try_into().unwrap()))
+        .collect();
+    for i in 0..5 {
+        for j in 0..5 {
+            let want: f64 = (0..5).map(|k| a[i * 5 + k] * b[k * 5 + j]).sum();
+            assert!((got[i * 5 + j] - want).abs() < 1e-9, "({i},{j})");
+        }
+    }
+    // Wrong sizes: no n, n = 0, n too large, one byte short.
+    for bad in [
+        &[][..],
+        &0u32.to_le_bytes(),
+        &65u32.to_le_bytes(),
+        &req[..req.len() - 1],
+    ] {
+        assert_eq!(call(&f, bad), Err(CallError::Failed(2)));
+    }
+}
+
+#[test]
+fn template_renders_and_escapes() {
+    let f = load("template");
+    let out = call(&f, b"title=Q&A <1>\nname=\"Bob\" & 'Al'").unwrap();
+    assert_eq!(
+        String::from_utf8(out).unwrap(),
+        "<!doctype html>\n<html><head><title>Q&amp;A &lt;1&gt;</title></head>\n\
+         <body><h1>Q&amp;A &lt;1&gt;</h1><p>Hello, &quot;Bob&quot; &amp; &#39;Al&#39;!</p></body></html>\n"
+    );
+    let missing = String::from_utf8(call(&f, b"").unwrap()).unwrap();
+    assert!(missing.contains("<p>Hello, !</p>"), "{missing}");
+    assert_eq!(call(&f, b"no equals sign"), Err(CallError::Failed(2)));
+}
+
+#[test]
+fn json_transform_upper_cases_strings_and_refuses_bad_json() {
+    let f = load("json_transform");
+    let out = call(
+        &f,
+        br#" { "a": "hello", "n": -1.5e3, "t": true, "z": null, "e": "x\ny" } "#,
+    )
+    .unwrap();
+    assert_eq!(
+        String::from_utf8(out).unwrap(),
+        r#"{"a":"HELLO","n":-1.5e3,"t":true,"z":null,"e":"X\nY","fields":5}"#
+    );
+    assert_eq!(
+        String::from_utf8(call(&f, b"{}").unwrap()).unwrap(),
+        r#"{"fields":0}"#
+    );
+    for bad in [
+        &b""[..],
+        b"[]",
+        b"{",
+        b"{\"a\":}",
+        b"{\"a\":{\"b\":1}}",
+        b"{\"a\":1,}",
+        b"{\"a\":1} x",
+        b"{\"a\":\"unterminated}",
+    ] {
+        assert_eq!(
+            call(&f, bad),
+            Err(CallError::Failed(2)),
+            "{:?}",
+            String::from_utf8_lossy(bad)
+        );
+    }
+}
+
+#[test]
+fn a_file_that_is_not_an_object_is_a_load_error() {
+    let dir = std::env::temp_dir().join(format!("mpkvirt-tenant-{}-junk", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let junk = dir.join("junk.so");
+    std::fs::write(&junk, b"not an object").unwrap();
+    assert!(matches!(
+        NativeFunction::load(&junk),
+        Err(LoadError::Invalid(_))
+    ));
+    assert!(matches!(
+        NativeFunction::load(&dir.join("missing.so")),
+        Err(LoadError::Read(_))
+    ));
+}
