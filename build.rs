@@ -13,6 +13,7 @@ fn find_asm(arch: &str, os: &str) -> Option<&'static [&'static str]> {
         ("x86_64", "linux") => Some(&[
             "asm/x86_64/callgate.S",
             "asm/x86_64/gate.S",
+            "asm/x86_64/green.S",
             "asm/x86_64/probe.S",
             "asm/x86_64/stack.S",
         ]),

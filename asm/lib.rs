@@ -84,6 +84,28 @@ unsafe extern "sysv64" {
     /// `%rsp = *jmp` of a call still in progress on the same thread, and `%rax = 1`.
     pub fn mpkvirt_stack_call_resume();
 
+    /// Suspends the running context — its callee-saved registers, MXCSR and x87 control
+    /// word pushed on its own stack, the stack pointer stored in `*save` — and resumes the
+    /// context whose saved stack pointer is `to`, where it returns `message` (or, for a new
+    /// context, enters [`mpkvirt_green_entry`] with it). Returns, when something resumes the
+    /// suspended context, the message of that switch. PKRU is not touched.
+    ///
+    /// # Safety
+    ///
+    /// `save` must be valid for a write. `to` must be a stack pointer saved by this function
+    /// for a context not resumed since, or a new context's prepared stack (see
+    /// `asm/x86_64/green.S`), whose stack stays mapped while the context can run. Nothing
+    /// unwinds across a switch.
+    pub fn mpkvirt_green_switch(save: *mut usize, to: usize, message: u64) -> u64;
+
+    /// The first return address of a new green context: calls `%r12(%r13, message)`, which
+    /// must never return.
+    ///
+    /// # Safety
+    ///
+    /// Never call it; only its address is meaningful (a prepared stack's return address).
+    pub fn mpkvirt_green_entry();
+
     /// Issues system call `nr` with six arguments from the trampoline page and returns the
     /// raw kernel result (`-errno` on failure).
     ///
