@@ -1,14 +1,15 @@
-//! Faults: the SIGSEGV handler, checked single-byte accesses (probes), guarded calls, and
-//! reports that name the virtual domain.
+//! Faults: the SIGSEGV (and SIGBUS) handler, checked single-byte accesses (probes), guarded
+//! calls, and reports that name the virtual domain.
 //!
-//! One process-wide SIGSEGV handler is installed the first time a real backend is built. It
+//! One process-wide handler, for SIGSEGV and for SIGBUS (a file page of a domain beyond the
+//! end of its file), is installed the first time a real backend is built. It
 //! decides, using only async-signal-safe state (atomics and const-initialised thread-locals),
 //! whether a fault is *ours*:
 //!
 //! 1. the interrupted instruction is a probe's access (`mpkvirt_probe_*_insn`): the probe is
 //!    resumed and returns "faulted";
 //! 2. the thread is inside a guarded call and the address is domain memory (the arena map of
-//!    `backend/arena.rs`: O(1), however many arenas) or the guarded stack's guard page: the
+//!    `backend/arena.rs`: O(1), however many arenas) or the guarded call's own stack: the
 //!    guarded call is resumed at `mpkvirt_stack_call_resume` with the deny PKRU (key 0 only)
 //!    in the frame, and returns the fault;
 //! 3. otherwise, for domain memory, a one-line report is written to stderr;
@@ -16,6 +17,11 @@
 //! and then every fault it does not resume goes to the previously installed handler (Rust's
 //! stack-overflow handler, a sanitizer, or the default action). The handler runs with the
 //! kernel's initial PKRU (key 0 only) and touches only key-0 memory.
+//!
+//! Guarded calls run on stacks kept for reuse in slots of a region reserved when mpkvirt
+//! starts; the region's base is in the root (library memory), so no address the library
+//! `mprotect`s or empties comes from application memory (more than `POOL_SLOTS` calls at once
+//! map stacks of their own).
 //!
 //! # Guarded calls
 //!
@@ -46,7 +52,7 @@ use std::ffi::c_void;
 use std::fmt;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::OnceLock;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use mpkvirt_asm::{PROBE_FAULTED, addr};
 use mpkvirt_sys::Pkey;
@@ -64,6 +70,9 @@ pub enum FaultKind {
     Violation,
     /// The guarded call overflowed its stack.
     StackOverflow,
+    /// A bus error (SIGBUS): an access to a page of a file mapping beyond the end of the
+    /// file (a mapping longer than the file, or a file truncated after it was mapped).
+    BusError,
 }
 
 /// A fault translated into mpkvirt's terms.
@@ -98,6 +107,11 @@ impl fmt::Display for FaultReport {
                 "stack overflow in a guarded call ({access} at {:#x})",
                 self.addr
             )?,
+            FaultKind::BusError => write!(
+                f,
+                "bus error: {access} at {:#x}, beyond the end of a mapped file",
+                self.addr
+            )?,
             FaultKind::Violation => {
                 write!(f, "domain violation: {access} at {:#x}", self.addr)?;
                 match self.domain {
@@ -125,8 +139,6 @@ struct Recovery {
     jmp: usize,
     /// That call's stack: `[guard page start, top)`; the guard page is its first page.
     stack: (usize, usize),
-    /// The end of the guard page.
-    guard_end: usize,
     /// The thread's signal mask when the call started: a recovery resumes with it (the
     /// faulting code may have been a signal handler, whose frame's mask — with the handler's
     /// own signals blocked — would otherwise stay in force for good).
@@ -141,9 +153,11 @@ const NO_SIGNALS: libc::sigset_t = {
 
 thread_local! {
     static RECOVERY: Cell<Recovery> = const {
-        Cell::new(Recovery { jmp: 0, stack: (0, 0), guard_end: 0, mask: NO_SIGNALS })
+        Cell::new(Recovery { jmp: 0, stack: (0, 0), mask: NO_SIGNALS })
     };
     static LAST_FAULT: Cell<Option<RawFault>> = const { Cell::new(None) };
+    /// The signal of the fault in `LAST_FAULT` (SIGSEGV or SIGBUS).
+    static LAST_SIGNAL: Cell<libc::c_int> = const { Cell::new(0) };
 }
 
 // ---- the handler ------------------------------------------------------------------------------
@@ -157,8 +171,11 @@ unsafe impl Sync for PrevAction {}
 unsafe impl Send for PrevAction {}
 
 static PREV: OnceLock<std::result::Result<PrevAction, mpkvirt_sys::Error>> = OnceLock::new();
+/// The action the handler replaced for SIGBUS (as `PREV` for SIGSEGV).
+static PREV_BUS: OnceLock<std::result::Result<PrevAction, mpkvirt_sys::Error>> = OnceLock::new();
 
-/// Installs the SIGSEGV handler (once per process).
+/// Installs the fault handler for SIGSEGV and SIGBUS (once per process): a guarded call that
+/// touches a file page beyond the end of its file gets SIGBUS, and is recovered the same way.
 ///
 /// # Errors
 ///
@@ -172,9 +189,14 @@ pub(crate) fn install_handler() -> Result<()> {
         // chains every fault it does not recover to the action it replaces.
         unsafe { signal::install(libc::SIGSEGV, on_segv, libc::SA_ONSTACK) }.map(PrevAction)
     });
+    let prev_bus = PREV_BUS.get_or_init(|| {
+        // SAFETY: as above, for SIGBUS (chained to SIGBUS's previous action).
+        unsafe { signal::install(libc::SIGBUS, on_segv, libc::SA_ONSTACK) }.map(PrevAction)
+    });
     prev.as_ref()
+        .and(prev_bus.as_ref())
         .map(drop)
-        .map_err(|_| Error::Unsupported("installing the SIGSEGV handler"))
+        .map_err(|_| Error::Unsupported("installing the SIGSEGV and SIGBUS handlers"))
 }
 
 extern "C" fn on_segv(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut c_void) {
@@ -207,7 +229,8 @@ fn handle_segv(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut c_void) {
         pkey: decoded.pkey,
     };
     // A grant this thread has not taken yet (grants reach threads at their next access).
-    if let (SegvCode::PkuErr, Some(key)) = (decoded.code, decoded.pkey)
+    // (SIGBUS codes overlap SIGSEGV's numbers: only a SIGSEGV is a key fault.)
+    if let (libc::SIGSEGV, SegvCode::PkuErr, Some(key)) = (sig, decoded.code, decoded.pkey)
         && crate::sync::take_lazy_grant(uc, key)
     {
         return; // the access runs again with the new rights
@@ -215,21 +238,26 @@ fn handle_segv(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut c_void) {
     let ip = signal::ip(uc);
     if ip == addr::probe_read8_insn() || ip == addr::probe_write8_insn() {
         LAST_FAULT.set(Some(raw));
+        LAST_SIGNAL.set(sig);
         // SAFETY: the thread stopped at a probe's only access; probes push nothing, so with
         // the same %rsp `mpkvirt_probe_fault_ret` returns PROBE_FAULTED to the probe's caller.
         unsafe { signal::redirect(uc, addr::probe_fault_ret(), signal::sp(uc), PROBE_FAULTED) };
         return;
     }
     let rec = RECOVERY.get();
-    let in_guard_page = (rec.stack.0..rec.guard_end).contains(&raw.addr);
-    let on_guarded_stack = (rec.stack.0..rec.stack.1).contains(&signal::sp(uc));
-    if rec.jmp != 0 && on_guarded_stack && (in_guard_page || in_arena(raw.addr)) {
+    // (The whole stack, not only its guard: a pool slot that was not made usable faults on
+    // its first push, see `POOL_READY`.)
+    let in_stack = (rec.stack.0..rec.stack.1).contains(&raw.addr);
+    // (Up to and including the top: a push that faults leaves %rsp where it was.)
+    let on_guarded_stack = (rec.stack.0..=rec.stack.1).contains(&signal::sp(uc));
+    if rec.jmp != 0 && on_guarded_stack && (in_stack || in_arena(raw.addr)) {
         // SAFETY: `rec.jmp` is the address of the `jmp` word of the innermost guarded call on
         // this thread, still in progress (RECOVERY is restored before that call's frame
         // returns); the word is key-0 memory on the caller's stack, readable here.
         let sp = unsafe { (rec.jmp as *const usize).read_volatile() };
         if sp != 0 {
             LAST_FAULT.set(Some(raw));
+            LAST_SIGNAL.set(sig);
             // SAFETY: the thread was running on this call's stack (checked above) and `sp` is
             // the non-zero stack pointer mpkvirt_stack_call saved for exactly this resume
             // point, which expects %rax = 1. The frames left behind are never resumed.
@@ -295,9 +323,14 @@ fn report_debug(raw: &RawFault, ip: usize, sp: usize, pkru: Option<u32>) {
 
 /// Passes the signal to the handler that was installed before ours.
 fn chain_prev(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut c_void) {
-    if let Some(Ok(prev)) = PREV.get() {
-        // SAFETY: called from the SIGSEGV handler with the kernel's arguments, and `prev` is
-        // the action `install` replaced for SIGSEGV.
+    let prev = if sig == libc::SIGBUS {
+        &PREV_BUS
+    } else {
+        &PREV
+    };
+    if let Some(Ok(prev)) = prev.get() {
+        // SAFETY: called from the handler of `sig` with the kernel's arguments, and `prev` is
+        // the action `install` replaced for `sig`.
         unsafe { signal::chain(&prev.0, sig, info, ctx) };
     }
 }
@@ -400,101 +433,144 @@ pub(crate) fn probe(addr: usize, write: Option<u8>) -> std::result::Result<u8, R
 /// Usable size of a guarded call's stack (address space; pages are touched on demand).
 const STACK_SIZE: usize = 1 << 20;
 
-/// A stack for guarded calls: `[guard page][usable stack]`.
+/// Stacks kept for reuse, in a region mpkvirt reserves when it starts (`meta::init`).
+pub(crate) const POOL_SLOTS: usize = 64;
+/// Each pool slot: a guard area (a multiple of any page size) below a usable stack.
+const POOL_GUARD: usize = 64 << 10;
+/// A pool slot's span in the region.
+pub(crate) const POOL_SPAN: usize = POOL_GUARD + STACK_SIZE;
+
+/// Which pool slots are in use (bit `i`), and which have their usable part read-write.
+/// Application memory, so only hints: a stray write here can make two calls share a slot
+/// (its frames are key-0 memory, writable by any thread anyway), make every call map a
+/// stack of its own, or make one call run on a slot not yet made read-write (it then faults
+/// on its own stack, which is reported as an overflow, and the slot is prepared again). No
+/// address is taken from here: slots are found from the region's base in the root, so the
+/// library never empties or changes memory outside the region it reserved.
+static POOL_BUSY: AtomicU64 = AtomicU64::new(0);
+static POOL_READY: AtomicU64 = AtomicU64::new(0);
+
+/// A stack for a guarded call: `[guard][usable stack]`, a pool slot or a mapping of its own.
 struct GuardStack {
     base: usize,
-    len: usize,
+    guard_len: usize,
+    /// The pool slot, or `None` for a mapping made for this call alone.
+    slot: Option<usize>,
 }
 
 impl GuardStack {
-    /// The length of every stack's mapping: the guard page and the usable stack.
-    fn len() -> usize {
-        STACK_SIZE + mman::page_size()
-    }
-
-    fn new() -> Result<GuardStack> {
+    /// A pool slot if one is free (and the pool's base can be read: not in a signal
+    /// handler's context, whose PKRU may deny library memory), else a stack of its own.
+    fn acquire() -> Result<GuardStack> {
+        if let Some(stack) = GuardStack::from_pool() {
+            return Ok(stack);
+        }
         let page = mman::page_size();
-        let len = GuardStack::len();
+        let len = STACK_SIZE + page;
         let base = mman::reserve(len, Prot::NONE)
             .map_err(|source| Error::Reserve { len, source })? as usize;
-        // SAFETY: the range was just reserved by us and nothing refers to it.
-        unsafe { mman::mprotect((base + page) as *mut u8, STACK_SIZE, Prot::READ_WRITE) }.map_err(
+        let stack = GuardStack {
+            base,
+            guard_len: page,
+            slot: None,
+        };
+        stack.make_usable()?;
+        Ok(stack)
+    }
+
+    fn from_pool() -> Option<GuardStack> {
+        if !crate::meta::library_readable() {
+            return None;
+        }
+        let pool = crate::meta::root().guard_pool.load(Ordering::Acquire);
+        if pool == 0 {
+            return None;
+        }
+        let mut busy = POOL_BUSY.load(Ordering::Relaxed);
+        let i = loop {
+            let i = (!busy).trailing_zeros() as usize;
+            if i >= POOL_SLOTS {
+                return None;
+            }
+            match POOL_BUSY.compare_exchange_weak(
+                busy,
+                busy | 1 << i,
+                Ordering::Acquire,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => break i,
+                Err(now) => busy = now,
+            }
+        };
+        let stack = GuardStack {
+            base: pool + i * POOL_SPAN,
+            guard_len: POOL_GUARD,
+            slot: Some(i),
+        };
+        if POOL_READY.load(Ordering::Acquire) & 1 << i == 0 {
+            if stack.make_usable().is_err() {
+                return None; // (dropping `stack` frees the slot)
+            }
+            POOL_READY.fetch_or(1 << i, Ordering::Release);
+        }
+        Some(stack)
+    }
+
+    /// Makes the usable part read-write.
+    fn make_usable(&self) -> Result<()> {
+        let usable = self.base + self.guard_len;
+        // SAFETY: the usable part of a stack in a range mpkvirt reserved (a pool slot, found
+        // from the root's base, or a reservation just made); no guarded call runs on it.
+        unsafe { mman::mprotect(usable as *mut u8, STACK_SIZE, Prot::READ_WRITE) }.map_err(
             |source| Error::Retag {
-                addr: base + page,
+                addr: usable,
                 len: STACK_SIZE,
                 prot: Prot::READ_WRITE,
                 key: Pkey::DEFAULT,
                 source,
             },
-        )?;
-        Ok(GuardStack { base, len })
+        )
     }
-    fn top(&self) -> usize {
-        self.base + self.len
-    }
-    fn guard(&self) -> (usize, usize) {
-        (self.base, self.base + mman::page_size())
-    }
-}
 
-impl GuardStack {
+    fn top(&self) -> usize {
+        self.base + self.guard_len + STACK_SIZE
+    }
+
+    fn guard(&self) -> (usize, usize) {
+        (self.base, self.base + self.guard_len)
+    }
+
     /// Gives the stack's touched pages back (after its frames were abandoned).
     fn release_pages(&self) {
-        let page = mman::page_size();
-        // SAFETY: the usable part of a stack whose frames were abandoned and are never
-        // resumed; nothing refers to it (see `run_guarded`'s contract). It reads as zero
-        // afterwards and stays mapped.
-        let _ = unsafe { mman::madvise_dontneed((self.base + page) as *mut u8, self.len - page) };
+        let usable = self.base + self.guard_len;
+        // SAFETY: the usable part of a stack mpkvirt mapped (see `make_usable`) whose frames
+        // were abandoned and are never resumed; nothing refers to them (see `run_guarded`'s
+        // contract). It reads as zero afterwards and stays mapped.
+        let _ = unsafe { mman::madvise_dontneed(usable as *mut u8, STACK_SIZE) };
+    }
+
+    /// After a fault on the stack itself outside its guard: the slot may not be usable
+    /// (see `POOL_READY`); it is prepared again on its next use.
+    fn unready(&self) {
+        if let Some(i) = self.slot {
+            POOL_READY.fetch_and(!(1 << i), Ordering::Release);
+        }
     }
 }
 
 impl Drop for GuardStack {
     fn drop(&mut self) {
-        // SAFETY: a stack is dropped when no guarded call runs on it (its call returned or
-        // was abandoned, or the cache was full); by `run_guarded`'s contract nothing
-        // refers to abandoned frames on it.
-        let _ = unsafe { mman::munmap(self.base as *mut u8, self.len) };
-    }
-}
-
-/// How many finished stacks the process keeps for reuse (more guarded calls at once map
-/// stacks of their own and unmap them when they end).
-const CACHED_STACKS: usize = 64;
-
-/// Stacks of finished guarded calls, ready for reuse by any thread: each slot holds a
-/// stack's base (0: empty). Process-wide rather than per thread: a thread's cache would have
-/// to be emptied when the thread ends, and no hook runs reliably then (a Rust thread-local
-/// first used from a pthread-key destructor never gets its destructor run, nor does a key
-/// set in glibc's last destructor round). Lock-free: signal handlers make guarded calls too.
-static FREE_STACKS: [AtomicUsize; CACHED_STACKS] = [const { AtomicUsize::new(0) }; CACHED_STACKS];
-
-/// A stack from the cache.
-fn cached_stack() -> Option<GuardStack> {
-    FREE_STACKS.iter().find_map(|slot| {
-        if slot.load(Ordering::Relaxed) == 0 {
-            return None;
-        }
-        let base = slot.swap(0, Ordering::Acquire);
-        (base != 0).then(|| GuardStack {
-            base,
-            len: GuardStack::len(),
-        })
-    })
-}
-
-/// Puts a stack back in the cache (or unmaps it when the cache is full).
-fn keep(stack: GuardStack) {
-    for slot in &FREE_STACKS {
-        if slot.load(Ordering::Relaxed) == 0
-            && slot
-                .compare_exchange(0, stack.base, Ordering::Release, Ordering::Relaxed)
-                .is_ok()
-        {
-            std::mem::forget(stack);
-            return;
+        match self.slot {
+            Some(i) => {
+                POOL_BUSY.fetch_and(!(1 << i), Ordering::Release);
+            }
+            None => {
+                // SAFETY: the mapping `acquire` made for this call alone, which has returned
+                // or was abandoned; by `run_guarded`'s contract nothing refers to its frames.
+                let _ = unsafe { mman::munmap(self.base as *mut u8, self.guard_len + STACK_SIZE) };
+            }
         }
     }
-    drop(stack);
 }
 
 /// Why a guarded call ended without `f`'s result.
@@ -560,10 +636,7 @@ where
     F: FnMut() -> R,
 {
     ensure_altstack();
-    let stack = match cached_stack() {
-        Some(s) => s,
-        None => GuardStack::new().map_err(Failed::NoStack)?,
-    };
+    let stack = GuardStack::acquire().map_err(Failed::NoStack)?;
     let mut mask = NO_SIGNALS;
     // SAFETY: queries the calling thread's mask into `mask` (no new mask).
     unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, std::ptr::null(), &raw mut mask) };
@@ -576,7 +649,6 @@ where
     let prev = RECOVERY.replace(Recovery {
         jmp: (&raw mut jmp) as usize,
         stack: (stack.base, stack.top()),
-        guard_end: stack.guard().1,
         mask,
     });
     // SAFETY: `stack.top()` is 16-byte aligned (the mapping is page-aligned and its length a
@@ -610,19 +682,26 @@ where
             code: SegvCode::Other(0),
             pkey: None,
         });
-        let kind = if (stack.guard().0..stack.guard().1).contains(&raw.addr) {
+        let on_stack = (stack.base..stack.top()).contains(&raw.addr);
+        let kind = if on_stack {
+            // The guard, or the stack itself when its slot was not usable (see `POOL_READY`).
+            if raw.addr >= stack.guard().1 {
+                stack.unready();
+            }
             FaultKind::StackOverflow
+        } else if LAST_SIGNAL.get() == libc::SIGBUS {
+            FaultKind::BusError
         } else {
             FaultKind::Violation
         };
-        // The touched pages of the abandoned frames go back to the system; the stack (and
-        // its two mappings) is reused.
+        // The touched pages of the abandoned frames go back to the system; a pool slot is
+        // reused, a stack of the call's own unmapped.
         stack.release_pages();
-        keep(stack);
+        drop(stack);
         drop(call);
         return Err(Failed::Fault(raw, kind));
     }
-    keep(stack);
+    drop(stack);
     Ok(call
         .out
         .take()

@@ -201,6 +201,10 @@ pub(crate) struct Root {
     /// rather than in a static: library code sends it to every thread, and a number the
     /// program could change would let a stray write make a revocation send, say, `SIGKILL`.
     pub(crate) sync_sig: AtomicI32,
+    /// The region of guarded-call stacks kept for reuse (`fault.rs`; 0: none), reserved at
+    /// start. Here rather than in a static: the stacks are found from it, and a base the
+    /// program could change would let a stray write aim the library's `madvise` anywhere.
+    pub(crate) guard_pool: AtomicUsize,
 }
 
 // SAFETY: every field is an atomic or a mutex except `gate`, which is written only during
@@ -259,6 +263,7 @@ static mpkvirt_gate_root: Root = Root {
     fence_mode: std::sync::atomic::AtomicU8::new(0),
     exit_key: AtomicU64::new(0),
     sync_sig: AtomicI32::new(0),
+    guard_pool: AtomicUsize::new(0),
 };
 
 /// The root (initialised: callers go through [`init`] first).
@@ -552,6 +557,13 @@ fn init_once(r: &Root) -> Result<MetadataMode> {
     // when process-wide rights first need the signal).
     if let Ok(sig) = crate::sync::install_handler() {
         r.sync_sig.store(sig, Ordering::Relaxed);
+    }
+    // Address space for the guarded-call stacks kept for reuse (made usable slot by slot).
+    if let Ok(pool) = mman::reserve(
+        crate::fault::POOL_SLOTS * crate::fault::POOL_SPAN,
+        Prot::NONE,
+    ) {
+        r.guard_pool.store(pool as usize, Ordering::Release);
     }
     if mpkvirt_sys::thread::FsGsBase::new().is_none() {
         return Err(Error::Unsupported(
