@@ -263,3 +263,139 @@ fn every_single_byte_mutation_is_handled() {
         bytes[i] = good[i];
     }
 }
+
+// ---- found by review: what the dynamic linker does that the first checks did not see -------
+
+/// `(file offset, file size, flags)` of every loadable segment.
+fn loads(bytes: &[u8]) -> Vec<(usize, usize, u32)> {
+    let u32_at = |o: usize| u32::from_le_bytes(bytes[o..o + 4].try_into().unwrap());
+    let u64_at = |o: usize| u64::from_le_bytes(bytes[o..o + 8].try_into().unwrap()) as usize;
+    let phoff = u64_at(0x20);
+    let (size, n) = (
+        u16::from_le_bytes([bytes[0x36], bytes[0x37]]) as usize,
+        u16::from_le_bytes([bytes[0x38], bytes[0x39]]) as usize,
+    );
+    (0..n)
+        .map(|i| phoff + i * size)
+        .filter(|&p| u32_at(p) == 1)
+        .map(|p| (u64_at(p + 8), u64_at(p + 32), u32_at(p + 4)))
+        .collect()
+}
+
+/// The dynamic linker maps the code segment's whole pages: a gadget in the file bytes after
+/// the code's end, in its last page, is executable too.
+#[test]
+fn a_gadget_in_the_code_segments_page_padding_is_refused() {
+    let mut so = echo();
+    let (off, size, _) = *loads(&so).iter().find(|l| l.2 & 1 != 0).unwrap();
+    let end = off + size;
+    assert!(
+        end % 4096 != 0 && end % 4096 <= 4093,
+        "setup: code ends inside a page"
+    );
+    so[end..end + 3].copy_from_slice(&[0x0f, 0x01, 0xef]);
+    assert!(matches!(
+        validate(&so),
+        Err(ImageError::ForbiddenInstruction {
+            kind: Gadget::Wrpkru,
+            ..
+        })
+    ));
+}
+
+/// Without `PT_GNU_STACK`, glibc makes every thread's stack executable at load.
+#[test]
+fn a_missing_gnu_stack_header_is_an_executable_stack() {
+    let mut so = echo();
+    let p = phdr(&so, 0x6474_e551, 0);
+    so[p..p + 4].copy_from_slice(&0u32.to_le_bytes()); // PT_NULL
+    assert_eq!(validate(&so).unwrap_err(), ImageError::ExecutableStack);
+}
+
+/// A needed library other than the C library's would be loaded without validation.
+#[test]
+fn needed_libraries_other_than_libc_are_refused() {
+    static BUILDS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = BUILDS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("mpkvirt-image-needed-{}-{n}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let lib = dir.join("libother.so");
+    std::fs::write(dir.join("other.c"), "int other(void) { return 1; }\n").unwrap();
+    assert!(
+        Command::new("cc")
+            .args(["-fPIC", "-shared", "-o"])
+            .arg(&lib)
+            .arg(dir.join("other.c"))
+            .status()
+            .unwrap()
+            .success()
+    );
+    let dir_arg = format!("-L{}", dir.display());
+    let so = build("needs", ECHO, &["-Wl,--no-as-needed", &dir_arg, "-lother"]);
+    let _ = std::fs::remove_dir_all(&dir);
+    assert_eq!(
+        validate(&so).unwrap_err(),
+        ImageError::ForbiddenLibrary("libother.so".into())
+    );
+}
+
+/// A relocation aimed at the code (no DT_TEXTREL): the dynamic linker would write there (a
+/// crash inside `dlopen`, or a write past the object).
+#[test]
+fn relocations_outside_writable_segments_are_refused() {
+    let mut so = build(
+        "reloc",
+        &format!("{ECHO}\nstatic int x;\nint *p = &x;\n"),
+        &[],
+    );
+    let code_vaddr = {
+        let f = object::read::elf::ElfFile64::<object::Endianness>::parse(&so[..]).unwrap();
+        let e = f.endian();
+        use object::read::elf::ProgramHeader;
+        f.elf_program_headers()
+            .iter()
+            .find(|p| p.p_type(e) == object::elf::PT_LOAD && p.p_flags(e).0 & 1 != 0)
+            .unwrap()
+            .p_vaddr(e)
+    };
+    let (start, len) = {
+        use object::{Object, ObjectSection};
+        let f = object::File::parse(&so[..]).unwrap();
+        let s = f.section_by_name(".rela.dyn").unwrap();
+        let (o, l) = s.file_range().unwrap();
+        (o as usize, l as usize)
+    };
+    let r = (start..start + len)
+        .step_by(24)
+        .find(|&r| u64::from_le_bytes(so[r + 8..r + 16].try_into().unwrap()) & 0xffff_ffff == 8)
+        .expect("setup: an R_X86_64_RELATIVE relocation");
+    so[r..r + 8].copy_from_slice(&code_vaddr.to_le_bytes());
+    assert_eq!(
+        validate(&so).unwrap_err(),
+        ImageError::RelocationOutsideData { vaddr: code_vaddr }
+    );
+}
+
+/// The entry symbol must lie in code, not (say) in `.data`.
+#[test]
+fn an_entry_outside_the_code_is_refused() {
+    let so = build(
+        "entrydata",
+        "#include \"mpkvirt_fn.h\"\nconst uint32_t mpkvirt_fn_abi_version = MPKVIRT_FN_ABI_VERSION;\n\
+         __asm__(\".data\\n.globl mpkvirt_fn_entry\\n.type mpkvirt_fn_entry,@function\\n\"\n\
+         \"mpkvirt_fn_entry: xor %eax,%eax\\n ret\\n.size mpkvirt_fn_entry,3\\n.text\\n\");\n",
+        &[],
+    );
+    assert_eq!(validate(&so).unwrap_err(), ImageError::EntryNotInCode);
+}
+
+/// Addresses near the end of the address space make no arithmetic overflow.
+#[test]
+fn huge_segment_addresses_do_not_overflow() {
+    let mut so = echo();
+    let p = phdr(&so, 1, 1);
+    so[p + 16..p + 24].copy_from_slice(&(u64::MAX - 0xf).to_le_bytes()); // p_vaddr
+    let (off, size, _) = *loads(&so).iter().find(|l| l.2 & 1 != 0).unwrap();
+    so[off + size / 2..off + size / 2 + 3].copy_from_slice(&[0x0f, 0x01, 0xef]);
+    assert!(validate(&so).is_err());
+}

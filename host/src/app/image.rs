@@ -23,7 +23,7 @@ use std::fmt;
 use mpkvirt::scan::{Gadget, gadgets};
 use object::elf;
 use object::read::elf::{Dyn, ElfFile64, FileHeader, ProgramHeader};
-use object::{Endianness, FileKind, Object, ObjectSymbol};
+use object::{Endianness, FileKind, Object, ObjectSection, ObjectSymbol};
 
 /// `MPKVIRT_FN_ABI_VERSION` of `include/mpkvirt_fn.h`.
 pub const ABI_VERSION: u32 = 1;
@@ -94,6 +94,16 @@ pub enum ImageError {
     },
     /// It imports a function tenants may not call.
     ForbiddenImport(String),
+    /// It needs a shared library other than the C library's.
+    ForbiddenLibrary(String),
+    /// A dynamic relocation writes outside the object's writable segments (into its code,
+    /// or past its mappings).
+    RelocationOutsideData {
+        /// Where it writes.
+        vaddr: u64,
+    },
+    /// The entry symbol does not lie in an executable segment.
+    EntryNotInCode,
 }
 
 impl fmt::Display for ImageError {
@@ -122,6 +132,14 @@ impl fmt::Display for ImageError {
             ImageError::ForbiddenImport(name) => {
                 write!(f, "imports {name}, which tenant code may not call")
             }
+            ImageError::ForbiddenLibrary(name) => {
+                write!(f, "needs {name}; tenants may link the C library only")
+            }
+            ImageError::RelocationOutsideData { vaddr } => write!(
+                f,
+                "a relocation writes at {vaddr:#x}, outside the object's writable segments"
+            ),
+            ImageError::EntryNotInCode => write!(f, "{ENTRY} does not lie in executable code"),
         }
     }
 }
@@ -165,7 +183,9 @@ pub fn validate(bytes: &[u8]) -> Result<ImageInfo, ImageError> {
         return Err(ImageError::NotSharedObject);
     }
     let mut code_bytes = 0;
-    for ph in file.elf_program_headers() {
+    let mut gnu_stack = false;
+    let phs = file.elf_program_headers();
+    for ph in phs {
         let flags = ph.p_flags(endian).0;
         let (x, w) = (flags & elf::PF_X.0 != 0, flags & elf::PF_W.0 != 0);
         let vaddr = ph.p_vaddr(endian);
@@ -175,35 +195,46 @@ pub fn validate(bytes: &[u8]) -> Result<ImageInfo, ImageError> {
                     return Err(ImageError::WritableAndExecutable { vaddr });
                 }
                 if x {
-                    let code = ph
-                        .data(endian, bytes)
-                        .map_err(|_| ImageError::Malformed("segment outside the file".into()))?;
+                    // The dynamic linker maps whole pages: the file's bytes around the
+                    // segment in its first and last page become executable too.
+                    let (offset, filesz) = (ph.p_offset(endian), ph.p_filesz(endian));
+                    let start = offset & !(PAGE - 1);
+                    let end = offset
+                        .checked_add(filesz)
+                        .and_then(|e| e.checked_next_multiple_of(PAGE))
+                        .ok_or_else(|| ImageError::Malformed("segment size".into()))?;
+                    let end = usize::try_from(end).unwrap_or(usize::MAX).min(bytes.len());
+                    let start = usize::try_from(start).unwrap_or(usize::MAX);
+                    if start > end || offset.saturating_add(filesz) > bytes.len() as u64 {
+                        return Err(ImageError::Malformed("segment outside the file".into()));
+                    }
+                    let code = &bytes[start..end];
                     if let Some(&(at, kind)) = gadgets(code).first() {
+                        let delta = (start + at) as u64;
                         return Err(ImageError::ForbiddenInstruction {
                             kind,
-                            vaddr: vaddr + at as u64,
+                            vaddr: vaddr.wrapping_sub(offset).wrapping_add(delta),
                         });
                     }
                     code_bytes += code.len();
                 }
             }
             elf::PT_GNU_STACK if x => return Err(ImageError::ExecutableStack),
+            elf::PT_GNU_STACK => gnu_stack = true,
             elf::PT_DYNAMIC => {
                 let entries = ph
                     .dynamic(endian, bytes)
                     .map_err(|e| ImageError::Malformed(e.to_string()))?
                     .unwrap_or(&[]);
-                for d in entries {
-                    let tag = d.tag(endian);
-                    let textrel_flag =
-                        tag == elf::DT_FLAGS && d.d_val(endian) & elf::DF_TEXTREL.0 != 0;
-                    if tag == elf::DT_TEXTREL || textrel_flag {
-                        return Err(ImageError::TextRelocations);
-                    }
-                }
+                check_dynamic(&file, bytes, entries)?;
             }
             _ => {}
         }
+    }
+    // Without PT_GNU_STACK, glibc makes every thread's stack executable when it loads the
+    // object.
+    if !gnu_stack {
+        return Err(ImageError::ExecutableStack);
     }
     let mut entry = false;
     let mut version = None;
@@ -223,7 +254,12 @@ pub fn validate(bytes: &[u8]) -> Result<ImageInfo, ImageError> {
             continue;
         }
         match name {
-            ENTRY if sym.kind() == object::SymbolKind::Text => entry = true,
+            ENTRY if sym.kind() == object::SymbolKind::Text => {
+                if !in_segment(&file, sym.address(), 1, elf::PF_X.0) {
+                    return Err(ImageError::EntryNotInCode);
+                }
+                entry = true;
+            }
             VERSION_SYMBOL if sym.size() == 4 => {
                 version = Some(read_u32_at(&file, bytes, sym.address())?);
             }
@@ -242,6 +278,126 @@ pub fn validate(bytes: &[u8]) -> Result<ImageInfo, ImageError> {
         code_bytes,
         imports,
     })
+}
+
+/// The page size the dynamic linker maps with (x86-64).
+const PAGE: u64 = 4096;
+
+/// Libraries a tenant may need.
+const ALLOWED_LIBRARIES: &[&str] = &["libc.so.6", "libm.so.6"];
+
+/// Whether `[vaddr, vaddr + len)` lies in one loadable segment (in memory) with `flags` set.
+fn in_segment(file: &ElfFile64<'_, Endianness>, vaddr: u64, len: u64, flags: u32) -> bool {
+    let endian = file.endian();
+    file.elf_program_headers().iter().any(|ph| {
+        let start = ph.p_vaddr(endian);
+        ph.p_type(endian) == elf::PT_LOAD
+            && ph.p_flags(endian).0 & flags == flags
+            && vaddr >= start
+            && vaddr
+                .checked_add(len)
+                .is_some_and(|end| end <= start.saturating_add(ph.p_memsz(endian)))
+    })
+}
+
+/// The file bytes behind `[vaddr, vaddr + len)` (inside one loadable segment's file part).
+fn file_bytes<'a>(
+    file: &ElfFile64<'_, Endianness>,
+    bytes: &'a [u8],
+    vaddr: u64,
+    len: u64,
+) -> Option<&'a [u8]> {
+    let endian = file.endian();
+    file.elf_program_headers().iter().find_map(|ph| {
+        if ph.p_type(endian) != elf::PT_LOAD {
+            return None;
+        }
+        let off = vaddr.checked_sub(ph.p_vaddr(endian))?;
+        if off.checked_add(len)? > ph.p_filesz(endian) {
+            return None;
+        }
+        let at = usize::try_from(ph.p_offset(endian).checked_add(off)?).ok()?;
+        bytes.get(at..at.checked_add(usize::try_from(len).ok()?)?)
+    })
+}
+
+/// Checks what the dynamic linker will do with the object, read from its dynamic segment (as
+/// the linker reads it, not from section headers): no text relocations; every relocation
+/// writes inside a writable segment; no library but the C library's is needed; the symbol
+/// and string tables are the ones the sections describe (which the symbol checks read).
+fn check_dynamic(
+    file: &ElfFile64<'_, Endianness>,
+    bytes: &[u8],
+    entries: &[object::elf::Dyn64<Endianness>],
+) -> Result<(), ImageError> {
+    let endian = file.endian();
+    let get = |tag: object::elf::DynamicTag| -> Option<u64> {
+        entries
+            .iter()
+            .find(|d| d.tag(endian) == tag)
+            .map(|d| d.d_val(endian))
+    };
+    for d in entries {
+        let tag = d.tag(endian);
+        let textrel_flag = tag == elf::DT_FLAGS && d.d_val(endian) & elf::DF_TEXTREL.0 != 0;
+        if tag == elf::DT_TEXTREL || textrel_flag {
+            return Err(ImageError::TextRelocations);
+        }
+        // x86-64 objects use RELA only; REL and packed RELR tables are refused rather than
+        // parsed.
+        if tag == elf::DT_REL || tag == elf::DT_RELR {
+            return Err(ImageError::Malformed("REL or RELR relocations".into()));
+        }
+    }
+    // The tables the section headers name must be the ones the dynamic segment names.
+    for (tag, name) in [(elf::DT_SYMTAB, ".dynsym"), (elf::DT_STRTAB, ".dynstr")] {
+        let section = file.section_by_name(name).map(|s| s.address());
+        if get(tag) != section {
+            return Err(ImageError::Malformed(format!(
+                "the dynamic segment's {name} is not the section's"
+            )));
+        }
+    }
+    // Relocations (DT_RELA and the PLT's DT_JMPREL, both RELA): each writes 8 bytes.
+    for (table, size) in [
+        (elf::DT_RELA, elf::DT_RELASZ),
+        (elf::DT_JMPREL, elf::DT_PLTRELSZ),
+    ] {
+        let (Some(at), Some(len)) = (get(table), get(size)) else {
+            continue;
+        };
+        let rel = file_bytes(file, bytes, at, len)
+            .ok_or_else(|| ImageError::Malformed("relocation table outside the file".into()))?;
+        for r in rel.chunks(24) {
+            let r_offset = u64::from_le_bytes(
+                r.get(..8)
+                    .and_then(|b| b.try_into().ok())
+                    .ok_or_else(|| ImageError::Malformed("relocation table size".into()))?,
+            );
+            if !in_segment(file, r_offset, 8, elf::PF_W.0)
+                || in_segment(file, r_offset, 8, elf::PF_X.0)
+            {
+                return Err(ImageError::RelocationOutsideData { vaddr: r_offset });
+            }
+        }
+    }
+    // Libraries it needs.
+    let strtab = get(elf::DT_STRTAB).unwrap_or(0);
+    let strsz = get(elf::DT_STRSZ).unwrap_or(0);
+    let strings = file_bytes(file, bytes, strtab, strsz)
+        .ok_or_else(|| ImageError::Malformed("string table outside the file".into()))?;
+    for d in entries.iter().filter(|d| d.tag(endian) == elf::DT_NEEDED) {
+        let at = usize::try_from(d.d_val(endian)).unwrap_or(usize::MAX);
+        let name = strings
+            .get(at..)
+            .and_then(|s| s.split(|&b| b == 0).next())
+            .ok_or_else(|| ImageError::Malformed("library name outside the string table".into()))?;
+        let name = String::from_utf8_lossy(name).into_owned();
+        if !ALLOWED_LIBRARIES.contains(&name.as_str()) {
+            return Err(ImageError::ForbiddenLibrary(name));
+        }
+    }
+    Ok(())
 }
 
 /// The little-endian `u32` the object's file holds at virtual address `vaddr` (inside a

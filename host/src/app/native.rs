@@ -3,8 +3,11 @@
 //! [`NativeFunction::load`] reads the file, validates it ([`super::image::validate`]), and
 //! maps it with `dlopen(RTLD_NOW | RTLD_LOCAL)`: every symbol is bound at load (an unresolved
 //! one is a load error, not a crash at the first call), and none of the object's symbols
-//! become visible to other objects. Its constructors run then — validation already refused
-//! code that could change PKRU or the thread pointer, and imports outside the allowed list.
+//! become visible to other objects. Loading runs the tenant's code: its constructors, and
+//! the resolvers of its IFUNC symbols while symbols are bound. Validation refused
+//! instructions that change PKRU or the thread pointer, and imports outside the allowed
+//! list, but not system calls (interposition's business): so `load` is `unsafe`, and the
+//! runtime loads a tenant the way it calls one, with the tenant's rights.
 //!
 //! [`NativeFunction::call`] runs the entry with a [`HostApi`] table. It runs the tenant's code
 //! *with the caller's rights*: the runtime calls it on an instance's green thread, inside the
@@ -131,13 +134,19 @@ impl NativeFunction {
     /// # Errors
     ///
     /// [`LoadError`]: unreadable, refused by validation, or by the dynamic linker.
-    pub fn load(path: &Path) -> Result<NativeFunction, LoadError> {
+    ///
+    /// # Safety
+    ///
+    /// Linking runs the object's constructors and IFUNC resolvers on the calling thread
+    /// with its rights, as [`NativeFunction::call`] runs its entry: the caller provides the
+    /// isolation.
+    pub unsafe fn load(path: &Path) -> Result<NativeFunction, LoadError> {
         let bytes = std::fs::read(path).map_err(LoadError::Read)?;
         image::validate(&bytes).map_err(LoadError::Invalid)?;
         let c_path = CString::new(path.as_os_str().as_bytes())
             .map_err(|_| LoadError::Link("a path with a NUL byte".into()))?;
-        // SAFETY: a NUL-terminated path; the object was validated (its constructors contain
-        // no PKRU or thread-pointer writes and import only allowed functions).
+        // SAFETY: a NUL-terminated path; what the object's code does while it is linked is
+        // the caller's contract (see above).
         let handle = unsafe { libc::dlopen(c_path.as_ptr(), libc::RTLD_NOW | libc::RTLD_LOCAL) };
         if handle.is_null() {
             return Err(LoadError::Link(dl_error()));

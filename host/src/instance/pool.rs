@@ -187,7 +187,8 @@ impl<B: Backend> Pool<B> {
             .and_then(VecDeque::pop_front)
             .expect("listed above");
         if let Err(e) = d.reset() {
-            self.clean.push(d);
+            // Not lent again, to anyone: it may still hold the other application's data.
+            self.stats.created -= 1;
             return Err(PoolError::Domain(e));
         }
         self.stats.resets += 1;

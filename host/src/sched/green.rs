@@ -11,9 +11,10 @@
 //! no byte of the switch can change PKRU however a tenant reaches it.
 //!
 //! A fiber's closure must not unwind out of it: panics are caught on the fiber's stack and
-//! handed to the resumer. Dropping a fiber that has not finished frees its stack without
-//! running the destructors of the frames on it (nothing else refers to them: the closure is
-//! `'static`).
+//! handed to the resumer. A fiber dropped while suspended mid-run never runs the destructors
+//! of the frames on its stack, so its stack is leaked, not unmapped: something may still
+//! borrow from those frames (a scoped thread started inside the closure). The runtime ends
+//! tenant invocations without dropping suspended fibers.
 //!
 //! # Safety
 //!
@@ -96,8 +97,23 @@ struct Record {
 pub struct Fiber {
     record: Box<Record>,
     state: State,
-    // Declared last: dropped after the record (nothing on the stack refers to it then).
-    _stack: Stack,
+    /// Unmapped when the fiber is dropped, unless it was suspended mid-run (see `Drop`).
+    stack: std::mem::ManuallyDrop<Stack>,
+}
+
+impl Drop for Fiber {
+    fn drop(&mut self) {
+        // A fiber suspended mid-run keeps frames on its stack that never run again, and
+        // their destructors never run either: something may still borrow from them (a
+        // scoped thread started inside the closure relies on the scope's destructor to join
+        // it). Its stack stays mapped for good: leaked, never reused.
+        let started = self.record.body.is_none();
+        if self.state == State::Done || !started {
+            // SAFETY: dropped once, here; nothing runs on the stack (finished, or never
+            // started) and nothing refers to it.
+            unsafe { std::mem::ManuallyDrop::drop(&mut self.stack) };
+        }
+    }
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -225,7 +241,7 @@ impl Fiber {
         Ok(Fiber {
             record,
             state: State::Ready,
-            _stack: stack,
+            stack: std::mem::ManuallyDrop::new(stack),
         })
     }
 
