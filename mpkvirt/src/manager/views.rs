@@ -336,7 +336,7 @@ fn slow_enter<B: Backend>(
         // The queue's progress when this sleep began: a waiter far back that sees none for
         // as long as a head may stay quiet looks itself (the head and the waiter behind it
         // may both have stopped looking: nobody else would prune them).
-        let (gen0, since) = (sh.queue_gen.load(Ordering::SeqCst), Instant::now());
+        let (mut gen0, mut since) = (sh.queue_gen.load(Ordering::SeqCst), Instant::now());
         let stuck = stuck_after(sh);
         loop {
             let now = Instant::now();
@@ -350,10 +350,14 @@ fn slow_enter<B: Backend>(
             // Far back in the queue, the thread looks again (under the lock) only when it
             // moved up or its wait is over.
             let now = Instant::now();
+            let queue_gen = sh.queue_gen.load(Ordering::SeqCst);
+            if queue_gen != gen0 {
+                (gen0, since) = (queue_gen, now);
+            }
             if pos.is_some_and(|p| p <= 1)
                 || word.load(Ordering::SeqCst) != expect
                 || until.is_some_and(|u| now >= u)
-                || (sh.queue_gen.load(Ordering::SeqCst) == gen0 && now - since >= stuck)
+                || now - since >= stuck
             {
                 break;
             }
