@@ -46,5 +46,8 @@ fn main() {
         (rss1 - rss0) as f64 / n as f64
     );
     let st = mgr.stats();
-    println!("mpkvirt: {} domains alive, {} evictions", st.domains, st.evictions);
+    println!(
+        "mpkvirt: {} domains alive, {} evictions",
+        st.domains, st.evictions
+    );
 }
