@@ -26,23 +26,13 @@ mod common;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use common::{config, symbols};
+use common::{config, mpkvirt_static};
 use mpkvirt::{Backend, Config, DomainOptions, Emulated, Hardware, Manager, Rights};
 use mpkvirt_sys::require_pku;
 
 /// The run-time address of mpkvirt's `ARENA_MAP` static (what a stray pointer would hit).
 fn arena_map_static() -> usize {
-    let gate = symbols("mpkvirt_gate_call")
-        .into_iter()
-        .find(|(n, _)| n == "mpkvirt_gate_call")
-        .unwrap()
-        .1;
-    let bias = mpkvirt_asm::mpkvirt_gate_call as *const () as usize - gate as usize;
-    let (_, v) = symbols("ARENA_MAP")
-        .into_iter()
-        .find(|(n, _)| n.contains("5arena9ARENA_MAP"))
-        .expect("ARENA_MAP in the symbol table");
-    bias + v as usize
+    mpkvirt_static("5arena9ARENA_MAP")
 }
 
 fn probe(addr: usize) -> Option<u8> {

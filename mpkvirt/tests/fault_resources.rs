@@ -17,7 +17,7 @@ mod common;
 use std::sync::Arc;
 use std::time::Instant;
 
-use common::config;
+use common::{config, mappings};
 use mpkvirt::{Backend, Config, Domain, DomainOptions, Emulated, Error, Hardware, Manager, Mode};
 use mpkvirt_sys::require_pku;
 
@@ -32,13 +32,6 @@ fn guard<B: Backend, R>(mgr: &Manager<B>, f: impl FnMut() -> R) -> mpkvirt::Resu
     // SAFETY: the closures of these tests start no thread, so nothing can use their frames
     // after a fault abandons them.
     unsafe { mgr.guarded(f) }
-}
-
-fn mappings() -> usize {
-    std::fs::read_to_string("/proc/self/maps")
-        .unwrap()
-        .lines()
-        .count()
 }
 
 /// Resident pages (`/proc/self/statm`, second field).

@@ -16,10 +16,13 @@
 //! `Manager::guarded` with a closure that starts no thread.
 #![allow(unsafe_code, reason = "a pthread key destructor, and Manager::guarded")]
 
+mod common;
+
 use std::cell::Cell;
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 
+use common::mappings;
 use mpkvirt::{Config, Manager, Mode};
 
 static MGR: OnceLock<Manager> = OnceLock::new();
@@ -31,13 +34,6 @@ static CALL_IN_ROUND: AtomicU32 = AtomicU32::new(1);
 thread_local! {
     /// Const-initialised without a destructor: usable in every destructor round.
     static ROUND: Cell<u32> = const { Cell::new(0) };
-}
-
-fn mappings() -> usize {
-    std::fs::read_to_string("/proc/self/maps")
-        .unwrap()
-        .lines()
-        .count()
 }
 
 fn set_key() {

@@ -30,28 +30,13 @@ mod common;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use common::{config, symbols};
+use common::{config, mpkvirt_static};
 use mpkvirt::{Backend, DomainOptions, Emulated, Error, FaultKind, Hardware, Manager, Rights};
 use mpkvirt_sys::require_pku;
 
-/// The run-time address of the mpkvirt static whose mangled name contains `part`.
-fn static_addr(part: &str) -> usize {
-    let gate = symbols("mpkvirt_gate_call")
-        .into_iter()
-        .find(|(n, _)| n == "mpkvirt_gate_call")
-        .unwrap()
-        .1;
-    let bias = mpkvirt_asm::mpkvirt_gate_call as *const () as usize - gate as usize;
-    let (_, v) = symbols(part)
-        .into_iter()
-        .find(|(n, _)| n.contains("mpkvirt"))
-        .unwrap_or_else(|| panic!("mpkvirt's static {part}"));
-    bias + v as usize
-}
-
 fn forge(part: &str, value: u64) {
     // SAFETY: the simulated memory-safety bug: a word of mpkvirt's own static.
-    unsafe { &*(static_addr(part) as *const AtomicU64) }.store(value, Ordering::SeqCst);
+    unsafe { &*(mpkvirt_static(part) as *const AtomicU64) }.store(value, Ordering::SeqCst);
 }
 
 fn forged_bitmaps_empty_nothing<B: Backend>(mgr: Manager<B>) {

@@ -7,29 +7,17 @@
 //! plain access). Now the enter fails with `Error::Retag` and changes nothing, and once
 //! mappings are free again every view works.
 //!
-//! The scenario runs in a child process (it uses up the process's mappings).
-//!
-//! # Safety
-//!
-//! The child maps and `mprotect`s an anonymous region of its own (never touched through a
-//! Rust reference) to use up its mappings, and unmaps it.
-#![allow(
-    unsafe_code,
-    reason = "the child maps a region of its own to reach the mapping limit"
-)]
+//! The scenario runs in a child process (it uses up the process's mappings:
+//! `common::map_limit`).
+
+mod common;
 
 use std::process::Command;
 
+use common::map_limit::MapFiller;
 use mpkvirt::{Config, DomainOptions, Error, Manager, Mode, Rights};
 
 const PAGE: usize = 4096;
-
-fn mappings() -> usize {
-    std::fs::read_to_string("/proc/self/maps")
-        .unwrap()
-        .lines()
-        .count()
-}
 
 #[test]
 #[ignore = "run by emulated_grants_at_the_mapping_limit_fail_cleanly in a child process"]
@@ -48,39 +36,8 @@ fn map_limit_child() {
         mgr.write_byte(addr(k), 1).unwrap();
         drop(v);
     }
-    // Use up the mappings: one region, every other page made inaccessible, until the
-    // kernel refuses to split it further.
-    let max: usize = std::fs::read_to_string("/proc/sys/vm/max_map_count")
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
-    let pages = 2 * (max - mappings() + 16);
-    // SAFETY: a fresh anonymous mapping the kernel places; nothing else refers to it.
-    let big = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            pages * PAGE,
-            libc::PROT_READ,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
-            -1,
-            0,
-        )
-    };
-    assert_ne!(big, libc::MAP_FAILED);
-    let mut splits = 0;
-    for i in (0..pages).step_by(2) {
-        let page = big as usize + i * PAGE;
-        // SAFETY: a page inside the region mapped above, which only this loop touches.
-        if unsafe { libc::mprotect(page as *mut libc::c_void, PAGE, libc::PROT_NONE) } != 0 {
-            break;
-        }
-        splits += 1;
-    }
-    assert!(
-        splits < pages / 2,
-        "setup: the mapping limit was not reached"
-    );
+    // Use up the mappings.
+    let filler = MapFiller::new();
     let (mut entered, mut refused) = (0, 0);
     for r in 0..2000 {
         let k = r % doms.len();
@@ -97,8 +54,7 @@ fn map_limit_child() {
             Err(e) => panic!("round {r}: {e}"),
         }
     }
-    // SAFETY: the region mapped above, no longer used.
-    assert_eq!(unsafe { libc::munmap(big, pages * PAGE) }, 0);
+    drop(filler);
     // Nothing was lost: with mappings to spare, every view works and holds its data.
     for (k, d) in doms.iter().enumerate() {
         let v = mgr.enter(&[(d, Rights::ReadWrite)]).unwrap();

@@ -13,26 +13,22 @@
 //!
 //! # Safety
 //!
-//! The child maps a region of its own to reach the mapping limit, and probes pages with
-//! `write(2)`/`read(2)` (the kernel reports EFAULT for an inaccessible buffer).
+//! The child makes a memfd and probes pages with `write(2)`/`read(2)` (the kernel reports
+//! EFAULT for an inaccessible buffer); `common::map_limit` uses up the mappings.
 #![allow(
     unsafe_code,
-    reason = "the child maps a region of its own and probes pages"
+    reason = "a memfd, and probes of pages through system calls"
 )]
+
+mod common;
 
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::process::Command;
 
+use common::map_limit::MapFiller;
 use mpkvirt::{Config, DomainOptions, Error, Manager, Mode, Rights};
 
 const PAGE: usize = 4096;
-
-fn mappings() -> usize {
-    std::fs::read_to_string("/proc/self/maps")
-        .unwrap()
-        .lines()
-        .count()
-}
 
 /// Whether the kernel can read (`write(2)` from it) and write (`read(2)` into it) the page.
 fn probe(addr: usize) -> (bool, bool) {
@@ -93,38 +89,13 @@ fn map_limit_child() {
         (false, false),
         "setup: the page is closed outside a view"
     );
-    let max: usize = std::fs::read_to_string("/proc/sys/vm/max_map_count")
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
-    let pages = 2 * (max - mappings() + 16);
-    // SAFETY: a fresh anonymous mapping the kernel places; nothing else refers to it.
-    let big = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            pages * PAGE,
-            libc::PROT_READ,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
-            -1,
-            0,
-        )
-    };
-    assert_ne!(big, libc::MAP_FAILED);
-    for i in (0..pages).step_by(2) {
-        let page = big as usize + i * PAGE;
-        // SAFETY: a page inside the region mapped above, which only this loop touches.
-        if unsafe { libc::mprotect(page as *mut libc::c_void, PAGE, libc::PROT_NONE) } != 0 {
-            break;
-        }
-    }
+    let filler = MapFiller::new();
     let r = mgr.enter(&[(&d, Rights::ReadWrite)]);
     let failed = matches!(r, Err(Error::Retag { .. }));
     let outcome = format!("{:?}", r.as_ref().map(|_| ()));
     drop(r);
     let open = probe(file_page);
-    // SAFETY: the region mapped above, no longer used.
-    assert_eq!(unsafe { libc::munmap(big, pages * PAGE) }, 0);
+    drop(filler);
     println!(
         "enter at the limit: {outcome}; failed: {failed}; file page (readable, writable) with no view: {open:?}"
     );

@@ -21,22 +21,7 @@ mod common;
 use std::process::Command;
 use std::sync::mpsc;
 
-use common::symbols;
-
-/// The run-time address of the static that holds the sync signal's number.
-fn signal_static() -> usize {
-    let gate = symbols("mpkvirt_gate_call")
-        .into_iter()
-        .find(|(n, _)| n == "mpkvirt_gate_call")
-        .unwrap()
-        .1;
-    let bias = mpkvirt_asm::mpkvirt_gate_call as *const () as usize - gate as usize;
-    let (_, v) = symbols("13signal_number3SIG")
-        .into_iter()
-        .find(|(n, _)| n.contains("mpkvirt"))
-        .expect("the signal number's static in the symbol table");
-    bias + v as usize
-}
+use common::mpkvirt_static;
 
 #[test]
 #[ignore = "run by a_stray_write_does_not_choose_the_sync_signal in a child process"]
@@ -45,7 +30,7 @@ fn sync_signal_child() {
     mpkvirt::thread::sync_process_wide().unwrap();
     // The stray write: the word of the static (a `OnceLock<i32>`: its state and its value)
     // that holds the number gets 9.
-    let at = signal_static();
+    let at = mpkvirt_static("13signal_number3SIG");
     let sig = libc::SIGRTMIN() + 7;
     let words = at as *mut i32;
     let mut hit = false;

@@ -161,7 +161,12 @@ impl<B: Backend> Pool<B> {
     /// [`PoolError::Exhausted`] when every slot is in use at the limit; [`PoolError::Domain`]
     /// when mpkvirt refuses to make or reset one.
     pub fn acquire(&mut self, app: AppId) -> Result<Slot<B>, PoolError> {
-        if let Some((_, d)) = self.warm.get_mut(&app).and_then(VecDeque::pop_back) {
+        if let Some(list) = self.warm.get_mut(&app)
+            && let Some((_, d)) = list.pop_back()
+        {
+            if list.is_empty() {
+                self.warm.remove(&app);
+            }
             self.stats.warm_hits += 1;
             return Ok(self.lend(d, app));
         }
@@ -173,26 +178,37 @@ impl<B: Backend> Pool<B> {
             return Ok(self.lend(d, app));
         }
         // The warm slot released longest ago, of another application: reset, then lent.
-        let oldest = self
+        let Some(d) = self.take_oldest_warm() else {
+            return Err(PoolError::Exhausted { slots: self.limit });
+        };
+        let d = self.reset(d)?;
+        Ok(self.lend(d, app))
+    }
+
+    /// The warm slot released longest ago, taken off its application's list.
+    fn take_oldest_warm(&mut self) -> Option<Domain<B>> {
+        let (_, app) = self
             .warm
             .iter()
             .filter_map(|(a, list)| list.front().map(|(t, _)| (*t, *a)))
-            .min();
-        let Some((_, other)) = oldest else {
-            return Err(PoolError::Exhausted { slots: self.limit });
-        };
-        let (_, d) = self
-            .warm
-            .get_mut(&other)
-            .and_then(VecDeque::pop_front)
-            .expect("listed above");
+            .min()?;
+        let list = self.warm.get_mut(&app)?;
+        let (_, d) = list.pop_front()?;
+        if list.is_empty() {
+            self.warm.remove(&app);
+        }
+        Some(d)
+    }
+
+    /// Resets `d` for another application. A slot whose reset fails is dropped (its domain
+    /// destroyed), never lent again: it may still hold the previous application's data.
+    fn reset(&mut self, d: Domain<B>) -> Result<Domain<B>, PoolError> {
         if let Err(e) = d.reset() {
-            // Not lent again, to anyone: it may still hold the other application's data.
             self.stats.created -= 1;
             return Err(PoolError::Domain(e));
         }
         self.stats.resets += 1;
-        Ok(self.lend(d, app))
+        Ok(d)
     }
 
     fn lend(&mut self, domain: Domain<B>, app: AppId) -> Slot<B> {
@@ -217,12 +233,8 @@ impl<B: Backend> Pool<B> {
                     .push_back((self.clock, slot.domain));
             }
             Release::Reset => {
-                slot.domain.reset().map_err(|e| {
-                    self.stats.created -= 1;
-                    PoolError::Domain(e)
-                })?;
-                self.stats.resets += 1;
-                self.clean.push(slot.domain);
+                let d = self.reset(slot.domain)?;
+                self.clean.push(d);
             }
         }
         Ok(())
@@ -235,28 +247,14 @@ impl<B: Backend> Pool<B> {
     ///
     /// When a reset fails (that slot is dropped; those reset before stay clean).
     pub fn reclaim(&mut self, keep: usize) -> Result<usize, PoolError> {
+        let warm: usize = self.warm.values().map(VecDeque::len).sum();
         let mut done = 0;
-        while self.warm.values().map(VecDeque::len).sum::<usize>() > keep {
-            let (_, app) = self
-                .warm
-                .iter()
-                .filter_map(|(a, list)| list.front().map(|(t, _)| (*t, *a)))
-                .min()
-                .expect("some warm slot");
-            let (_, d) = self
-                .warm
-                .get_mut(&app)
-                .and_then(VecDeque::pop_front)
-                .expect("listed above");
-            if let Err(e) = d.reset() {
-                self.stats.created -= 1;
-                return Err(PoolError::Domain(e));
-            }
-            self.stats.resets += 1;
+        while warm - done > keep {
+            let d = self.take_oldest_warm().expect("counted above");
+            let d = self.reset(d)?;
             self.clean.push(d);
             done += 1;
         }
-        self.warm.retain(|_, list| !list.is_empty());
         Ok(done)
     }
 

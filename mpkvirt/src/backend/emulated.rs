@@ -43,6 +43,22 @@ impl KeyState {
             AccessRights::NONE
         }
     }
+
+    /// Moves one thread's rights for the key from `from` to `to` in the counts.
+    fn count(&mut self, from: AccessRights, to: AccessRights) {
+        for (rights, delta) in [(from, -1i32), (to, 1)] {
+            let counter = if rights.can_write() {
+                &mut self.rw
+            } else if rights.can_read() {
+                &mut self.ro
+            } else {
+                continue;
+            };
+            *counter = counter
+                .checked_add_signed(delta)
+                .expect("emulated rights count");
+        }
+    }
 }
 
 /// `mprotect` emulation of protection keys (no PKU needed). A specification: the live state
@@ -200,18 +216,7 @@ impl LiveOps for EmulatedLive {
             }
             let mut ks = lock(&self.state[k.index() as usize]);
             let union_before = ks.rights();
-            for (rights, delta) in [(before, -1i32), (after, 1)] {
-                let counter = if rights.can_write() {
-                    &mut ks.rw
-                } else if rights.can_read() {
-                    &mut ks.ro
-                } else {
-                    continue;
-                };
-                *counter = counter
-                    .checked_add_signed(delta)
-                    .expect("emulated rights count");
-            }
+            ks.count(before, after);
             let union_after = ks.rights();
             if union_after != union_before
                 && let Some((addr, len, prot)) = ks.bound
@@ -237,18 +242,7 @@ impl LiveOps for EmulatedLive {
                     fault::log_line("mpkvirt: undoing a failed grant failed; aborting\n");
                     std::process::abort();
                 }
-                for (rights, delta) in [(after, -1i32), (before, 1)] {
-                    let counter = if rights.can_write() {
-                        &mut ks.rw
-                    } else if rights.can_read() {
-                        &mut ks.ro
-                    } else {
-                        continue;
-                    };
-                    *counter = counter
-                        .checked_add_signed(delta)
-                        .expect("emulated rights count");
-                }
+                ks.count(after, before);
                 applied = applied.with(k, before);
                 failed.get_or_insert(e);
             }

@@ -1,6 +1,7 @@
 //! Helpers shared by the integration tests.
 #![allow(dead_code, reason = "each test binary uses part of this module")]
 
+pub(crate) mod map_limit;
 pub(crate) mod syscalls;
 
 use std::sync::{Mutex, MutexGuard};
@@ -56,4 +57,29 @@ pub(crate) fn symbols(part: &str) -> Vec<(String, u64)> {
         }
     }
     out
+}
+
+/// The run-time address of the mpkvirt static whose mangled name contains `part` (its
+/// symbol's value plus the load bias of `mpkvirt_gate_call`): where a stray write into the
+/// program's statics lands.
+pub(crate) fn mpkvirt_static(part: &str) -> usize {
+    let gate = symbols("mpkvirt_gate_call")
+        .into_iter()
+        .find(|(n, _)| n == "mpkvirt_gate_call")
+        .expect("mpkvirt_gate_call in the symbol table")
+        .1;
+    let bias = mpkvirt_asm::mpkvirt_gate_call as *const () as usize - gate as usize;
+    let (_, v) = symbols(part)
+        .into_iter()
+        .find(|(n, _)| n.contains("mpkvirt"))
+        .unwrap_or_else(|| panic!("mpkvirt's static {part} in the symbol table"));
+    bias + v as usize
+}
+
+/// The process's memory mappings (lines of `/proc/self/maps`).
+pub(crate) fn mappings() -> usize {
+    std::fs::read_to_string("/proc/self/maps")
+        .unwrap()
+        .lines()
+        .count()
 }
