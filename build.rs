@@ -15,6 +15,7 @@ fn find_asm(arch: &str, os: &str) -> Option<&'static [&'static str]> {
             "asm/x86_64/gate.S",
             "asm/x86_64/green.S",
             "asm/x86_64/probe.S",
+            "asm/x86_64/sandbox.S",
             "asm/x86_64/stack.S",
         ]),
         _ => None,

@@ -106,6 +106,49 @@ unsafe extern "sysv64" {
     /// Never call it; only its address is meaningful (a prepared stack's return address).
     pub fn mpkvirt_green_entry();
 
+    /// The host side of a sandbox switch (`sandbox.S`): calls `gate(op, block)` with the
+    /// callee-saved registers saved on the caller's stack and zeroed, and restores them when
+    /// the gate comes back — after the sandboxed context it switched to yielded.
+    ///
+    /// # Safety
+    ///
+    /// `gate` must be one of the call gates, usable on this thread (as for
+    /// [`mpkvirt_gate_call`]); `op` and `block` what the dispatcher expects. Nothing unwinds
+    /// across the call.
+    pub fn mpkvirt_sandbox_run(
+        op: u64,
+        block: *mut u8,
+        gate: unsafe extern "sysv64" fn(u64, *mut u8) -> u64,
+    ) -> u64;
+
+    /// The sandboxed side (`sandbox.S`): calls `gate(OP_SANDBOX_YIELD, value)` with its
+    /// callee-saved state on its own stack; returns the value the next run resumes it with.
+    ///
+    /// # Safety
+    ///
+    /// As for [`mpkvirt_sandbox_run`]. Outside a sandbox the gate refuses the op and this
+    /// returns the refusal's status at once.
+    pub fn mpkvirt_sandbox_yield(
+        value: u64,
+        gate: unsafe extern "sysv64" fn(u64, *mut u8) -> u64,
+    ) -> u64;
+
+    /// Inside [`mpkvirt_sandbox_yield`]: the gate's return address in a new context's
+    /// prepared stack.
+    ///
+    /// # Safety
+    ///
+    /// Never call it; only its address is meaningful.
+    pub fn mpkvirt_sandbox_resume();
+
+    /// The first return address of a new sandboxed context: calls `%r12(%r13, value)`, which
+    /// must never return.
+    ///
+    /// # Safety
+    ///
+    /// Never call it; only its address is meaningful.
+    pub fn mpkvirt_sandbox_entry();
+
     /// Issues system call `nr` with six arguments from the trampoline page and returns the
     /// raw kernel result (`-errno` on failure).
     ///
@@ -258,6 +301,10 @@ pub mod addr {
         probe_fault_ret => mpkvirt_probe_fault_ret;
         /// Where an abandoned `mpkvirt_stack_call` resumes.
         stack_call_resume => mpkvirt_stack_call_resume;
+        /// The gate's return address in a new sandboxed context.
+        sandbox_resume => mpkvirt_sandbox_resume;
+        /// A new sandboxed context's first return address.
+        sandbox_entry => mpkvirt_sandbox_entry;
         /// Start of the page-aligned trampoline section (`mpkvirt_syscall6`).
         trampoline_start => mpkvirt_syscall6;
         /// End of the trampoline section (page-aligned).

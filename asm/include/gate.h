@@ -31,4 +31,10 @@
 #define GATE_BUSY           0x8000000000000001   /* re-entered (a signal handler interrupted the library) */
 #define GATE_UNREGISTERED   0x8000000000000002   /* the thread could not be registered */
 
+/* RFLAGS.AC (alignment check). */
+#define EFLAGS_AC 0x40000
+
+/* The ops sandbox.S makes (mpkvirt's `ops::OP_SANDBOX_*`, asserted equal in Rust). */
+#define OP_SANDBOX_YIELD 14
+
 #endif

@@ -27,6 +27,7 @@
  *      arguments wherever the caller keeps them), re-checked after the WRPKRU as in ERIM.
  *      The value cannot come from the root: a thread that never went through a gate has
  *      the library key access-disabled.
+ *   2a. Clear DF and AC (the caller chooses the flags; the dispatcher needs the ABI's).
  *   3. Identify: the record %gs points at must belong to this thread (its owner_fs equals
  *      RDFSBASE). A thread with no record, or one it inherited from its creator (clone
  *      copies the GS base), registers first on the shared boot stack, one thread at a time.
@@ -81,6 +82,12 @@ FUNCTION(\name)
     .else
     xor     %r8d, %r8d
     .endif
+    /* The caller chooses the flags: library code needs the direction flag clear (the ABI)
+     * and alignment checking off (AC with CR0.AM turns a misaligned load into SIGBUS). */
+    cld
+    pushfq
+    andl    $~EFLAGS_AC, (%rsp)
+    popfq
 .L\name\()_identify:
     rdgsbase %rax
     test    %rax, %rax

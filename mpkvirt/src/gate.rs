@@ -122,6 +122,8 @@ pub(crate) struct ThreadRecord {
     pub(crate) confined: u32,
     /// The domains a confined thread may name.
     pub(crate) confinement: Confinement,
+    /// The thread's sandbox, if it runs one (`crate::sandbox`).
+    pub(crate) sandbox: crate::sandbox::State,
 }
 
 /// The domains a confined thread may name, by uid (uids are unique in the process and never
@@ -361,6 +363,7 @@ fn register(entry: Pkru) -> Result<()> {
                     capi: crate::capi::ThreadBegun::default(),
                     confined: 0,
                     confinement: Confinement::new(),
+                    sandbox: crate::sandbox::State::default(),
                 },
                 Meta,
             );
@@ -454,6 +457,7 @@ impl ThreadRecord {
         self.fresh = true;
         self.inherited = true;
         self.interrupted = false;
+        self.sandbox = crate::sandbox::State::default();
         self.levels = Levels::NORMAL;
         self.hooked = false;
         self.exited = false;
@@ -475,6 +479,24 @@ impl ThreadRecord {
     /// Whether the record holds library state of its thread (views, C API state).
     fn holds_state(&self) -> bool {
         self.cxs.iter().any(Option::is_some) || self.capi.holds_state()
+    }
+
+    /// Whether `[addr, addr + len)` lies in the thread's alternate signal stack as configured
+    /// now (where mpkvirt's handlers put their argument blocks).
+    pub(crate) fn on_altstack(&self, addr: usize, len: usize) -> bool {
+        let mut cur = std::mem::MaybeUninit::<libc::stack_t>::zeroed();
+        // SAFETY: querying (null new stack) only writes `cur`.
+        if unsafe { libc::sigaltstack(std::ptr::null(), cur.as_mut_ptr()) } != 0 {
+            return false;
+        }
+        // SAFETY: sigaltstack succeeded and filled `cur`.
+        let cur = unsafe { cur.assume_init() };
+        let base = cur.ss_sp as usize;
+        cur.ss_flags & libc::SS_DISABLE == 0
+            && addr >= base
+            && addr
+                .checked_add(len)
+                .is_some_and(|end| end <= base.saturating_add(cur.ss_size))
     }
 
     /// Gives the thread an alternate signal stack if it has none, or a smaller one (signal
@@ -777,6 +799,14 @@ pub(crate) fn direct<R>(
     let Some(rec) = rec else {
         return Some(Err(Error::Unsupported("registering the calling thread")));
     };
+    // SAFETY: the thread's own record (found through its GS base); one plain read of a flag
+    // only the thread's own ops write.
+    if unsafe { (*rec).sandbox.active } {
+        // A sandbox's seal covers the direct path too (`crate::sandbox`).
+        return Some(Err(Error::Confined(
+            "a sandboxed thread makes no library calls",
+        )));
+    }
     // Claimed with no reference yet: an op of this thread that a signal handler interrupted
     // may hold one. The op counts as under way from before the claim: a handler that
     // interrupts between the two must not take the claim for a momentary one and wait for
@@ -1231,10 +1261,10 @@ thread_local! {
 }
 
 /// Counts an op of the calling thread in [`IN_OP`] while it lives.
-struct InOp;
+pub(crate) struct InOp;
 
 impl InOp {
-    fn new() -> InOp {
+    pub(crate) fn new() -> InOp {
         IN_OP.set(IN_OP.get() + 1);
         InOp
     }

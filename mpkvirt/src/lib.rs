@@ -72,6 +72,7 @@ mod meta;
 mod ops;
 pub mod policy;
 mod primitive;
+pub mod sandbox;
 pub mod scan;
 mod slab;
 mod sync;

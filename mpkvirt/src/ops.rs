@@ -83,6 +83,14 @@ pub(crate) const OP_CONFINE: u64 = 12;
 /// output the hook's pthread key + 1 (0: none); input 1: the thread armed it.
 pub(crate) const OP_HOOK: u64 = 13;
 
+/// Yields from a sandbox (`sandbox::yield_now`): the argument word is the value, not a block.
+pub(crate) const OP_SANDBOX_YIELD: u64 = 14;
+/// Whether the thread is sandboxed (`sandbox::query`): the argument word is the interrupted
+/// context's PKRU, not a block.
+pub(crate) const OP_SANDBOX_QUERY: u64 = 15;
+// `asm/x86_64/sandbox.S` makes the yield op by number (`gate.h`).
+const _: () = assert!(OP_SANDBOX_YIELD == 14);
+
 /// Plain data: every bit pattern is a valid value, so it can be copied out of memory another
 /// thread may be writing.
 ///
@@ -165,6 +173,54 @@ impl Args {
     /// the module docs).
     pub(crate) unsafe fn new(p: *mut u8) -> Args {
         Args(p)
+    }
+
+    /// The argument word itself, for ops that take a value instead of a block.
+    pub(crate) fn raw(self) -> u64 {
+        self.0 as u64
+    }
+
+    /// Copies the input out of the block (checked as in [`Self::serve`]) and returns it with
+    /// the address of the block's output slot, for an op that writes its output later
+    /// ([`Self::write`]); `None` for a block the thread may not access.
+    pub(crate) fn read<I: Pod, O>(
+        self,
+        rec: &mut ThreadRecord,
+    ) -> Option<(I, *mut MaybeUninit<Result<O>>)> {
+        let call = self.0.cast::<Call<I, O>>();
+        if call.is_null()
+            || !call.is_aligned()
+            || !caller_may_access(rec, call as usize, size_of::<Call<I, O>>(), true)
+        {
+            return None;
+        }
+        let output = call
+            .cast::<u8>()
+            .wrapping_add(std::mem::offset_of!(Call<I, O>, output))
+            .cast::<MaybeUninit<Result<O>>>();
+        // SAFETY: as in `serve`: non-null, aligned, memory the thread may read itself; read
+        // once, and any bits are an `I`.
+        let input = unsafe { std::ptr::read_volatile(call.cast::<I>()) };
+        Some((input, output))
+    }
+
+    /// Writes an op's output into the slot [`Self::read`] returned, checked again with the
+    /// thread's rights as they are now: `STATUS_OK`, or `STATUS_BAD_CALL` (output dropped).
+    pub(crate) fn write<O>(
+        rec: &mut ThreadRecord,
+        output: *mut MaybeUninit<Result<O>>,
+        out: Result<O>,
+    ) -> u64 {
+        if output.is_null()
+            || !output.is_aligned()
+            || !caller_may_access(rec, output as usize, size_of::<Result<O>>(), true)
+        {
+            return STATUS_BAD_CALL;
+        }
+        // SAFETY: aligned, and memory the calling thread may write itself as it is now
+        // (checked above); an uninitialised output slot (nothing to drop).
+        unsafe { output.write(MaybeUninit::new(out)) };
+        STATUS_OK
     }
 
     /// Copies the input out of the block, runs `f`, writes its output — each only after
@@ -251,6 +307,11 @@ pub(crate) fn caller_may_access(
 
 /// The dispatcher's router (inside the library).
 pub(crate) fn run(op: u64, args: Args, rec: &mut ThreadRecord) -> u64 {
+    // A sandboxed thread's seal (`crate::sandbox`): no manager op, and no global op but the
+    // sandbox's own and the sync handler's.
+    if rec.sandbox.active && (op >> 16 != 0 || !crate::sandbox::allowed(rec, op, args.0 as usize)) {
+        return STATUS_BAD_CALL;
+    }
     let tag = ((op >> 16) & 0xff) as u32;
     let code = op & 0xffff;
     match tag {
@@ -340,6 +401,8 @@ fn run_global(code: u64, args: Args, rec: &mut ThreadRecord) -> u64 {
             Ok(u64::from(gate::normal_pkru(rec)))
         }),
         OP_CONFINE => args.serve(rec, |rec, list: [u64; 2]| confine(rec, list)),
+        OP_SANDBOX_YIELD => crate::sandbox::yield_op(rec, args.raw()),
+        OP_SANDBOX_QUERY => crate::sandbox::query_op(rec, args.raw()),
         OP_HOOK => args.serve(rec, |rec, stage: u64| Ok(gate::hook_op(rec, stage))),
         OP_SYNC_ALL => args.serve(rec, |rec, (): ()| {
             crate::manager::global::broadcast(rec, None, None)

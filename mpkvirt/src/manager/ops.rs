@@ -61,6 +61,7 @@ pub(crate) const V_LEAVE: u64 = 31;
 pub(crate) const V_HINT: u64 = 32;
 pub(crate) const V_PREFETCH: u64 = 33;
 pub(crate) const ACCESS: u64 = 34;
+pub(crate) const S_RUN: u64 = 40;
 
 /// The op code of `op` for managers of type `B`.
 pub(crate) fn code<B: Backend>(op: u64) -> u64 {
@@ -507,6 +508,34 @@ fn on_manager<B: Backend>(code: u64, args: Args, rec: &mut ThreadRecord) -> u64 
                     Some(Err(f)) => Access::Faulted(f, at),
                     None => Access::Probe,
                 })
+            }),
+            // The block is read before the manager is announced (see V_ENTER).
+            S_RUN => crate::sandbox::serve_run(args, rec, |rec, i| {
+                let sh = with_mgr::<B>(rec, i.m)?;
+                let r = sh
+                    .domain(i.d)
+                    .ok_or(Error::ForeignDomain(DomainId(i.d.uid)))?;
+                let (base, end) = (r.base() as u64, (r.base() + r.len()) as u64);
+                // The first frame (9 words) and the exit stack lie inside the domain.
+                if i.sp < base
+                    || i.sp.saturating_add(72) > end
+                    || i.exit_sp < base + 64
+                    || i.exit_sp > end
+                {
+                    return Err(Error::InvalidConfig("a sandbox stack outside its domain"));
+                }
+                let cx = cx_of(sh, rec)?;
+                let mark = rec.view_seq;
+                views::enter(
+                    sh,
+                    rec,
+                    cx,
+                    &[ViewItem {
+                        d: i.d,
+                        read_only: false,
+                    }],
+                )?;
+                Ok(mark)
             }),
             _ => STATUS_BAD_CALL,
         }

@@ -1,0 +1,344 @@
+//! Sandboxes: untrusted code run on a stack of its own inside one domain's view, which it
+//! leaves only by yielding back to the code that ran it.
+//!
+//! A view is part of a per-thread stack of views, and every op is reachable through the
+//! call gate: code run inside a plain view could leave it (and get the view below back) or
+//! enter a view of any domain whose uid it guesses. A *sandbox* closes both doors.
+//! [`Manager::sandbox_run`] is one op, `S_RUN`, that enters a view of one domain and makes the
+//! gate leave on a stack inside that domain (a [`Context`]), with that view's rights; the
+//! thread's record remembers where the run was called from. While the thread is sandboxed,
+//! the library refuses every op but three:
+//!
+//! - `OP_SANDBOX_YIELD` ([`yield_now`]): the sandbox's view ends and the gate leaves on the
+//!   stack `sandbox_run` was called from, with the rights the caller had; `sandbox_run`
+//!   returns the yielded value and the context's stack pointer, to run it again later.
+//! - `OP_SANDBOX_QUERY` ([`query`]), for the runner's signal handlers: whether the thread's
+//!   normal context is sandboxed, and where a handler may send it to yield from.
+//! - `OP_SYNC`, mpkvirt's own signal handler taking new process-wide rights, only with its
+//!   argument block on the thread's alternate signal stack.
+//!
+//! Both stack pointers live in the record, in library memory: a jump into the middle of the
+//! switch code (`asm/x86_64/sandbox.S`) reaches only the gate's entry, and a yield always
+//! returns to where the runner called `sandbox_run`, never to an address the sandboxed code
+//! chose. What the sandboxed code can still do with the gate is yield (with any value: the
+//! runner validates it) and ask whether it is sandboxed.
+//!
+//! Sandboxes need a stack-switching gate: the protected and gate-only metadata modes
+//! ([`crate::MetadataMode`]), and cooperative mode on machines without PKU (through the
+//! gate-only path; the direct path refuses sandboxed threads too). Cooperative mode on PKU
+//! hardware is refused.
+//!
+//! # Safety
+//!
+//! Calls into the switch assembly, and writes a new context's first frame into the domain's
+//! memory. [`Manager::sandbox_run`] is `unsafe`: the runner promises that the context's
+//! stack pointer is one [`Context::new`] prepared or a yield returned, not run since.
+#![allow(unsafe_code, reason = "stack switching through the call gate")]
+
+use std::mem::MaybeUninit;
+
+use crate::backend::Backend;
+use crate::domain::Domain;
+use crate::error::{Error, Result};
+use crate::gate::ThreadRecord;
+use crate::manager::Manager;
+use crate::manager::shared::{DomRef, MgrRef};
+use crate::ops::{Call, Pod, STATUS_BAD_CALL, STATUS_OK};
+
+/// A thread's sandbox state, in its record.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct State {
+    /// Whether the thread's normal context runs sandboxed code.
+    pub(crate) active: bool,
+    /// Where the gate leaves when the sandboxed code yields: the runner's stack pointer.
+    host_rsp: u64,
+    /// Where a handler may send the sandboxed context to yield from (top of its stack).
+    exit_sp: u64,
+    /// The thread's view sequence number before the sandbox's view.
+    mark: u64,
+    /// The runner's output slot (its argument block), written when the sandbox yields.
+    out: u64,
+}
+
+/// `S_RUN`'s input.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct RunIn {
+    pub(crate) m: MgrRef,
+    pub(crate) d: DomRef,
+    /// The context's stack pointer.
+    pub(crate) sp: u64,
+    /// Where a handler may send it to yield from.
+    pub(crate) exit_sp: u64,
+    /// What the context's pending yield returns (or its entry function receives).
+    pub(crate) value: u64,
+}
+// SAFETY: integers only (MgrRef and DomRef are Pod).
+unsafe impl Pod for RunIn {}
+
+/// What a sandboxed context yielded.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+#[repr(C)]
+pub struct Yielded {
+    /// The context, to run again ([`Manager::sandbox_run`]).
+    pub sp: usize,
+    /// The value it yielded: anything the sandboxed code chose.
+    pub value: u64,
+}
+
+/// What [`query`] found.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Query {
+    /// The thread runs no sandboxed code (or the gate was busy: library code was
+    /// interrupted).
+    NotSandboxed,
+    /// The interrupted context had the library's rights: the gate itself, entering or
+    /// leaving. Leave it alone.
+    Library,
+    /// Sandboxed code: a handler may resume it at a function that yields, on a stack that
+    /// ends at `exit_sp` (16-byte aligned; the function starts at `exit_sp - 8`, as after a
+    /// call).
+    Sandboxed {
+        /// The top of the stack to yield from.
+        exit_sp: usize,
+    },
+}
+
+/// A new sandboxed context: a stack prepared inside a domain so that its first run calls
+/// `f(arg, value)` on it.
+#[derive(Clone, Copy, Debug)]
+pub struct Context {
+    /// The stack pointer to run.
+    pub sp: usize,
+}
+
+/// Words of a new context's first frame (see `asm/x86_64/sandbox.S`).
+const FRAME_WORDS: usize = 9;
+
+impl Context {
+    /// Prepares a context whose stack ends at `top` (rounded down to 16 bytes) to call
+    /// `f(arg, value)`, `value` being the first run's. `f` runs with the sandbox's rights on
+    /// that stack and must never return: it ends by yielding for good.
+    ///
+    /// # Safety
+    ///
+    /// The 72 bytes below `top` must be writable by the caller now and belong to the
+    /// domain the context will run in, and nothing else may use them.
+    pub unsafe fn new(top: usize, f: extern "C" fn(u64, u64), arg: u64) -> Context {
+        let top = top & !15;
+        let sp = top - FRAME_WORDS * 8;
+        let frame: [u64; FRAME_WORDS] = [
+            mpkvirt_asm::addr::sandbox_resume() as u64,
+            0x1F80 | (0x037F << 32),
+            0,
+            0,
+            arg,
+            f as usize as u64,
+            0,
+            0,
+            mpkvirt_asm::addr::sandbox_entry() as u64,
+        ];
+        // SAFETY: the caller vouches the 72 bytes below `top` are writable and its own; `sp`
+        // is 8-byte aligned.
+        unsafe { std::ptr::copy_nonoverlapping(frame.as_ptr(), sp as *mut u64, FRAME_WORDS) };
+        Context { sp }
+    }
+}
+
+/// The gate a sandbox switches through in this process's metadata mode.
+fn gate() -> Result<unsafe extern "sysv64" fn(u64, *mut u8) -> u64> {
+    match crate::meta::init()? {
+        crate::MetadataMode::Protected => Ok(mpkvirt_asm::mpkvirt_gate_call),
+        crate::MetadataMode::GateOnly => Ok(mpkvirt_asm::mpkvirt_gate_call_nopku),
+        // Without PKU the gate-only path serves a cooperative process too (the records and
+        // their stacks are the same); with PKU it would write no PKRU.
+        crate::MetadataMode::Cooperative if mpkvirt_sys::Pku::new().is_none() => {
+            Ok(mpkvirt_asm::mpkvirt_gate_call_nopku)
+        }
+        crate::MetadataMode::Cooperative => Err(Error::Unsupported(
+            "sandboxes in cooperative metadata mode on PKU hardware (no gate writes the sandbox's PKRU)",
+        )),
+    }
+}
+
+impl<B: Backend> Manager<B> {
+    /// Runs the sandboxed context `sp` inside a view of `domain` (read-write) until it yields,
+    /// and returns what it yielded. `value` is what its pending yield returns (for a new
+    /// [`Context`], its function's second argument). `exit_sp` is where the thread's signal
+    /// handlers may send it to yield from ([`query`]); it must lie in `domain` too.
+    ///
+    /// While it runs, the thread's views are sealed: the sandboxed code can end neither the
+    /// sandbox's view nor any below it, and can enter no other view.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Unsupported`] in cooperative metadata mode; [`Error::InvalidConfig`] when a
+    /// stack pointer lies outside `domain` or the thread is already sandboxed (or in a signal
+    /// handler); and [`Manager::enter`]'s errors.
+    ///
+    /// # Safety
+    ///
+    /// `sp` must be a context prepared by [`Context::new`] in `domain`'s memory, or one a
+    /// yield returned, and not run since. The sandboxed code runs with the view's rights: it
+    /// may write everything in `domain` and in key-0 memory.
+    pub unsafe fn sandbox_run(
+        &self,
+        domain: &Domain<B>,
+        sp: usize,
+        exit_sp: usize,
+        value: u64,
+    ) -> Result<Yielded> {
+        if domain.manager_ref() != self.mref() {
+            return Err(Error::ForeignDomain(domain.id()));
+        }
+        let gate = gate()?;
+        // Registers the thread (and arms its exit hook) the way every op does, so that the
+        // switch below goes straight through the gate.
+        crate::ops::call::<(), ()>(crate::ops::OP_NOP, ())?;
+        let mut c = Call {
+            input: RunIn {
+                m: self.mref(),
+                d: domain.dref(),
+                sp: sp as u64,
+                exit_sp: exit_sp as u64,
+                value,
+            },
+            output: MaybeUninit::<Result<Yielded>>::uninit(),
+        };
+        let code = crate::manager::ops::code::<B>(crate::manager::ops::S_RUN);
+        let _in_op = crate::gate::InOp::new();
+        // SAFETY: `gate` is this mode's call gate, and the thread is registered; the block
+        // is `S_RUN`'s. The caller vouches for `sp` (see above); the gate comes back here
+        // when the context yields, with this frame intact (it lives on this thread's stack,
+        // which the sandboxed code's view may write only if it is key-0 memory).
+        let status = unsafe { mpkvirt_asm::mpkvirt_sandbox_run(code, (&raw mut c).cast(), gate) };
+        match status {
+            // SAFETY: STATUS_OK means the library wrote the output: at the yield, or with
+            // the error that kept the run from starting.
+            STATUS_OK => unsafe { c.output.assume_init() },
+            crate::ops::STATUS_PANIC => Err(Error::Unsupported(
+                "an internal error of mpkvirt (a panic inside the library)",
+            )),
+            _ => Err(Error::Unsupported("a sandbox run the library refused")),
+        }
+    }
+}
+
+/// Yields from sandboxed code: the thread returns to the runner's [`Manager::sandbox_run`]
+/// with `value`; returns what the next run resumes this context with. Outside a sandbox it
+/// returns at once with a status word of the library's (bit 63 set).
+pub fn yield_now(value: u64) -> u64 {
+    let Ok(gate) = gate() else {
+        return STATUS_BAD_CALL;
+    };
+    // SAFETY: this mode's call gate; the op takes no argument block (`value` is not read as
+    // a pointer). Inside a sandbox the call comes back here only when the context is run
+    // again, on this same stack.
+    unsafe { mpkvirt_asm::mpkvirt_sandbox_yield(value, gate) }
+}
+
+/// For signal handlers: whether the thread's normal context runs sandboxed code, given the
+/// interrupted context's PKRU from its signal frame (`None` on machines without PKU).
+///
+/// Async-signal-safe: one gate call, no allocation.
+pub fn query(frame_pkru: Option<u32>) -> Query {
+    let Ok(gate) = gate() else {
+        return Query::NotSandboxed;
+    };
+    let arg = frame_pkru.map_or(1 << 32, u64::from);
+    // SAFETY: this mode's call gate; the op reads no argument block (the value is passed as
+    // the block's address and never dereferenced).
+    let status = unsafe { gate(crate::ops::OP_SANDBOX_QUERY, arg as *mut u8) };
+    match status {
+        QUERY_LIBRARY => Query::Library,
+        s if s >= 16 && s & (1 << 63) == 0 => Query::Sandboxed {
+            exit_sp: s as usize,
+        },
+        _ => Query::NotSandboxed,
+    }
+}
+
+/// `OP_SANDBOX_QUERY`'s answer for an interrupted context with the library's rights.
+const QUERY_LIBRARY: u64 = 1;
+
+// ----- library side -----
+
+/// Whether a sandboxed thread may make op `op` (global ops: tag 0) with argument block
+/// `args`.
+pub(crate) fn allowed(rec: &ThreadRecord, op: u64, args: usize) -> bool {
+    match op {
+        crate::ops::OP_SANDBOX_YIELD
+        | crate::ops::OP_SANDBOX_QUERY
+        | crate::ops::OP_NOP
+        | crate::ops::OP_REGISTER => true,
+        // mpkvirt's sync handler puts its block on the thread's alternate stack. Anywhere
+        // else, a wild block would fault inside the library, with the record busy, where no
+        // handler may recover it.
+        crate::ops::OP_SYNC => rec.on_altstack(args, 64),
+        _ => false,
+    }
+}
+
+/// `S_RUN`, after the manager's part (`enter`: the view entered, or why not; returns the
+/// view mark before it): the switch.
+pub(crate) fn serve_run(
+    args: crate::ops::Args,
+    rec: &mut ThreadRecord,
+    enter: impl FnOnce(&mut ThreadRecord, &RunIn) -> Result<u64>,
+) -> u64 {
+    let Some((input, out)) = args.read::<RunIn, Yielded>(rec) else {
+        return STATUS_BAD_CALL;
+    };
+    let started = if rec.sandbox.active || rec.interrupted {
+        Err(Error::InvalidConfig(
+            "a sandbox runs only from a thread's normal, unsandboxed context",
+        ))
+    } else {
+        enter(rec, &input)
+    };
+    match started {
+        Err(e) => crate::ops::Args::write(rec, out, Err(e)),
+        Ok(mark) => {
+            rec.sandbox = State {
+                active: true,
+                host_rsp: rec.gate.saved_rsp,
+                exit_sp: input.exit_sp,
+                mark,
+                out: out as u64,
+            };
+            rec.gate.saved_rsp = input.sp;
+            input.value
+        }
+    }
+}
+
+/// `OP_SANDBOX_YIELD`: back to the runner.
+pub(crate) fn yield_op(rec: &mut ThreadRecord, value: u64) -> u64 {
+    if !rec.sandbox.active || rec.interrupted {
+        return STATUS_BAD_CALL;
+    }
+    let st = std::mem::take(&mut rec.sandbox);
+    crate::manager::ops::end_views_since(rec, st.mark);
+    let y = Yielded {
+        sp: rec.gate.saved_rsp as usize,
+        value,
+    };
+    rec.gate.saved_rsp = st.host_rsp;
+    crate::ops::Args::write(rec, st.out as *mut MaybeUninit<Result<Yielded>>, Ok(y))
+}
+
+/// `OP_SANDBOX_QUERY`.
+pub(crate) fn query_op(rec: &ThreadRecord, arg: u64) -> u64 {
+    if !rec.sandbox.active {
+        return 0;
+    }
+    if arg >> 32 == 0
+        && let Some(k) = crate::meta::root().library_key()
+        && mpkvirt_sys::Pkru::from_bits(arg as u32)
+            .rights(k)
+            .can_write()
+    {
+        return QUERY_LIBRARY;
+    }
+    rec.sandbox.exit_sp
+}

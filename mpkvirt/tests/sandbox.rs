@@ -1,0 +1,234 @@
+//! Sandboxes: the seal that keeps sandboxed code inside its one domain.
+//!
+//! **Attack** (attacker class 2, arbitrary code in a thread). Code run inside a plain view can
+//! call every op through the gate: `leave` ends its view and hands it the view below (the
+//! runner's), `enter` opens any domain whose uid it guesses, a nested run or a confinement
+//! changes the thread's state under the runner.
+//!
+//! **Defence** (`mpkvirt::sandbox`, the record's sandbox state in library memory). While a
+//! thread runs sandboxed code, the library refuses every op but the yield, the query and the
+//! sync handler's; the yield always returns to the runner's `sandbox_run`, with the runner's
+//! view, which the sandbox's code could not end.
+//!
+//! Natively (emulated backend) the refusals and the switching are checked; in the PKU guest
+//! the `pku_*` test also checks that the sandbox's rights are its domain's alone: a read of
+//! the runner's domain kills a forked child with SIGSEGV.
+//!
+//! # Safety
+//!
+//! Sandbox contexts prepared in domain memory, a copy of the runner's view guard handed to the
+//! sandboxed code (the attack), and `fork`.
+#![allow(unsafe_code, reason = "sandbox contexts, fork")]
+
+mod common;
+
+use common::config;
+use mpkvirt::sandbox::{self, Context, Yielded};
+use mpkvirt::{
+    Backend, Domain, DomainOptions, Emulated, Error, Hardware, Manager, Rights, ViewGuard, thread,
+};
+use mpkvirt_sys::require_pku;
+
+/// What the sandboxed code tried, for the runner to check.
+struct Probe<'a, B: Backend> {
+    mgr: &'a Manager<B>,
+    own: &'a Domain<B>,
+    other: &'a Domain<B>,
+    /// The runner's view (a copy: ending it is the attack).
+    runner_view: *const ViewGuard<'a, B>,
+    refused: Vec<(&'static str, bool)>,
+}
+
+const DONE: u64 = 0xD0;
+
+fn body<B: Backend>(arg: u64, first: u64) {
+    // SAFETY: the runner passes a `Probe<B>` it keeps alive (and does not touch) while the
+    // context runs; key-0 memory, which the sandbox's view may write.
+    let p = unsafe { &mut *(arg as *mut Probe<'_, B>) };
+    // Values round-trip: the runner resumes with what it got, times ten.
+    let v = sandbox::yield_now(first + 1);
+    let v = sandbox::yield_now(v + 1);
+    let mut tried = |what, r: mpkvirt::Result<()>| p.refused.push((what, r.is_err()));
+    tried(
+        "enter a view of another domain",
+        p.mgr.enter(&[(p.other, Rights::ReadWrite)]).map(drop),
+    );
+    tried(
+        "enter a view of its own domain",
+        p.mgr.enter(&[(p.own, Rights::ReadOnly)]).map(drop),
+    );
+    tried("allocate in another domain", p.other.alloc(16, 8).map(drop));
+    tried("reset another domain", p.other.reset());
+    tried(
+        "process-wide rights",
+        p.other.set_process_wide(Some(Rights::ReadWrite)),
+    );
+    tried("confine", thread::confine::<B>(&[]));
+    tried("prefetch", p.mgr.prefetch(&[p.other]).map(drop));
+    // SAFETY: the attack: a bitwise copy of the runner's guard, ended here (the runner's own
+    // guard is dropped later, as usual, when the copy's end was refused).
+    let stolen = unsafe { std::ptr::read(p.runner_view) };
+    tried("end the runner's view", stolen.end());
+    // SAFETY: a run needs a prepared context; it is refused before that matters.
+    let nested = unsafe { p.mgr.sandbox_run(p.other, 0, 0, 0) };
+    tried("run a sandbox inside the sandbox", nested.map(drop));
+    sandbox::yield_now(v + 1);
+    loop {
+        sandbox::yield_now(DONE);
+    }
+}
+
+extern "C" fn body_emulated(arg: u64, first: u64) {
+    body::<Emulated>(arg, first);
+}
+
+extern "C" fn body_hardware(arg: u64, first: u64) {
+    body::<Hardware>(arg, first);
+}
+
+fn top<B: Backend>(d: &Domain<B>) -> usize {
+    d.base().as_ptr() as usize + d.len()
+}
+
+fn sandbox_seal<B: Backend>(mgr: &Manager<B>, f: extern "C" fn(u64, u64)) {
+    let own = mgr.create_domain(DomainOptions::reserve(64 << 10)).unwrap();
+    let other = mgr.create_domain(DomainOptions::reserve(4096)).unwrap();
+    let host = mgr.create_domain(DomainOptions::reserve(4096)).unwrap();
+    let runner_view = mgr
+        .enter(&[(&host, Rights::ReadWrite), (&own, Rights::ReadWrite)])
+        .unwrap();
+    let host_byte = host.base().as_ptr();
+    // SAFETY: the host domain's first byte, inside the runner's view.
+    unsafe { host_byte.write(42) };
+    let pkru = mgr.current_pkru();
+    let mut probe = Probe {
+        mgr,
+        own: &own,
+        other: &other,
+        runner_view: &raw const runner_view,
+        refused: Vec::with_capacity(16),
+    };
+    // SAFETY: the top of `own`, writable in the runner's view and used by nothing else.
+    let ctx = unsafe { Context::new(top(&own), f, (&raw mut probe) as u64) };
+    let mut sp = ctx.sp;
+    let mut value = 1;
+    let mut seen = Vec::new();
+    loop {
+        // SAFETY: `sp` is the prepared context, then each time the one its yield returned.
+        let y: Yielded = unsafe { mgr.sandbox_run(&own, sp, top(&own), value) }.unwrap();
+        // Back in the runner's view after every yield.
+        assert_eq!(
+            mgr.current_pkru(),
+            pkru,
+            "the runner's rights after a yield"
+        );
+        // SAFETY: as above.
+        assert_eq!(unsafe { host_byte.read() }, 42);
+        if y.value == DONE {
+            break;
+        }
+        seen.push(y.value);
+        sp = y.sp;
+        value = y.value * 10;
+    }
+    assert_eq!(seen, [2, 21, 211], "the values passed both ways");
+    for (what, refused) in &probe.refused {
+        assert!(refused, "sandboxed code could {what}");
+    }
+    assert_eq!(probe.refused.len(), 9);
+    // The runner's view is intact and ends normally.
+    runner_view.end().unwrap();
+    // Outside a sandbox a yield is refused at once.
+    assert_ne!(sandbox::yield_now(5) & (1 << 63), 0);
+    // Stacks outside the domain are refused.
+    // SAFETY: refused before anything runs.
+    let r = unsafe { mgr.sandbox_run(&own, top(&other) - 128, top(&own), 0) };
+    assert!(matches!(r, Err(Error::InvalidConfig(_))), "{r:?}");
+}
+
+#[test]
+fn a_sandbox_can_only_yield() {
+    let _g = common::real_backend();
+    let mgr = Manager::with_backend(Emulated::new(4).unwrap(), config(4)).unwrap();
+    sandbox_seal(&mgr, body_emulated);
+}
+
+#[test]
+fn pku_a_sandbox_can_only_yield() {
+    let _pku = require_pku!();
+    let _g = common::real_backend();
+    let mgr = Manager::with_backend(Hardware::new(4).unwrap(), config(4)).unwrap();
+    sandbox_seal(&mgr, body_hardware);
+}
+
+/// Reads the byte at `arg` and yields it.
+extern "C" fn read_and_yield(arg: u64, _first: u64) {
+    // SAFETY: the attack: any address, read with the sandbox's rights.
+    let b = unsafe { (arg as *const u8).read_volatile() };
+    loop {
+        sandbox::yield_now(u64::from(b));
+    }
+}
+
+/// In a forked child: runs a sandbox on `own` that reads `target`; exits 0 when the byte
+/// read was 42.
+fn child_reads(
+    mgr: &Manager<Hardware>,
+    own: &Domain<Hardware>,
+    host: &Domain<Hardware>,
+    target: usize,
+) -> i32 {
+    let _v = mgr
+        .enter(&[(host, Rights::ReadWrite), (own, Rights::ReadWrite)])
+        .unwrap();
+    // SAFETY: the top of `own`, writable in this view.
+    let ctx = unsafe { Context::new(top(own), read_and_yield, target as u64) };
+    // SAFETY: a prepared context.
+    let y = unsafe { mgr.sandbox_run(own, ctx.sp, top(own), 0) }.unwrap();
+    i32::from(y.value != 42)
+}
+
+#[test]
+fn pku_a_sandbox_reads_its_domain_and_nothing_of_the_runner() {
+    let _pku = require_pku!();
+    let _g = common::real_backend();
+    let mgr = Manager::with_backend(Hardware::new(4).unwrap(), config(4)).unwrap();
+    let own = mgr.create_domain(DomainOptions::reserve(64 << 10)).unwrap();
+    let host = mgr.create_domain(DomainOptions::reserve(4096)).unwrap();
+    mgr.with_view(
+        &[(&host, Rights::ReadWrite), (&own, Rights::ReadWrite)],
+        || {
+            // SAFETY: the first byte of `host`, inside the view.
+            unsafe { host.base().as_ptr().write(42) };
+            // SAFETY: the first byte of `own`, inside the view.
+            unsafe { own.base().as_ptr().write(42) };
+        },
+    )
+    .unwrap();
+    for (target, expect_signal) in [
+        (own.base().as_ptr() as usize, None),
+        (host.base().as_ptr() as usize, Some(libc::SIGSEGV)),
+    ] {
+        // SAFETY: the child runs only the sandbox and `_exit`s.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0);
+        if pid == 0 {
+            let code = child_reads(&mgr, &own, &host, target);
+            // SAFETY: ends the child without running the parent's destructors.
+            unsafe { libc::_exit(code) };
+        }
+        let mut status = 0;
+        // SAFETY: waits for the child just forked.
+        assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+        match expect_signal {
+            None => assert!(
+                libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+                "reading its own domain: status {status:#x}"
+            ),
+            Some(sig) => assert!(
+                libc::WIFSIGNALED(status) && libc::WTERMSIG(status) == sig,
+                "reading the runner's domain: status {status:#x}"
+            ),
+        }
+    }
+}
