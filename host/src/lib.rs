@@ -13,4 +13,5 @@
 pub mod app;
 pub mod info;
 pub mod instance;
+pub mod runtime;
 pub mod sched;

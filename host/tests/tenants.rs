@@ -11,8 +11,8 @@
 #![allow(unsafe_code, reason = "a C host table and calls into tenant code")]
 
 use std::ffi::{c_char, c_int, c_void};
-use std::path::{Path, PathBuf};
-use std::process::Command;
+
+mod common;
 
 use mpkvirt_host::app::native::{CallError, HostApi, LoadError, NativeFunction};
 
@@ -52,27 +52,10 @@ const HOST: HostApi = HostApi {
     invoke,
 };
 
-/// Builds `host/tenants/c/{name}.c` into a fresh directory and returns the object's path.
-fn build(name: &str) -> PathBuf {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let dir = std::env::temp_dir().join(format!("mpkvirt-tenant-{}-{name}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let out = dir.join(format!("lib{name}.so"));
-    let status = Command::new("cc")
-        .args(["-O2", "-fPIC", "-shared", "-Wall", "-Werror", "-o"])
-        .arg(&out)
-        .arg(root.join(format!("tenants/c/{name}.c")))
-        .arg("-I")
-        .arg(root.join("../include"))
-        .status()
-        .expect("a C compiler (cc)");
-    assert!(status.success(), "cc failed for {name}");
-    out
-}
-
 fn load(name: &str) -> NativeFunction {
     // SAFETY: the project's own example tenants (no constructors of their own).
-    unsafe { NativeFunction::load(&build(name)) }.unwrap_or_else(|e| panic!("{name}: {e}"))
+    unsafe { NativeFunction::load(&common::build_c(name)) }
+        .unwrap_or_else(|e| panic!("{name}: {e}"))
 }
 
 fn call(f: &NativeFunction, req: &[u8]) -> Result<Vec<u8>, CallError> {

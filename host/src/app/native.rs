@@ -57,12 +57,13 @@ pub struct HostApi {
 /// `struct mpkvirt_response`.
 #[repr(C)]
 #[derive(Debug)]
-struct Response {
-    data: *mut u8,
-    len: usize,
+pub(crate) struct Response {
+    pub(crate) data: *mut u8,
+    pub(crate) len: usize,
 }
 
-type Entry = unsafe extern "C" fn(
+/// The entry's type (`mpkvirt_fn_entry`).
+pub(crate) type Entry = unsafe extern "C" fn(
     host: *const HostApi,
     request: *const u8,
     request_len: usize,
@@ -164,6 +165,11 @@ impl NativeFunction {
         // header declares its type.
         let entry = unsafe { std::mem::transmute::<*mut c_void, Entry>(sym) };
         Ok(NativeFunction { handle, entry })
+    }
+
+    /// The entry's address (the runtime calls it inside an instance's sandbox).
+    pub(crate) fn entry_addr(&self) -> usize {
+        self.entry as usize
     }
 
     /// Calls the entry with `request` and `host`; returns the response's bytes (copied out,

@@ -1,0 +1,792 @@
+//! The runtime: applications, workers, and invocations that run sandboxed in instances.
+//!
+//! A [`Host`] owns an mpkvirt manager, a pool of instance slots (`instance::pool`) and a
+//! set of worker threads. [`Host::invoke`] queues a request for an application; a worker
+//! takes it, lends the application an instance slot, and runs the function *inside the
+//! slot's sandbox* (`mpkvirt::sandbox`): on a stack in the slot's domain, with a view of that
+//! domain only, which the tenant can leave only by yielding back to the worker. Everything
+//! the tenant asks of the host — memory, the log, the clock, random bytes, another function —
+//! is a yield of a request the worker validates against the instance's domain and serves in
+//! its own view (`tenant.rs` has the tenant side).
+//!
+//! An invocation ends with the function's response or an [`InvokeError`]: the entry's
+//! failure code, a fault (any of SIGSEGV, SIGBUS, SIGFPE, SIGILL, SIGTRAP, SIGABRT raised
+//! inside the sandbox: the handler resumes the context at a function that yields, and the
+//! worker never runs it again), the deadline (a per-worker timer whose handler does the same),
+//! a spent memory quota (the allocation returns NULL; what the tenant does next is its
+//! business), a host call with a pointer outside the instance, or a panic in a built-in
+//! function. The slot of an invocation that ended badly is reset before it is lent again.
+//!
+//! Without PKU (the emulated backend) a domain's rights are process-wide: two tenants running
+//! at once on two workers would see each other's instances. The runtime then runs **one
+//! worker** — tenant code is serialized — and says so ([`Host::arrangement`], and a line on
+//! stderr at start).
+//!
+//! Not yet here (issue 9): preemption with resumption (a long function runs to its end or its
+//! deadline), the host's own memory in a host domain (host state is key-0 memory today, which
+//! a tenant's view can read and write), the run-queue policies, and the OS-thread baselines.
+
+mod tenant;
+
+use std::collections::{HashMap, VecDeque};
+use std::fmt;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, RwLock, mpsc};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use mpkvirt::{BackendKind, Domain, Machine, Manager, Rights};
+
+use crate::app::native::NativeFunction;
+use crate::instance::pool::{Pool, PoolError, Release};
+use crate::sched::policy::AppId;
+
+/// A built-in function: request bytes in, response bytes (or an error message) out. It runs
+/// inside the instance's sandbox like a native tenant, so it may use only its argument, the
+/// global allocator and pure code.
+pub type Builtin = tenant::BuiltinFn;
+
+/// An application's code.
+#[derive(Clone)]
+pub enum Code {
+    /// A Rust function registered with the host.
+    Builtin(Arc<Builtin>),
+    /// A validated, linked shared object (`app::native`).
+    Native(Arc<NativeFunction>),
+}
+
+impl fmt::Debug for Code {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Code::Builtin(_) => f.write_str("Builtin"),
+            Code::Native(n) => f.debug_tuple("Native").field(n).finish(),
+        }
+    }
+}
+
+/// An application's limits.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    /// Wall-clock time an invocation may run before it is ended.
+    pub timeout: Duration,
+    /// Bytes the tenant may hold from `alloc` at once (at most the slot's size).
+    pub memory: usize,
+    /// Invocations that may run at once; more are refused ([`InvokeError::Overloaded`]).
+    pub concurrency: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits {
+            timeout: Duration::from_secs(1),
+            memory: 256 << 10,
+            concurrency: 64,
+        }
+    }
+}
+
+/// An application: a name, its code, its limits.
+#[derive(Clone, Debug)]
+pub struct App {
+    /// The name invocations use.
+    pub name: String,
+    /// Its code.
+    pub code: Code,
+    /// Its limits.
+    pub limits: Limits,
+}
+
+/// How a host is set up.
+#[derive(Clone, Copy, Debug)]
+pub struct HostConfig {
+    /// Worker threads (default: the number of CPUs; always 1 on the emulated backend).
+    pub workers: Option<usize>,
+    /// Bytes of each instance slot (its stack, request, heap).
+    pub slot_size: usize,
+    /// Most slots at once.
+    pub slots: usize,
+    /// Bytes of each invocation's stack (inside its slot).
+    pub stack_size: usize,
+}
+
+impl Default for HostConfig {
+    fn default() -> HostConfig {
+        HostConfig {
+            workers: None,
+            slot_size: 1 << 20,
+            slots: 1024,
+            stack_size: 128 << 10,
+        }
+    }
+}
+
+/// Why an invocation produced no response.
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub enum InvokeError {
+    /// No application has this name.
+    UnknownFunction(String),
+    /// The application runs as many invocations as its limit allows.
+    Overloaded {
+        /// The limit.
+        limit: usize,
+    },
+    /// The function returned a failure code (and, for a built-in, its message).
+    Failed {
+        /// The entry's code.
+        code: i64,
+        /// A built-in's message.
+        message: String,
+    },
+    /// The response was not memory of the instance.
+    BadResponse,
+    /// The tenant raised this signal (a fault, `abort()`, ...).
+    Fault {
+        /// The signal's number.
+        signal: i32,
+    },
+    /// It ran past its time limit.
+    Deadline,
+    /// A built-in function panicked.
+    Panicked,
+    /// A host call the host refused (a pointer outside the instance, a free of memory it did
+    /// not allocate, ...).
+    BadHostCall(&'static str),
+    /// No instance slot (the pool is exhausted) or mpkvirt refused the instance.
+    Instance(String),
+    /// The host is shutting down.
+    ShuttingDown,
+}
+
+impl fmt::Display for InvokeError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            InvokeError::UnknownFunction(n) => write!(f, "no function named {n:?}"),
+            InvokeError::Overloaded { limit } => {
+                write!(
+                    f,
+                    "the function runs {limit} invocations already (its limit)"
+                )
+            }
+            InvokeError::Failed { code, message } => {
+                write!(f, "the function failed with code {code}")?;
+                if !message.is_empty() {
+                    write!(f, ": {message}")?;
+                }
+                Ok(())
+            }
+            InvokeError::BadResponse => f.write_str("the function's response is not its memory"),
+            InvokeError::Fault { signal } => {
+                write!(f, "the function crashed (signal {signal})")
+            }
+            InvokeError::Deadline => f.write_str("the function ran past its time limit"),
+            InvokeError::Panicked => f.write_str("the function panicked"),
+            InvokeError::BadHostCall(why) => write!(f, "refused host call: {why}"),
+            InvokeError::Instance(e) => write!(f, "no instance: {e}"),
+            InvokeError::ShuttingDown => f.write_str("the host is shutting down"),
+        }
+    }
+}
+
+impl std::error::Error for InvokeError {}
+
+/// Why a host could not start.
+#[derive(Debug)]
+pub struct StartError(String);
+
+impl fmt::Display for StartError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "cannot start the host: {}", self.0)
+    }
+}
+
+impl std::error::Error for StartError {}
+
+/// How tenant code is placed on workers.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Arrangement {
+    /// PKU: rights are per thread, so each worker runs its own tenant.
+    Parallel {
+        /// Worker threads.
+        workers: usize,
+    },
+    /// No PKU: rights are process-wide, so one worker runs tenant code, one invocation at a
+    /// time.
+    Serialized,
+}
+
+impl fmt::Display for Arrangement {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Arrangement::Parallel { workers } => {
+                write!(f, "{workers} workers, each running its own tenant (PKU: rights per thread)")
+            }
+            Arrangement::Serialized => f.write_str(
+                "one worker, one tenant at a time (no PKU: the emulated backend's rights are process-wide)",
+            ),
+        }
+    }
+}
+
+struct AppEntry {
+    id: AppId,
+    app: App,
+    running: AtomicUsize,
+}
+
+type Reply = mpsc::SyncSender<Result<Vec<u8>, InvokeError>>;
+
+struct Job {
+    app: Admitted,
+    request: Vec<u8>,
+    reply: Reply,
+}
+
+/// An invocation counted against its application's concurrency limit until dropped.
+struct Admitted(Arc<AppEntry>);
+
+impl Admitted {
+    fn new(app: Arc<AppEntry>) -> Result<Admitted, InvokeError> {
+        let limit = app.app.limits.concurrency;
+        if app.running.fetch_add(1, Ordering::AcqRel) >= limit {
+            app.running.fetch_sub(1, Ordering::AcqRel);
+            return Err(InvokeError::Overloaded { limit });
+        }
+        Ok(Admitted(app))
+    }
+}
+
+impl Drop for Admitted {
+    fn drop(&mut self) {
+        self.0.running.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+struct Inner {
+    mgr: Manager<Machine>,
+    config: HostConfig,
+    apps: RwLock<HashMap<String, Arc<AppEntry>>>,
+    pool: Mutex<Pool<Machine>>,
+    queue: Mutex<VecDeque<Job>>,
+    ready: Condvar,
+    stop: AtomicBool,
+    log: Mutex<VecDeque<String>>,
+}
+
+/// Lines of tenant log kept (oldest dropped first).
+const LOG_LINES: usize = 1000;
+/// Nested invocations (`invoke` from a function) deeper than this are refused.
+const MAX_DEPTH: usize = 4;
+
+/// A running host.
+pub struct Host {
+    inner: Arc<Inner>,
+    arrangement: Arrangement,
+    workers: Vec<JoinHandle<()>>,
+}
+
+impl fmt::Debug for Host {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Host")
+            .field("arrangement", &self.arrangement)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Host {
+    /// Starts a host: an mpkvirt manager on the machine's backend, the handlers that end
+    /// faulting or overdue invocations, and the workers.
+    ///
+    /// # Errors
+    ///
+    /// When mpkvirt, the handlers or a worker cannot be set up.
+    pub fn start(config: HostConfig) -> Result<Host, StartError> {
+        let mgr =
+            Manager::new(mpkvirt::Config::default()).map_err(|e| StartError(e.to_string()))?;
+        tenant::install_handlers().map_err(|e| StartError(e.to_string()))?;
+        let arrangement = if mgr.backend_kind() == BackendKind::Hardware {
+            Arrangement::Parallel {
+                workers: config
+                    .workers
+                    .unwrap_or_else(|| {
+                        std::thread::available_parallelism().map_or(1, std::num::NonZero::get)
+                    })
+                    .max(1),
+            }
+        } else {
+            Arrangement::Serialized
+        };
+        eprintln!(
+            "mpkvirt-host: {} backend; {arrangement}",
+            mgr.backend_kind()
+        );
+        let pool = Pool::new(mgr.clone(), config.slot_size, 0, config.slots)
+            .map_err(|e| StartError(e.to_string()))?;
+        let inner = Arc::new(Inner {
+            mgr,
+            config,
+            apps: RwLock::new(HashMap::new()),
+            pool: Mutex::new(pool),
+            queue: Mutex::new(VecDeque::new()),
+            ready: Condvar::new(),
+            stop: AtomicBool::new(false),
+            log: Mutex::new(VecDeque::new()),
+        });
+        let n = match arrangement {
+            Arrangement::Parallel { workers } => workers,
+            Arrangement::Serialized => 1,
+        };
+        let mut workers = Vec::with_capacity(n);
+        for i in 0..n {
+            let inner = inner.clone();
+            let w = std::thread::Builder::new()
+                .name(format!("worker-{i}"))
+                .spawn(move || worker_main(&inner))
+                .map_err(|e| StartError(e.to_string()))?;
+            workers.push(w);
+        }
+        Ok(Host {
+            inner,
+            arrangement,
+            workers,
+        })
+    }
+
+    /// How tenant code is placed on workers.
+    pub fn arrangement(&self) -> Arrangement {
+        self.arrangement
+    }
+
+    /// Registers an application (replacing one of the same name for later invocations).
+    pub fn register(&self, app: App) {
+        let mut apps = self.inner.apps.write().unwrap_or_else(|e| e.into_inner());
+        let id = apps.len() as AppId;
+        let entry = Arc::new(AppEntry {
+            id,
+            app,
+            running: AtomicUsize::new(0),
+        });
+        apps.insert(entry.app.name.clone(), entry);
+    }
+
+    /// Runs application `name` with `request` and returns its response.
+    ///
+    /// # Errors
+    ///
+    /// [`InvokeError`].
+    pub fn invoke(&self, name: &str, request: &[u8]) -> Result<Vec<u8>, InvokeError> {
+        let app = Admitted::new(lookup(&self.inner, name)?)?;
+        let (reply, rx) = mpsc::sync_channel(1);
+        {
+            let mut q = self.inner.queue.lock().unwrap_or_else(|e| e.into_inner());
+            if self.inner.stop.load(Ordering::Acquire) {
+                return Err(InvokeError::ShuttingDown);
+            }
+            q.push_back(Job {
+                app,
+                request: request.to_vec(),
+                reply,
+            });
+        }
+        self.inner.ready.notify_one();
+        rx.recv().unwrap_or(Err(InvokeError::ShuttingDown))
+    }
+
+    /// Invocations of application `name` admitted and not yet finished.
+    pub fn in_flight(&self, name: &str) -> usize {
+        lookup(&self.inner, name).map_or(0, |a| a.running.load(Ordering::Acquire))
+    }
+
+    /// The last lines tenants logged (`app: message`), oldest first.
+    pub fn logs(&self) -> Vec<String> {
+        let log = self.inner.log.lock().unwrap_or_else(|e| e.into_inner());
+        log.iter().cloned().collect()
+    }
+
+    /// The instance pool's counters.
+    pub fn pool_stats(&self) -> crate::instance::pool::PoolStats {
+        self.inner
+            .pool
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .stats()
+    }
+}
+
+impl Drop for Host {
+    fn drop(&mut self) {
+        {
+            let _q = self.inner.queue.lock().unwrap_or_else(|e| e.into_inner());
+            self.inner.stop.store(true, Ordering::Release);
+        }
+        self.inner.ready.notify_all();
+        for w in self.workers.drain(..) {
+            let _ = w.join();
+        }
+    }
+}
+
+fn lookup(inner: &Inner, name: &str) -> Result<Arc<AppEntry>, InvokeError> {
+    let apps = inner.apps.read().unwrap_or_else(|e| e.into_inner());
+    apps.get(name)
+        .cloned()
+        .ok_or_else(|| InvokeError::UnknownFunction(name.to_string()))
+}
+
+fn worker_main(inner: &Inner) {
+    let timer = match tenant::DeadlineTimer::new() {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("mpkvirt-host: worker without a deadline timer ({e}); it stops");
+            return;
+        }
+    };
+    let w = Worker { inner, timer };
+    loop {
+        let job = {
+            let mut q = inner.queue.lock().unwrap_or_else(|e| e.into_inner());
+            loop {
+                if let Some(job) = q.pop_front() {
+                    break job;
+                }
+                if inner.stop.load(Ordering::Acquire) {
+                    return;
+                }
+                q = inner.ready.wait(q).unwrap_or_else(|e| e.into_inner());
+            }
+        };
+        let out = w.invoke(&job.app.0, &job.request, 0);
+        let _ = job.reply.send(out);
+    }
+}
+
+struct Worker<'a> {
+    inner: &'a Inner,
+    timer: tenant::DeadlineTimer,
+}
+
+/// The memory an invocation holds in its instance.
+struct Held {
+    /// Allocations from the tenant's `alloc`, with their sizes.
+    tenant: HashMap<u64, usize>,
+    tenant_bytes: usize,
+    quota: usize,
+    /// The host's own (stack, request, frame).
+    host: Vec<u64>,
+}
+
+impl Worker<'_> {
+    fn invoke(&self, app: &AppEntry, request: &[u8], depth: usize) -> Result<Vec<u8>, InvokeError> {
+        let slot = self
+            .inner
+            .pool
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .acquire(app.id)
+            .map_err(|e: PoolError| InvokeError::Instance(e.to_string()));
+        slot.and_then(|slot| {
+            let out = self.in_slot(slot.domain(), app, request, depth);
+            // A clean end keeps the instance warm for the same application; anything else
+            // may have left it in any state.
+            let how = match &out {
+                Ok(_) | Err(InvokeError::Failed { .. }) => Release::Warm,
+                Err(_) => Release::Reset,
+            };
+            let released = self
+                .inner
+                .pool
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .release(slot, how);
+            if let Err(e) = released {
+                eprintln!("mpkvirt-host: an instance slot was dropped: {e}");
+            }
+            out
+        })
+    }
+
+    fn in_slot(
+        &self,
+        d: &Domain<Machine>,
+        app: &AppEntry,
+        request: &[u8],
+        depth: usize,
+    ) -> Result<Vec<u8>, InvokeError> {
+        let instance_err = |e: mpkvirt::Error| InvokeError::Instance(e.to_string());
+        // The worker's view of the instance: it writes the request and serves host calls in
+        // it. The sandbox's view goes on top of it, sealed.
+        let view = self
+            .inner
+            .mgr
+            .enter(&[(d, Rights::ReadWrite)])
+            .map_err(instance_err)?;
+        let mem = tenant::InstanceMem::new(d);
+        let mut held = Held {
+            tenant: HashMap::new(),
+            tenant_bytes: 0,
+            quota: app.app.limits.memory.min(d.len()),
+            host: Vec::new(),
+        };
+        let out = self.run(d, mem, app, request, depth, &mut held);
+        for p in held.tenant.keys().chain(&held.host) {
+            if let Some(p) = std::ptr::NonNull::new(*p as *mut u8) {
+                let _ = d.free(p);
+            }
+        }
+        drop(view);
+        out
+    }
+
+    fn host_alloc(
+        &self,
+        d: &Domain<Machine>,
+        held: &mut Held,
+        len: usize,
+    ) -> Result<u64, InvokeError> {
+        let p = d
+            .alloc(len.max(1), 16)
+            .map_err(|e| InvokeError::Instance(e.to_string()))?
+            .as_ptr() as u64;
+        held.host.push(p);
+        Ok(p)
+    }
+
+    fn run(
+        &self,
+        d: &Domain<Machine>,
+        mem: tenant::InstanceMem,
+        app: &AppEntry,
+        request: &[u8],
+        depth: usize,
+        held: &mut Held,
+    ) -> Result<Vec<u8>, InvokeError> {
+        let stack = self.host_alloc(d, held, self.inner.config.stack_size)?;
+        let top = (stack + self.inner.config.stack_size as u64) & !15;
+        let req = self.host_alloc(d, held, request.len())?;
+        mem.write(req, request);
+        let frame_at = self.host_alloc(d, held, size_of::<tenant::Frame>())?;
+        let (kind, code) = match &app.app.code {
+            Code::Native(n) => (tenant::ENTRY_NATIVE, [n.entry_addr(), 0]),
+            // The application's `Arc` (alive while the invocation holds its entry).
+            Code::Builtin(f) => (tenant::ENTRY_BUILTIN, [std::ptr::from_ref(f) as usize, 0]),
+        };
+        let frame = tenant::Frame {
+            kind,
+            code,
+            request: req as *const u8,
+            request_len: request.len(),
+            response: [0, 0],
+            rc: 0,
+        };
+        if !mem.write_frame(frame_at, frame) {
+            return Err(InvokeError::Instance("the frame does not fit".into()));
+        }
+        let ctx = mem
+            .context(top, frame_at)
+            .ok_or_else(|| InvokeError::Instance("the stack does not fit".into()))?;
+        if depth == 0 {
+            self.timer.arm(app.app.limits.timeout);
+        }
+        let ended = self.drive(d, mem, app, ctx, top, depth, held);
+        if depth == 0 {
+            self.timer.disarm();
+        }
+        ended?;
+        let f = mem.read_frame(frame_at).ok_or(InvokeError::BadResponse)?;
+        match &app.app.code {
+            Code::Builtin(_) => {
+                let rc = f.rc;
+                let bytes = f.into_builtin_response();
+                if rc != 0 {
+                    return Err(InvokeError::Failed {
+                        code: rc,
+                        message: String::from_utf8_lossy(&bytes).into_owned(),
+                    });
+                }
+                Ok(bytes)
+            }
+            Code::Native(_) => {
+                if f.rc != 0 {
+                    return Err(InvokeError::Failed {
+                        code: f.rc,
+                        message: String::new(),
+                    });
+                }
+                let [ptr, len] = f.response;
+                if ptr == 0 && len == 0 {
+                    return Ok(Vec::new());
+                }
+                mem.read(ptr as u64, len as u64)
+                    .ok_or(InvokeError::BadResponse)
+            }
+        }
+    }
+
+    /// Runs the context until it is done, serving its host calls.
+    #[allow(clippy::too_many_arguments, reason = "one invocation's state")]
+    fn drive(
+        &self,
+        d: &Domain<Machine>,
+        mem: tenant::InstanceMem,
+        app: &AppEntry,
+        mut ctx: tenant::Runnable,
+        top: u64,
+        depth: usize,
+        held: &mut Held,
+    ) -> Result<(), InvokeError> {
+        let mut value = 0;
+        loop {
+            let (next, yielded) = ctx
+                .run(&self.inner.mgr, d, top as usize, value)
+                .map_err(|e| InvokeError::Instance(e.to_string()))?;
+            ctx = next;
+            match yielded {
+                tenant::DONE => return Ok(()),
+                tenant::PANICKED => return Err(InvokeError::Panicked),
+                v if (tenant::FAULT..tenant::FAULT + 128).contains(&v) => {
+                    let signal = (v - tenant::FAULT) as i32;
+                    return Err(if signal == tenant::deadline_signal() {
+                        InvokeError::Deadline
+                    } else {
+                        InvokeError::Fault { signal }
+                    });
+                }
+                v if v < tenant::STATUS_LIMIT => {
+                    return Err(InvokeError::BadHostCall("an unknown status"));
+                }
+                call => value = self.serve(d, mem, app, call, depth, held)?,
+            }
+        }
+    }
+
+    /// Serves the host call whose request is at `at` in the instance.
+    fn serve(
+        &self,
+        d: &Domain<Machine>,
+        mem: tenant::InstanceMem,
+        app: &AppEntry,
+        at: u64,
+        depth: usize,
+        held: &mut Held,
+    ) -> Result<u64, InvokeError> {
+        let bad = InvokeError::BadHostCall;
+        let raw = mem
+            .read(at, size_of::<tenant::HostCall>() as u64)
+            .ok_or(bad("a request outside the instance"))?;
+        let word =
+            |i: usize| u64::from_ne_bytes(raw[i * 8..i * 8 + 8].try_into().unwrap_or([0; 8]));
+        let (op, a) = (
+            word(0),
+            [word(1), word(2), word(3), word(4), word(5), word(6)],
+        );
+        match op {
+            tenant::CALL_ALLOC => {
+                let len = usize::try_from(a[0]).unwrap_or(usize::MAX).max(1);
+                if held.tenant_bytes.saturating_add(len) > held.quota {
+                    return Ok(0);
+                }
+                match d.alloc(len, 16) {
+                    Ok(p) => {
+                        let p = p.as_ptr() as u64;
+                        held.tenant.insert(p, len);
+                        held.tenant_bytes += len;
+                        Ok(p)
+                    }
+                    Err(_) => Ok(0),
+                }
+            }
+            tenant::CALL_FREE => {
+                if a[0] == 0 {
+                    return Ok(0);
+                }
+                let len = held
+                    .tenant
+                    .remove(&a[0])
+                    .ok_or(bad("free of memory the host did not allocate"))?;
+                held.tenant_bytes -= len;
+                if let Some(p) = std::ptr::NonNull::new(a[0] as *mut u8) {
+                    let _ = d.free(p);
+                }
+                Ok(0)
+            }
+            tenant::CALL_LOG => {
+                let len = a[1].min(4096);
+                let msg = mem
+                    .read(a[0], len)
+                    .ok_or(bad("a log line outside the instance"))?;
+                let line = format!("{}: {}", app.app.name, String::from_utf8_lossy(&msg));
+                let mut log = self.inner.log.lock().unwrap_or_else(|e| e.into_inner());
+                if log.len() == LOG_LINES {
+                    log.pop_front();
+                }
+                log.push_back(line);
+                Ok(0)
+            }
+            tenant::CALL_TIME => Ok(monotonic_ns()),
+            tenant::CALL_RANDOM => {
+                if a[1] > 1 << 20 || !mem.holds(a[0], a[1]) {
+                    return Err(bad("a random buffer outside the instance"));
+                }
+                let mut buf = vec![0u8; a[1] as usize];
+                tenant::fill_random(&mut buf);
+                mem.write(a[0], &buf);
+                Ok(0)
+            }
+            tenant::CALL_INVOKE => self.serve_invoke(d, mem, a, depth, held),
+            _ => Err(bad("an unknown host call")),
+        }
+    }
+
+    fn serve_invoke(
+        &self,
+        d: &Domain<Machine>,
+        mem: tenant::InstanceMem,
+        a: [u64; 6],
+        depth: usize,
+        held: &mut Held,
+    ) -> Result<u64, InvokeError> {
+        let bad = InvokeError::BadHostCall;
+        let name = mem
+            .read(a[0], a[1].min(256))
+            .ok_or(bad("a function name outside the instance"))?;
+        let req = mem
+            .read(a[2], a[3].min(16 << 20))
+            .ok_or(bad("a request outside the instance"))?;
+        if !mem.holds(a[4], 8) || !mem.holds(a[5], 8) {
+            return Err(bad("response pointers outside the instance"));
+        }
+        const FAILED: u64 = u32::MAX as u64; // -1 as the C int the tenant sees
+        if depth + 1 >= MAX_DEPTH {
+            return Ok(FAILED);
+        }
+        let Ok(target) = lookup(self.inner, &String::from_utf8_lossy(&name)) else {
+            return Ok(FAILED);
+        };
+        let Ok(target) = Admitted::new(target) else {
+            return Ok(FAILED);
+        };
+        let Ok(resp) = self.invoke(&target.0, &req, depth + 1) else {
+            return Ok(FAILED);
+        };
+        // The response goes into the caller's instance, counted against its quota.
+        let len = resp.len().max(1);
+        if held.tenant_bytes.saturating_add(len) > held.quota {
+            return Ok(FAILED);
+        }
+        let Ok(p) = d.alloc(len, 16) else {
+            return Ok(FAILED);
+        };
+        let p = p.as_ptr() as u64;
+        held.tenant.insert(p, len);
+        held.tenant_bytes += len;
+        mem.write(p, &resp);
+        mem.write(a[4], &p.to_ne_bytes());
+        mem.write(a[5], &(resp.len() as u64).to_ne_bytes());
+        Ok(0)
+    }
+}
+
+/// Nanoseconds since the host started (a monotonic clock).
+fn monotonic_ns() -> u64 {
+    static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    START.get_or_init(Instant::now).elapsed().as_nanos() as u64
+}

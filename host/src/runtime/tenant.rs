@@ -1,0 +1,482 @@
+//! The tenant side of an invocation: the code that runs inside an instance's sandbox, and the
+//! signal handlers that end a sandboxed invocation.
+//!
+//! Everything here runs with the *tenant's* rights, on the instance's stack: the first
+//! function of a sandbox context ([`sandbox_main`]), the host-call table a native tenant gets
+//! ([`HOST_API`]: each function writes a request on the tenant's stack and yields its address
+//! to the worker, which validates and serves it), and the function a handler sends a faulting
+//! or overdue context to ([`sandbox_abort`]). None of it is trusted: the tenant can call any
+//! of it with any arguments, or yield any value itself; the worker checks every request
+//! against the instance's domain (`runtime::Worker::serve`).
+//!
+//! The handlers (faults, the deadline timer) run on the thread's alternate stack with the
+//! kernel's initial rights. They ask mpkvirt whether the thread's normal context is
+//! sandboxed (`mpkvirt::sandbox::query`: library state, which a tenant cannot forge) and, if
+//! so, resume it at [`sandbox_abort`] on the top of its stack. Any other fault goes to the
+//! handler installed before (mpkvirt's, then the default action).
+//!
+//! # Safety
+//!
+//! The handlers read and rewrite the kernel's `ucontext_t`; the frame the worker gives a new
+//! context lives in the instance and is read with the tenant's rights (a tenant that corrupts
+//! it only misleads its own invocation); the host-call functions pass pointers the tenant
+//! chose, unread, to the worker.
+#![allow(
+    unsafe_code,
+    reason = "sandbox entry, host calls by yield, signal handlers"
+)]
+
+use std::ffi::{c_char, c_int, c_void};
+use std::sync::OnceLock;
+
+use mpkvirt::sandbox;
+
+use crate::app::native::HostApi;
+
+/// Yielded values below this are statuses; anything else is the address of a [`HostCall`].
+pub(crate) const STATUS_LIMIT: u64 = 4096;
+/// The entry returned; the frame holds its result.
+pub(crate) const DONE: u64 = 1;
+/// A built-in function panicked.
+pub(crate) const PANICKED: u64 = 2;
+/// `FAULT + signal`: a handler ended the invocation (the signal, or [`DEADLINE_SIG`]).
+pub(crate) const FAULT: u64 = 256;
+
+/// What a tenant asks of the host: written on its stack, its address yielded.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct HostCall {
+    pub(crate) op: u64,
+    pub(crate) a: [u64; 6],
+}
+
+pub(crate) const CALL_ALLOC: u64 = 1;
+pub(crate) const CALL_FREE: u64 = 2;
+pub(crate) const CALL_LOG: u64 = 3;
+pub(crate) const CALL_TIME: u64 = 4;
+pub(crate) const CALL_RANDOM: u64 = 5;
+pub(crate) const CALL_INVOKE: u64 = 6;
+
+/// A built-in function as the sandbox calls it: request in, response out.
+pub(crate) type BuiltinFn = dyn Fn(&[u8]) -> Result<Vec<u8>, String> + Send + Sync;
+
+/// The frame the worker writes into the instance for a new context (its argument).
+#[repr(C)]
+pub(crate) struct Frame {
+    /// `ENTRY_NATIVE` or `ENTRY_BUILTIN`.
+    pub(crate) kind: u64,
+    /// The native entry, or the address of an `Arc<BuiltinFn>`.
+    pub(crate) code: [usize; 2],
+    pub(crate) request: *const u8,
+    pub(crate) request_len: usize,
+    /// The response's address and length: a native entry's `struct mpkvirt_response`, or a
+    /// built-in's leaked boxed slice.
+    pub(crate) response: [usize; 2],
+    /// The entry's return code.
+    pub(crate) rc: i64,
+}
+
+pub(crate) const ENTRY_NATIVE: u64 = 1;
+pub(crate) const ENTRY_BUILTIN: u64 = 2;
+
+/// The gate-side yield (the value goes to the worker; the result is its answer).
+fn host_call(op: u64, a: [u64; 6]) -> u64 {
+    let call = HostCall { op, a };
+    // The address of a request on this (the instance's) stack; the worker reads it from
+    // there after validating it.
+    sandbox::yield_now(&raw const call as u64)
+}
+
+unsafe extern "C" fn api_alloc(len: usize) -> *mut c_void {
+    host_call(CALL_ALLOC, [len as u64, 0, 0, 0, 0, 0]) as *mut c_void
+}
+
+unsafe extern "C" fn api_free(p: *mut c_void) {
+    host_call(CALL_FREE, [p as u64, 0, 0, 0, 0, 0]);
+}
+
+unsafe extern "C" fn api_log(msg: *const c_char, len: usize) {
+    host_call(CALL_LOG, [msg as u64, len as u64, 0, 0, 0, 0]);
+}
+
+unsafe extern "C" fn api_time_ns() -> u64 {
+    host_call(CALL_TIME, [0; 6])
+}
+
+unsafe extern "C" fn api_random(buf: *mut c_void, len: usize) -> c_int {
+    host_call(CALL_RANDOM, [buf as u64, len as u64, 0, 0, 0, 0]) as c_int
+}
+
+unsafe extern "C" fn api_invoke(
+    name: *const c_char,
+    name_len: usize,
+    request: *const u8,
+    request_len: usize,
+    response: *mut *mut u8,
+    response_len: *mut usize,
+) -> c_int {
+    host_call(
+        CALL_INVOKE,
+        [
+            name as u64,
+            name_len as u64,
+            request as u64,
+            request_len as u64,
+            response as u64,
+            response_len as u64,
+        ],
+    ) as c_int
+}
+
+/// The host-call table every native tenant gets (host memory, read-only).
+pub(crate) static HOST_API: HostApi = HostApi {
+    version: crate::app::image::ABI_VERSION,
+    alloc: api_alloc,
+    free: api_free,
+    log: api_log,
+    time_ns: api_time_ns,
+    random: api_random,
+    invoke: api_invoke,
+};
+
+/// The first function of every invocation's context: runs the entry the frame names, then
+/// yields [`DONE`] (or [`PANICKED`]) for good.
+pub(crate) extern "C" fn sandbox_main(frame: u64, _first: u64) {
+    let f = frame as *mut Frame;
+    // SAFETY: the worker wrote the frame in the instance before the first run (8-byte
+    // aligned); only this context can have changed it since. Plain data: any bits are valid.
+    let fr = unsafe { f.read_volatile() };
+    let (status, rc, response) = match fr.kind {
+        ENTRY_NATIVE => {
+            // SAFETY: the worker stored a validated object's entry, whose type the ABI fixes.
+            let entry =
+                unsafe { std::mem::transmute::<usize, crate::app::native::Entry>(fr.code[0]) };
+            let mut resp = crate::app::native::Response {
+                data: std::ptr::null_mut(),
+                len: 0,
+            };
+            // SAFETY: the tenant's entry, called as the ABI says, with the request the worker
+            // copied into the instance and a response slot on this stack.
+            let rc = unsafe { entry(&HOST_API, fr.request, fr.request_len, &raw mut resp) };
+            (DONE, i64::from(rc), [resp.data as usize, resp.len])
+        }
+        ENTRY_BUILTIN => {
+            // SAFETY: the worker stored the address of the application's `Arc<BuiltinFn>`,
+            // which it keeps alive for the invocation.
+            let func = unsafe { &*(fr.code[0] as *const std::sync::Arc<BuiltinFn>) };
+            // SAFETY: the request the worker copied into the instance, `request_len` bytes.
+            let req = unsafe { std::slice::from_raw_parts(fr.request, fr.request_len) };
+            match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| func(req))) {
+                Ok(out) => {
+                    let (rc, bytes) = match out {
+                        Ok(v) => (0, v),
+                        Err(msg) => (1, msg.into_bytes()),
+                    };
+                    // Taken back by the worker (`Frame::into_builtin_response`).
+                    let bytes = std::mem::ManuallyDrop::new(bytes.into_boxed_slice());
+                    (DONE, rc, [bytes.as_ptr() as usize, bytes.len()])
+                }
+                Err(payload) => {
+                    // Dropping the payload runs arbitrary destructors; it is small, keep it.
+                    std::mem::forget(payload);
+                    (PANICKED, 0, [0, 0])
+                }
+            }
+        }
+        _ => (FAULT + libc::SIGABRT as u64, 0, [0, 0]),
+    };
+    // SAFETY: the frame, as above: the worker reads the result from it.
+    unsafe {
+        f.write_volatile(Frame { rc, response, ..fr });
+    }
+    loop {
+        sandbox::yield_now(status);
+    }
+}
+
+/// Where a handler sends a sandboxed context that faulted or ran out of time: it yields
+/// `FAULT + why` for good.
+extern "C" fn sandbox_abort(why: u64) -> ! {
+    loop {
+        sandbox::yield_now(FAULT + why);
+    }
+}
+
+/// The real-time signal of the per-worker deadline timers.
+pub(crate) fn deadline_signal() -> c_int {
+    libc::SIGRTMIN() + 8
+}
+
+/// The signals that end a sandboxed invocation instead of the process.
+const FAULT_SIGNALS: [c_int; 6] = [
+    libc::SIGSEGV,
+    libc::SIGBUS,
+    libc::SIGFPE,
+    libc::SIGILL,
+    libc::SIGTRAP,
+    libc::SIGABRT,
+];
+
+/// The handlers installed before ours, by signal number.
+static PREVIOUS: OnceLock<Vec<(c_int, libc::sigaction)>> = OnceLock::new();
+
+/// Installs the fault and deadline handlers (once per process; after mpkvirt's fault handler,
+/// which becomes the next in the chain).
+pub(crate) fn install_handlers() -> std::io::Result<()> {
+    let mut err = None;
+    PREVIOUS.get_or_init(|| {
+        let mut prev = Vec::new();
+        for sig in FAULT_SIGNALS.into_iter().chain([deadline_signal()]) {
+            // SAFETY: `on_signal` is async-signal-safe: one gate call (no allocation, no
+            // lock), reads and writes of the frame it was given, and the chained handler.
+            match unsafe {
+                mpkvirt_sys::signal::install(
+                    sig,
+                    on_signal,
+                    libc::SA_ONSTACK | libc::SA_SIGINFO | libc::SA_NODEFER,
+                )
+            } {
+                Ok(old) => prev.push((sig, old)),
+                Err(e) => err = Some(std::io::Error::other(e.to_string())),
+            }
+        }
+        prev
+    });
+    err.map_or(Ok(()), Err)
+}
+
+extern "C" fn on_signal(sig: c_int, info: *mut libc::siginfo_t, ctx: *mut c_void) {
+    // SAFETY: the kernel passes the interrupted context's `ucontext_t`, ours for the
+    // duration of the handler.
+    let uc = unsafe { &mut *ctx.cast::<libc::ucontext_t>() };
+    let pkru = mpkvirt_sys::signal::frame_pkru(uc);
+    let deadline = sig == deadline_signal();
+    // SAFETY: `info` is the kernel's siginfo for this signal.
+    let from_timer = deadline && unsafe { (*info).si_code } == libc::SI_TIMER;
+    if deadline && !from_timer {
+        return;
+    }
+    match sandbox::query(pkru) {
+        sandbox::Query::Sandboxed { exit_sp } => {
+            let gregs = &mut uc.uc_mcontext.gregs;
+            gregs[libc::REG_RIP as usize] = sandbox_abort as *const () as usize as i64;
+            // As after a call: the function's entry sees %rsp + 8 aligned to 16.
+            gregs[libc::REG_RSP as usize] = (exit_sp - 8) as i64;
+            gregs[libc::REG_RDI as usize] = i64::from(sig);
+        }
+        // The timer ticks again (it is periodic once due).
+        _ if deadline => {}
+        _ => chain(sig, info, ctx),
+    }
+}
+
+fn chain(sig: c_int, info: *mut libc::siginfo_t, ctx: *mut c_void) {
+    let prev = PREVIOUS
+        .get()
+        .and_then(|p| p.iter().find(|(s, _)| *s == sig).map(|(_, a)| a));
+    match prev {
+        // SAFETY: the handler that was installed before ours, with the kernel's arguments.
+        Some(prev) => unsafe { mpkvirt_sys::signal::chain(prev, sig, info, ctx) },
+        None => {
+            // SAFETY: restores the default action (async-signal-safe).
+            unsafe { libc::signal(sig, libc::SIG_DFL) };
+            // SAFETY: re-raised: pending until this handler returns, then the default action.
+            unsafe { libc::raise(sig) };
+        }
+    }
+}
+
+/// A worker's deadline timer: a POSIX timer that signals [`deadline_signal`] to this thread
+/// (the kernel tags the signal `SI_TIMER`, which a tenant's own `tgkill` cannot forge).
+/// Armed for an invocation's time limit, then every millisecond until disarmed, so that a
+/// tick that found the thread inside the gate is followed by another.
+#[derive(Debug)]
+pub(crate) struct DeadlineTimer {
+    id: libc::timer_t,
+}
+
+impl DeadlineTimer {
+    /// A timer for the calling thread.
+    pub(crate) fn new() -> std::io::Result<DeadlineTimer> {
+        // SAFETY: all-zero is a valid `sigevent` (plain integers and a union of them).
+        let mut sev: libc::sigevent = unsafe { std::mem::zeroed() };
+        sev.sigev_notify = libc::SIGEV_THREAD_ID;
+        sev.sigev_signo = deadline_signal();
+        sev.sigev_notify_thread_id = mpkvirt_sys::thread::gettid();
+        let mut id: libc::timer_t = std::ptr::null_mut();
+        // SAFETY: valid pointers to a filled `sigevent` and to the id to write.
+        if unsafe { libc::timer_create(libc::CLOCK_MONOTONIC, &mut sev, &mut id) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(DeadlineTimer { id })
+    }
+
+    fn set(&self, first: std::time::Duration, every: std::time::Duration) {
+        let ts = |d: std::time::Duration| libc::timespec {
+            tv_sec: d.as_secs() as libc::time_t,
+            tv_nsec: libc::c_long::from(d.subsec_nanos() as i32),
+        };
+        let spec = libc::itimerspec {
+            it_interval: ts(every),
+            it_value: ts(first),
+        };
+        // SAFETY: a timer this value owns; `spec` is valid for reading.
+        unsafe { libc::timer_settime(self.id, 0, &spec, std::ptr::null_mut()) };
+    }
+
+    /// Fires after `after`, then every millisecond.
+    pub(crate) fn arm(&self, after: std::time::Duration) {
+        let after = after.max(std::time::Duration::from_nanos(1));
+        self.set(after, std::time::Duration::from_millis(1));
+    }
+
+    /// Stops it. A tick due before this returns is delivered before it returns (on the way
+    /// out of the system call), with the thread outside any sandbox: ignored.
+    pub(crate) fn disarm(&self) {
+        self.set(std::time::Duration::ZERO, std::time::Duration::ZERO);
+    }
+}
+
+impl Drop for DeadlineTimer {
+    fn drop(&mut self) {
+        // SAFETY: the timer made in `new`, deleted once.
+        unsafe { libc::timer_delete(self.id) };
+    }
+}
+
+/// An instance's memory as the worker sees it while it serves the instance (inside its view):
+/// every access is checked to lie in the instance's domain, so a pointer or length a tenant
+/// made up reaches nothing else.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct InstanceMem {
+    base: usize,
+    len: usize,
+}
+
+impl InstanceMem {
+    pub(crate) fn new<B: mpkvirt::Backend>(d: &mpkvirt::Domain<B>) -> InstanceMem {
+        InstanceMem {
+            base: d.base().as_ptr() as usize,
+            len: d.len(),
+        }
+    }
+
+    /// Whether `[ptr, ptr + len)` lies in the instance.
+    pub(crate) fn holds(&self, ptr: u64, len: u64) -> bool {
+        let (Ok(ptr), Ok(len)) = (usize::try_from(ptr), usize::try_from(len)) else {
+            return false;
+        };
+        ptr >= self.base
+            && ptr
+                .checked_add(len)
+                .is_some_and(|e| e <= self.base + self.len)
+    }
+
+    /// A copy of `len` bytes at `ptr`, if they lie in the instance.
+    pub(crate) fn read(&self, ptr: u64, len: u64) -> Option<Vec<u8>> {
+        if !self.holds(ptr, len) {
+            return None;
+        }
+        let mut out = vec![0; len as usize];
+        // SAFETY: inside the instance's domain (checked), which the worker's view opens; the
+        // tenant does not run while the worker serves it, and the bytes are copied, not
+        // referenced.
+        unsafe { std::ptr::copy_nonoverlapping(ptr as *const u8, out.as_mut_ptr(), out.len()) };
+        Some(out)
+    }
+
+    /// Writes `bytes` at `ptr`, if they fit in the instance.
+    pub(crate) fn write(&self, ptr: u64, bytes: &[u8]) -> bool {
+        if !self.holds(ptr, bytes.len() as u64) {
+            return false;
+        }
+        // SAFETY: as in `read`; instance memory no Rust reference points to.
+        unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), ptr as *mut u8, bytes.len()) };
+        true
+    }
+
+    /// Writes a frame for a new invocation at `at` (which the worker allocated in the
+    /// instance).
+    pub(crate) fn write_frame(&self, at: u64, frame: Frame) -> bool {
+        if !self.holds(at, size_of::<Frame>() as u64) || !at.is_multiple_of(8) {
+            return false;
+        }
+        // SAFETY: inside the instance (checked) and aligned; memory the worker allocated for
+        // the frame.
+        unsafe { (at as *mut Frame).write(frame) };
+        true
+    }
+
+    /// The frame at `at` as the context left it.
+    pub(crate) fn read_frame(&self, at: u64) -> Option<Frame> {
+        if !self.holds(at, size_of::<Frame>() as u64) || !at.is_multiple_of(8) {
+            return None;
+        }
+        // SAFETY: as in `write_frame`; every field is plain data (any bits are valid).
+        Some(unsafe { (at as *const Frame).read_volatile() })
+    }
+
+    /// Prepares a new context for the invocation whose frame is at `frame`, on a stack that
+    /// ends at `top`.
+    pub(crate) fn context(&self, top: u64, frame: u64) -> Option<Runnable> {
+        if top < 128 || !self.holds(top - 128, 128) {
+            return None;
+        }
+        // SAFETY: the 72 bytes below `top` lie in the instance (checked), on the stack the
+        // worker allocated for this invocation, which nothing else uses.
+        let ctx = unsafe { sandbox::Context::new(top as usize, sandbox_main, frame) };
+        Some(Runnable { sp: ctx.sp })
+    }
+}
+
+impl Frame {
+    /// The response a built-in function left (a boxed slice `sandbox_main` leaked), taken
+    /// back; consumes the frame, so it is taken once.
+    pub(crate) fn into_builtin_response(self) -> Vec<u8> {
+        let [ptr, len] = self.response;
+        if ptr == 0 {
+            return Vec::new();
+        }
+        // SAFETY: for a built-in, only `sandbox_main` (trusted code: the built-in runs in an
+        // instance no native tenant shares) writes the response words, from a boxed slice it
+        // leaked; the frame is fresh for each invocation and consumed here.
+        unsafe { Box::from_raw(std::ptr::slice_from_raw_parts_mut(ptr as *mut u8, len)) }.into_vec()
+    }
+}
+
+/// A sandboxed context that may be run: prepared by [`InstanceMem::context`], or returned by
+/// its last run. Running consumes it, so a context never runs twice from one state.
+#[derive(Debug)]
+pub(crate) struct Runnable {
+    sp: usize,
+}
+
+impl Runnable {
+    /// Runs the context in `d`'s sandbox until it yields; returns the context to run next and
+    /// the value it yielded.
+    pub(crate) fn run<B: mpkvirt::Backend>(
+        self,
+        mgr: &mpkvirt::Manager<B>,
+        d: &mpkvirt::Domain<B>,
+        exit_sp: usize,
+        value: u64,
+    ) -> mpkvirt::Result<(Runnable, u64)> {
+        // SAFETY: `self.sp` is a context prepared in `d` or the one its last yield returned,
+        // not run since (this value is consumed).
+        let y = unsafe { mgr.sandbox_run(d, self.sp, exit_sp, value) }?;
+        Ok((Runnable { sp: y.sp }, y.value))
+    }
+}
+
+/// Fills `buf` with random bytes from the kernel.
+pub(crate) fn fill_random(buf: &mut [u8]) {
+    let mut done = 0;
+    while done < buf.len() {
+        // SAFETY: the unfilled rest of `buf`, valid for writes.
+        let n = unsafe { libc::getrandom(buf[done..].as_mut_ptr().cast(), buf.len() - done, 0) };
+        if n <= 0 {
+            break;
+        }
+        done += n as usize;
+    }
+}

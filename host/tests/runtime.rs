@@ -1,0 +1,211 @@
+//! The runtime end to end: built-in and native functions run in their instances' sandboxes,
+//! and every misbehaviour of a tenant ends only its own invocation.
+//!
+//! One scenario, run natively (emulated backend: one worker, tenant code serialized) and in
+//! the PKU guest (`pku_*`: hardware keys, two workers), with more applications than keys and
+//! invocations from several client threads at once. The hostile tenant
+//! (`host/tenants/c/hostile.c`) dereferences null, aborts, divides by zero, executes an
+//! illegal instruction, overflows its stack, loops forever, exhausts its memory quota, reads
+//! and writes another tenant's instance, passes wild pointers to host calls, and calls
+//! mpkvirt's gate with a forged op; after each, the host keeps serving.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use mpkvirt_host::app::native::NativeFunction;
+use mpkvirt_host::runtime::{App, Arrangement, Code, Host, HostConfig, InvokeError, Limits};
+use mpkvirt_sys::require_pku;
+
+fn native(name: &str) -> Code {
+    // SAFETY: the project's own tenants; loading runs no code of theirs (no constructors).
+    #[allow(unsafe_code, reason = "loading the project's own tenants")]
+    let f = unsafe { NativeFunction::load(&common::build_c(name)) }.unwrap();
+    Code::Native(Arc::new(f))
+}
+
+fn app(name: &str, code: Code, limits: Limits) -> App {
+    App {
+        name: name.into(),
+        code,
+        limits,
+    }
+}
+
+fn with_arg(op: u8, arg: u64) -> Vec<u8> {
+    let mut v = vec![op];
+    v.extend_from_slice(&arg.to_le_bytes());
+    v
+}
+
+fn fault(signal: i32) -> Result<Vec<u8>, InvokeError> {
+    Err(InvokeError::Fault { signal })
+}
+
+fn scenario(workers: usize) {
+    let host = Host::start(HostConfig {
+        workers: Some(workers),
+        slot_size: 1 << 20,
+        slots: 128,
+        stack_size: 64 << 10,
+    })
+    .unwrap();
+    let parallel = matches!(host.arrangement(), Arrangement::Parallel { .. });
+    eprintln!("arrangement: {}", host.arrangement());
+    let limits = Limits {
+        timeout: Duration::from_millis(300),
+        memory: 64 << 10,
+        concurrency: 16,
+    };
+    host.register(app(
+        "echo-rs",
+        Code::Builtin(Arc::new(|req: &[u8]| Ok(req.to_vec()))),
+        limits,
+    ));
+    host.register(app(
+        "panic-rs",
+        Code::Builtin(Arc::new(|_: &[u8]| panic!("a built-in's bug"))),
+        limits,
+    ));
+    host.register(app(
+        "fail-rs",
+        Code::Builtin(Arc::new(|_: &[u8]| Err("bad input".into()))),
+        limits,
+    ));
+    let hostile = native("hostile");
+    host.register(app("hostile", hostile.clone(), limits));
+    host.register(app("hostile-2", hostile.clone(), limits));
+    host.register(app("echo-c", native("echo"), limits));
+    host.register(app("sha256", native("sha256"), limits));
+    // More applications than keys.
+    for i in 0..20 {
+        host.register(app(&format!("echo-{i}"), native("echo"), limits));
+    }
+
+    assert_eq!(host.invoke("echo-rs", b"hello").unwrap(), b"hello");
+    assert_eq!(host.invoke("echo-c", b"hello").unwrap(), b"hello");
+    // (The tenant answers in hex.)
+    assert_eq!(
+        String::from_utf8(host.invoke("sha256", b"abc").unwrap()).unwrap(),
+        "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+    );
+    assert_eq!(
+        host.invoke("nope", b""),
+        Err(InvokeError::UnknownFunction("nope".into()))
+    );
+    assert_eq!(host.invoke("panic-rs", b""), Err(InvokeError::Panicked));
+    assert!(matches!(
+        host.invoke("fail-rs", b""),
+        Err(InvokeError::Failed { code: 1, ref message }) if message == "bad input"
+    ));
+
+    // Each misbehaviour ends its invocation; the host keeps serving.
+    let alive =
+        |host: &Host| assert_eq!(host.invoke("echo-c", b"still here").unwrap(), b"still here");
+    for (req, want) in [
+        (&b"n"[..], fault(libc::SIGSEGV)),
+        (b"a", fault(libc::SIGABRT)),
+        (b"d", fault(libc::SIGFPE)),
+        (b"i", fault(libc::SIGILL)),
+        (b"s", fault(libc::SIGSEGV)),
+        (b"l", Err(InvokeError::Deadline)),
+        (
+            b"h",
+            Err(InvokeError::BadHostCall("a log line outside the instance")),
+        ),
+        (
+            b"f",
+            Err(InvokeError::BadHostCall(
+                "free of memory the host did not allocate",
+            )),
+        ),
+    ] {
+        let got = host.invoke("hostile", req);
+        assert_eq!(got, want, "request {:?}", req[0] as char);
+        alive(&host);
+    }
+    // The quota: 4 KiB blocks until refused, within 64 KiB.
+    let n = u64::from_le_bytes(host.invoke("hostile", b"m").unwrap().try_into().unwrap());
+    assert!(
+        (8..16).contains(&n),
+        "{n} blocks of 4 KiB in a 64 KiB quota"
+    );
+
+    // Another tenant's instance: its memory faults; its own (warm) instance does not.
+    let at = u64::from_le_bytes(host.invoke("hostile", b"p").unwrap().try_into().unwrap());
+    assert_eq!(
+        host.invoke("hostile-2", &with_arg(b'r', at)),
+        fault(libc::SIGSEGV)
+    );
+    assert_eq!(
+        host.invoke("hostile-2", &with_arg(b'w', at)),
+        fault(libc::SIGSEGV)
+    );
+    assert_eq!(host.invoke("hostile", &with_arg(b'r', at)).unwrap(), b"S");
+    alive(&host);
+
+    // A forged op through mpkvirt's gate is refused.
+    let gate = if parallel {
+        mpkvirt_asm::mpkvirt_gate_call as *const () as u64
+    } else {
+        mpkvirt_asm::mpkvirt_gate_call_nopku as *const () as u64
+    };
+    let status = host.invoke("hostile", &with_arg(b'g', gate)).unwrap();
+    let status = u64::from_le_bytes(status.try_into().unwrap());
+    assert_ne!(status & (1 << 63), 0, "the forged op returned {status:#x}");
+    alive(&host);
+
+    // Many clients at once, well-behaved and hostile interleaved, over more apps than keys.
+    std::thread::scope(|s| {
+        for t in 0..4 {
+            let host = &host;
+            s.spawn(move || {
+                for k in 0..40 {
+                    let name = format!("echo-{}", (t * 7 + k) % 20);
+                    let body = format!("{t}-{k}");
+                    assert_eq!(
+                        host.invoke(&name, body.as_bytes()).unwrap(),
+                        body.as_bytes()
+                    );
+                    if k % 10 == t {
+                        assert_eq!(host.invoke("hostile", b"n"), fault(libc::SIGSEGV));
+                    }
+                }
+            });
+        }
+    });
+
+    // The concurrency limit.
+    host.register(app(
+        "single",
+        hostile,
+        Limits {
+            concurrency: 1,
+            ..limits
+        },
+    ));
+    std::thread::scope(|s| {
+        let looping = s.spawn(|| host.invoke("single", b"l"));
+        while host.in_flight("single") == 0 {
+            std::thread::yield_now();
+        }
+        assert_eq!(
+            host.invoke("single", b"e"),
+            Err(InvokeError::Overloaded { limit: 1 })
+        );
+        assert_eq!(looping.join().unwrap(), Err(InvokeError::Deadline));
+    });
+    alive(&host);
+}
+
+#[test]
+fn the_runtime_contains_every_misbehaviour() {
+    scenario(2);
+}
+
+#[test]
+fn pku_the_runtime_contains_every_misbehaviour_on_two_workers() {
+    let _pku = require_pku!();
+    scenario(2);
+}
