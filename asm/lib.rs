@@ -141,6 +141,32 @@ unsafe extern "sysv64" {
     /// Never call it; only its address is meaningful.
     pub fn mpkvirt_sandbox_resume();
 
+    /// Where a preempted sandboxed context continues (`sandbox.S`), for a PKU / no-PKU
+    /// gate.
+    ///
+    /// # Safety
+    ///
+    /// Never call it; only its address is meaningful.
+    pub fn mpkvirt_sandbox_preempted_pku();
+    /// See [`mpkvirt_sandbox_preempted_pku`].
+    ///
+    /// # Safety
+    ///
+    /// Never call it; only its address is meaningful.
+    pub fn mpkvirt_sandbox_preempted_nopku();
+    /// Where an abandoned sandboxed context yields `%rdi` for good (`sandbox.S`).
+    ///
+    /// # Safety
+    ///
+    /// Never call it; only its address is meaningful.
+    pub fn mpkvirt_sandbox_abort_pku();
+    /// See [`mpkvirt_sandbox_abort_pku`].
+    ///
+    /// # Safety
+    ///
+    /// Never call it; only its address is meaningful.
+    pub fn mpkvirt_sandbox_abort_nopku();
+
     /// The first return address of a new sandboxed context: calls `%r12(%r13, value)`, which
     /// must never return.
     ///
@@ -305,6 +331,14 @@ pub mod addr {
         sandbox_resume => mpkvirt_sandbox_resume;
         /// A new sandboxed context's first return address.
         sandbox_entry => mpkvirt_sandbox_entry;
+        /// Where a preempted sandbox continues (PKU gate).
+        sandbox_preempted_pku => mpkvirt_sandbox_preempted_pku;
+        /// Where a preempted sandbox continues (no-PKU gate).
+        sandbox_preempted_nopku => mpkvirt_sandbox_preempted_nopku;
+        /// Where an abandoned sandbox yields for good (PKU gate).
+        sandbox_abort_pku => mpkvirt_sandbox_abort_pku;
+        /// Where an abandoned sandbox yields for good (no-PKU gate).
+        sandbox_abort_nopku => mpkvirt_sandbox_abort_nopku;
         /// Start of the page-aligned trampoline section (`mpkvirt_syscall6`).
         trampoline_start => mpkvirt_syscall6;
         /// End of the trampoline section (page-aligned).

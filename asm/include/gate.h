@@ -37,4 +37,10 @@
 /* The ops sandbox.S makes (mpkvirt's `ops::OP_SANDBOX_*`, asserted equal in Rust). */
 #define OP_SANDBOX_YIELD 14
 
+/* What a preempted sandbox yields (mpkvirt's `sandbox::PREEMPTED`), and the room its stub
+ * keeps for the extended state (`sandbox::XSAVE_MAX`; the library refuses preemption when
+ * the CPU's XSAVE area is larger). */
+#define SANDBOX_PREEMPTED 3
+#define XSAVE_MAX 16384
+
 #endif

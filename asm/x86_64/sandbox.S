@@ -35,6 +35,27 @@
  * 0x1F80, the x87 control word 0x037F. Its first run returns into mpkvirt_sandbox_resume,
  * which pops that state and returns into mpkvirt_sandbox_entry with the run's value in %rax.
  *
+ * mpkvirt_sandbox_preempted_pku / _nopku
+ * ---------------------------------------
+ * Not functions: where mpkvirt's OP_SANDBOX_SIGNAL sends a sandboxed context that a timer
+ * signal preempted. The library (which may write the sandbox's domain) stored the interrupted
+ * %rip 136 bytes below the interrupted %rsp (below the red zone) and set %rsp there; every
+ * other register is as interrupted. The stub saves the flags, the caller-saved registers and
+ * the extended state (XSAVE of every component but PKRU, into a 64-byte aligned area of
+ * XSAVE_MAX bytes on the same stack), yields PREEMPTED through the call gate, and when run
+ * again restores all of it and returns to the interrupted %rip with `ret $128`, which also
+ * pops the 136 bytes.
+ *
+ * XRSTOR could load PKRU if reached by a jump with a forged component mask: it is followed,
+ * on every path, by a check of XCR0 (XGETBV, hardware state): where the OS manages PKRU in
+ * XSAVE state (XCR0 bit 9), mpkvirt_gate_sync re-installs the record's PKRU. So a jump to
+ * the XRSTOR leaves the thread's legitimate rights, as a jump into any gate does.
+ *
+ * mpkvirt_sandbox_abort_pku / _nopku
+ * ----------------------------------
+ * Not functions: where OP_SANDBOX_SIGNAL sends a sandboxed context that faulted or ran past
+ * its deadline, on the top of its stack, with %rdi the value to yield. Yields it for good.
+ *
  * mpkvirt_sandbox_entry
  * ---------------------
  * Not a function: the first return address of a new context. Calls f(arg, value) with the
@@ -129,3 +150,81 @@ FUNCTION(mpkvirt_sandbox_entry)
     call    *%r12
     ud2
 END_FUNCTION(mpkvirt_sandbox_entry)
+
+/* XSAVE of every user component but PKRU (bit 9). */
+#define XMASK_LO 0xFFFFFDFF
+#define XMASK_HI 0xFFFFFFFF
+
+.macro PREEMPTED name, gate
+FUNCTION(\name)
+    .cfi_undefined rip
+    pushfq
+    push    %rax
+    push    %rcx
+    push    %rdx
+    push    %rsi
+    push    %rdi
+    push    %r8
+    push    %r9
+    push    %r10
+    push    %r11
+    push    %rbp
+    mov     %rsp, %rbp
+    and     $-64, %rsp
+    sub     $XSAVE_MAX, %rsp
+    /* XSAVE leaves the header's XCOMP_BV and reserved bytes as they were: zero them. */
+    xor     %eax, %eax
+    mov     %rax, 512(%rsp)
+    mov     %rax, 520(%rsp)
+    mov     %rax, 528(%rsp)
+    mov     %rax, 536(%rsp)
+    mov     %rax, 544(%rsp)
+    mov     %rax, 552(%rsp)
+    mov     %rax, 560(%rsp)
+    mov     %rax, 568(%rsp)
+    mov     $XMASK_LO, %eax
+    mov     $XMASK_HI, %edx
+    xsave64 (%rsp)
+    mov     $SANDBOX_PREEMPTED, %edi
+    mov     \gate@GOTPCREL(%rip), %rsi
+    call    mpkvirt_sandbox_yield
+    mov     $XMASK_LO, %eax
+    mov     $XMASK_HI, %edx
+    xrstor64 (%rsp)
+    xor     %ecx, %ecx
+    xgetbv
+    test    $0x200, %eax
+    jz      1f
+    call    mpkvirt_gate_sync
+1:  mov     %rbp, %rsp
+    pop     %rbp
+    pop     %r11
+    pop     %r10
+    pop     %r9
+    pop     %r8
+    pop     %rdi
+    pop     %rsi
+    pop     %rdx
+    pop     %rcx
+    pop     %rax
+    popfq
+    ret     $128
+END_FUNCTION(\name)
+.endm
+
+PREEMPTED mpkvirt_sandbox_preempted_pku, mpkvirt_gate_call
+PREEMPTED mpkvirt_sandbox_preempted_nopku, mpkvirt_gate_call_nopku
+
+.macro ABORT name, gate
+FUNCTION(\name)
+    .cfi_undefined rip
+    mov     %rdi, %rbx
+1:  mov     %rbx, %rdi
+    mov     \gate@GOTPCREL(%rip), %rsi
+    call    mpkvirt_sandbox_yield
+    jmp     1b
+END_FUNCTION(\name)
+.endm
+
+ABORT mpkvirt_sandbox_abort_pku, mpkvirt_gate_call
+ABORT mpkvirt_sandbox_abort_nopku, mpkvirt_gate_call_nopku

@@ -49,6 +49,7 @@ fn scenario(workers: usize) {
         slot_size: 1 << 20,
         slots: 128,
         stack_size: 64 << 10,
+        ..HostConfig::default()
     })
     .unwrap();
     let parallel = matches!(host.arrangement(), Arrangement::Parallel { .. });
@@ -74,6 +75,11 @@ fn scenario(workers: usize) {
         limits,
     ));
     let hostile = native("hostile");
+    let hostile_code = hostile.clone();
+    let workers = match host.arrangement() {
+        Arrangement::Parallel { workers } => workers,
+        Arrangement::Serialized => 1,
+    };
     host.register(app("hostile", hostile.clone(), limits));
     host.register(app("hostile-2", hostile.clone(), limits));
     host.register(app("echo-c", native("echo"), limits));
@@ -121,10 +127,12 @@ fn scenario(workers: usize) {
             )),
         ),
     ] {
+        eprintln!("hostile {:?}", req[0] as char);
         let got = host.invoke("hostile", req);
         assert_eq!(got, want, "request {:?}", req[0] as char);
         alive(&host);
     }
+    eprintln!("quota");
     // The quota: 4 KiB blocks until refused, within 64 KiB.
     let n = u64::from_le_bytes(host.invoke("hostile", b"m").unwrap().try_into().unwrap());
     assert!(
@@ -132,6 +140,7 @@ fn scenario(workers: usize) {
         "{n} blocks of 4 KiB in a 64 KiB quota"
     );
 
+    eprintln!("other instance");
     // Another tenant's instance: its memory faults; its own (warm) instance does not.
     let at = u64::from_le_bytes(host.invoke("hostile", b"p").unwrap().try_into().unwrap());
     assert_eq!(
@@ -145,6 +154,7 @@ fn scenario(workers: usize) {
     assert_eq!(host.invoke("hostile", &with_arg(b'r', at)).unwrap(), b"S");
     alive(&host);
 
+    eprintln!("forged op");
     // A forged op through mpkvirt's gate is refused.
     let gate = if parallel {
         mpkvirt_asm::mpkvirt_gate_call as *const () as u64
@@ -156,6 +166,7 @@ fn scenario(workers: usize) {
     assert_ne!(status & (1 << 63), 0, "the forged op returned {status:#x}");
     alive(&host);
 
+    eprintln!("clients");
     // Many clients at once, well-behaved and hostile interleaved, over more apps than keys.
     std::thread::scope(|s| {
         for t in 0..4 {
@@ -176,10 +187,11 @@ fn scenario(workers: usize) {
         }
     });
 
+    eprintln!("limit");
     // The concurrency limit.
     host.register(app(
         "single",
-        hostile,
+        hostile.clone(),
         Limits {
             concurrency: 1,
             ..limits
@@ -197,6 +209,44 @@ fn scenario(workers: usize) {
         assert_eq!(looping.join().unwrap(), Err(InvokeError::Deadline));
     });
     alive(&host);
+
+    // Preemption: functions that loop until their deadline, one per worker, do not hold up
+    // short ones (without preemption, these would wait the full two seconds).
+    host.register(app(
+        "long",
+        hostile_code.clone(),
+        Limits {
+            timeout: Duration::from_secs(2),
+            ..limits
+        },
+    ));
+    std::thread::scope(|s| {
+        let longs: Vec<_> = (0..workers)
+            .map(|_| s.spawn(|| host.invoke("long", b"L")))
+            .collect();
+        while host.logs().iter().filter(|l| *l == "long: looping").count() < workers {
+            assert!(
+                !longs.iter().any(|l| l.is_finished()),
+                "a long function ended early"
+            );
+            std::thread::yield_now();
+        }
+        for i in 0..20 {
+            let body = format!("short {i}");
+            assert_eq!(
+                host.invoke("echo-rs", body.as_bytes()).unwrap(),
+                body.as_bytes()
+            );
+        }
+        assert_eq!(
+            host.in_flight("long"),
+            workers,
+            "the short functions waited for the long ones to end"
+        );
+        for l in longs {
+            assert_eq!(l.join().unwrap(), Err(InvokeError::Deadline));
+        }
+    });
 }
 
 #[test]

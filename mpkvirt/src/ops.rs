@@ -88,6 +88,8 @@ pub(crate) const OP_SANDBOX_YIELD: u64 = 14;
 /// Whether the thread is sandboxed (`sandbox::query`): the argument word is the interrupted
 /// context's PKRU, not a block.
 pub(crate) const OP_SANDBOX_QUERY: u64 = 15;
+/// Preempts or abandons the sandboxed context a signal interrupted (`sandbox::signal`).
+pub(crate) const OP_SANDBOX_SIGNAL: u64 = 16;
 // `asm/x86_64/sandbox.S` makes the yield op by number (`gate.h`).
 const _: () = assert!(OP_SANDBOX_YIELD == 14);
 
@@ -403,6 +405,7 @@ fn run_global(code: u64, args: Args, rec: &mut ThreadRecord) -> u64 {
         OP_CONFINE => args.serve(rec, |rec, list: [u64; 2]| confine(rec, list)),
         OP_SANDBOX_YIELD => crate::sandbox::yield_op(rec, args.raw()),
         OP_SANDBOX_QUERY => crate::sandbox::query_op(rec, args.raw()),
+        OP_SANDBOX_SIGNAL => args.serve(rec, crate::sandbox::signal_op),
         OP_HOOK => args.serve(rec, |rec, stage: u64| Ok(gate::hook_op(rec, stage))),
         OP_SYNC_ALL => args.serve(rec, |rec, (): ()| {
             crate::manager::global::broadcast(rec, None, None)

@@ -12,8 +12,11 @@
 //! - `OP_SANDBOX_YIELD` ([`yield_now`]): the sandbox's view ends and the gate leaves on the
 //!   stack `sandbox_run` was called from, with the rights the caller had; `sandbox_run`
 //!   returns the yielded value and the context's stack pointer, to run it again later.
-//! - `OP_SANDBOX_QUERY` ([`query`]), for the runner's signal handlers: whether the thread's
-//!   normal context is sandboxed, and where a handler may send it to yield from.
+//! - `OP_SANDBOX_QUERY` ([`query`]) and `OP_SANDBOX_SIGNAL` ([`signal`]), for the runner's
+//!   signal handlers: whether the thread's normal context is sandboxed; preempting it (it
+//!   yields [`PREEMPTED`], and continues where it was when run again) or abandoning it (it
+//!   yields a value for good from the top of its stack). The second takes its block and the
+//!   signal context on the thread's alternate stack only.
 //! - `OP_SYNC`, mpkvirt's own signal handler taking new process-wide rights, only with its
 //!   argument block on the thread's alternate signal stack.
 //!
@@ -58,6 +61,9 @@ pub(crate) struct State {
     mark: u64,
     /// The runner's output slot (its argument block), written when the sandbox yields.
     out: u64,
+    /// The sandbox's domain, `[base, end)`.
+    base: u64,
+    end: u64,
 }
 
 /// `S_RUN`'s input.
@@ -258,6 +264,159 @@ pub fn query(frame_pkru: Option<u32>) -> Query {
     }
 }
 
+/// What a preempted sandbox yields (`asm/include/gate.h`).
+pub const PREEMPTED: u64 = 3;
+const _: () = assert!(PREEMPTED == 3 && XSAVE_MAX == 16384, "gate.h's values");
+
+/// Bytes the preemption stub keeps for the extended state (`gate.h`'s `XSAVE_MAX`).
+const XSAVE_MAX: u32 = 16384;
+
+/// What a signal handler asks the library to do with the sandboxed context it interrupted.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Action {
+    /// Make it yield [`PREEMPTED`] as soon as the handler returns, and continue, when it is
+    /// run again, exactly where it was interrupted (every register and the extended state).
+    Preempt,
+    /// Abandon it: it yields this value, for good, from the top of its stack (`exit_sp`).
+    Abort(u64),
+}
+
+/// What [`signal`] did.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Signalled {
+    /// The thread runs no sandboxed code (or the library was interrupted, or refused).
+    NotSandboxed,
+    /// The interrupted context had the library's rights (inside the gate): left alone.
+    Library,
+    /// Preempted: it yields [`PREEMPTED`] next.
+    Preempted,
+    /// Abandoned: it yields the abort value next (also what a preemption becomes when the
+    /// context's stack pointer is not inside its domain, or the CPU's extended state does
+    /// not fit the stub's room).
+    Aborted,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct SignalIn {
+    ctx: u64,
+    /// 0: preempt; 1: abort.
+    action: u64,
+    value: u64,
+}
+// SAFETY: integers only.
+unsafe impl Pod for SignalIn {}
+
+/// For a signal handler on the thread's alternate stack (where mpkvirt's handlers run):
+/// preempts or abandons the sandboxed context the signal interrupted, by rewriting the
+/// handler's `ctx` (the kernel's `ucontext_t`, which must be on the alternate stack too).
+/// The context resumes with the sandbox's legitimate PKRU, whatever its frame held.
+/// For an abort, the value should be one the runner does not take for a host call.
+///
+/// Async-signal-safe: one gate call, no allocation.
+pub fn signal(ctx: *mut libc::ucontext_t, action: Action) -> Signalled {
+    let (action, value) = match action {
+        Action::Preempt => (0, 0),
+        Action::Abort(v) => (1, v),
+    };
+    let input = SignalIn {
+        ctx: ctx as u64,
+        action,
+        value,
+    };
+    match crate::ops::call::<SignalIn, u64>(crate::ops::OP_SANDBOX_SIGNAL, input) {
+        Ok(1) => Signalled::Library,
+        Ok(2) => Signalled::Preempted,
+        Ok(3) => Signalled::Aborted,
+        _ => Signalled::NotSandboxed,
+    }
+}
+
+/// Whether the CPU's XSAVE area (for the components the OS enabled) fits the preemption
+/// stub's room.
+fn xsave_fits() -> bool {
+    static FITS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *FITS.get_or_init(|| {
+        // CPUID leaf 0xD, subleaf 0: EBX is the XSAVE area's size for XCR0's components.
+        let size = std::arch::x86_64::__cpuid_count(0xD, 0).ebx;
+        size <= XSAVE_MAX
+    })
+}
+
+/// `OP_SANDBOX_SIGNAL` (library side).
+pub(crate) fn signal_op(rec: &mut ThreadRecord, i: SignalIn) -> Result<u64> {
+    if !rec.sandbox.active {
+        return Ok(0);
+    }
+    let ctx = i.ctx as usize;
+    if ctx == 0
+        || !ctx.is_multiple_of(align_of::<libc::ucontext_t>())
+        || !rec.on_altstack(ctx, size_of::<libc::ucontext_t>())
+    {
+        return Err(Error::InvalidConfig(
+            "a signal context off the alternate stack",
+        ));
+    }
+    // SAFETY: a `ucontext_t` on the thread's alternate stack (checked: aligned, mapped memory
+    // of the thread), which only this thread's handler uses; any bits are valid integers.
+    let uc = unsafe { &mut *(ctx as *mut libc::ucontext_t) };
+    let pku = mpkvirt_sys::Pku::new().is_some();
+    if pku {
+        // The frame's XSAVE area, which `set_frame_pkru` writes, must be there too.
+        let fp = uc.uc_mcontext.fpregs as usize;
+        if fp == 0 || !rec.on_altstack(fp, 4096) {
+            return Err(Error::InvalidConfig(
+                "a signal frame off the alternate stack",
+            ));
+        }
+        let Some(frame) = mpkvirt_sys::signal::frame_pkru(uc) else {
+            return Err(Error::InvalidConfig("a signal frame without PKRU"));
+        };
+        if let Some(k) = crate::meta::root().library_key()
+            && mpkvirt_sys::Pkru::from_bits(frame).rights(k).can_write()
+        {
+            return Ok(1);
+        }
+    }
+    let st = rec.sandbox;
+    let gregs = &mut uc.uc_mcontext.gregs;
+    let rsp = gregs[libc::REG_RSP as usize] as u64;
+    // The interrupted %rip goes below the red zone; that word must lie in the domain.
+    let slot = rsp.wrapping_sub(136);
+    let preempt = i.action == 0
+        && xsave_fits()
+        && slot >= st.base
+        && slot.checked_add(8).is_some_and(|e| e <= st.end)
+        && rsp <= st.end;
+    let out = if preempt {
+        // SAFETY: a word inside the sandbox's domain (checked), which its view keeps bound
+        // and the library may write; the sandboxed context is interrupted and does not run.
+        unsafe { (slot as *mut u64).write_unaligned(gregs[libc::REG_RIP as usize] as u64) };
+        gregs[libc::REG_RSP as usize] = slot as i64;
+        gregs[libc::REG_RIP as usize] = if pku {
+            mpkvirt_asm::addr::sandbox_preempted_pku()
+        } else {
+            mpkvirt_asm::addr::sandbox_preempted_nopku()
+        } as i64;
+        2
+    } else {
+        gregs[libc::REG_RSP as usize] = (st.exit_sp - 8) as i64;
+        gregs[libc::REG_RDI as usize] = i.value as i64;
+        gregs[libc::REG_RIP as usize] = if pku {
+            mpkvirt_asm::addr::sandbox_abort_pku()
+        } else {
+            mpkvirt_asm::addr::sandbox_abort_nopku()
+        } as i64;
+        3
+    };
+    if pku {
+        // SAFETY: the frame's XSAVE area on the alternate stack (checked above), which this
+        // thread's handler owns while it runs.
+        unsafe { mpkvirt_sys::signal::set_frame_pkru(uc, crate::gate::normal_pkru(rec)) };
+    }
+    Ok(out)
+}
+
 /// `OP_SANDBOX_QUERY`'s answer for an interrupted context with the library's rights.
 const QUERY_LIBRARY: u64 = 1;
 
@@ -274,17 +433,17 @@ pub(crate) fn allowed(rec: &ThreadRecord, op: u64, args: usize) -> bool {
         // mpkvirt's sync handler puts its block on the thread's alternate stack. Anywhere
         // else, a wild block would fault inside the library, with the record busy, where no
         // handler may recover it.
-        crate::ops::OP_SYNC => rec.on_altstack(args, 64),
+        crate::ops::OP_SYNC | crate::ops::OP_SANDBOX_SIGNAL => rec.on_altstack(args, 64),
         _ => false,
     }
 }
 
 /// `S_RUN`, after the manager's part (`enter`: the view entered, or why not; returns the
-/// view mark before it): the switch.
+/// view mark before it and the domain's bounds): the switch.
 pub(crate) fn serve_run(
     args: crate::ops::Args,
     rec: &mut ThreadRecord,
-    enter: impl FnOnce(&mut ThreadRecord, &RunIn) -> Result<u64>,
+    enter: impl FnOnce(&mut ThreadRecord, &RunIn) -> Result<(u64, u64, u64)>,
 ) -> u64 {
     let Some((input, out)) = args.read::<RunIn, Yielded>(rec) else {
         return STATUS_BAD_CALL;
@@ -298,13 +457,15 @@ pub(crate) fn serve_run(
     };
     match started {
         Err(e) => crate::ops::Args::write(rec, out, Err(e)),
-        Ok(mark) => {
+        Ok((mark, base, end)) => {
             rec.sandbox = State {
                 active: true,
                 host_rsp: rec.gate.saved_rsp,
                 exit_sp: input.exit_sp,
                 mark,
                 out: out as u64,
+                base,
+                end,
             };
             rec.gate.saved_rsp = input.sp;
             input.value

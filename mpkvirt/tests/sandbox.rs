@@ -232,3 +232,118 @@ fn pku_a_sandbox_reads_its_domain_and_nothing_of_the_runner() {
         }
     }
 }
+
+/// What `on_tick` asks of the library (0: preempt; otherwise abort with that value).
+static TICK_ACTION: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+extern "C" fn on_tick(_sig: libc::c_int, _info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
+    let action = match TICK_ACTION.load(std::sync::atomic::Ordering::Relaxed) {
+        0 => sandbox::Action::Preempt,
+        v => sandbox::Action::Abort(v),
+    };
+    sandbox::signal(ctx.cast(), action);
+}
+
+/// Integer and floating-point work with many live values (general and vector registers):
+/// a register the preemption lost would change the result.
+fn work(rounds: u64) -> u64 {
+    let (mut a, mut b, mut c, mut d) = (1u64, 2u64, 3u64, 4u64);
+    let (mut x, mut y) = (0.5f64, 1.5f64);
+    for i in 0..rounds {
+        a = a.wrapping_mul(6364136223846793005).wrapping_add(i);
+        b ^= a.rotate_left(17);
+        c = c.wrapping_add(b >> 3);
+        d = d.wrapping_sub(c).rotate_right(5);
+        x = x.mul_add(1.000001, y * 1e-9);
+        y = (y + x * 1e-12).sqrt() + 1.0;
+    }
+    a ^ b ^ c ^ d ^ x.to_bits() ^ y.to_bits()
+}
+
+extern "C" fn busy(rounds: u64, _first: u64) {
+    let r = work(rounds);
+    loop {
+        sandbox::yield_now(r | 1 << 62);
+    }
+}
+
+/// Runs `busy` under a 100 µs timer whose handler takes `action`; returns the final value
+/// and how many times the context yielded `PREEMPTED` before it.
+fn run_ticking<B: Backend>(mgr: &Manager<B>, action: u64, rounds: u64) -> (u64, u32) {
+    let own = mgr
+        .create_domain(DomainOptions::reserve(256 << 10))
+        .unwrap();
+    let _v = mgr.enter(&[(&own, Rights::ReadWrite)]).unwrap();
+    TICK_ACTION.store(action, std::sync::atomic::Ordering::Relaxed);
+    let sig = libc::SIGRTMIN() + 9;
+    // SAFETY: `on_tick` makes one library call, which is async-signal-safe.
+    unsafe {
+        mpkvirt_sys::signal::install(sig, on_tick, libc::SA_ONSTACK | libc::SA_SIGINFO).unwrap()
+    };
+    // SAFETY: all-zero is a valid `sigevent`.
+    let mut sev: libc::sigevent = unsafe { std::mem::zeroed() };
+    sev.sigev_notify = libc::SIGEV_THREAD_ID;
+    sev.sigev_signo = sig;
+    sev.sigev_notify_thread_id = mpkvirt_sys::thread::gettid();
+    let mut timer: libc::timer_t = std::ptr::null_mut();
+    // SAFETY: valid pointers; a timer for this thread.
+    let made = unsafe { libc::timer_create(libc::CLOCK_MONOTONIC, &mut sev, &mut timer) };
+    assert_eq!(made, 0);
+    let every = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 100_000,
+    };
+    let spec = libc::itimerspec {
+        it_interval: every,
+        it_value: every,
+    };
+    // SAFETY: the timer just made.
+    let armed = unsafe { libc::timer_settime(timer, 0, &spec, std::ptr::null_mut()) };
+    assert_eq!(armed, 0);
+    // SAFETY: the top of `own`, writable in this view.
+    let ctx = unsafe { Context::new(top(&own), busy, rounds) };
+    let (mut sp, mut preempted) = (ctx.sp, 0);
+    let out = loop {
+        // SAFETY: the prepared context, then the one each yield returned.
+        let y = unsafe { mgr.sandbox_run(&own, sp, top(&own), 0) }.unwrap();
+        if y.value != sandbox::PREEMPTED {
+            break y.value;
+        }
+        preempted += 1;
+        sp = y.sp;
+    };
+    // SAFETY: the timer made above, deleted once; the signal stays handled (a late tick
+    // finds no sandbox and does nothing).
+    unsafe { libc::timer_delete(timer) };
+    (out, preempted)
+}
+
+fn preemption<B: Backend>(mgr: &Manager<B>) {
+    let rounds = 3_000_000;
+    let (out, preempted) = run_ticking(mgr, 0, rounds);
+    assert_eq!(
+        out,
+        work(rounds) | 1 << 62,
+        "the preempted computation's result"
+    );
+    assert!(preempted > 0, "never preempted");
+    eprintln!("preempted {preempted} times");
+    // Abandoning: the context yields the value for good.
+    let (out, _) = run_ticking(mgr, 77, u64::MAX);
+    assert_eq!(out, 77);
+}
+
+#[test]
+fn a_preempted_sandbox_continues_where_it_was() {
+    let _g = common::real_backend();
+    let mgr = Manager::with_backend(Emulated::new(4).unwrap(), config(4)).unwrap();
+    preemption(&mgr);
+}
+
+#[test]
+fn pku_a_preempted_sandbox_continues_where_it_was() {
+    let _pku = require_pku!();
+    let _g = common::real_backend();
+    let mgr = Manager::with_backend(Hardware::new(4).unwrap(), config(4)).unwrap();
+    preemption(&mgr);
+}

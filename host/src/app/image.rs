@@ -155,6 +155,9 @@ pub struct ImageInfo {
     pub code_bytes: usize,
     /// The functions it imports (all allowed).
     pub imports: Vec<String>,
+    /// Its read-only segments (code, constants) as `(vaddr, memsz)`: what host calls may
+    /// read besides the instance (a string literal passed to `log`).
+    pub read_only: Vec<(u64, u64)>,
 }
 
 /// Checks `bytes`, a tenant's shared object (see the module docs).
@@ -186,6 +189,7 @@ pub fn validate(bytes: &[u8]) -> Result<ImageInfo, ImageError> {
     }
     let mut code_bytes = 0;
     let mut gnu_stack = false;
+    let mut read_only = Vec::new();
     let phs = file.elf_program_headers();
     for ph in phs {
         let flags = ph.p_flags(endian).0;
@@ -193,6 +197,9 @@ pub fn validate(bytes: &[u8]) -> Result<ImageInfo, ImageError> {
         let vaddr = ph.p_vaddr(endian);
         match ph.p_type(endian) {
             elf::PT_LOAD => {
+                if !w {
+                    read_only.push((vaddr, ph.p_memsz(endian)));
+                }
                 if x && w {
                     return Err(ImageError::WritableAndExecutable { vaddr });
                 }
@@ -279,6 +286,7 @@ pub fn validate(bytes: &[u8]) -> Result<ImageInfo, ImageError> {
     Ok(ImageInfo {
         code_bytes,
         imports,
+        read_only,
     })
 }
 

@@ -108,6 +108,8 @@ pub enum CallError {
 pub struct NativeFunction {
     handle: *mut c_void,
     entry: Entry,
+    /// Its read-only segments as mapped, `(start, end)`.
+    read_only: Vec<(usize, usize)>,
 }
 
 // SAFETY: the handle and the entry are process-wide (dlopen's handle may be used from any
@@ -143,7 +145,7 @@ impl NativeFunction {
     /// isolation.
     pub unsafe fn load(path: &Path) -> Result<NativeFunction, LoadError> {
         let bytes = std::fs::read(path).map_err(LoadError::Read)?;
-        image::validate(&bytes).map_err(LoadError::Invalid)?;
+        let info = image::validate(&bytes).map_err(LoadError::Invalid)?;
         let c_path = CString::new(path.as_os_str().as_bytes())
             .map_err(|_| LoadError::Link("a path with a NUL byte".into()))?;
         // SAFETY: a NUL-terminated path; what the object's code does while it is linked is
@@ -164,7 +166,38 @@ impl NativeFunction {
         // SAFETY: validation found `ENTRY` as a function symbol of the object; the ABI
         // header declares its type.
         let entry = unsafe { std::mem::transmute::<*mut c_void, Entry>(sym) };
-        Ok(NativeFunction { handle, entry })
+        // Where the object was mapped: its ELF header's address, from the entry's symbol.
+        let mut dl = std::mem::MaybeUninit::<libc::Dl_info>::zeroed();
+        // SAFETY: `sym` is an address inside the object just linked; `dl` is valid for writes.
+        let found = unsafe { libc::dladdr(sym, dl.as_mut_ptr()) } != 0;
+        let base = if found {
+            // SAFETY: zero-initialised (pointers may be null), and filled by dladdr.
+            unsafe { dl.assume_init() }.dli_fbase as usize
+        } else {
+            0
+        };
+        let low = info.read_only.iter().map(|&(v, _)| v).min().unwrap_or(0) as usize & !4095;
+        let read_only = if base == 0 {
+            Vec::new()
+        } else {
+            info.read_only
+                .iter()
+                .map(|&(v, len)| {
+                    let start = base - low + v as usize;
+                    (start, start + len as usize)
+                })
+                .collect()
+        };
+        Ok(NativeFunction {
+            handle,
+            entry,
+            read_only,
+        })
+    }
+
+    /// Its read-only segments as mapped (`(start, end)`): host calls may read there.
+    pub(crate) fn read_only(&self) -> &[(usize, usize)] {
+        &self.read_only
     }
 
     /// The entry's address (the runtime calls it inside an instance's sandbox).

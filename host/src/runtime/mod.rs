@@ -38,8 +38,8 @@ use std::time::{Duration, Instant};
 use mpkvirt::{BackendKind, Domain, Machine, Manager, Rights};
 
 use crate::app::native::NativeFunction;
-use crate::instance::pool::{Pool, PoolError, Release};
-use crate::sched::policy::AppId;
+use crate::instance::pool::{Pool, Release, Slot};
+use crate::sched::policy::{self, AppId, AppStats, Order, RunQueue};
 
 /// A built-in function: request bytes in, response bytes (or an error message) out. It runs
 /// inside the instance's sandbox like a native tenant, so it may use only its argument, the
@@ -107,6 +107,21 @@ pub struct HostConfig {
     pub slots: usize,
     /// Bytes of each invocation's stack (inside its slot).
     pub stack_size: usize,
+    /// How long a function runs before a worker with other work preempts it (`None`: it
+    /// runs to its end or its deadline).
+    pub quantum: Option<Duration>,
+    /// The order in which a worker runs what it has (`sched::policy`).
+    pub order: Order,
+    /// The longest a task waits behind others that the order prefers.
+    pub max_wait: Duration,
+}
+
+impl HostConfig {
+    /// The period of the workers' timers: the quantum, or (without preemption) the
+    /// granularity of deadlines.
+    fn tick(&self) -> Duration {
+        self.quantum.unwrap_or(Duration::from_millis(1))
+    }
 }
 
 impl Default for HostConfig {
@@ -116,6 +131,9 @@ impl Default for HostConfig {
             slot_size: 1 << 20,
             slots: 1024,
             stack_size: 128 << 10,
+            quantum: Some(Duration::from_millis(1)),
+            order: Order::Fifo,
+            max_wait: Duration::from_millis(50),
         }
     }
 }
@@ -233,6 +251,16 @@ struct AppEntry {
     running: AtomicUsize,
 }
 
+impl AppEntry {
+    /// The read-only segments of its code (none for a built-in).
+    fn image(&self) -> &[(usize, usize)] {
+        match &self.app.code {
+            Code::Native(n) => n.read_only(),
+            Code::Builtin(_) => &[],
+        }
+    }
+}
+
 type Reply = mpsc::SyncSender<Result<Vec<u8>, InvokeError>>;
 
 struct Job {
@@ -270,6 +298,8 @@ struct Inner {
     ready: Condvar,
     stop: AtomicBool,
     log: Mutex<VecDeque<String>>,
+    /// Held while tenant code runs, when tenants must run one at a time (no PKU).
+    serial: Option<Mutex<()>>,
 }
 
 /// Lines of tenant log kept (oldest dropped first).
@@ -330,6 +360,7 @@ impl Host {
             ready: Condvar::new(),
             stop: AtomicBool::new(false),
             log: Mutex::new(VecDeque::new()),
+            serial: (arrangement == Arrangement::Serialized).then(|| Mutex::new(())),
         });
         let n = match arrangement {
             Arrangement::Parallel { workers } => workers,
@@ -436,28 +467,93 @@ fn worker_main(inner: &Inner) {
     let timer = match tenant::DeadlineTimer::new() {
         Ok(t) => t,
         Err(e) => {
-            eprintln!("mpkvirt-host: worker without a deadline timer ({e}); it stops");
+            eprintln!("mpkvirt-host: worker without a timer ({e}); it stops");
             return;
         }
     };
     let w = Worker { inner, timer };
+    let mut ready: RunQueue<Task> =
+        RunQueue::new(inner.config.order, inner.config.max_wait.as_nanos() as u64);
+    let mut stats = AppStats::default();
+    let mut ticking = false;
     loop {
-        let job = {
-            let mut q = inner.queue.lock().unwrap_or_else(|e| e.into_inner());
-            loop {
-                if let Some(job) = q.pop_front() {
-                    break job;
+        // New invocations: wait for one when there is nothing to run, else take what is
+        // queued (up to the worker's share).
+        while ready.len() < LOCAL_TASKS {
+            let job = {
+                let mut q = inner.queue.lock().unwrap_or_else(|e| e.into_inner());
+                loop {
+                    if let Some(job) = q.pop_front() {
+                        break Some(job);
+                    }
+                    if inner.stop.load(Ordering::Acquire) && ready.is_empty() {
+                        return;
+                    }
+                    if !ready.is_empty() {
+                        break None;
+                    }
+                    if ticking {
+                        w.timer.disarm();
+                        ticking = false;
+                    }
+                    q = inner.ready.wait(q).unwrap_or_else(|e| e.into_inner());
                 }
-                if inner.stop.load(Ordering::Acquire) {
-                    return;
+            };
+            let Some(job) = job else { break };
+            let app = job.app.0.id;
+            match w.start(job.app, &job.request, Some(job.reply)) {
+                Ok(task) => ready.push(
+                    policy::Task {
+                        app,
+                        queued_at: monotonic_ns(),
+                        attained_ns: 0,
+                        payload: task,
+                    },
+                    &stats,
+                ),
+                Err((reply, e)) => {
+                    if let Some(r) = reply {
+                        let _ = r.send(Err(e));
+                    }
                 }
-                q = inner.ready.wait(q).unwrap_or_else(|e| e.into_inner());
             }
+        }
+        let Some(mut next) = ready.pop(monotonic_ns()) else {
+            continue;
         };
-        let out = w.invoke(&job.app.0, &job.request, 0);
-        let _ = job.reply.send(out);
+        if !ticking {
+            w.timer.arm(inner.config.tick(), inner.config.tick());
+            ticking = true;
+        }
+        loop {
+            let began = monotonic_ns();
+            let step = w.step(&mut next.payload, 0);
+            next.attained_ns += monotonic_ns() - began;
+            match step {
+                // Without preemption the task keeps the worker until it ends (or is overdue).
+                Step::Preempted if inner.config.quantum.is_none() => {}
+                Step::Preempted => {
+                    next.queued_at = monotonic_ns();
+                    ready.push(next, &stats);
+                    break;
+                }
+                Step::Finished(outcome) => {
+                    stats.record(next.app, next.attained_ns);
+                    let mut task = next.payload;
+                    let reply = task.reply.take();
+                    let out = w.finish(task, outcome);
+                    if let Some(r) = reply {
+                        let _ = r.send(out);
+                    }
+                    break;
+                }
+            }
+        }
     }
 }
+
+/// Tasks a worker takes on at once (more wait in the shared queue).
+const LOCAL_TASKS: usize = 64;
 
 struct Worker<'a> {
     inner: &'a Inner,
@@ -474,66 +570,109 @@ struct Held {
     host: Vec<u64>,
 }
 
+/// An invocation in progress.
+struct Task {
+    app: Admitted,
+    reply: Option<Reply>,
+    slot: Slot<Machine>,
+    held: Held,
+    mem: tenant::InstanceMem,
+    frame_at: u64,
+    top: u64,
+    /// The context to run next (`None` once it ended).
+    ctx: Option<tenant::Runnable>,
+    /// What its pending yield returns.
+    resume: u64,
+    deadline: Instant,
+}
+
+/// How a step of a task ended.
+enum Step {
+    /// The timer preempted it; it can run again.
+    Preempted,
+    /// It ended (its context never runs again).
+    Finished(Result<(), InvokeError>),
+}
+
 impl Worker<'_> {
-    fn invoke(&self, app: &AppEntry, request: &[u8], depth: usize) -> Result<Vec<u8>, InvokeError> {
-        let slot = self
+    /// Runs `app` with `request` to its end on this worker (nested invocations).
+    fn invoke_nested(
+        &self,
+        app: Admitted,
+        request: &[u8],
+        depth: usize,
+    ) -> Result<Vec<u8>, InvokeError> {
+        let mut task = self.start(app, request, None).map_err(|(_, e)| e)?;
+        loop {
+            if let Step::Finished(outcome) = self.step(&mut task, depth) {
+                return self.finish(task, outcome);
+            }
+        }
+    }
+
+    /// Lends the application an instance and prepares its context.
+    #[allow(
+        clippy::result_large_err,
+        reason = "the reply goes back with the error"
+    )]
+    fn start(
+        &self,
+        app: Admitted,
+        request: &[u8],
+        reply: Option<Reply>,
+    ) -> Result<Task, (Option<Reply>, InvokeError)> {
+        let slot = match self
             .inner
             .pool
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .acquire(app.id)
-            .map_err(|e: PoolError| InvokeError::Instance(e.to_string()));
-        slot.and_then(|slot| {
-            let out = self.in_slot(slot.domain(), app, request, depth);
-            // A clean end keeps the instance warm for the same application; anything else
-            // may have left it in any state.
-            let how = match &out {
-                Ok(_) | Err(InvokeError::Failed { .. }) => Release::Warm,
-                Err(_) => Release::Reset,
-            };
-            let released = self
-                .inner
-                .pool
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .release(slot, how);
-            if let Err(e) = released {
-                eprintln!("mpkvirt-host: an instance slot was dropped: {e}");
-            }
-            out
-        })
-    }
-
-    fn in_slot(
-        &self,
-        d: &Domain<Machine>,
-        app: &AppEntry,
-        request: &[u8],
-        depth: usize,
-    ) -> Result<Vec<u8>, InvokeError> {
-        let instance_err = |e: mpkvirt::Error| InvokeError::Instance(e.to_string());
-        // The worker's view of the instance: it writes the request and serves host calls in
-        // it. The sandbox's view goes on top of it, sealed.
-        let view = self
-            .inner
-            .mgr
-            .enter(&[(d, Rights::ReadWrite)])
-            .map_err(instance_err)?;
+            .acquire(app.0.id)
+        {
+            Ok(s) => s,
+            Err(e) => return Err((reply, InvokeError::Instance(e.to_string()))),
+        };
+        let d = slot.domain();
         let mem = tenant::InstanceMem::new(d);
         let mut held = Held {
             tenant: HashMap::new(),
             tenant_bytes: 0,
-            quota: app.app.limits.memory.min(d.len()),
+            quota: app.0.app.limits.memory.min(d.len()),
             host: Vec::new(),
         };
-        let out = self.run(d, mem, app, request, depth, &mut held);
-        for p in held.tenant.keys().chain(&held.host) {
-            if let Some(p) = std::ptr::NonNull::new(*p as *mut u8) {
-                let _ = d.free(p);
+        let prepared = self.in_view(d, || self.prepare(d, mem, &app.0, request, &mut held));
+        match prepared {
+            Ok((frame_at, top, ctx)) => Ok(Task {
+                deadline: Instant::now() + app.0.app.limits.timeout,
+                app,
+                reply,
+                slot,
+                held,
+                mem,
+                frame_at,
+                top,
+                ctx: Some(ctx),
+                resume: 0,
+            }),
+            Err(e) => {
+                self.release(slot, &held, false);
+                Err((reply, e))
             }
         }
-        drop(view);
-        out
+    }
+
+    /// Runs `f` inside the worker's view of the instance `d` (it writes the request and
+    /// serves host calls there).
+    fn in_view<R>(
+        &self,
+        d: &Domain<Machine>,
+        f: impl FnOnce() -> Result<R, InvokeError>,
+    ) -> Result<R, InvokeError> {
+        let _view = self
+            .inner
+            .mgr
+            .enter(&[(d, Rights::ReadWrite)])
+            .map_err(|e| InvokeError::Instance(e.to_string()))?;
+        f()
     }
 
     fn host_alloc(
@@ -550,15 +689,14 @@ impl Worker<'_> {
         Ok(p)
     }
 
-    fn run(
+    fn prepare(
         &self,
         d: &Domain<Machine>,
         mem: tenant::InstanceMem,
         app: &AppEntry,
         request: &[u8],
-        depth: usize,
         held: &mut Held,
-    ) -> Result<Vec<u8>, InvokeError> {
+    ) -> Result<(u64, u64, tenant::Runnable), InvokeError> {
         let stack = self.host_alloc(d, held, self.inner.config.stack_size)?;
         let top = (stack + self.inner.config.stack_size as u64) & !15;
         let req = self.host_alloc(d, held, request.len())?;
@@ -583,16 +721,78 @@ impl Worker<'_> {
         let ctx = mem
             .context(top, frame_at)
             .ok_or_else(|| InvokeError::Instance("the stack does not fit".into()))?;
-        if depth == 0 {
-            self.timer.arm(app.app.limits.timeout);
+        Ok((frame_at, top, ctx))
+    }
+
+    /// Runs the task until it ends or the timer preempts it, serving its host calls. An
+    /// overdue task ends at its next preemption.
+    fn step(&self, task: &mut Task, depth: usize) -> Step {
+        let d = task.slot.domain();
+        let _serial = self
+            .inner
+            .serial
+            .as_ref()
+            .map(|m| m.lock().unwrap_or_else(|e| e.into_inner()));
+        loop {
+            let Some(ctx) = task.ctx.take() else {
+                return Step::Finished(Err(InvokeError::Instance("the context ended".into())));
+            };
+            let (next, yielded) = match ctx.run(&self.inner.mgr, d, task.top as usize, task.resume)
+            {
+                Ok(r) => r,
+                Err(e) => return Step::Finished(Err(InvokeError::Instance(e.to_string()))),
+            };
+            match yielded {
+                tenant::DONE => return Step::Finished(Ok(())),
+                tenant::PANICKED => return Step::Finished(Err(InvokeError::Panicked)),
+                mpkvirt::sandbox::PREEMPTED => {
+                    task.ctx = Some(next);
+                    task.resume = 0;
+                    if Instant::now() >= task.deadline {
+                        task.ctx = None;
+                        return Step::Finished(Err(InvokeError::Deadline));
+                    }
+                    return Step::Preempted;
+                }
+                v if (tenant::FAULT..tenant::FAULT + 128).contains(&v) => {
+                    let signal = (v - tenant::FAULT) as i32;
+                    return Step::Finished(Err(InvokeError::Fault { signal }));
+                }
+                v if v < tenant::STATUS_LIMIT => {
+                    return Step::Finished(Err(InvokeError::BadHostCall("an unknown status")));
+                }
+                call => {
+                    let app = task.app.0.clone();
+                    let served = self.in_view(d, || {
+                        self.serve(d, task.mem, &app, call, depth, &mut task.held)
+                    });
+                    match served {
+                        Ok(v) => {
+                            task.ctx = Some(next);
+                            task.resume = v;
+                        }
+                        Err(e) => return Step::Finished(Err(e)),
+                    }
+                }
+            }
         }
-        let ended = self.drive(d, mem, app, ctx, top, depth, held);
-        if depth == 0 {
-            self.timer.disarm();
-        }
-        ended?;
-        let f = mem.read_frame(frame_at).ok_or(InvokeError::BadResponse)?;
-        match &app.app.code {
+    }
+
+    /// Ends a task: its response (or error), its memory given back, its slot released.
+    fn finish(&self, task: Task, outcome: Result<(), InvokeError>) -> Result<Vec<u8>, InvokeError> {
+        let d = task.slot.domain();
+        let out = outcome.and_then(|()| self.in_view(d, || self.response(&task)));
+        let clean = matches!(out, Ok(_) | Err(InvokeError::Failed { .. }));
+        self.release(task.slot, &task.held, clean);
+        out
+    }
+
+    fn response(&self, task: &Task) -> Result<Vec<u8>, InvokeError> {
+        let f = task
+            .mem
+            .read_frame(task.frame_at)
+            .ok_or(InvokeError::BadResponse)?;
+        match &task.app.0.app.code {
             Code::Builtin(_) => {
                 let rc = f.rc;
                 let bytes = f.into_builtin_response();
@@ -615,46 +815,33 @@ impl Worker<'_> {
                 if ptr == 0 && len == 0 {
                     return Ok(Vec::new());
                 }
-                mem.read(ptr as u64, len as u64)
+                task.mem
+                    .read(ptr as u64, len as u64)
                     .ok_or(InvokeError::BadResponse)
             }
         }
     }
 
-    /// Runs the context until it is done, serving its host calls.
-    #[allow(clippy::too_many_arguments, reason = "one invocation's state")]
-    fn drive(
-        &self,
-        d: &Domain<Machine>,
-        mem: tenant::InstanceMem,
-        app: &AppEntry,
-        mut ctx: tenant::Runnable,
-        top: u64,
-        depth: usize,
-        held: &mut Held,
-    ) -> Result<(), InvokeError> {
-        let mut value = 0;
-        loop {
-            let (next, yielded) = ctx
-                .run(&self.inner.mgr, d, top as usize, value)
-                .map_err(|e| InvokeError::Instance(e.to_string()))?;
-            ctx = next;
-            match yielded {
-                tenant::DONE => return Ok(()),
-                tenant::PANICKED => return Err(InvokeError::Panicked),
-                v if (tenant::FAULT..tenant::FAULT + 128).contains(&v) => {
-                    let signal = (v - tenant::FAULT) as i32;
-                    return Err(if signal == tenant::deadline_signal() {
-                        InvokeError::Deadline
-                    } else {
-                        InvokeError::Fault { signal }
-                    });
+    /// Gives the invocation's memory back and the slot to the pool: warm after a clean end
+    /// (same application next), reset after anything else.
+    fn release(&self, slot: Slot<Machine>, held: &Held, clean: bool) {
+        let d = slot.domain();
+        if clean {
+            for p in held.tenant.keys().chain(&held.host) {
+                if let Some(p) = std::ptr::NonNull::new(*p as *mut u8) {
+                    let _ = d.free(p);
                 }
-                v if v < tenant::STATUS_LIMIT => {
-                    return Err(InvokeError::BadHostCall("an unknown status"));
-                }
-                call => value = self.serve(d, mem, app, call, depth, held)?,
             }
+        }
+        let how = if clean { Release::Warm } else { Release::Reset };
+        let released = self
+            .inner
+            .pool
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .release(slot, how);
+        if let Err(e) = released {
+            eprintln!("mpkvirt-host: an instance slot was dropped: {e}");
         }
     }
 
@@ -711,7 +898,7 @@ impl Worker<'_> {
             tenant::CALL_LOG => {
                 let len = a[1].min(4096);
                 let msg = mem
-                    .read(a[0], len)
+                    .read_or_image(app.image(), a[0], len)
                     .ok_or(bad("a log line outside the instance"))?;
                 let line = format!("{}: {}", app.app.name, String::from_utf8_lossy(&msg));
                 let mut log = self.inner.log.lock().unwrap_or_else(|e| e.into_inner());
@@ -731,25 +918,27 @@ impl Worker<'_> {
                 mem.write(a[0], &buf);
                 Ok(0)
             }
-            tenant::CALL_INVOKE => self.serve_invoke(d, mem, a, depth, held),
+            tenant::CALL_INVOKE => self.serve_invoke(d, mem, app, a, depth, held),
             _ => Err(bad("an unknown host call")),
         }
     }
 
+    #[allow(clippy::too_many_arguments, reason = "one host call's context")]
     fn serve_invoke(
         &self,
         d: &Domain<Machine>,
         mem: tenant::InstanceMem,
+        app: &AppEntry,
         a: [u64; 6],
         depth: usize,
         held: &mut Held,
     ) -> Result<u64, InvokeError> {
         let bad = InvokeError::BadHostCall;
         let name = mem
-            .read(a[0], a[1].min(256))
+            .read_or_image(app.image(), a[0], a[1].min(256))
             .ok_or(bad("a function name outside the instance"))?;
         let req = mem
-            .read(a[2], a[3].min(16 << 20))
+            .read_or_image(app.image(), a[2], a[3].min(16 << 20))
             .ok_or(bad("a request outside the instance"))?;
         if !mem.holds(a[4], 8) || !mem.holds(a[5], 8) {
             return Err(bad("response pointers outside the instance"));
@@ -764,7 +953,7 @@ impl Worker<'_> {
         let Ok(target) = Admitted::new(target) else {
             return Ok(FAILED);
         };
-        let Ok(resp) = self.invoke(&target.0, &req, depth + 1) else {
+        let Ok(resp) = self.invoke_nested(target, &req, depth + 1) else {
             return Ok(FAILED);
         };
         // The response goes into the caller's instance, counted against its quota.

@@ -194,14 +194,6 @@ pub(crate) extern "C" fn sandbox_main(frame: u64, _first: u64) {
     }
 }
 
-/// Where a handler sends a sandboxed context that faulted or ran out of time: it yields
-/// `FAULT + why` for good.
-extern "C" fn sandbox_abort(why: u64) -> ! {
-    loop {
-        sandbox::yield_now(FAULT + why);
-    }
-}
-
 /// The real-time signal of the per-worker deadline timers.
 pub(crate) fn deadline_signal() -> c_int {
     libc::SIGRTMIN() + 8
@@ -246,25 +238,20 @@ pub(crate) fn install_handlers() -> std::io::Result<()> {
 }
 
 extern "C" fn on_signal(sig: c_int, info: *mut libc::siginfo_t, ctx: *mut c_void) {
-    // SAFETY: the kernel passes the interrupted context's `ucontext_t`, ours for the
-    // duration of the handler.
-    let uc = unsafe { &mut *ctx.cast::<libc::ucontext_t>() };
-    let pkru = mpkvirt_sys::signal::frame_pkru(uc);
     let deadline = sig == deadline_signal();
     // SAFETY: `info` is the kernel's siginfo for this signal.
     let from_timer = deadline && unsafe { (*info).si_code } == libc::SI_TIMER;
     if deadline && !from_timer {
         return;
     }
-    match sandbox::query(pkru) {
-        sandbox::Query::Sandboxed { exit_sp } => {
-            let gregs = &mut uc.uc_mcontext.gregs;
-            gregs[libc::REG_RIP as usize] = sandbox_abort as *const () as usize as i64;
-            // As after a call: the function's entry sees %rsp + 8 aligned to 16.
-            gregs[libc::REG_RSP as usize] = (exit_sp - 8) as i64;
-            gregs[libc::REG_RDI as usize] = i64::from(sig);
-        }
-        // The timer ticks again (it is periodic once due).
+    let action = if deadline {
+        sandbox::Action::Preempt
+    } else {
+        sandbox::Action::Abort(FAULT + sig as u64)
+    };
+    match sandbox::signal(ctx.cast(), action) {
+        sandbox::Signalled::Preempted | sandbox::Signalled::Aborted => {}
+        // A tick that found no sandbox (or the gate itself): the next one comes.
         _ if deadline => {}
         _ => chain(sig, info, ctx),
     }
@@ -324,10 +311,10 @@ impl DeadlineTimer {
         unsafe { libc::timer_settime(self.id, 0, &spec, std::ptr::null_mut()) };
     }
 
-    /// Fires after `after`, then every millisecond.
-    pub(crate) fn arm(&self, after: std::time::Duration) {
+    /// Fires after `after`, then every `every`.
+    pub(crate) fn arm(&self, after: std::time::Duration, every: std::time::Duration) {
         let after = after.max(std::time::Duration::from_nanos(1));
-        self.set(after, std::time::Duration::from_millis(1));
+        self.set(after, every);
     }
 
     /// Stops it. A tick due before this returns is delivered before it returns (on the way
@@ -382,6 +369,29 @@ impl InstanceMem {
         // tenant does not run while the worker serves it, and the bytes are copied, not
         // referenced.
         unsafe { std::ptr::copy_nonoverlapping(ptr as *const u8, out.as_mut_ptr(), out.len()) };
+        Some(out)
+    }
+
+    /// A copy of `len` bytes at `ptr`, if they lie in the instance or in one of `image`'s
+    /// ranges (the application's read-only segments, `(start, end)`).
+    pub(crate) fn read_or_image(
+        &self,
+        image: &[(usize, usize)],
+        ptr: u64,
+        len: u64,
+    ) -> Option<Vec<u8>> {
+        if let Some(v) = self.read(ptr, len) {
+            return Some(v);
+        }
+        let (p, n) = (usize::try_from(ptr).ok()?, usize::try_from(len).ok()?);
+        let end = p.checked_add(n)?;
+        if !image.iter().any(|&(s, e)| p >= s && end <= e) {
+            return None;
+        }
+        let mut out = vec![0; n];
+        // SAFETY: inside a read-only segment of the application's object (checked), mapped
+        // while the application exists (it holds the object); copied, not referenced.
+        unsafe { std::ptr::copy_nonoverlapping(p as *const u8, out.as_mut_ptr(), n) };
         Some(out)
     }
 

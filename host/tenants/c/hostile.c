@@ -10,6 +10,7 @@
  *   i  an illegal instruction (ud2)                     -> SIGILL
  *   s  unbounded recursion                              -> SIGSEGV (stack overflow)
  *   l  loop forever                                     -> the deadline
+ *   L  log "looping", then loop forever                 -> the deadline
  *   m  allocate 4 KiB blocks until refused; answer how many (the quota)
  *   r  read the byte at the argument's address          -> SIGSEGV unless it is its own
  *   w  write the byte at the argument's address         -> SIGSEGV unless it is its own
@@ -72,6 +73,9 @@ int mpkvirt_fn_entry(const struct mpkvirt_host_api *host, const uint8_t *request
         __builtin_trap();
     case 's':
         return recurse(0, UINT64_MAX);
+    case 'L':
+        host->log("looping", 7);
+        /* fall through */
     case 'l':
         for (volatile uint64_t i = 0;; i++) {
         }

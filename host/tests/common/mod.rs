@@ -1,23 +1,11 @@
 //! Helpers shared by the host's integration tests.
 #![allow(dead_code, reason = "each test binary uses part of this module")]
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::PathBuf;
 
-/// Builds `host/tenants/c/{name}.c` into a fresh directory and returns the object's path.
+/// The example tenant `host/tenants/c/{name}.c`, built by the crate's build script.
 pub(crate) fn build_c(name: &str) -> PathBuf {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let dir = std::env::temp_dir().join(format!("mpkvirt-tenant-{}-{name}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let out = dir.join(format!("lib{name}.so"));
-    let status = Command::new("cc")
-        .args(["-O2", "-fPIC", "-shared", "-Wall", "-Werror", "-o"])
-        .arg(&out)
-        .arg(root.join(format!("tenants/c/{name}.c")))
-        .arg("-I")
-        .arg(root.join("../include"))
-        .status()
-        .expect("a C compiler (cc)");
-    assert!(status.success(), "cc failed for {name}");
-    out
+    let path = PathBuf::from(env!("OUT_DIR")).join(format!("tenants/lib{name}.so"));
+    assert!(path.exists(), "{} was not built", path.display());
+    path
 }

@@ -535,7 +535,7 @@ fn on_manager<B: Backend>(code: u64, args: Args, rec: &mut ThreadRecord) -> u64 
                         read_only: false,
                     }],
                 )?;
-                Ok(mark)
+                Ok((mark, base, end))
             }),
             _ => STATUS_BAD_CALL,
         }
