@@ -154,6 +154,18 @@ unsafe extern "sysv64" {
     ///
     /// Never call it; only its address is meaningful.
     pub fn mpkvirt_sandbox_preempted_nopku();
+    /// Start of the preemption and abort stubs (`sandbox.S`).
+    ///
+    /// # Safety
+    ///
+    /// Never call it; only its address is meaningful.
+    pub fn mpkvirt_sandbox_stubs_start();
+    /// End of the preemption and abort stubs.
+    ///
+    /// # Safety
+    ///
+    /// Never call it; only its address is meaningful.
+    pub fn mpkvirt_sandbox_stubs_end();
     /// Where an abandoned sandboxed context yields `%rdi` for good (`sandbox.S`).
     ///
     /// # Safety
@@ -331,6 +343,10 @@ pub mod addr {
         sandbox_resume => mpkvirt_sandbox_resume;
         /// A new sandboxed context's first return address.
         sandbox_entry => mpkvirt_sandbox_entry;
+        /// Start of the sandbox's preemption and abort stubs.
+        sandbox_stubs_start => mpkvirt_sandbox_stubs_start;
+        /// End of the sandbox's preemption and abort stubs.
+        sandbox_stubs_end => mpkvirt_sandbox_stubs_end;
         /// Where a preempted sandbox continues (PKU gate).
         sandbox_preempted_pku => mpkvirt_sandbox_preempted_pku;
         /// Where a preempted sandbox continues (no-PKU gate).

@@ -51,6 +51,9 @@
  * XSAVE state (XCR0 bit 9), mpkvirt_gate_sync re-installs the record's PKRU. So a jump to
  * the XRSTOR leaves the thread's legitimate rights, as a jump into any gate does.
  *
+ * The stubs lie between mpkvirt_sandbox_stubs_start and _end: a preemption that finds the
+ * context there is already under way (the library leaves it alone).
+ *
  * mpkvirt_sandbox_abort_pku / _nopku
  * ----------------------------------
  * Not functions: where OP_SANDBOX_SIGNAL sends a sandboxed context that faulted or ran past
@@ -212,6 +215,9 @@ FUNCTION(\name)
 END_FUNCTION(\name)
 .endm
 
+    .globl  mpkvirt_sandbox_stubs_start
+    .p2align 4
+mpkvirt_sandbox_stubs_start:
 PREEMPTED mpkvirt_sandbox_preempted_pku, mpkvirt_gate_call
 PREEMPTED mpkvirt_sandbox_preempted_nopku, mpkvirt_gate_call_nopku
 
@@ -228,3 +234,5 @@ END_FUNCTION(\name)
 
 ABORT mpkvirt_sandbox_abort_pku, mpkvirt_gate_call
 ABORT mpkvirt_sandbox_abort_nopku, mpkvirt_gate_call_nopku
+    .globl  mpkvirt_sandbox_stubs_end
+mpkvirt_sandbox_stubs_end:

@@ -16,8 +16,8 @@
 use crate::pkey::Pkey;
 
 pub use crate::imp::signal::{
-    Handler, chain, decode_segv, fault_access, frame_pkru, install, ip, redirect, set_frame_pkru,
-    sp,
+    Handler, chain, decode_segv, fault_access, frame_pkru, frame_pkru_extent, install, ip,
+    redirect, set_frame_pkru, sp,
 };
 
 /// `SEGV_MAPERR`: address not mapped.

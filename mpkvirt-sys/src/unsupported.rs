@@ -131,6 +131,11 @@ pub(crate) mod signal {
     }
 
     /// No PKRU in signal frames on this target.
+    pub fn frame_pkru_extent() -> usize {
+        0
+    }
+
+    /// Unsupported on this target: no frame holds PKRU.
     pub fn frame_pkru(_ctx: &libc::ucontext_t) -> Option<u32> {
         None
     }

@@ -47,6 +47,7 @@ use crate::gate::ThreadRecord;
 use crate::manager::Manager;
 use crate::manager::shared::{DomRef, MgrRef};
 use crate::ops::{Call, Pod, STATUS_BAD_CALL, STATUS_OK};
+use mpkvirt_asm::addr;
 
 /// A thread's sandbox state, in its record.
 #[derive(Clone, Copy, Debug, Default)]
@@ -151,6 +152,12 @@ impl Context {
     }
 }
 
+thread_local! {
+    /// Whether the thread made an op through `gate::call` (which registers it and arms its
+    /// exit hook) before its first sandbox.
+    static READY: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
 /// The gate a sandbox switches through in this process's metadata mode.
 fn gate() -> Result<unsafe extern "sysv64" fn(u64, *mut u8) -> u64> {
     match crate::meta::init()? {
@@ -200,7 +207,11 @@ impl<B: Backend> Manager<B> {
         let gate = gate()?;
         // Registers the thread (and arms its exit hook) the way every op does, so that the
         // switch below goes straight through the gate.
-        crate::ops::call::<(), ()>(crate::ops::OP_NOP, ())?;
+        // (Once per thread. `OP_NOP` writes no output: only its status is read.)
+        if !READY.get() {
+            crate::gate::call(crate::ops::OP_NOP, std::ptr::null_mut())?;
+            READY.set(true);
+        }
         let mut c = Call {
             input: RunIn {
                 m: self.mref(),
@@ -362,9 +373,12 @@ pub(crate) fn signal_op(rec: &mut ThreadRecord, i: SignalIn) -> Result<u64> {
     let uc = unsafe { &mut *(ctx as *mut libc::ucontext_t) };
     let pku = mpkvirt_sys::Pku::new().is_some();
     if pku {
-        // The frame's XSAVE area, which `set_frame_pkru` writes, must be there too.
+        // The part of the frame's XSAVE area `set_frame_pkru` writes must be there too. (The
+        // frame is key-0 memory: another thread could change the pointer between this check
+        // and the write; ARCHITECTURE.md lists signal frames among the interposition's
+        // concerns.)
         let fp = uc.uc_mcontext.fpregs as usize;
-        if fp == 0 || !rec.on_altstack(fp, 4096) {
+        if fp == 0 || !rec.on_altstack(fp, mpkvirt_sys::signal::frame_pkru_extent().max(512)) {
             return Err(Error::InvalidConfig(
                 "a signal frame off the alternate stack",
             ));
@@ -380,6 +394,13 @@ pub(crate) fn signal_op(rec: &mut ThreadRecord, i: SignalIn) -> Result<u64> {
     }
     let st = rec.sandbox;
     let gregs = &mut uc.uc_mcontext.gregs;
+    let rip = gregs[libc::REG_RIP as usize] as usize;
+    if i.action == 0 && (addr::sandbox_stubs_start()..addr::sandbox_stubs_end()).contains(&rip) {
+        // Already on its way out (a preemption delivered before the stub ran, or a second
+        // one while it saves the state): pushing another would only grow the stack, a
+        // signal at a time (a slow handler under a fast tick never lets the stub run).
+        return Ok(2);
+    }
     let rsp = gregs[libc::REG_RSP as usize] as u64;
     // The interrupted %rip goes below the red zone; that word must lie in the domain.
     let slot = rsp.wrapping_sub(136);
@@ -394,18 +415,18 @@ pub(crate) fn signal_op(rec: &mut ThreadRecord, i: SignalIn) -> Result<u64> {
         unsafe { (slot as *mut u64).write_unaligned(gregs[libc::REG_RIP as usize] as u64) };
         gregs[libc::REG_RSP as usize] = slot as i64;
         gregs[libc::REG_RIP as usize] = if pku {
-            mpkvirt_asm::addr::sandbox_preempted_pku()
+            addr::sandbox_preempted_pku()
         } else {
-            mpkvirt_asm::addr::sandbox_preempted_nopku()
+            addr::sandbox_preempted_nopku()
         } as i64;
         2
     } else {
         gregs[libc::REG_RSP as usize] = (st.exit_sp - 8) as i64;
         gregs[libc::REG_RDI as usize] = i.value as i64;
         gregs[libc::REG_RIP as usize] = if pku {
-            mpkvirt_asm::addr::sandbox_abort_pku()
+            addr::sandbox_abort_pku()
         } else {
-            mpkvirt_asm::addr::sandbox_abort_nopku()
+            addr::sandbox_abort_nopku()
         } as i64;
         3
     };

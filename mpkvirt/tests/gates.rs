@@ -244,10 +244,15 @@ const DELIBERATE: [&str; 4] = [
 
 /// The gates: the only symbols of mpkvirt allowed to contain PKRU or FS/GS base writes
 /// (`asm/x86_64/callgate.S`, `asm/x86_64/gate.S`; `probe.S` and `stack.S` contain none).
-const GATES: [&str; 3] = [
+const GATES: [&str; 5] = [
     "mpkvirt_gate_call",
     "mpkvirt_gate_call_nopku",
     "mpkvirt_gate_sync",
+    // The sandbox's preemption stubs restore the extended state with an XRSTOR, followed on
+    // every path by an XCR0 check and the sync gate (`asm/x86_64/sandbox.S`):
+    // `pku_gate_gadgets_in_the_preemption_stubs_raise_nothing`.
+    "mpkvirt_sandbox_preempted_pku",
+    "mpkvirt_sandbox_preempted_nopku",
 ];
 
 /// The fd the stub reports on (the child dups its pipe there).
@@ -1400,6 +1405,33 @@ fn pku_gate_gadgets_in_the_sync_gate_raise_nothing() {
         },
         "after the WRPKRU of mpkvirt_gate_sync, EAX = 0: loops back"
     );
+}
+
+/// Every byte of the preemption stubs (whose XRSTOR could load PKRU from a forged area with
+/// a forged component mask), every forged register set: nothing is raised.
+#[test]
+fn pku_gate_gadgets_in_the_preemption_stubs_raise_nothing() {
+    let _pku = require_pku!();
+    let _real = common::real_backend();
+    foreign_key();
+    for (name, addr) in [
+        (
+            "mpkvirt_sandbox_preempted_pku",
+            mpkvirt_asm::addr::sandbox_preempted_pku(),
+        ),
+        (
+            "mpkvirt_sandbox_preempted_nopku",
+            mpkvirt_asm::addr::sandbox_preempted_nopku(),
+        ),
+    ] {
+        let (found, outcomes, _) = pku_attack(name, addr);
+        println!("{name}: {} attempts", outcomes.len());
+        assert!(
+            found.is_empty(),
+            "{name}: escalations:\n{}",
+            found.join("\n")
+        );
+    }
 }
 
 /// The call gate reads the entry PKRU (RDPKRU) into R8 before it raises PKRU; a jump to the

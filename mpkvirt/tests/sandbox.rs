@@ -347,3 +347,67 @@ fn pku_a_preempted_sandbox_continues_where_it_was() {
     let mgr = Manager::with_backend(Hardware::new(4).unwrap(), config(4)).unwrap();
     preemption(&mgr);
 }
+
+/// Sends itself the tick signal three times while it is blocked, then unblocks it: the
+/// three arrive back to back, before the preemption stub runs.
+extern "C" fn three_ticks(sig: u64, _first: u64) {
+    let sig = sig as libc::c_int;
+    // SAFETY: an empty set, then one signal added: plain writes to a local.
+    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    unsafe { libc::sigaddset(&mut set, sig) };
+    // SAFETY: blocks, then unblocks, one signal of this thread.
+    unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
+    for _ in 0..3 {
+        let _ = mpkvirt_sys::thread::tgkill(mpkvirt_sys::thread::gettid(), sig);
+    }
+    // SAFETY: as above.
+    unsafe { libc::pthread_sigmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut()) };
+    loop {
+        sandbox::yield_now(42);
+    }
+}
+
+/// Preemptions that arrive before the stub ran are one preemption (a slow handler under a
+/// fast tick would otherwise stack them up forever, 136 bytes each).
+fn queued_preemptions<B: Backend>(mgr: &Manager<B>) {
+    let own = mgr
+        .create_domain(DomainOptions::reserve(256 << 10))
+        .unwrap();
+    let _v = mgr.enter(&[(&own, Rights::ReadWrite)]).unwrap();
+    TICK_ACTION.store(0, std::sync::atomic::Ordering::Relaxed);
+    let sig = libc::SIGRTMIN() + 9;
+    // SAFETY: `on_tick` makes one library call, which is async-signal-safe.
+    unsafe {
+        mpkvirt_sys::signal::install(sig, on_tick, libc::SA_ONSTACK | libc::SA_SIGINFO).unwrap()
+    };
+    // SAFETY: the top of `own`, writable in this view.
+    let ctx = unsafe { Context::new(top(&own), three_ticks, sig as u64) };
+    let (mut sp, mut preempted) = (ctx.sp, 0);
+    let out = loop {
+        // SAFETY: the prepared context, then the one each yield returned.
+        let y = unsafe { mgr.sandbox_run(&own, sp, top(&own), 0) }.unwrap();
+        if y.value != sandbox::PREEMPTED {
+            break y.value;
+        }
+        preempted += 1;
+        sp = y.sp;
+    };
+    assert_eq!(out, 42);
+    assert_eq!(preempted, 1, "three queued preemptions before the stub ran");
+}
+
+#[test]
+fn queued_preemptions_are_one() {
+    let _g = common::real_backend();
+    let mgr = Manager::with_backend(Emulated::new(4).unwrap(), config(4)).unwrap();
+    queued_preemptions(&mgr);
+}
+
+#[test]
+fn pku_queued_preemptions_are_one() {
+    let _pku = require_pku!();
+    let _g = common::real_backend();
+    let mgr = Manager::with_backend(Hardware::new(4).unwrap(), config(4)).unwrap();
+    queued_preemptions(&mgr);
+}

@@ -23,6 +23,7 @@ use crate::sched::policy::AppId;
 pub struct Slot<B: Backend> {
     domain: Domain<B>,
     app: AppId,
+    warm: bool,
 }
 
 impl<B: Backend> Slot<B> {
@@ -34,6 +35,12 @@ impl<B: Backend> Slot<B> {
     /// The application it serves.
     pub fn app(&self) -> AppId {
         self.app
+    }
+
+    /// Whether it comes warm from the same application (its memory as that application's
+    /// last invocation left it); otherwise it is new or reset (empty heap, pages reading 0).
+    pub fn is_warm(&self) -> bool {
+        self.warm
     }
 }
 
@@ -168,21 +175,21 @@ impl<B: Backend> Pool<B> {
                 self.warm.remove(&app);
             }
             self.stats.warm_hits += 1;
-            return Ok(self.lend(d, app));
+            return Ok(self.lend(d, app, true));
         }
         if let Some(d) = self.clean.pop() {
-            return Ok(self.lend(d, app));
+            return Ok(self.lend(d, app, false));
         }
         if self.stats.created < self.limit {
             let d = self.make()?;
-            return Ok(self.lend(d, app));
+            return Ok(self.lend(d, app, false));
         }
         // The warm slot released longest ago, of another application: reset, then lent.
         let Some(d) = self.take_oldest_warm() else {
             return Err(PoolError::Exhausted { slots: self.limit });
         };
         let d = self.reset(d)?;
-        Ok(self.lend(d, app))
+        Ok(self.lend(d, app, false))
     }
 
     /// The warm slot released longest ago, taken off its application's list.
@@ -211,9 +218,9 @@ impl<B: Backend> Pool<B> {
         Ok(d)
     }
 
-    fn lend(&mut self, domain: Domain<B>, app: AppId) -> Slot<B> {
+    fn lend(&mut self, domain: Domain<B>, app: AppId, warm: bool) -> Slot<B> {
         self.in_use += 1;
-        Slot { domain, app }
+        Slot { domain, app, warm }
     }
 
     /// Takes `slot` back, warm for its application or reset.

@@ -114,11 +114,17 @@ pub struct HostConfig {
     pub order: Order,
     /// The longest a task waits behind others that the order prefers.
     pub max_wait: Duration,
+    /// **Measurement only, never for serving**: every instance is open to every thread
+    /// (process-wide rights), so views change no protection. On the emulated backend this
+    /// takes the `mprotect`s out of the invocation path and leaves what PKU hardware pays
+    /// in their place: the gate calls (and the switches, copies and bookkeeping). Tenants
+    /// are not isolated from each other; the host says so at start.
+    pub measure_without_isolation: bool,
 }
 
 impl HostConfig {
-    /// The period of the workers' timers: the quantum, or (without preemption) the
-    /// granularity of deadlines.
+    /// The watchdog's period: the quantum, or (without preemption) the granularity of
+    /// deadlines.
     fn tick(&self) -> Duration {
         self.quantum.unwrap_or(Duration::from_millis(1))
     }
@@ -134,6 +140,7 @@ impl Default for HostConfig {
             quantum: Some(Duration::from_millis(1)),
             order: Order::Fifo,
             max_wait: Duration::from_millis(50),
+            measure_without_isolation: false,
         }
     }
 }
@@ -300,6 +307,12 @@ struct Inner {
     log: Mutex<VecDeque<String>>,
     /// Held while tenant code runs, when tenants must run one at a time (no PKU).
     serial: Option<Mutex<()>>,
+    /// The threads that run tenant code, for the watchdog.
+    watch: Arc<Watch>,
+    /// The host's part of each instance, kept while the slot stays warm.
+    layouts: Mutex<HashMap<mpkvirt::DomainId, Layout>>,
+    /// Slots opened to every thread (`HostConfig::measure_without_isolation`).
+    opened: Mutex<std::collections::HashSet<mpkvirt::DomainId>>,
 }
 
 /// Lines of tenant log kept (oldest dropped first).
@@ -361,12 +374,23 @@ impl Host {
             stop: AtomicBool::new(false),
             log: Mutex::new(VecDeque::new()),
             serial: (arrangement == Arrangement::Serialized).then(|| Mutex::new(())),
+            opened: Mutex::new(std::collections::HashSet::new()),
+            layouts: Mutex::new(HashMap::new()),
+            watch: Arc::new(Watch::default()),
         });
         let n = match arrangement {
             Arrangement::Parallel { workers } => workers,
             Arrangement::Serialized => 1,
         };
-        let mut workers = Vec::with_capacity(n);
+        let mut workers = Vec::with_capacity(n + 1);
+        {
+            let inner = inner.clone();
+            let w = std::thread::Builder::new()
+                .name("watchdog".into())
+                .spawn(move || watchdog(&inner))
+                .map_err(|e| StartError(e.to_string()))?;
+            workers.push(w);
+        }
         for i in 0..n {
             let inner = inner.clone();
             let w = std::thread::Builder::new()
@@ -380,6 +404,11 @@ impl Host {
             arrangement,
             workers,
         })
+    }
+
+    /// The mpkvirt backend the host runs on.
+    pub fn backend_kind(&self) -> BackendKind {
+        self.inner.mgr.backend_kind()
     }
 
     /// How tenant code is placed on workers.
@@ -420,6 +449,44 @@ impl Host {
         }
         self.inner.ready.notify_one();
         rx.recv().unwrap_or(Err(InvokeError::ShuttingDown))
+    }
+
+    /// Runs application `name` with `request` on the calling thread, which acts as a worker
+    /// for this one invocation (the watchdog preempts it only to check the deadline): no
+    /// queue, no handoff between threads, no system call of the host's. For front ends that own their threads, and for
+    /// measuring the invocation path. On the emulated backend it takes the same lock as the
+    /// workers (one tenant at a time).
+    ///
+    /// # Errors
+    ///
+    /// [`InvokeError`].
+    pub fn invoke_here(&self, name: &str, request: &[u8]) -> Result<Vec<u8>, InvokeError> {
+        let app = Admitted::new(lookup(&self.inner, name)?)?;
+        let runner = self.local_runner();
+        let w = Worker {
+            inner: &self.inner,
+            runner: &runner,
+        };
+        w.invoke_nested(app, request, 0)
+    }
+
+    /// The calling thread's entry in the watchdog's list (made on its first `invoke_here`).
+    fn local_runner(&self) -> Arc<Runner> {
+        LOCAL_RUNNER.with(|r| {
+            let mut r = r.borrow_mut();
+            if let Some(run) = r
+                .iter()
+                .find(|run| Arc::ptr_eq(&run.host, &self.inner.watch))
+            {
+                return run.runner.clone();
+            }
+            let runner = self.inner.watch.register();
+            r.push(LocalRunner {
+                host: self.inner.watch.clone(),
+                runner: runner.clone(),
+            });
+            runner
+        })
     }
 
     /// Invocations of application `name` admitted and not yet finished.
@@ -464,18 +531,14 @@ fn lookup(inner: &Inner, name: &str) -> Result<Arc<AppEntry>, InvokeError> {
 }
 
 fn worker_main(inner: &Inner) {
-    let timer = match tenant::DeadlineTimer::new() {
-        Ok(t) => t,
-        Err(e) => {
-            eprintln!("mpkvirt-host: worker without a timer ({e}); it stops");
-            return;
-        }
+    let runner = inner.watch.register();
+    let w = Worker {
+        inner,
+        runner: &runner,
     };
-    let w = Worker { inner, timer };
     let mut ready: RunQueue<Task> =
         RunQueue::new(inner.config.order, inner.config.max_wait.as_nanos() as u64);
     let mut stats = AppStats::default();
-    let mut ticking = false;
     loop {
         // New invocations: wait for one when there is nothing to run, else take what is
         // queued (up to the worker's share).
@@ -491,10 +554,6 @@ fn worker_main(inner: &Inner) {
                     }
                     if !ready.is_empty() {
                         break None;
-                    }
-                    if ticking {
-                        w.timer.disarm();
-                        ticking = false;
                     }
                     q = inner.ready.wait(q).unwrap_or_else(|e| e.into_inner());
                 }
@@ -521,10 +580,6 @@ fn worker_main(inner: &Inner) {
         let Some(mut next) = ready.pop(monotonic_ns()) else {
             continue;
         };
-        if !ticking {
-            w.timer.arm(inner.config.tick(), inner.config.tick());
-            ticking = true;
-        }
         loop {
             let began = monotonic_ns();
             let step = w.step(&mut next.payload, 0);
@@ -557,7 +612,69 @@ const LOCAL_TASKS: usize = 64;
 
 struct Worker<'a> {
     inner: &'a Inner,
-    timer: tenant::DeadlineTimer,
+    runner: &'a Runner,
+}
+
+/// A thread that runs tenant code, as the watchdog sees it.
+#[derive(Debug)]
+struct Runner {
+    tid: i32,
+    /// When its current step began (`monotonic_ns`), 0 while it runs no tenant code.
+    since: std::sync::atomic::AtomicU64,
+}
+
+/// The watchdog's list of runners (`Weak`: a thread's entry goes when the thread does).
+#[derive(Debug, Default)]
+struct Watch {
+    runners: Mutex<Vec<std::sync::Weak<Runner>>>,
+}
+
+impl Watch {
+    /// An entry for the calling thread.
+    fn register(&self) -> Arc<Runner> {
+        let r = Arc::new(Runner {
+            tid: mpkvirt_sys::thread::gettid(),
+            since: std::sync::atomic::AtomicU64::new(0),
+        });
+        let mut list = self.runners.lock().unwrap_or_else(|e| e.into_inner());
+        list.retain(|w| w.strong_count() > 0);
+        list.push(Arc::downgrade(&r));
+        r
+    }
+
+    /// Preempts every runner whose step has lasted `tick` or longer.
+    fn sweep(&self, tick: Duration) {
+        let now = monotonic_ns();
+        let list = self.runners.lock().unwrap_or_else(|e| e.into_inner());
+        for r in list.iter().filter_map(std::sync::Weak::upgrade) {
+            let since = r.since.load(Ordering::Acquire);
+            if since != 0 && now.saturating_sub(since) >= tick.as_nanos() as u64 {
+                tenant::preempt(r.tid);
+            }
+        }
+    }
+}
+
+/// A thread's entry for one host (`Host::invoke_here`).
+struct LocalRunner {
+    host: Arc<Watch>,
+    runner: Arc<Runner>,
+}
+
+thread_local! {
+    /// The entries of a thread that runs invocations itself, one per host.
+    static LOCAL_RUNNER: std::cell::RefCell<Vec<LocalRunner>> =
+        const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// The watchdog: every tick, preempts the tenants that ran a whole tick (Go's `sysmon` does
+/// the same for goroutines). Nothing on the invocation path makes a system call for it.
+fn watchdog(inner: &Inner) {
+    let tick = inner.config.tick();
+    while !inner.stop.load(Ordering::Acquire) {
+        std::thread::sleep(tick);
+        inner.watch.sweep(tick);
+    }
 }
 
 /// The memory an invocation holds in its instance.
@@ -566,8 +683,15 @@ struct Held {
     tenant: HashMap<u64, usize>,
     tenant_bytes: usize,
     quota: usize,
-    /// The host's own (stack, request, frame).
-    host: Vec<u64>,
+}
+
+/// Where an instance keeps the host's part of an invocation (inside its domain).
+#[derive(Clone, Copy, Debug)]
+struct Layout {
+    stack: u64,
+    frame: u64,
+    request: u64,
+    request_cap: usize,
 }
 
 /// An invocation in progress.
@@ -584,11 +708,31 @@ struct Task {
     /// What its pending yield returns.
     resume: u64,
     deadline: Instant,
+    /// The request, until the first step writes it into the instance.
+    pending: Option<Vec<u8>>,
+    /// The response, read by the step in which the function returned.
+    response: Option<Result<Vec<u8>, InvokeError>>,
+}
+
+/// Marks the runner as running tenant code while it lives.
+struct Running<'a>(&'a Runner);
+
+impl<'a> Running<'a> {
+    fn new(r: &'a Runner) -> Running<'a> {
+        r.since.store(monotonic_ns().max(1), Ordering::Release);
+        Running(r)
+    }
+}
+
+impl Drop for Running<'_> {
+    fn drop(&mut self) {
+        self.0.since.store(0, Ordering::Release);
+    }
 }
 
 /// How a step of a task ended.
 enum Step {
-    /// The timer preempted it; it can run again.
+    /// The watchdog preempted it; it can run again.
     Preempted,
     /// It ended (its context never runs again).
     Finished(Result<(), InvokeError>),
@@ -632,61 +776,80 @@ impl Worker<'_> {
             Err(e) => return Err((reply, InvokeError::Instance(e.to_string()))),
         };
         let d = slot.domain();
+        if self.inner.config.measure_without_isolation
+            && self
+                .inner
+                .opened
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(d.id())
+        {
+            let _ = d.set_process_wide(Some(Rights::ReadWrite));
+        }
         let mem = tenant::InstanceMem::new(d);
-        let mut held = Held {
+        let held = Held {
             tenant: HashMap::new(),
             tenant_bytes: 0,
             quota: app.0.app.limits.memory.min(d.len()),
-            host: Vec::new(),
         };
-        let prepared = self.in_view(d, || self.prepare(d, mem, &app.0, request, &mut held));
-        match prepared {
-            Ok((frame_at, top, ctx)) => Ok(Task {
-                deadline: Instant::now() + app.0.app.limits.timeout,
-                app,
-                reply,
-                slot,
-                held,
-                mem,
-                frame_at,
-                top,
-                ctx: Some(ctx),
-                resume: 0,
-            }),
-            Err(e) => {
-                self.release(slot, &held, false);
-                Err((reply, e))
-            }
-        }
+        // The instance is prepared in its first step, inside the step's view.
+        Ok(Task {
+            deadline: Instant::now() + app.0.app.limits.timeout,
+            app,
+            reply,
+            slot,
+            held,
+            mem,
+            frame_at: 0,
+            top: 0,
+            ctx: None,
+            resume: 0,
+            pending: Some(request.to_vec()),
+            response: None,
+        })
     }
 
-    /// Runs `f` inside the worker's view of the instance `d` (it writes the request and
-    /// serves host calls there).
-    fn in_view<R>(
-        &self,
-        d: &Domain<Machine>,
-        f: impl FnOnce() -> Result<R, InvokeError>,
-    ) -> Result<R, InvokeError> {
-        let _view = self
-            .inner
-            .mgr
-            .enter(&[(d, Rights::ReadWrite)])
-            .map_err(|e| InvokeError::Instance(e.to_string()))?;
-        f()
-    }
-
-    fn host_alloc(
-        &self,
-        d: &Domain<Machine>,
-        held: &mut Held,
-        len: usize,
-    ) -> Result<u64, InvokeError> {
-        let p = d
-            .alloc(len.max(1), 16)
+    fn host_alloc(&self, d: &Domain<Machine>, len: usize) -> Result<u64, InvokeError> {
+        Ok(d.alloc(len.max(1), 16)
             .map_err(|e| InvokeError::Instance(e.to_string()))?
-            .as_ptr() as u64;
-        held.host.push(p);
-        Ok(p)
+            .as_ptr() as u64)
+    }
+
+    /// The instance's stack, frame and request buffer: kept from its last invocation when
+    /// the slot is warm (no allocation, no page touched anew), made when it is new or reset.
+    fn layout(
+        &self,
+        d: &Domain<Machine>,
+        warm: bool,
+        request_len: usize,
+    ) -> Result<Layout, InvokeError> {
+        let mut layouts = self.inner.layouts.lock().unwrap_or_else(|e| e.into_inner());
+        let kept = if warm {
+            layouts.get(&d.id()).copied()
+        } else {
+            None
+        };
+        let mut l = match kept {
+            Some(l) => l,
+            None => {
+                let stack = self.host_alloc(d, self.inner.config.stack_size)?;
+                Layout {
+                    stack,
+                    frame: self.host_alloc(d, size_of::<tenant::Frame>())?,
+                    request: self.host_alloc(d, 4096)?,
+                    request_cap: 4096,
+                }
+            }
+        };
+        if request_len > l.request_cap {
+            if let Some(p) = std::ptr::NonNull::new(l.request as *mut u8) {
+                let _ = d.free(p);
+            }
+            l.request = self.host_alloc(d, request_len)?;
+            l.request_cap = request_len;
+        }
+        layouts.insert(d.id(), l);
+        Ok(l)
     }
 
     fn prepare(
@@ -695,13 +858,13 @@ impl Worker<'_> {
         mem: tenant::InstanceMem,
         app: &AppEntry,
         request: &[u8],
-        held: &mut Held,
+        warm: bool,
     ) -> Result<(u64, u64, tenant::Runnable), InvokeError> {
-        let stack = self.host_alloc(d, held, self.inner.config.stack_size)?;
-        let top = (stack + self.inner.config.stack_size as u64) & !15;
-        let req = self.host_alloc(d, held, request.len())?;
+        let l = self.layout(d, warm, request.len())?;
+        let top = (l.stack + self.inner.config.stack_size as u64) & !15;
+        let req = l.request;
         mem.write(req, request);
-        let frame_at = self.host_alloc(d, held, size_of::<tenant::Frame>())?;
+        let frame_at = l.frame;
         let (kind, code) = match &app.app.code {
             Code::Native(n) => (tenant::ENTRY_NATIVE, [n.entry_addr(), 0]),
             // The application's `Arc` (alive while the invocation holds its entry).
@@ -724,15 +887,33 @@ impl Worker<'_> {
         Ok((frame_at, top, ctx))
     }
 
-    /// Runs the task until it ends or the timer preempts it, serving its host calls. An
+    /// Runs the task until it ends or the watchdog preempts it, serving its host calls. An
     /// overdue task ends at its next preemption.
     fn step(&self, task: &mut Task, depth: usize) -> Step {
         let d = task.slot.domain();
+        // The worker's view of the instance for the whole step: it serves host calls in it,
+        // and the sandbox's view goes on top (the same rights: no change of protection).
+        let _view = match self.inner.mgr.enter(&[(d, Rights::ReadWrite)]) {
+            Ok(v) => v,
+            Err(e) => return Step::Finished(Err(InvokeError::Instance(e.to_string()))),
+        };
         let _serial = self
             .inner
             .serial
             .as_ref()
             .map(|m| m.lock().unwrap_or_else(|e| e.into_inner()));
+        let _running = Running::new(self.runner);
+        if let Some(request) = task.pending.take() {
+            let warm = task.slot.is_warm();
+            match self.prepare(d, task.mem, &task.app.0, &request, warm) {
+                Ok((frame_at, top, ctx)) => {
+                    task.frame_at = frame_at;
+                    task.top = top;
+                    task.ctx = Some(ctx);
+                }
+                Err(e) => return Step::Finished(Err(e)),
+            }
+        }
         loop {
             let Some(ctx) = task.ctx.take() else {
                 return Step::Finished(Err(InvokeError::Instance("the context ended".into())));
@@ -743,7 +924,11 @@ impl Worker<'_> {
                 Err(e) => return Step::Finished(Err(InvokeError::Instance(e.to_string()))),
             };
             match yielded {
-                tenant::DONE => return Step::Finished(Ok(())),
+                tenant::DONE => {
+                    // Read while the worker's view is open.
+                    task.response = Some(self.response(task));
+                    return Step::Finished(Ok(()));
+                }
                 tenant::PANICKED => return Step::Finished(Err(InvokeError::Panicked)),
                 mpkvirt::sandbox::PREEMPTED => {
                     task.ctx = Some(next);
@@ -763,9 +948,7 @@ impl Worker<'_> {
                 }
                 call => {
                     let app = task.app.0.clone();
-                    let served = self.in_view(d, || {
-                        self.serve(d, task.mem, &app, call, depth, &mut task.held)
-                    });
+                    let served = self.serve(d, task.mem, &app, call, depth, &mut task.held);
                     match served {
                         Ok(v) => {
                             task.ctx = Some(next);
@@ -780,8 +963,12 @@ impl Worker<'_> {
 
     /// Ends a task: its response (or error), its memory given back, its slot released.
     fn finish(&self, task: Task, outcome: Result<(), InvokeError>) -> Result<Vec<u8>, InvokeError> {
-        let d = task.slot.domain();
-        let out = outcome.and_then(|()| self.in_view(d, || self.response(&task)));
+        let mut task = task;
+        let out = outcome.and_then(|()| {
+            task.response
+                .take()
+                .unwrap_or(Err(InvokeError::BadResponse))
+        });
         let clean = matches!(out, Ok(_) | Err(InvokeError::Failed { .. }));
         self.release(task.slot, &task.held, clean);
         out
@@ -827,13 +1014,23 @@ impl Worker<'_> {
     fn release(&self, slot: Slot<Machine>, held: &Held, clean: bool) {
         let d = slot.domain();
         if clean {
-            for p in held.tenant.keys().chain(&held.host) {
+            for p in held.tenant.keys() {
                 if let Some(p) = std::ptr::NonNull::new(*p as *mut u8) {
                     let _ = d.free(p);
                 }
             }
         }
-        let how = if clean { Release::Warm } else { Release::Reset };
+        let how = if clean {
+            Release::Warm
+        } else {
+            // Reset: its heap, and so the layout in it, is gone.
+            self.inner
+                .layouts
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&d.id());
+            Release::Reset
+        };
         let released = self
             .inner
             .pool

@@ -194,7 +194,7 @@ pub(crate) extern "C" fn sandbox_main(frame: u64, _first: u64) {
     }
 }
 
-/// The real-time signal of the per-worker deadline timers.
+/// The real-time signal the watchdog preempts tenants with.
 pub(crate) fn deadline_signal() -> c_int {
     libc::SIGRTMIN() + 8
 }
@@ -238,12 +238,9 @@ pub(crate) fn install_handlers() -> std::io::Result<()> {
 }
 
 extern "C" fn on_signal(sig: c_int, info: *mut libc::siginfo_t, ctx: *mut c_void) {
+    // The preemption signal (the watchdog's; a tenant that sends it to itself only
+    // preempts itself).
     let deadline = sig == deadline_signal();
-    // SAFETY: `info` is the kernel's siginfo for this signal.
-    let from_timer = deadline && unsafe { (*info).si_code } == libc::SI_TIMER;
-    if deadline && !from_timer {
-        return;
-    }
     let action = if deadline {
         sandbox::Action::Preempt
     } else {
@@ -273,62 +270,11 @@ fn chain(sig: c_int, info: *mut libc::siginfo_t, ctx: *mut c_void) {
     }
 }
 
-/// A worker's deadline timer: a POSIX timer that signals [`deadline_signal`] to this thread
-/// (the kernel tags the signal `SI_TIMER`, which a tenant's own `tgkill` cannot forge).
-/// Armed for an invocation's time limit, then every millisecond until disarmed, so that a
-/// tick that found the thread inside the gate is followed by another.
-#[derive(Debug)]
-pub(crate) struct DeadlineTimer {
-    id: libc::timer_t,
-}
-
-impl DeadlineTimer {
-    /// A timer for the calling thread.
-    pub(crate) fn new() -> std::io::Result<DeadlineTimer> {
-        // SAFETY: all-zero is a valid `sigevent` (plain integers and a union of them).
-        let mut sev: libc::sigevent = unsafe { std::mem::zeroed() };
-        sev.sigev_notify = libc::SIGEV_THREAD_ID;
-        sev.sigev_signo = deadline_signal();
-        sev.sigev_notify_thread_id = mpkvirt_sys::thread::gettid();
-        let mut id: libc::timer_t = std::ptr::null_mut();
-        // SAFETY: valid pointers to a filled `sigevent` and to the id to write.
-        if unsafe { libc::timer_create(libc::CLOCK_MONOTONIC, &mut sev, &mut id) } != 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        Ok(DeadlineTimer { id })
-    }
-
-    fn set(&self, first: std::time::Duration, every: std::time::Duration) {
-        let ts = |d: std::time::Duration| libc::timespec {
-            tv_sec: d.as_secs() as libc::time_t,
-            tv_nsec: libc::c_long::from(d.subsec_nanos() as i32),
-        };
-        let spec = libc::itimerspec {
-            it_interval: ts(every),
-            it_value: ts(first),
-        };
-        // SAFETY: a timer this value owns; `spec` is valid for reading.
-        unsafe { libc::timer_settime(self.id, 0, &spec, std::ptr::null_mut()) };
-    }
-
-    /// Fires after `after`, then every `every`.
-    pub(crate) fn arm(&self, after: std::time::Duration, every: std::time::Duration) {
-        let after = after.max(std::time::Duration::from_nanos(1));
-        self.set(after, every);
-    }
-
-    /// Stops it. A tick due before this returns is delivered before it returns (on the way
-    /// out of the system call), with the thread outside any sandbox: ignored.
-    pub(crate) fn disarm(&self) {
-        self.set(std::time::Duration::ZERO, std::time::Duration::ZERO);
-    }
-}
-
-impl Drop for DeadlineTimer {
-    fn drop(&mut self) {
-        // SAFETY: the timer made in `new`, deleted once.
-        unsafe { libc::timer_delete(self.id) };
-    }
+/// Sends the preemption signal to thread `tid` of this process (the watchdog).
+pub(crate) fn preempt(tid: i32) {
+    // A thread that ended meanwhile (its id unused or reused by a thread of this process
+    // running no tenant) gets nothing or a signal it ignores.
+    let _ = mpkvirt_sys::thread::tgkill(tid, deadline_signal());
 }
 
 /// An instance's memory as the worker sees it while it serves the instance (inside its view):

@@ -114,6 +114,13 @@ fn frame_xsave(ctx: &libc::ucontext_t) -> Option<(*mut u8, usize, usize)> {
     Some((area, xstate_size, offset))
 }
 
+/// How many bytes from a frame's `fpregs` pointer [`frame_pkru`] and [`set_frame_pkru`]
+/// read or write (the XSAVE header and the PKRU component); 0 without PKRU state. A handler
+/// that does not trust the pointer checks this range before it calls them.
+pub fn frame_pkru_extent() -> usize {
+    pkru_xsave_offset().map_or(0, |o| (o + 4).max(XSAVE_HEADER_OFFSET + 8))
+}
+
 /// The PKRU value `rt_sigreturn` will restore for the interrupted context, when the frame
 /// holds one.
 pub fn frame_pkru(ctx: &libc::ucontext_t) -> Option<u32> {

@@ -1,0 +1,69 @@
+//! A warm invocation through the runtime (`host/src/runtime`), against calling the function
+//! directly, natively.
+//!
+//! - `direct`: the built-in echo function called as a Rust closure (no isolation);
+//! - `invoke_here`: `Host::invoke_here` on the bench thread: admission, a warm instance slot
+//!   from the pool, the request copied into the instance, the function run in the slot's
+//!   sandbox (a stack in its domain, a sealed view), the response copied out, the slot back
+//!   warm, the thread's timer armed and disarmed;
+//! - `invoke`: `Host::invoke`, the same through the queue and a worker thread (a handoff
+//!   between threads each way).
+//!
+//! Natively the backend is the emulated one: views are `mprotect`s (process-wide), and the
+//! host runs one worker. The `-views-unprotected` group runs the same with
+//! `HostConfig::measure_without_isolation` (instances open to every thread, so views change
+//! no protection): what is left is what PKU hardware pays too, minus its WRPKRUs. ARCHITECTURE.md counts the gate calls of an invocation, which is
+//! what PKU hardware pays instead (two WRPKRUs each); `benches/run-on-pku-hardware.sh` runs
+//! this bench there.
+//!
+//! `cargo bench -p mpkvirt-benches --bench runtime`
+
+use std::hint::black_box;
+use std::sync::Arc;
+use std::time::Duration;
+
+use criterion::{Criterion, criterion_group, criterion_main};
+use mpkvirt_host::runtime::{App, Builtin, Code, Host, HostConfig, Limits};
+
+fn bench_host(c: &mut Criterion, measure_without_isolation: bool) {
+    let host = Host::start(HostConfig {
+        slots: 16,
+        slot_size: 1 << 20,
+        stack_size: 64 << 10,
+        measure_without_isolation,
+        ..HostConfig::default()
+    })
+    .expect("a host");
+    let echo: Arc<Builtin> = Arc::new(|req: &[u8]| Ok(req.to_vec()));
+    host.register(App {
+        name: "echo".into(),
+        code: Code::Builtin(echo.clone()),
+        limits: Limits::default(),
+    });
+    let req = vec![7u8; 64];
+    // Warm the slot.
+    host.invoke_here("echo", &req).unwrap();
+    let mode = if measure_without_isolation {
+        "-views-unprotected"
+    } else {
+        ""
+    };
+    let mut g = c.benchmark_group(format!("runtime/{}{mode}", host.backend_kind()));
+    g.measurement_time(Duration::from_secs(3));
+    g.bench_function("direct", |b| b.iter(|| echo(black_box(&req)).unwrap()));
+    g.bench_function("invoke_here", |b| {
+        b.iter(|| host.invoke_here("echo", black_box(&req)).unwrap())
+    });
+    g.bench_function("invoke", |b| {
+        b.iter(|| host.invoke("echo", black_box(&req)).unwrap())
+    });
+    g.finish();
+}
+
+fn benches(c: &mut Criterion) {
+    bench_host(c, false);
+    bench_host(c, true);
+}
+
+criterion_group!(runtime, benches);
+criterion_main!(runtime);
