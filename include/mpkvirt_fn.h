@@ -16,8 +16,9 @@
  * What the object must not contain (the host refuses to load it): writable and executable
  * segments, an executable stack, text relocations, and at any byte offset of its code an
  * instruction that changes PKRU or the thread pointer (WRPKRU, XRSTOR, WRFSBASE, WRGSBASE).
- * It may call the C library's pure functions (strings, memory, formatting, math) and the
- * host calls below; any other imported symbol is refused at load.
+ * It may call the C library's functions that neither allocate nor lock (strings, memory,
+ * math; not malloc, qsort, the printf/scanf families or strtod: a tenant may be preempted or
+ * ended anywhere) and the host calls below; any other imported symbol is refused at load.
  */
 #ifndef MPKVIRT_FN_H
 #define MPKVIRT_FN_H

@@ -27,14 +27,15 @@
  *      arguments wherever the caller keeps them), re-checked after the WRPKRU as in ERIM.
  *      The value cannot come from the root: a thread that never went through a gate has
  *      the library key access-disabled.
- *   2a. Clear DF and AC (the caller chooses the flags; the dispatcher needs the ABI's).
  *   3. Identify: the record %gs points at must belong to this thread (its owner_fs equals
  *      RDFSBASE). A thread with no record, or one it inherited from its creator (clone
  *      copies the GS base), registers first on the shared boot stack, one thread at a time.
  *   4. Claim the record's busy word (XCHG) and check the owner again. Refuse re-entry (a
  *      signal handler that interrupted library code on this thread): return GATE_BUSY
  *      without touching the library stack.
- *   5. Switch to the record's library stack and call
+ *   5. Switch to the record's library stack, clear DF and AC there (the caller chooses the
+ *      flags; the dispatcher needs the ABI's; nothing is pushed on the caller's stack while
+ *      every key is open), and call
  *      mpkvirt_dispatch(op, args, entry_pkru) (Rust).
  *   6. Lower: PKRU <- record.pkru, re-checked; return the dispatcher's result.
  *
@@ -65,6 +66,17 @@
 
     .text
 
+/* The caller chooses the flags: library code needs the direction flag clear (the ABI) and
+ * alignment checking off (AC with CR0.AM turns a misaligned load into SIGBUS). Only on the
+ * library's own stacks: the caller's stack pointer is the caller's choice, and a push there
+ * with every key open would write wherever it points. */
+.macro CLEAR_FLAGS
+    cld
+    pushfq
+    andl    $~EFLAGS_AC, (%rsp)
+    popfq
+.endm
+
 /* The call gate body; \pku selects whether PKRU is read and written. */
 .macro CALL_GATE name, pku
 FUNCTION(\name)
@@ -82,12 +94,6 @@ FUNCTION(\name)
     .else
     xor     %r8d, %r8d
     .endif
-    /* The caller chooses the flags: library code needs the direction flag clear (the ABI)
-     * and alignment checking off (AC with CR0.AM turns a misaligned load into SIGBUS). */
-    cld
-    pushfq
-    andl    $~EFLAGS_AC, (%rsp)
-    popfq
 .L\name\()_identify:
     rdgsbase %rax
     test    %rax, %rax
@@ -111,6 +117,7 @@ FUNCTION(\name)
     /* No unwinder may cross the stack switch (the dispatcher catches panics). */
     .cfi_remember_state
     .cfi_undefined rip
+    CLEAR_FLAGS
     mov     %r8d, %edx
     call    mpkvirt_dispatch
     mov     %gs:REC_SAVED_RSP, %rsp
@@ -147,6 +154,7 @@ FUNCTION(\name)
     mov     mpkvirt_gate_root+ROOT_BOOT_STACK_TOP(%rip), %rsp
     .cfi_remember_state
     .cfi_undefined rip
+    CLEAR_FLAGS
     push    %rdi
     push    %rsi
     push    %r8

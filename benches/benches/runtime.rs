@@ -7,7 +7,10 @@
 //!   sandbox (a stack in its domain, a sealed view), the response copied out, the slot back
 //!   warm, the thread's timer armed and disarmed;
 //! - `invoke`: `Host::invoke`, the same through the queue and a worker thread (a handoff
-//!   between threads each way).
+//!   between threads each way);
+//! - `invoke_here, new instance`: three applications over two slots, so that every
+//!   invocation takes a slot another application left warm: the pool resets it and the
+//!   instance is laid out anew.
 //!
 //! Natively the backend is the emulated one: views are `mprotect`s (process-wide), and the
 //! host runs one worker. The `-views-unprotected` group runs the same with
@@ -60,9 +63,50 @@ fn bench_host(c: &mut Criterion, measure_without_isolation: bool) {
     g.finish();
 }
 
+/// Each invocation gets a slot another application left warm: the pool resets it, and the
+/// runtime lays the instance out anew (stack, frame, request buffer) — a new instance from a
+/// pooled slot.
+fn bench_new_instance(c: &mut Criterion, measure_without_isolation: bool) {
+    let host = Host::start(HostConfig {
+        slots: 2,
+        slot_size: 1 << 20,
+        stack_size: 64 << 10,
+        measure_without_isolation,
+        ..HostConfig::default()
+    })
+    .expect("a host");
+    let echo: Arc<Builtin> = Arc::new(|req: &[u8]| Ok(req.to_vec()));
+    let names: Vec<String> = (0..3).map(|i| format!("echo-{i}")).collect();
+    for n in &names {
+        host.register(App {
+            name: n.clone(),
+            code: Code::Builtin(echo.clone()),
+            limits: Limits::default(),
+        });
+    }
+    let req = vec![7u8; 64];
+    let mode = if measure_without_isolation {
+        "-views-unprotected"
+    } else {
+        ""
+    };
+    let mut g = c.benchmark_group(format!("runtime/{}{mode}", host.backend_kind()));
+    g.measurement_time(Duration::from_secs(3));
+    let mut k = 0;
+    g.bench_function("invoke_here, new instance (slot reset)", |b| {
+        b.iter(|| {
+            k = (k + 1) % names.len();
+            host.invoke_here(&names[k], black_box(&req)).unwrap()
+        })
+    });
+    g.finish();
+}
+
 fn benches(c: &mut Criterion) {
     bench_host(c, false);
     bench_host(c, true);
+    bench_new_instance(c, false);
+    bench_new_instance(c, true);
 }
 
 criterion_group!(runtime, benches);

@@ -124,6 +124,17 @@ impl fmt::Display for Report {
                 "metadata:      cooperative (ordinary memory: no PKU, or MPKVIRT_METADATA=cooperative)"
             ),
             None => writeln!(f, "metadata:      not initialised"),
+        }?;
+        match &self.backend {
+            Ok(BackendKind::Hardware) => writeln!(
+                f,
+                "runtime:       one worker per CPU, each running its own tenant (rights per thread)"
+            ),
+            Ok(_) => writeln!(
+                f,
+                "runtime:       one worker, one tenant at a time (rights are process-wide without PKU)"
+            ),
+            Err(_) => writeln!(f, "runtime:       unavailable (no backend)"),
         }
     }
 }

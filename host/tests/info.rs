@@ -33,6 +33,13 @@ fn auto_mode_matches_detection() {
     }
     let text = report.to_string();
     assert!(text.contains("backend:"), "{text}");
+    // How tenant code is placed: never parallel where rights are process-wide.
+    let serialized = text.contains("runtime:       one worker, one tenant at a time");
+    assert_eq!(
+        serialized,
+        report.backend.as_ref().ok() != Some(&BackendKind::Hardware),
+        "{text}"
+    );
 }
 
 #[test]

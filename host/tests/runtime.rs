@@ -39,6 +39,23 @@ fn with_arg(op: u8, arg: u64) -> Vec<u8> {
     v
 }
 
+/// `Host::invoke`, failing the test after 20 s without an answer: the whole process exits,
+/// since a host whose worker hangs would also hang dropping it.
+fn within(host: &Host, name: &str, req: &[u8]) -> Result<Vec<u8>, InvokeError> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    host.submit(name, req.to_vec(), move |out| {
+        let _ = tx.send(out);
+    })?;
+    rx.recv_timeout(Duration::from_secs(20))
+        .unwrap_or_else(|_| {
+            eprintln!(
+                "{name} {:?}: no answer in 20 s: the host hangs",
+                req[0] as char
+            );
+            std::process::exit(101)
+        })
+}
+
 fn fault(signal: i32) -> Result<Vec<u8>, InvokeError> {
     Err(InvokeError::Fault { signal })
 }
@@ -76,10 +93,7 @@ fn scenario(workers: usize) {
     ));
     let hostile = native("hostile");
     let hostile_code = hostile.clone();
-    let workers = match host.arrangement() {
-        Arrangement::Parallel { workers } => workers,
-        Arrangement::Serialized => 1,
-    };
+    let workers = host.arrangement().workers();
     host.register(app("hostile", hostile.clone(), limits));
     host.register(app("hostile-2", hostile.clone(), limits));
     host.register(app("echo-c", native("echo"), limits));
@@ -141,6 +155,62 @@ fn scenario(workers: usize) {
     );
 
     eprintln!("other instance");
+    // Nested invocations (of a native function): the answer comes back; a caller that loops
+    // after one still ends at its deadline (the nested step must not clear its caller's
+    // preemption mark). On one worker the nested step must not wait for the lock its caller
+    // holds.
+    assert_eq!(within(&host, "hostile", b"v").unwrap(), b"nested");
+    assert_eq!(within(&host, "hostile", b"V"), Err(InvokeError::Deadline));
+    alive(&host);
+
+    // A name registered again is a new application: neither it nor one registered after it
+    // gets the instances the name's earlier application left warm, nor each other's.
+    host.register(app("again", hostile.clone(), limits));
+    host.register(app("again", hostile.clone(), limits));
+    host.register(app("after-again", hostile.clone(), limits));
+    let at_again = u64::from_le_bytes(host.invoke("again", b"p").unwrap().try_into().unwrap());
+    assert_eq!(
+        host.invoke("after-again", &with_arg(b'r', at_again)),
+        fault(libc::SIGSEGV)
+    );
+    assert_eq!(
+        host.invoke("again", &with_arg(b'r', at_again)).unwrap(),
+        b"S"
+    );
+
+    // Built-in functions that spend a long time in the global allocator, while others run:
+    // none is preempted inside it (the worker allocates too).
+    host.register(app(
+        "alloc-rs",
+        Code::Builtin(Arc::new(|_: &[u8]| {
+            let until = std::time::Instant::now() + Duration::from_millis(20);
+            let mut kept = Vec::new();
+            while std::time::Instant::now() < until {
+                kept.push(vec![1u8; 1000]);
+                if kept.len() > 64 {
+                    kept.clear();
+                }
+            }
+            Ok(b"done".to_vec())
+        })),
+        limits,
+    ));
+    std::thread::scope(|s| {
+        for t in 0..3 {
+            let host = &host;
+            s.spawn(move || {
+                for k in 0..5 {
+                    assert_eq!(host.invoke("alloc-rs", b"").unwrap(), b"done");
+                    let body = format!("{t}/{k}");
+                    assert_eq!(
+                        host.invoke("echo-rs", body.as_bytes()).unwrap(),
+                        body.as_bytes()
+                    );
+                }
+            });
+        }
+    });
+
     // Another tenant's instance: its memory faults; its own (warm) instance does not.
     let at = u64::from_le_bytes(host.invoke("hostile", b"p").unwrap().try_into().unwrap());
     assert_eq!(

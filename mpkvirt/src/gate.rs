@@ -60,6 +60,9 @@ use crate::meta::{self, MBox, MVec, Meta, MetadataMode, lock, root};
 /// Usable size of a thread's library stack (touched on demand).
 const LIB_STACK: usize = 1 << 20;
 
+/// Bytes of the alternate signal stack a record gives its thread.
+const ALTSTACK_SIZE: usize = 64 << 10;
+
 /// `active_mgr` when no op is running.
 pub(crate) const NO_MGR: u32 = u32::MAX;
 
@@ -481,22 +484,16 @@ impl ThreadRecord {
         self.cxs.iter().any(Option::is_some) || self.capi.holds_state()
     }
 
-    /// Whether `[addr, addr + len)` lies in the thread's alternate signal stack as configured
-    /// now (where mpkvirt's handlers put their argument blocks).
+    /// Whether `[addr, addr + len)` lies in the alternate signal stack the library gave the
+    /// thread (where mpkvirt's handlers, and a sandbox runner's, put their argument blocks).
+    /// The record's own mapping, not what `sigaltstack` says now: code that can make system
+    /// calls could point that anywhere.
     pub(crate) fn on_altstack(&self, addr: usize, len: usize) -> bool {
-        let mut cur = std::mem::MaybeUninit::<libc::stack_t>::zeroed();
-        // SAFETY: querying (null new stack) only writes `cur`.
-        if unsafe { libc::sigaltstack(std::ptr::null(), cur.as_mut_ptr()) } != 0 {
-            return false;
-        }
-        // SAFETY: sigaltstack succeeded and filled `cur`.
-        let cur = unsafe { cur.assume_init() };
-        let base = cur.ss_sp as usize;
-        cur.ss_flags & libc::SS_DISABLE == 0
-            && addr >= base
+        self.altstack != 0
+            && addr >= self.altstack
             && addr
                 .checked_add(len)
-                .is_some_and(|end| end <= base.saturating_add(cur.ss_size))
+                .is_some_and(|end| end <= self.altstack + ALTSTACK_SIZE)
     }
 
     /// Gives the thread an alternate signal stack if it has none, or a smaller one (signal
@@ -504,7 +501,7 @@ impl ThreadRecord {
     /// initial PKRU cannot write, or be the library's). The stack belongs to the record and
     /// is reused with it.
     fn ensure_altstack(&mut self) {
-        const SIZE: usize = 64 << 10;
+        const SIZE: usize = ALTSTACK_SIZE;
         let mut old = std::mem::MaybeUninit::<libc::stack_t>::zeroed();
         // SAFETY: querying (null new stack) only writes `old`.
         if unsafe { libc::sigaltstack(std::ptr::null(), old.as_mut_ptr()) } != 0 {

@@ -368,40 +368,54 @@ pub(crate) fn signal_op(rec: &mut ThreadRecord, i: SignalIn) -> Result<u64> {
             "a signal context off the alternate stack",
         ));
     }
-    // SAFETY: a `ucontext_t` on the thread's alternate stack (checked: aligned, mapped memory
-    // of the thread), which only this thread's handler uses; any bits are valid integers.
-    let uc = unsafe { &mut *(ctx as *mut libc::ucontext_t) };
+    // The frame is key-0 memory, which another thread may be writing: it is copied once,
+    // checked and changed in library memory, and only the registers are written back.
+    // SAFETY: a `ucontext_t` on the thread's alternate stack (checked: aligned, inside the
+    // record's own stack mapping); read once, and any bits are valid integers and pointers.
+    let mut uc: libc::ucontext_t =
+        unsafe { std::ptr::read_volatile(ctx as *const libc::ucontext_t) };
     let pku = mpkvirt_sys::Pku::new().is_some();
+    // Whether the interrupted context had the library key writable: between a gate's raising
+    // WRPKRU and its busy claim (had it claimed, this op would not run), or between its
+    // release and its lowering WRPKRU. An abort may go ahead there (the gate did nothing, or
+    // is done); a preemption may not (the gate would resume without the library's rights).
+    let mut in_gate = false;
     if pku {
-        // The part of the frame's XSAVE area `set_frame_pkru` writes must be there too. (The
-        // frame is key-0 memory: another thread could change the pointer between this check
-        // and the write; ARCHITECTURE.md lists signal frames among the interposition's
-        // concerns.)
+        // `set_frame_pkru` writes through the copy's pointer, checked here.
         let fp = uc.uc_mcontext.fpregs as usize;
         if fp == 0 || !rec.on_altstack(fp, mpkvirt_sys::signal::frame_pkru_extent().max(512)) {
             return Err(Error::InvalidConfig(
                 "a signal frame off the alternate stack",
             ));
         }
-        let Some(frame) = mpkvirt_sys::signal::frame_pkru(uc) else {
+        let Some(frame) = mpkvirt_sys::signal::frame_pkru(&uc) else {
             return Err(Error::InvalidConfig("a signal frame without PKRU"));
         };
-        if let Some(k) = crate::meta::root().library_key()
-            && mpkvirt_sys::Pkru::from_bits(frame).rights(k).can_write()
-        {
-            return Ok(1);
-        }
+        in_gate = crate::meta::root()
+            .library_key()
+            .is_some_and(|k| mpkvirt_sys::Pkru::from_bits(frame).rights(k).can_write());
     }
     let st = rec.sandbox;
     let gregs = &mut uc.uc_mcontext.gregs;
     let rip = gregs[libc::REG_RIP as usize] as usize;
-    if i.action == 0 && (addr::sandbox_stubs_start()..addr::sandbox_stubs_end()).contains(&rip) {
-        // Already on its way out (a preemption delivered before the stub ran, or a second
-        // one while it saves the state): pushing another would only grow the stack, a
-        // signal at a time (a slow handler under a fast tick never lets the stub run).
-        return Ok(2);
-    }
     let rsp = gregs[libc::REG_RSP as usize] as u64;
+    if i.action == 0 {
+        if in_gate {
+            return Ok(1);
+        }
+        if rec.on_altstack(rsp as usize, 8) {
+            // The signal interrupted a handler (mpkvirt's sync handler, say), not the
+            // sandboxed code: the preemption waits for the next tick.
+            return Ok(0);
+        }
+        if (addr::sandbox_stubs_start()..addr::sandbox_stubs_end()).contains(&rip) {
+            // Already on its way out (a preemption delivered before the stub ran, or a
+            // second one while it saves the state): pushing another would only grow the
+            // stack, a signal at a time (a slow handler under a fast tick never lets the stub
+            // run).
+            return Ok(2);
+        }
+    }
     // The interrupted %rip goes below the red zone; that word must lie in the domain.
     let slot = rsp.wrapping_sub(136);
     let preempt = i.action == 0
@@ -412,7 +426,7 @@ pub(crate) fn signal_op(rec: &mut ThreadRecord, i: SignalIn) -> Result<u64> {
     let out = if preempt {
         // SAFETY: a word inside the sandbox's domain (checked), which its view keeps bound
         // and the library may write; the sandboxed context is interrupted and does not run.
-        unsafe { (slot as *mut u64).write_unaligned(gregs[libc::REG_RIP as usize] as u64) };
+        unsafe { (slot as *mut u64).write_unaligned(rip as u64) };
         gregs[libc::REG_RSP as usize] = slot as i64;
         gregs[libc::REG_RIP as usize] = if pku {
             addr::sandbox_preempted_pku()
@@ -421,6 +435,8 @@ pub(crate) fn signal_op(rec: &mut ThreadRecord, i: SignalIn) -> Result<u64> {
         } as i64;
         2
     } else {
+        // An abort (or a preemption the context made impossible: its stack pointer outside
+        // its domain).
         gregs[libc::REG_RSP as usize] = (st.exit_sp - 8) as i64;
         gregs[libc::REG_RDI as usize] = i.value as i64;
         gregs[libc::REG_RIP as usize] = if pku {
@@ -431,9 +447,15 @@ pub(crate) fn signal_op(rec: &mut ThreadRecord, i: SignalIn) -> Result<u64> {
         3
     };
     if pku {
-        // SAFETY: the frame's XSAVE area on the alternate stack (checked above), which this
-        // thread's handler owns while it runs.
-        unsafe { mpkvirt_sys::signal::set_frame_pkru(uc, crate::gate::normal_pkru(rec)) };
+        // SAFETY: the copy's XSAVE area pointer, checked above to lie on the thread's
+        // alternate stack, in the frame this thread's handler owns while it runs.
+        unsafe { mpkvirt_sys::signal::set_frame_pkru(&mut uc, crate::gate::normal_pkru(rec)) };
+    }
+    let gregs_at = ctx + std::mem::offset_of!(libc::ucontext_t, uc_mcontext);
+    // SAFETY: the frame's `mcontext_t` (checked above with the whole `ucontext_t`); only its
+    // general registers are written back, from the copy.
+    unsafe {
+        std::ptr::write_volatile(gregs_at as *mut [libc::greg_t; 23], uc.uc_mcontext.gregs);
     }
     Ok(out)
 }

@@ -411,3 +411,82 @@ fn pku_queued_preemptions_are_one() {
     let mgr = Manager::with_backend(Hardware::new(4).unwrap(), config(4)).unwrap();
     queued_preemptions(&mgr);
 }
+
+// ---- the call gate writes nothing at the caller's stack pointer ----
+
+static SAVED_RSP: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+static GATE_STATUS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(u64::MAX);
+
+/// Where the gate returns to: records its status and goes back to `jump_into_gate`'s caller.
+#[unsafe(naked)]
+extern "C" fn landing() {
+    core::arch::naked_asm!(
+        "mov [rip + {status}], rax",
+        "mov rsp, [rip + {saved}]",
+        "ret",
+        status = sym GATE_STATUS,
+        saved = sym SAVED_RSP,
+    );
+}
+
+/// Jumps (not calls) into `gate` with `OP_NOP` and the stack pointer `rsp`, as tenant code
+/// may; returns when the gate returns (to `landing`).
+#[unsafe(naked)]
+extern "C" fn jump_into_gate(gate: usize, rsp: usize) {
+    core::arch::naked_asm!(
+        "mov [rip + {saved}], rsp",
+        "mov rax, rdi",
+        "mov rsp, rsi",
+        "mov edi, 2",
+        "xor esi, esi",
+        "jmp rax",
+        saved = sym SAVED_RSP,
+    );
+}
+
+/// The gate's stack pointer on entry is the caller's choice, and everything it writes there
+/// it writes with every key open. Here it points at the top of a read-only page (holding
+/// only the return address): the gate must run and return without writing below it.
+fn gate_leaves_the_callers_stack_alone(gate: usize) {
+    // An op first: the thread is registered and its hook armed.
+    let mgr = Manager::with_backend(Emulated::new(1).unwrap(), config(1)).unwrap();
+    drop(mgr.create_domain(DomainOptions::reserve(4096)).unwrap());
+    // SAFETY: a fresh private anonymous page, ours alone.
+    let page = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            4096,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
+    };
+    assert_ne!(page, libc::MAP_FAILED);
+    let top = page as usize + 4096 - 8;
+    // SAFETY: the page's last word; then the page becomes read-only.
+    unsafe { (top as *mut usize).write(landing as *const () as usize) };
+    // SAFETY: the page mapped above.
+    assert_eq!(unsafe { libc::mprotect(page, 4096, libc::PROT_READ) }, 0);
+    jump_into_gate(gate, top);
+    assert_eq!(
+        GATE_STATUS.load(std::sync::atomic::Ordering::Relaxed),
+        0,
+        "OP_NOP's status"
+    );
+    // SAFETY: the page mapped above, unmapped once.
+    unsafe { libc::munmap(page, 4096) };
+}
+
+#[test]
+fn the_gate_writes_nothing_at_the_callers_stack_pointer() {
+    let _g = common::real_backend();
+    gate_leaves_the_callers_stack_alone(mpkvirt_asm::mpkvirt_gate_call_nopku as *const () as usize);
+}
+
+#[test]
+fn pku_the_gate_writes_nothing_at_the_callers_stack_pointer() {
+    let _pku = require_pku!();
+    let _g = common::real_backend();
+    gate_leaves_the_callers_stack_alone(mpkvirt_asm::mpkvirt_gate_call as *const () as usize);
+}

@@ -11,10 +11,14 @@
 //!   into the middle of an instruction reaches those bytes too;
 //! - it defines `mpkvirt_fn_entry` (a function) and `mpkvirt_fn_abi_version` (a 4-byte
 //!   object) whose value is [`ABI_VERSION`];
-//! - every symbol it imports is on [`ALLOWED_IMPORTS`]: the C library's pure functions and
-//!   its allocator (which the host routes into the instance's domain), plus what compilers
-//!   add to every object. A tenant that imports `mprotect`, `syscall` or `pkey_alloc` is
-//!   refused here, before system-call interposition would have to catch it.
+//! - every symbol it imports is on [`ALLOWED_IMPORTS`]: the C library's functions that
+//!   neither allocate nor take a lock, plus what compilers add to every object. A tenant that
+//!   imports `mprotect`, `syscall` or `pkey_alloc` is refused here, before system-call
+//!   interposition would have to catch it. The allocator (`malloc` and friends) and what may
+//!   call it (`qsort`, the `printf`/`scanf` families, `strtod`) are left out: the runtime may
+//!   preempt or abandon a tenant anywhere, and one stopped inside glibc's allocator would
+//!   leave its arena locked for the worker thread it shares. Tenants allocate with the host
+//!   table's `alloc`, in their own instance.
 //!
 //! Each failure is a [`ImageError`] that names the offending part.
 
@@ -38,26 +42,21 @@ pub const ALLOWED_IMPORTS: &[&str] = &[
     // Memory and strings.
     "memcpy", "memmove", "memset", "memcmp", "memchr", "strlen", "strnlen", "strcmp",
     "strncmp", "strchr", "strrchr", "strstr", "strcpy", "strncpy", "strcat", "strncat",
-    "strspn", "strcspn", "strtol", "strtoul", "strtoll", "strtoull", "strtod", "strtof",
-    "atoi", "atol", "toupper", "tolower", "isalpha", "isdigit", "isspace", "isalnum",
-    "isxdigit", "isupper", "islower", "isprint", "ispunct", "__ctype_b_loc",
-    "__ctype_toupper_loc", "__ctype_tolower_loc", "abs", "labs", "qsort", "bsearch",
-    // Formatting (into memory only).
-    "snprintf", "vsnprintf", "sprintf", "vsprintf", "sscanf",
+    "strspn", "strcspn", "strtol", "strtoul", "strtoll", "strtoull", "atoi", "atol",
+    "toupper", "tolower", "isalpha", "isdigit", "isspace", "isalnum", "isxdigit", "isupper",
+    "islower", "isprint", "ispunct", "__ctype_b_loc", "__ctype_toupper_loc",
+    "__ctype_tolower_loc", "abs", "labs", "bsearch",
     // Mathematics.
     "sin", "cos", "tan", "asin", "acos", "atan", "atan2", "sinh", "cosh", "tanh", "exp",
     "exp2", "log", "log2", "log10", "pow", "sqrt", "cbrt", "floor", "ceil", "fabs", "fmod",
     "round", "trunc", "lround", "fmin", "fmax", "hypot", "sinf", "cosf", "expf", "logf",
     "powf", "sqrtf", "floorf", "ceilf", "fabsf",
-    // The allocator (routed into the instance's domain).
-    "malloc", "calloc", "realloc", "free", "aligned_alloc", "posix_memalign",
     // Ends the invocation (SIGABRT, which the runtime contains).
     "abort",
     // Added by compilers and fortification.
     "__cxa_finalize", "__gmon_start__", "_ITM_registerTMCloneTable",
     "_ITM_deregisterTMCloneTable", "__stack_chk_fail", "__memcpy_chk", "__memmove_chk",
-    "__memset_chk", "__strcpy_chk", "__strcat_chk", "__strncpy_chk", "__snprintf_chk",
-    "__vsnprintf_chk", "__sprintf_chk",
+    "__memset_chk", "__strcpy_chk", "__strcat_chk", "__strncpy_chk",
 ];
 
 /// Why a shared object is refused.

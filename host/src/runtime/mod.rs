@@ -237,6 +237,21 @@ pub enum Arrangement {
     /// No PKU: rights are process-wide, so one worker runs tenant code, one invocation at a
     /// time.
     Serialized,
+    /// `HostConfig::measure_without_isolation`: parallel workers, tenants not isolated.
+    Unisolated {
+        /// Worker threads.
+        workers: usize,
+    },
+}
+
+impl Arrangement {
+    /// Worker threads.
+    pub fn workers(self) -> usize {
+        match self {
+            Arrangement::Parallel { workers } | Arrangement::Unisolated { workers } => workers,
+            Arrangement::Serialized => 1,
+        }
+    }
 }
 
 impl fmt::Display for Arrangement {
@@ -247,6 +262,10 @@ impl fmt::Display for Arrangement {
             }
             Arrangement::Serialized => f.write_str(
                 "one worker, one tenant at a time (no PKU: the emulated backend's rights are process-wide)",
+            ),
+            Arrangement::Unisolated { workers } => write!(
+                f,
+                "{workers} workers, tenants NOT isolated (a measurement mode, never for serving)"
             ),
         }
     }
@@ -268,7 +287,8 @@ impl AppEntry {
     }
 }
 
-type Reply = mpsc::SyncSender<Result<Vec<u8>, InvokeError>>;
+/// Where an invocation's outcome goes: what the worker calls with it when it ends.
+type Reply = Box<dyn FnOnce(Result<Vec<u8>, InvokeError>) + Send>;
 
 struct Job {
     app: Admitted,
@@ -307,6 +327,8 @@ struct Inner {
     log: Mutex<VecDeque<String>>,
     /// Held while tenant code runs, when tenants must run one at a time (no PKU).
     serial: Option<Mutex<()>>,
+    /// The next application id.
+    next_app: std::sync::atomic::AtomicU32,
     /// The threads that run tenant code, for the watchdog.
     watch: Arc<Watch>,
     /// The host's part of each instance, kept while the slot stays warm.
@@ -346,15 +368,17 @@ impl Host {
         let mgr =
             Manager::new(mpkvirt::Config::default()).map_err(|e| StartError(e.to_string()))?;
         tenant::install_handlers().map_err(|e| StartError(e.to_string()))?;
-        let arrangement = if mgr.backend_kind() == BackendKind::Hardware {
-            Arrangement::Parallel {
-                workers: config
-                    .workers
-                    .unwrap_or_else(|| {
-                        std::thread::available_parallelism().map_or(1, std::num::NonZero::get)
-                    })
-                    .max(1),
-            }
+        tenant::quiet_panics_in_sandboxes();
+        let workers = config
+            .workers
+            .unwrap_or_else(|| {
+                std::thread::available_parallelism().map_or(1, std::num::NonZero::get)
+            })
+            .max(1);
+        let arrangement = if config.measure_without_isolation {
+            Arrangement::Unisolated { workers }
+        } else if mgr.backend_kind() == BackendKind::Hardware {
+            Arrangement::Parallel { workers }
         } else {
             Arrangement::Serialized
         };
@@ -377,11 +401,9 @@ impl Host {
             opened: Mutex::new(std::collections::HashSet::new()),
             layouts: Mutex::new(HashMap::new()),
             watch: Arc::new(Watch::default()),
+            next_app: std::sync::atomic::AtomicU32::new(0),
         });
-        let n = match arrangement {
-            Arrangement::Parallel { workers } => workers,
-            Arrangement::Serialized => 1,
-        };
+        let n = arrangement.workers();
         let mut workers = Vec::with_capacity(n + 1);
         {
             let inner = inner.clone();
@@ -419,7 +441,9 @@ impl Host {
     /// Registers an application (replacing one of the same name for later invocations).
     pub fn register(&self, app: App) {
         let mut apps = self.inner.apps.write().unwrap_or_else(|e| e.into_inner());
-        let id = apps.len() as AppId;
+        // A fresh id even for a name registered before: warm slots go by id, and the new
+        // code must not get the old one's instances.
+        let id = self.inner.next_app.fetch_add(1, Ordering::Relaxed);
         let entry = Arc::new(AppEntry {
             id,
             app,
@@ -434,8 +458,27 @@ impl Host {
     ///
     /// [`InvokeError`].
     pub fn invoke(&self, name: &str, request: &[u8]) -> Result<Vec<u8>, InvokeError> {
+        let (tx, rx) = mpsc::sync_channel(1);
+        self.submit(name, request.to_vec(), move |out| {
+            let _ = tx.send(out);
+        })?;
+        rx.recv().unwrap_or(Err(InvokeError::ShuttingDown))
+    }
+
+    /// Queues an invocation of application `name` and returns at once; `done` is called
+    /// with its outcome, on the worker that ran it, when it ends (so it must be quick).
+    ///
+    /// # Errors
+    ///
+    /// [`InvokeError::UnknownFunction`], [`InvokeError::Overloaded`] and
+    /// [`InvokeError::ShuttingDown`] at once (and `done` is not called).
+    pub fn submit(
+        &self,
+        name: &str,
+        request: Vec<u8>,
+        done: impl FnOnce(Result<Vec<u8>, InvokeError>) + Send + 'static,
+    ) -> Result<(), InvokeError> {
         let app = Admitted::new(lookup(&self.inner, name)?)?;
-        let (reply, rx) = mpsc::sync_channel(1);
         {
             let mut q = self.inner.queue.lock().unwrap_or_else(|e| e.into_inner());
             if self.inner.stop.load(Ordering::Acquire) {
@@ -443,12 +486,12 @@ impl Host {
             }
             q.push_back(Job {
                 app,
-                request: request.to_vec(),
-                reply,
+                request,
+                reply: Box::new(done),
             });
         }
         self.inner.ready.notify_one();
-        rx.recv().unwrap_or(Err(InvokeError::ShuttingDown))
+        Ok(())
     }
 
     /// Runs application `name` with `request` on the calling thread, which acts as a worker
@@ -474,15 +517,15 @@ impl Host {
     fn local_runner(&self) -> Arc<Runner> {
         LOCAL_RUNNER.with(|r| {
             let mut r = r.borrow_mut();
-            if let Some(run) = r
-                .iter()
-                .find(|run| Arc::ptr_eq(&run.host, &self.inner.watch))
-            {
+            // Entries of hosts that are gone go too.
+            r.retain(|run| run.host.strong_count() > 0);
+            let me = Arc::downgrade(&self.inner.watch);
+            if let Some(run) = r.iter().find(|run| run.host.ptr_eq(&me)) {
                 return run.runner.clone();
             }
             let runner = self.inner.watch.register();
             r.push(LocalRunner {
-                host: self.inner.watch.clone(),
+                host: me,
                 runner: runner.clone(),
             });
             runner
@@ -572,7 +615,7 @@ fn worker_main(inner: &Inner) {
                 ),
                 Err((reply, e)) => {
                     if let Some(r) = reply {
-                        let _ = r.send(Err(e));
+                        r(Err(e));
                     }
                 }
             }
@@ -598,7 +641,7 @@ fn worker_main(inner: &Inner) {
                     let reply = task.reply.take();
                     let out = w.finish(task, outcome);
                     if let Some(r) = reply {
-                        let _ = r.send(out);
+                        r(out);
                     }
                     break;
                 }
@@ -657,7 +700,7 @@ impl Watch {
 
 /// A thread's entry for one host (`Host::invoke_here`).
 struct LocalRunner {
-    host: Arc<Watch>,
+    host: std::sync::Weak<Watch>,
     runner: Arc<Runner>,
 }
 
@@ -715,18 +758,19 @@ struct Task {
 }
 
 /// Marks the runner as running tenant code while it lives.
-struct Running<'a>(&'a Runner);
+/// (A nested step leaves its caller's mark in place when it ends.)
+struct Running<'a>(&'a Runner, u64);
 
 impl<'a> Running<'a> {
     fn new(r: &'a Runner) -> Running<'a> {
-        r.since.store(monotonic_ns().max(1), Ordering::Release);
-        Running(r)
+        let before = r.since.swap(monotonic_ns().max(1), Ordering::AcqRel);
+        Running(r, before)
     }
 }
 
 impl Drop for Running<'_> {
     fn drop(&mut self) {
-        self.0.since.store(0, Ordering::Release);
+        self.0.since.store(self.1, Ordering::Release);
     }
 }
 
@@ -897,12 +941,18 @@ impl Worker<'_> {
             Ok(v) => v,
             Err(e) => return Step::Finished(Err(InvokeError::Instance(e.to_string()))),
         };
+        // (A nested invocation runs inside its caller's step, which holds the lock.)
         let _serial = self
             .inner
             .serial
             .as_ref()
+            .filter(|_| depth == 0)
             .map(|m| m.lock().unwrap_or_else(|e| e.into_inner()));
-        let _running = Running::new(self.runner);
+        // Built-in functions are the host's own code, run to their end: preempted or
+        // abandoned inside the global allocator (or any lock of the host's), they would leave
+        // it to the worker in the middle of an update.
+        let _running =
+            matches!(task.app.0.app.code, Code::Native(_)).then(|| Running::new(self.runner));
         if let Some(request) = task.pending.take() {
             let warm = task.slot.is_warm();
             match self.prepare(d, task.mem, &task.app.0, &request, warm) {
@@ -950,6 +1000,11 @@ impl Worker<'_> {
                     let app = task.app.0.clone();
                     let served = self.serve(d, task.mem, &app, call, depth, &mut task.held);
                     match served {
+                        // (A host call may take long, a nested invocation above all: the
+                        // deadline is checked after each as well as at preemptions.)
+                        Ok(_) if Instant::now() >= task.deadline => {
+                            return Step::Finished(Err(InvokeError::Deadline));
+                        }
                         Ok(v) => {
                             task.ctx = Some(next);
                             task.resume = v;
@@ -1013,6 +1068,7 @@ impl Worker<'_> {
     /// (same application next), reset after anything else.
     fn release(&self, slot: Slot<Machine>, held: &Held, clean: bool) {
         let d = slot.domain();
+        let id = d.id();
         if clean {
             for p in held.tenant.keys() {
                 if let Some(p) = std::ptr::NonNull::new(*p as *mut u8) {
@@ -1038,6 +1094,12 @@ impl Worker<'_> {
             .unwrap_or_else(|e| e.into_inner())
             .release(slot, how);
         if let Err(e) = released {
+            // The slot is gone (its domain destroyed), and its layout with it.
+            self.inner
+                .layouts
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&id);
             eprintln!("mpkvirt-host: an instance slot was dropped: {e}");
         }
     }

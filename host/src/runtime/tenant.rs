@@ -194,6 +194,23 @@ pub(crate) extern "C" fn sandbox_main(frame: u64, _first: u64) {
     }
 }
 
+/// Makes the process's panic hook silent inside sandboxes (once per process): a built-in
+/// function's panic ends its invocation with `InvokeError::Panicked`; printing it (and
+/// capturing a backtrace) would take the standard error and backtrace locks inside a context
+/// the watchdog may abandon at its deadline, leaving them held for the host. Elsewhere the
+/// hook installed before runs as it did.
+pub(crate) fn quiet_panics_in_sandboxes() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if !matches!(sandbox::query(None), sandbox::Query::Sandboxed { .. }) {
+                previous(info);
+            }
+        }));
+    });
+}
+
 /// The real-time signal the watchdog preempts tenants with.
 pub(crate) fn deadline_signal() -> c_int {
     libc::SIGRTMIN() + 8
@@ -218,23 +235,49 @@ pub(crate) fn install_handlers() -> std::io::Result<()> {
     let mut err = None;
     PREVIOUS.get_or_init(|| {
         let mut prev = Vec::new();
-        for sig in FAULT_SIGNALS.into_iter().chain([deadline_signal()]) {
+        let ours: Vec<c_int> = FAULT_SIGNALS
+            .into_iter()
+            .chain([deadline_signal()])
+            .collect();
+        for &sig in &ours {
             // SAFETY: `on_signal` is async-signal-safe: one gate call (no allocation, no
             // lock), reads and writes of the frame it was given, and the chained handler.
-            match unsafe {
-                mpkvirt_sys::signal::install(
-                    sig,
-                    on_signal,
-                    libc::SA_ONSTACK | libc::SA_SIGINFO | libc::SA_NODEFER,
-                )
-            } {
+            match unsafe { install_blocking(sig, &ours) } {
                 Ok(old) => prev.push((sig, old)),
-                Err(e) => err = Some(std::io::Error::other(e.to_string())),
+                Err(e) => err = Some(e),
             }
         }
         prev
     });
     err.map_or(Ok(()), Err)
+}
+
+/// Installs `on_signal` for `sig` on the alternate stack, with every signal of `blocked`
+/// blocked while it runs: a preemption or fault signal delivered during one of our handlers
+/// would find the thread's *normal* context sandboxed and take the handler's context for it.
+///
+/// # Safety
+///
+/// Replaces the process's action for `sig` (the previous one is returned, for chaining).
+unsafe fn install_blocking(sig: c_int, blocked: &[c_int]) -> std::io::Result<libc::sigaction> {
+    // SAFETY: all-zero is a valid `sigaction` (integers, an empty mask, a null restorer).
+    let mut new: libc::sigaction = unsafe { std::mem::zeroed() };
+    new.sa_sigaction = on_signal as *const () as usize;
+    new.sa_flags = libc::SA_SIGINFO | libc::SA_ONSTACK;
+    // SAFETY: sigemptyset/sigaddset write only the mask of the struct we own.
+    unsafe { libc::sigemptyset(&mut new.sa_mask) };
+    for &b in blocked {
+        // SAFETY: as above.
+        unsafe { libc::sigaddset(&mut new.sa_mask, b) };
+    }
+    // SAFETY: all-zero is a valid `sigaction` for the kernel to overwrite.
+    let mut old: libc::sigaction = unsafe { std::mem::zeroed() };
+    // SAFETY: valid structs for the kernel to read and write; the handler's contract is
+    // stated on `on_signal`.
+    if unsafe { libc::sigaction(sig, &new, &mut old) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(old)
 }
 
 extern "C" fn on_signal(sig: c_int, info: *mut libc::siginfo_t, ctx: *mut c_void) {

@@ -17,6 +17,8 @@
  *   p  allocate 16 bytes, write 'S' there, answer the address (a target for r and w)
  *   h  log from a wild pointer                          -> a refused host call
  *   f  free a pointer the host never gave               -> a refused host call
+ *   v  invoke "echo-c" with "nested" and answer its response (a nested invocation)
+ *   V  invoke "echo-c", then loop forever                  -> the deadline
  *   g  call the argument (mpkvirt's call gate) as gate(op, block) with a forged op that
  *      would enter another view, and answer the status it returned (refused: bit 63 set)
  */
@@ -108,6 +110,19 @@ int mpkvirt_fn_entry(const struct mpkvirt_host_api *host, const uint8_t *request
     case 'f':
         host->free((void *)(uintptr_t)0x1000);
         return 0;
+    case 'v':
+    case 'V': {
+        uint8_t *resp = NULL;
+        size_t resp_len = 0;
+        if (host->invoke("echo-c", 6, (const uint8_t *)"nested", 6, &resp, &resp_len) != 0)
+            return 3;
+        if (request[0] == 'V')
+            for (volatile uint64_t i = 0;; i++) {
+            }
+        response->data = resp;
+        response->len = resp_len;
+        return 0;
+    }
     case 'g': {
         /* A manager op (tag 1 << 16, code 30: enter a view) with a block of zeros. */
         uint64_t block[16] = {0};

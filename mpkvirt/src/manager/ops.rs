@@ -516,10 +516,11 @@ fn on_manager<B: Backend>(code: u64, args: Args, rec: &mut ThreadRecord) -> u64 
                     .domain(i.d)
                     .ok_or(Error::ForeignDomain(DomainId(i.d.uid)))?;
                 let (base, end) = (r.base() as u64, (r.base() + r.len()) as u64);
-                // The first frame (9 words) and the exit stack lie inside the domain.
+                // The first frame (9 words) and the exit stack (the abort stub's frames and a
+                // gate call, with room to spare) lie inside the domain.
                 if i.sp < base
                     || i.sp.saturating_add(72) > end
-                    || i.exit_sp < base + 64
+                    || i.exit_sp < base + 1024
                     || i.exit_sp > end
                 {
                     return Err(Error::InvalidConfig("a sandbox stack outside its domain"));
