@@ -14,7 +14,7 @@
 //!
 //! Natively the backend is the emulated one: views are `mprotect`s (process-wide), and the
 //! host runs one worker. The `-views-unprotected` group runs the same with
-//! `HostConfig::measure_without_isolation` (instances open to every thread, so views change
+//! `HostConfig::measure_views_unprotected` (instances open to every thread, so views change
 //! no protection): what is left is what PKU hardware pays too, minus its WRPKRUs. ARCHITECTURE.md counts the gate calls of an invocation, which is
 //! what PKU hardware pays instead (two WRPKRUs each); `benches/run-on-pku-hardware.sh` runs
 //! this bench there.
@@ -33,7 +33,7 @@ fn bench_host(c: &mut Criterion, measure_without_isolation: bool) {
         slots: 16,
         slot_size: 1 << 20,
         stack_size: 64 << 10,
-        measure_without_isolation,
+        measure_views_unprotected: measure_without_isolation,
         ..HostConfig::default()
     })
     .expect("a host");
@@ -71,7 +71,7 @@ fn bench_new_instance(c: &mut Criterion, measure_without_isolation: bool) {
         slots: 2,
         slot_size: 1 << 20,
         stack_size: 64 << 10,
-        measure_without_isolation,
+        measure_views_unprotected: measure_without_isolation,
         ..HostConfig::default()
     })
     .expect("a host");

@@ -9,7 +9,7 @@ fn main() {
         .and_then(|a| a.parse().ok())
         .unwrap_or(10_000);
     let host = Host::start(HostConfig {
-        measure_without_isolation: std::env::var_os("UNPROTECTED").is_some(),
+        measure_views_unprotected: std::env::var_os("UNPROTECTED").is_some(),
         ..HostConfig::default()
     })
     .expect("a host");

@@ -22,8 +22,10 @@
 //!
 //! Both stack pointers live in the record, in library memory: a jump into the middle of the
 //! switch code (`asm/x86_64/sandbox.S`) reaches only the gate's entry, and a yield always
-//! returns to where the runner called `sandbox_run`, never to an address the sandboxed code
-//! chose. What the sandboxed code can still do with the gate is yield (with any value: the
+//! resumes the runner's stack where it called `sandbox_run`. What that stack holds (the
+//! return address, the callee-saved registers) is the runner's to keep out of the sandbox's
+//! reach: a runner whose stack the sandboxed code can write (key-0 memory, say) gives it
+//! control after the yield, with the runner's rights. What the sandboxed code can still do with the gate is yield (with any value: the
 //! runner validates it) and ask whether it is sandboxed.
 //!
 //! Sandboxes need a stack-switching gate: the protected and gate-only metadata modes

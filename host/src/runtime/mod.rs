@@ -114,12 +114,16 @@ pub struct HostConfig {
     pub order: Order,
     /// The longest a task waits behind others that the order prefers.
     pub max_wait: Duration,
-    /// **Measurement only, never for serving**: every instance is open to every thread
-    /// (process-wide rights), so views change no protection. On the emulated backend this
-    /// takes the `mprotect`s out of the invocation path and leaves what PKU hardware pays
-    /// in their place: the gate calls (and the switches, copies and bookkeeping). Tenants
-    /// are not isolated from each other; the host says so at start.
+    /// **Measurement only, never for serving**: on the emulated backend, run the workers in
+    /// parallel although rights are process-wide there (tenants are not isolated from each
+    /// other; the host says so at start). For measuring scheduling without PKU.
     pub measure_without_isolation: bool,
+    /// **Measurement only, never for serving**: every instance is open to every thread
+    /// (process-wide rights, which keep a key each: for a few instances only), so views
+    /// change no protection. On the emulated backend this takes the `mprotect`s out of the
+    /// invocation path and leaves what PKU hardware pays in their place: the gate calls
+    /// (and the switches, copies and bookkeeping). The host says so at start.
+    pub measure_views_unprotected: bool,
 }
 
 impl HostConfig {
@@ -141,6 +145,7 @@ impl Default for HostConfig {
             order: Order::Fifo,
             max_wait: Duration::from_millis(50),
             measure_without_isolation: false,
+            measure_views_unprotected: false,
         }
     }
 }
@@ -333,7 +338,7 @@ struct Inner {
     watch: Arc<Watch>,
     /// The host's part of each instance, kept while the slot stays warm.
     layouts: Mutex<HashMap<mpkvirt::DomainId, Layout>>,
-    /// Slots opened to every thread (`HostConfig::measure_without_isolation`).
+    /// Slots opened to every thread (`HostConfig::measure_views_unprotected`).
     opened: Mutex<std::collections::HashSet<mpkvirt::DomainId>>,
 }
 
@@ -375,6 +380,11 @@ impl Host {
                 std::thread::available_parallelism().map_or(1, std::num::NonZero::get)
             })
             .max(1);
+        if config.measure_views_unprotected {
+            eprintln!(
+                "mpkvirt-host: MEASUREMENT MODE: instances open to every thread, tenants NOT isolated"
+            );
+        }
         let arrangement = if config.measure_without_isolation {
             Arrangement::Unisolated { workers }
         } else if mgr.backend_kind() == BackendKind::Hardware {
@@ -820,7 +830,7 @@ impl Worker<'_> {
             Err(e) => return Err((reply, InvokeError::Instance(e.to_string()))),
         };
         let d = slot.domain();
-        if self.inner.config.measure_without_isolation
+        if self.inner.config.measure_views_unprotected
             && self
                 .inner
                 .opened
