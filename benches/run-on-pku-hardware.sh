@@ -30,4 +30,16 @@ grep -h 'skipped' target/bench-run.log | sed 's/^/- /' >> "$out" || true
 cargo run --release -p mpkvirt-benches --bin policy_report -- --csv docs/data/policy_misses.csv >> "$out"
 echo >> "$out"
 python3 benches/report.py >> "$out"
+# The host runtime: the bimodal load with isolation (one worker per CPU), and the warm
+# invocation path without the bench harness.
+{
+    echo
+    echo "## Host: bimodal load, isolated"
+    echo
+    cargo run --release -p mpkvirt-host --example bimodal -- --isolated --workers "$(nproc)" --seconds 3 --load 0.5
+    echo
+    echo "## Host: warm invocations on the calling thread"
+    echo
+    cargo run --release -p mpkvirt-host --example loop_here -- 100000
+} >> "$out" 2>&1
 echo "report written to $out"
