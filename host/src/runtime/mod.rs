@@ -1,30 +1,37 @@
 //! The runtime: applications, workers, and invocations that run sandboxed in instances.
 //!
-//! A [`Host`] owns an mpkvirt manager, a pool of instance slots (`instance::pool`) and a
-//! set of worker threads. [`Host::invoke`] queues a request for an application; a worker
-//! takes it, lends the application an instance slot, and runs the function *inside the
-//! slot's sandbox* (`mpkvirt::sandbox`): on a stack in the slot's domain, with a view of that
-//! domain only, which the tenant can leave only by yielding back to the worker. Everything
-//! the tenant asks of the host — memory, the log, the clock, random bytes, another function —
-//! is a yield of a request the worker validates against the instance's domain and serves in
-//! its own view (`tenant.rs` has the tenant side).
+//! A [`Host`] owns an mpkvirt manager, a pool of instance slots (`instance::pool`), worker
+//! threads and a watchdog. [`Host::invoke`] (or [`Host::submit`]) queues a request for an
+//! application; a worker takes it, lends the application an instance slot, and runs the
+//! function *inside the slot's sandbox* (`mpkvirt::sandbox`): on a stack in the slot's
+//! domain, with a view of that domain only, which the tenant can leave only by yielding back
+//! to the worker. Everything the tenant asks of the host — memory, the log, the clock, random
+//! bytes, another function — is a yield of a request the worker validates against the
+//! instance's domain and serves in its own view (`tenant.rs` has the tenant side).
+//! [`Host::invoke_here`] runs an invocation on the calling thread instead.
+//!
+//! Each worker keeps its invocations as tasks in a run queue (`sched::policy`: FIFO, shortest
+//! expected, least attained service). The watchdog preempts a native function that ran a
+//! whole quantum (`sandbox::signal`: it yields, and continues where it was when run again);
+//! the worker then runs what the order says next. Built-in functions are the host's own code
+//! and run to their end.
 //!
 //! An invocation ends with the function's response or an [`InvokeError`]: the entry's
 //! failure code, a fault (any of SIGSEGV, SIGBUS, SIGFPE, SIGILL, SIGTRAP, SIGABRT raised
-//! inside the sandbox: the handler resumes the context at a function that yields, and the
-//! worker never runs it again), the deadline (a per-worker timer whose handler does the same),
-//! a spent memory quota (the allocation returns NULL; what the tenant does next is its
-//! business), a host call with a pointer outside the instance, or a panic in a built-in
-//! function. The slot of an invocation that ended badly is reset before it is lent again.
+//! inside the sandbox: the handler resumes the context at a stub that yields, and the worker
+//! never runs it again), the deadline (checked when the watchdog preempts it and after each
+//! host call), a spent memory quota (the allocation returns NULL; what the tenant does next
+//! is its business), a host call with a pointer outside the instance, or a panic in a
+//! built-in function. The slot of an invocation that ended badly is reset before it is lent
+//! again.
 //!
 //! Without PKU (the emulated backend) a domain's rights are process-wide: two tenants running
 //! at once on two workers would see each other's instances. The runtime then runs **one
-//! worker** — tenant code is serialized — and says so ([`Host::arrangement`], and a line on
-//! stderr at start).
+//! worker** — tenant code is serialized, `invoke_here` included — and says so
+//! ([`Host::arrangement`], and a line on stderr at start).
 //!
-//! Not yet here (issue 9): preemption with resumption (a long function runs to its end or its
-//! deadline), the host's own memory in a host domain (host state is key-0 memory today, which
-//! a tenant's view can read and write), the run-queue policies, and the OS-thread baselines.
+//! Not yet here (issue 9): the host's own memory in a host domain (host state is key-0 memory
+//! today, which a tenant's view can read and write: ARCHITECTURE.md, *The host runtime*).
 
 mod tenant;
 

@@ -1,19 +1,20 @@
 //! The tenant side of an invocation: the code that runs inside an instance's sandbox, and the
-//! signal handlers that end a sandboxed invocation.
+//! signal handlers that preempt or end a sandboxed invocation.
 //!
-//! Everything here runs with the *tenant's* rights, on the instance's stack: the first
-//! function of a sandbox context ([`sandbox_main`]), the host-call table a native tenant gets
-//! ([`HOST_API`]: each function writes a request on the tenant's stack and yields its address
-//! to the worker, which validates and serves it), and the function a handler sends a faulting
-//! or overdue context to ([`sandbox_abort`]). None of it is trusted: the tenant can call any
-//! of it with any arguments, or yield any value itself; the worker checks every request
-//! against the instance's domain (`runtime::Worker::serve`).
+//! Everything here but the handlers runs with the *tenant's* rights, on the instance's
+//! stack: the first function of a sandbox context ([`sandbox_main`]) and the host-call table
+//! a native tenant gets ([`HOST_API`]: each function writes a request on the tenant's stack
+//! and yields its address to the worker, which validates and serves it). None of it is
+//! trusted: the tenant can call any of it with any arguments, or yield any value itself; the
+//! worker checks every request against the instance's domain (`runtime::Worker::serve`).
 //!
-//! The handlers (faults, the deadline timer) run on the thread's alternate stack with the
-//! kernel's initial rights. They ask mpkvirt whether the thread's normal context is
-//! sandboxed (`mpkvirt::sandbox::query`: library state, which a tenant cannot forge) and, if
-//! so, resume it at [`sandbox_abort`] on the top of its stack. Any other fault goes to the
-//! handler installed before (mpkvirt's, then the default action).
+//! The handlers (faults, the watchdog's preemption signal) run on the thread's alternate
+//! stack with the kernel's initial rights, each with the others blocked. They hand the
+//! interrupted context to `mpkvirt::sandbox::signal`, which acts only when the thread's
+//! normal context is sandboxed (library state, which a tenant cannot forge): a fault aborts
+//! the invocation (the context yields `FAULT + signal` for good, from the top of its stack),
+//! the preemption signal preempts it. Any other fault goes to the handler installed before
+//! (mpkvirt's, then the default action).
 //!
 //! # Safety
 //!
