@@ -40,57 +40,16 @@
  */
 #include "asm.h"
 #include "gnu_stack_note.S"
+#include "callee_saved.S"
 
     .text
 
 FUNCTION(mpkvirt_green_switch)
-    push    %rbp
-    .cfi_adjust_cfa_offset 8
-    .cfi_rel_offset %rbp, 0
-    push    %rbx
-    .cfi_adjust_cfa_offset 8
-    .cfi_rel_offset %rbx, 0
-    push    %r12
-    .cfi_adjust_cfa_offset 8
-    .cfi_rel_offset %r12, 0
-    push    %r13
-    .cfi_adjust_cfa_offset 8
-    .cfi_rel_offset %r13, 0
-    push    %r14
-    .cfi_adjust_cfa_offset 8
-    .cfi_rel_offset %r14, 0
-    push    %r15
-    .cfi_adjust_cfa_offset 8
-    .cfi_rel_offset %r15, 0
-    sub     $8, %rsp
-    .cfi_adjust_cfa_offset 8
-    stmxcsr (%rsp)
-    fnstcw  4(%rsp)
+    SAVE_CALLEE
     mov     %rsp, (%rdi)
     /* The other context: from here on the CFI describes its frame, which has the same shape. */
     mov     %rsi, %rsp
-    ldmxcsr (%rsp)
-    fldcw   4(%rsp)
-    add     $8, %rsp
-    .cfi_adjust_cfa_offset -8
-    pop     %r15
-    .cfi_adjust_cfa_offset -8
-    .cfi_restore %r15
-    pop     %r14
-    .cfi_adjust_cfa_offset -8
-    .cfi_restore %r14
-    pop     %r13
-    .cfi_adjust_cfa_offset -8
-    .cfi_restore %r13
-    pop     %r12
-    .cfi_adjust_cfa_offset -8
-    .cfi_restore %r12
-    pop     %rbx
-    .cfi_adjust_cfa_offset -8
-    .cfi_restore %rbx
-    pop     %rbp
-    .cfi_adjust_cfa_offset -8
-    .cfi_restore %rbp
+    RESTORE_CALLEE
     mov     %rdx, %rax
     ret
 END_FUNCTION(mpkvirt_green_switch)

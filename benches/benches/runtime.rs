@@ -28,31 +28,49 @@ use std::time::Duration;
 use criterion::{Criterion, criterion_group, criterion_main};
 use mpkvirt_host::runtime::{App, Builtin, Code, Host, HostConfig, Limits};
 
-fn bench_host(c: &mut Criterion, measure_without_isolation: bool) {
+/// A host with `slots` instance slots and the built-in echo under each of `names`; the
+/// criterion group its benchmarks go in (named by backend and mode); the echo itself.
+fn echo_host<'c>(
+    c: &'c mut Criterion,
+    slots: usize,
+    names: &[String],
+    views_unprotected: bool,
+) -> (
+    Host,
+    criterion::BenchmarkGroup<'c, criterion::measurement::WallTime>,
+    Arc<Builtin>,
+) {
     let host = Host::start(HostConfig {
-        slots: 16,
+        slots,
         slot_size: 1 << 20,
         stack_size: 64 << 10,
-        measure_views_unprotected: measure_without_isolation,
+        measure_views_unprotected: views_unprotected,
         ..HostConfig::default()
     })
     .expect("a host");
     let echo: Arc<Builtin> = Arc::new(|req: &[u8]| Ok(req.to_vec()));
-    host.register(App {
-        name: "echo".into(),
-        code: Code::Builtin(echo.clone()),
-        limits: Limits::default(),
-    });
-    let req = vec![7u8; 64];
-    // Warm the slot.
-    host.invoke_here("echo", &req).unwrap();
-    let mode = if measure_without_isolation {
+    for n in names {
+        host.register(App {
+            name: n.clone(),
+            code: Code::Builtin(echo.clone()),
+            limits: Limits::default(),
+        });
+    }
+    let mode = if views_unprotected {
         "-views-unprotected"
     } else {
         ""
     };
     let mut g = c.benchmark_group(format!("runtime/{}{mode}", host.backend_kind()));
     g.measurement_time(Duration::from_secs(3));
+    (host, g, echo)
+}
+
+fn bench_host(c: &mut Criterion, views_unprotected: bool) {
+    let (host, mut g, echo) = echo_host(c, 16, &["echo".into()], views_unprotected);
+    let req = vec![7u8; 64];
+    // Warm the slot.
+    host.invoke_here("echo", &req).unwrap();
     g.bench_function("direct", |b| b.iter(|| echo(black_box(&req)).unwrap()));
     g.bench_function("invoke_here", |b| {
         b.iter(|| host.invoke_here("echo", black_box(&req)).unwrap())
@@ -66,32 +84,10 @@ fn bench_host(c: &mut Criterion, measure_without_isolation: bool) {
 /// Each invocation gets a slot another application left warm: the pool resets it, and the
 /// runtime lays the instance out anew (stack, frame, request buffer) — a new instance from a
 /// pooled slot.
-fn bench_new_instance(c: &mut Criterion, measure_without_isolation: bool) {
-    let host = Host::start(HostConfig {
-        slots: 2,
-        slot_size: 1 << 20,
-        stack_size: 64 << 10,
-        measure_views_unprotected: measure_without_isolation,
-        ..HostConfig::default()
-    })
-    .expect("a host");
-    let echo: Arc<Builtin> = Arc::new(|req: &[u8]| Ok(req.to_vec()));
+fn bench_new_instance(c: &mut Criterion, views_unprotected: bool) {
     let names: Vec<String> = (0..3).map(|i| format!("echo-{i}")).collect();
-    for n in &names {
-        host.register(App {
-            name: n.clone(),
-            code: Code::Builtin(echo.clone()),
-            limits: Limits::default(),
-        });
-    }
+    let (host, mut g, _) = echo_host(c, 2, &names, views_unprotected);
     let req = vec![7u8; 64];
-    let mode = if measure_without_isolation {
-        "-views-unprotected"
-    } else {
-        ""
-    };
-    let mut g = c.benchmark_group(format!("runtime/{}{mode}", host.backend_kind()));
-    g.measurement_time(Duration::from_secs(3));
     let mut k = 0;
     g.bench_function("invoke_here, new instance (slot reset)", |b| {
         b.iter(|| {

@@ -270,16 +270,7 @@ extern "C" fn busy(rounds: u64, _first: u64) {
 /// Runs `busy` under a 100 µs timer whose handler takes `action`; returns the final value
 /// and how many times the context yielded `PREEMPTED` before it.
 fn run_ticking<B: Backend>(mgr: &Manager<B>, action: u64, rounds: u64) -> (u64, u32) {
-    let own = mgr
-        .create_domain(DomainOptions::reserve(256 << 10))
-        .unwrap();
-    let _v = mgr.enter(&[(&own, Rights::ReadWrite)]).unwrap();
-    TICK_ACTION.store(action, std::sync::atomic::Ordering::Relaxed);
-    let sig = libc::SIGRTMIN() + 9;
-    // SAFETY: `on_tick` makes one library call, which is async-signal-safe.
-    unsafe {
-        mpkvirt_sys::signal::install(sig, on_tick, libc::SA_ONSTACK | libc::SA_SIGINFO).unwrap()
-    };
+    let sig = install_tick(action);
     // SAFETY: all-zero is a valid `sigevent`.
     let mut sev: libc::sigevent = unsafe { std::mem::zeroed() };
     sev.sigev_notify = libc::SIGEV_THREAD_ID;
@@ -300,22 +291,47 @@ fn run_ticking<B: Backend>(mgr: &Manager<B>, action: u64, rounds: u64) -> (u64, 
     // SAFETY: the timer just made.
     let armed = unsafe { libc::timer_settime(timer, 0, &spec, std::ptr::null_mut()) };
     assert_eq!(armed, 0);
-    // SAFETY: the top of `own`, writable in this view.
-    let ctx = unsafe { Context::new(top(&own), busy, rounds) };
-    let (mut sp, mut preempted) = (ctx.sp, 0);
-    let out = loop {
-        // SAFETY: the prepared context, then the one each yield returned.
-        let y = unsafe { mgr.sandbox_run(&own, sp, top(&own), 0) }.unwrap();
-        if y.value != sandbox::PREEMPTED {
-            break y.value;
-        }
-        preempted += 1;
-        sp = y.sp;
-    };
+    let out = run_counting_preemptions(mgr, busy, rounds);
     // SAFETY: the timer made above, deleted once; the signal stays handled (a late tick
     // finds no sandbox and does nothing).
     unsafe { libc::timer_delete(timer) };
-    (out, preempted)
+    out
+}
+
+/// Installs `on_tick` (taking `action`) for the tick signal, and returns the signal.
+fn install_tick(action: u64) -> libc::c_int {
+    TICK_ACTION.store(action, std::sync::atomic::Ordering::Relaxed);
+    let sig = libc::SIGRTMIN() + 9;
+    // SAFETY: `on_tick` makes one library call, which is async-signal-safe.
+    unsafe {
+        mpkvirt_sys::signal::install(sig, on_tick, libc::SA_ONSTACK | libc::SA_SIGINFO).unwrap()
+    };
+    sig
+}
+
+/// Runs `f(arg)` in a sandbox of a new domain until it yields something other than
+/// `PREEMPTED`; returns that value and how many preemptions came before it.
+fn run_counting_preemptions<B: Backend>(
+    mgr: &Manager<B>,
+    f: extern "C" fn(u64, u64),
+    arg: u64,
+) -> (u64, u32) {
+    let own = mgr
+        .create_domain(DomainOptions::reserve(256 << 10))
+        .unwrap();
+    let _v = mgr.enter(&[(&own, Rights::ReadWrite)]).unwrap();
+    // SAFETY: the top of `own`, writable in this view.
+    let ctx = unsafe { Context::new(top(&own), f, arg) };
+    let (mut sp, mut preempted) = (ctx.sp, 0);
+    loop {
+        // SAFETY: the prepared context, then the one each yield returned.
+        let y = unsafe { mgr.sandbox_run(&own, sp, top(&own), 0) }.unwrap();
+        if y.value != sandbox::PREEMPTED {
+            return (y.value, preempted);
+        }
+        preempted += 1;
+        sp = y.sp;
+    }
 }
 
 fn preemption<B: Backend>(mgr: &Manager<B>) {
@@ -371,28 +387,8 @@ extern "C" fn three_ticks(sig: u64, _first: u64) {
 /// Preemptions that arrive before the stub ran are one preemption (a slow handler under a
 /// fast tick would otherwise stack them up forever, 136 bytes each).
 fn queued_preemptions<B: Backend>(mgr: &Manager<B>) {
-    let own = mgr
-        .create_domain(DomainOptions::reserve(256 << 10))
-        .unwrap();
-    let _v = mgr.enter(&[(&own, Rights::ReadWrite)]).unwrap();
-    TICK_ACTION.store(0, std::sync::atomic::Ordering::Relaxed);
-    let sig = libc::SIGRTMIN() + 9;
-    // SAFETY: `on_tick` makes one library call, which is async-signal-safe.
-    unsafe {
-        mpkvirt_sys::signal::install(sig, on_tick, libc::SA_ONSTACK | libc::SA_SIGINFO).unwrap()
-    };
-    // SAFETY: the top of `own`, writable in this view.
-    let ctx = unsafe { Context::new(top(&own), three_ticks, sig as u64) };
-    let (mut sp, mut preempted) = (ctx.sp, 0);
-    let out = loop {
-        // SAFETY: the prepared context, then the one each yield returned.
-        let y = unsafe { mgr.sandbox_run(&own, sp, top(&own), 0) }.unwrap();
-        if y.value != sandbox::PREEMPTED {
-            break y.value;
-        }
-        preempted += 1;
-        sp = y.sp;
-    };
+    let sig = install_tick(0);
+    let (out, preempted) = run_counting_preemptions(mgr, three_ticks, sig as u64);
     assert_eq!(out, 42);
     assert_eq!(preempted, 1, "three queued preemptions before the stub ran");
 }

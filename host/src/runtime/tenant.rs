@@ -196,10 +196,10 @@ pub(crate) extern "C" fn sandbox_main(frame: u64, _first: u64) {
 }
 
 /// Makes the process's panic hook silent inside sandboxes (once per process): a built-in
-/// function's panic ends its invocation with `InvokeError::Panicked`; printing it (and
-/// capturing a backtrace) would take the standard error and backtrace locks inside a context
-/// the watchdog may abandon at its deadline, leaving them held for the host. Elsewhere the
-/// hook installed before runs as it did.
+/// function's panic ends its invocation with `InvokeError::Panicked`, which is its report;
+/// printing it inside the sandbox would take the standard error and backtrace locks, and
+/// symbolizing a backtrace there (reading the executable's debug information) is slow
+/// enough to outlast a deadline. Elsewhere the hook installed before runs as it did.
 pub(crate) fn quiet_panics_in_sandboxes() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
@@ -213,7 +213,7 @@ pub(crate) fn quiet_panics_in_sandboxes() {
 }
 
 /// The real-time signal the watchdog preempts tenants with.
-pub(crate) fn deadline_signal() -> c_int {
+pub(crate) fn preempt_signal() -> c_int {
     libc::SIGRTMIN() + 8
 }
 
@@ -230,7 +230,7 @@ const FAULT_SIGNALS: [c_int; 6] = [
 /// The handlers installed before ours, by signal number.
 static PREVIOUS: OnceLock<Vec<(c_int, libc::sigaction)>> = OnceLock::new();
 
-/// Installs the fault and deadline handlers (once per process; after mpkvirt's fault handler,
+/// Installs the fault and preemption handlers (once per process; after mpkvirt's fault handler,
 /// which becomes the next in the chain).
 pub(crate) fn install_handlers() -> std::io::Result<()> {
     let mut err = None;
@@ -238,7 +238,7 @@ pub(crate) fn install_handlers() -> std::io::Result<()> {
         let mut prev = Vec::new();
         let ours: Vec<c_int> = FAULT_SIGNALS
             .into_iter()
-            .chain([deadline_signal()])
+            .chain([preempt_signal()])
             .collect();
         for &sig in &ours {
             // SAFETY: `on_signal` is async-signal-safe: one gate call (no allocation, no
@@ -284,8 +284,8 @@ unsafe fn install_blocking(sig: c_int, blocked: &[c_int]) -> std::io::Result<lib
 extern "C" fn on_signal(sig: c_int, info: *mut libc::siginfo_t, ctx: *mut c_void) {
     // The preemption signal (the watchdog's; a tenant that sends it to itself only
     // preempts itself).
-    let deadline = sig == deadline_signal();
-    let action = if deadline {
+    let preempt = sig == preempt_signal();
+    let action = if preempt {
         sandbox::Action::Preempt
     } else {
         sandbox::Action::Abort(FAULT + sig as u64)
@@ -293,7 +293,7 @@ extern "C" fn on_signal(sig: c_int, info: *mut libc::siginfo_t, ctx: *mut c_void
     match sandbox::signal(ctx.cast(), action) {
         sandbox::Signalled::Preempted | sandbox::Signalled::Aborted => {}
         // A tick that found no sandbox (or the gate itself): the next one comes.
-        _ if deadline => {}
+        _ if preempt => {}
         _ => chain(sig, info, ctx),
     }
 }
@@ -318,7 +318,7 @@ fn chain(sig: c_int, info: *mut libc::siginfo_t, ctx: *mut c_void) {
 pub(crate) fn preempt(tid: i32) {
     // A thread that ended meanwhile (its id unused or reused by a thread of this process
     // running no tenant) gets nothing or a signal it ignores.
-    let _ = mpkvirt_sys::thread::tgkill(tid, deadline_signal());
+    let _ = mpkvirt_sys::thread::tgkill(tid, preempt_signal());
 }
 
 /// An instance's memory as the worker sees it while it serves the instance (inside its view):
