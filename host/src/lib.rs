@@ -11,6 +11,7 @@
 #![warn(missing_docs)]
 
 pub mod app;
+pub mod heap;
 pub mod info;
 pub mod instance;
 pub mod runtime;

@@ -224,6 +224,27 @@ fn scenario(workers: usize) {
     assert_eq!(host.invoke("hostile", &with_arg(b'r', at)).unwrap(), b"S");
     alive(&host);
 
+    // The host's heap is the host domain: a tenant reaches it only where rights are
+    // process-wide page protections (emulated; said at start), never on PKU.
+    let secret = Box::new([b'H'; 64]);
+    let at = &raw const *secret as u64;
+    assert!(
+        mpkvirt_host::heap::contains(at as usize),
+        "a host box at {at:#x}"
+    );
+    if parallel {
+        assert_eq!(
+            host.invoke("hostile", &with_arg(b'r', at)),
+            fault(libc::SIGSEGV)
+        );
+        assert_eq!(
+            host.invoke("hostile", &with_arg(b'w', at)),
+            fault(libc::SIGSEGV)
+        );
+    }
+    assert_eq!(*secret, [b'H'; 64]);
+    alive(&host);
+
     eprintln!("forged op");
     // A forged op through mpkvirt's gate is refused.
     let gate = if parallel {

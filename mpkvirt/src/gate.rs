@@ -113,6 +113,12 @@ pub(crate) struct ThreadRecord {
     pub(crate) inherited: bool,
     /// An alternate signal stack for the thread, made with the record and reused with it.
     altstack: usize,
+    /// Whether the library installed `altstack` as this thread's (since it was issued).
+    altstack_live: bool,
+    /// Whether a sandbox run checked (with the kernel) that `altstack` is the thread's: a
+    /// thread registered by a signal before its runtime set up its own alternate stack had
+    /// the library's replaced.
+    pub(crate) altstack_checked: bool,
     /// Whether the thread is creating threads without its views' rights (between
     /// `OP_SPAWN_PREPARE` and `OP_SPAWN_DONE`).
     pub(crate) spawning: bool,
@@ -361,6 +367,8 @@ fn register(entry: Pkru) -> Result<()> {
                     fresh: false,
                     inherited: false,
                     altstack: 0,
+                    altstack_live: false,
+                    altstack_checked: false,
                     spawning: false,
                     cxs: MVec::new_in(Meta),
                     capi: crate::capi::ThreadBegun::default(),
@@ -471,7 +479,9 @@ impl ThreadRecord {
         // `OP_SYNC` only when the context looks normal).
         self.synced.store(0, std::sync::atomic::Ordering::Relaxed);
         crate::manager::global::resync(self, None);
-        self.ensure_altstack();
+        self.altstack_live = false;
+        self.altstack_checked = false;
+        self.ensure_altstack(false);
     }
 
     /// The thread's kernel id.
@@ -484,10 +494,16 @@ impl ThreadRecord {
         self.cxs.iter().any(Option::is_some) || self.capi.holds_state()
     }
 
-    /// Whether `[addr, addr + len)` lies in the alternate signal stack the library gave the
-    /// thread (where mpkvirt's handlers, and a sandbox runner's, put their argument blocks).
-    /// The record's own mapping, not what `sigaltstack` says now: code that can make system
-    /// calls could point that anywhere.
+    /// Whether the library installed its alternate signal stack for the thread (where
+    /// mpkvirt's handlers, and a sandbox runner's, put their argument blocks). The record's
+    /// own mapping, not what `sigaltstack` says now: code that can make system calls could
+    /// point that anywhere.
+    pub(crate) fn has_altstack(&self) -> bool {
+        self.altstack != 0 && self.altstack_live
+    }
+
+    /// Whether `[addr, addr + len)` lies in the record's alternate signal stack (see
+    /// [`ThreadRecord::has_altstack`]).
     pub(crate) fn on_altstack(&self, addr: usize, len: usize) -> bool {
         self.altstack != 0
             && addr >= self.altstack
@@ -498,9 +514,10 @@ impl ThreadRecord {
 
     /// Gives the thread an alternate signal stack if it has none, or a smaller one (signal
     /// handlers of mpkvirt run on it: the interrupted stack may be in a domain the handler's
-    /// initial PKRU cannot write, or be the library's). The stack belongs to the record and
-    /// is reused with it.
-    fn ensure_altstack(&mut self) {
+    /// initial PKRU cannot write, or be the library's) — or, with `ours`, unless it is the
+    /// library's already. Nothing is changed while the thread runs on its alternate stack
+    /// (a handler registered it). The stack belongs to the record and is reused with it.
+    pub(crate) fn ensure_altstack(&mut self, ours: bool) {
         const SIZE: usize = ALTSTACK_SIZE;
         let mut old = std::mem::MaybeUninit::<libc::stack_t>::zeroed();
         // SAFETY: querying (null new stack) only writes `old`.
@@ -509,10 +526,17 @@ impl ThreadRecord {
         }
         // SAFETY: sigaltstack succeeded and filled `old`.
         let old = unsafe { old.assume_init() };
+        if self.altstack != 0
+            && old.ss_sp as usize == self.altstack
+            && old.ss_flags & libc::SS_DISABLE == 0
+        {
+            self.altstack_live = true;
+            return;
+        }
         // Kept when large enough, or in use right now (a handler runs on it). Rust's own
         // (a few pages) is too small for mpkvirt's handlers, which call into the library.
         if old.ss_flags & libc::SS_ONSTACK != 0
-            || (old.ss_flags & libc::SS_DISABLE == 0 && old.ss_size >= SIZE)
+            || (!ours && old.ss_flags & libc::SS_DISABLE == 0 && old.ss_size >= SIZE)
         {
             return;
         }
@@ -529,7 +553,7 @@ impl ThreadRecord {
         };
         // SAFETY: the stack is a private mapping owned by this record, which only this thread
         // uses until it is gone (records are reused only after their thread ended).
-        unsafe { libc::sigaltstack(&new, std::ptr::null_mut()) };
+        self.altstack_live = unsafe { libc::sigaltstack(&new, std::ptr::null_mut()) } == 0;
     }
 }
 

@@ -67,6 +67,8 @@ pub(crate) struct State {
     /// The sandbox's domain, `[base, end)`.
     base: u64,
     end: u64,
+    /// Whether it keeps the process-wide grants and other managers' rights.
+    pub(crate) shared: bool,
 }
 
 /// `S_RUN`'s input.
@@ -81,6 +83,8 @@ pub(crate) struct RunIn {
     pub(crate) exit_sp: u64,
     /// What the context's pending yield returns (or its entry function receives).
     pub(crate) value: u64,
+    /// Non-zero: the sandbox keeps the process-wide grants and other managers' rights.
+    pub(crate) shared: u64,
 }
 // SAFETY: integers only (MgrRef and DomRef are Pod).
 unsafe impl Pod for RunIn {}
@@ -183,7 +187,11 @@ impl<B: Backend> Manager<B> {
     /// handlers may send it to yield from ([`query`]); it must lie in `domain` too.
     ///
     /// While it runs, the thread's views are sealed: the sandboxed code can end neither the
-    /// sandbox's view nor any below it, and can enter no other view.
+    /// sandbox's view nor any below it, and can enter no other view. On PKU hardware its
+    /// rights are `domain`'s and key 0's only: every other key is denied, the process-wide
+    /// grants and other managers' views included ([`Manager::sandbox_run_shared`] keeps
+    /// those). The thread's alternate signal stack becomes the library's (handlers find the
+    /// sandboxed context's frame there), if it was another.
     ///
     /// # Errors
     ///
@@ -203,6 +211,46 @@ impl<B: Backend> Manager<B> {
         exit_sp: usize,
         value: u64,
     ) -> Result<Yielded> {
+        // SAFETY: the caller's contract.
+        unsafe { self.run_sandbox(domain, sp, exit_sp, value, false) }
+    }
+
+    /// [`Manager::sandbox_run`] for code the runner trusts with what the thread reaches
+    /// beyond this manager: the sandbox keeps the thread's process-wide grants and the
+    /// rights of other managers' views (a host's own functions, run in an instance, reach
+    /// the host's heap). The seal and the view of `domain` are the same; this manager's other
+    /// domains stay out of reach.
+    ///
+    /// # Errors
+    ///
+    /// As [`Manager::sandbox_run`].
+    ///
+    /// # Safety
+    ///
+    /// As [`Manager::sandbox_run`]; the sandboxed code may also write whatever the thread's
+    /// process-wide rights and other views grant.
+    pub unsafe fn sandbox_run_shared(
+        &self,
+        domain: &Domain<B>,
+        sp: usize,
+        exit_sp: usize,
+        value: u64,
+    ) -> Result<Yielded> {
+        // SAFETY: the caller's contract.
+        unsafe { self.run_sandbox(domain, sp, exit_sp, value, true) }
+    }
+
+    /// # Safety
+    ///
+    /// As [`Manager::sandbox_run`].
+    unsafe fn run_sandbox(
+        &self,
+        domain: &Domain<B>,
+        sp: usize,
+        exit_sp: usize,
+        value: u64,
+        shared: bool,
+    ) -> Result<Yielded> {
         if domain.manager_ref() != self.mref() {
             return Err(Error::ForeignDomain(domain.id()));
         }
@@ -221,6 +269,7 @@ impl<B: Backend> Manager<B> {
                 sp: sp as u64,
                 exit_sp: exit_sp as u64,
                 value,
+                shared: u64::from(shared),
             },
             output: MaybeUninit::<Result<Yielded>>::uninit(),
         };
@@ -493,9 +542,21 @@ pub(crate) fn serve_run(
     let Some((input, out)) = args.read::<RunIn, Yielded>(rec) else {
         return STATUS_BAD_CALL;
     };
+    // The signals that preempt or end a sandbox need the library's alternate stack. A thread
+    // first registered inside a signal handler (on another alternate stack), or one with a
+    // large one of its own, did not get it; one registered by a signal before its runtime set
+    // up its own lost it. So the first run asks the kernel (one system call per thread).
+    if !rec.altstack_checked && !rec.interrupted {
+        rec.ensure_altstack(true);
+        rec.altstack_checked = rec.has_altstack();
+    }
     let started = if rec.sandbox.active || rec.interrupted {
         Err(Error::InvalidConfig(
             "a sandbox runs only from a thread's normal, unsandboxed context",
+        ))
+    } else if !rec.altstack_checked {
+        Err(Error::InvalidConfig(
+            "a sandbox needs the library's alternate signal stack (sigaltstack failed)",
         ))
     } else {
         enter(rec, &input)
@@ -511,11 +572,26 @@ pub(crate) fn serve_run(
                 out: out as u64,
                 base,
                 end,
+                shared: input.shared != 0,
             };
             rec.gate.saved_rsp = input.sp;
             input.value
         }
     }
+}
+
+/// A sandbox's PKRU: `pkru` with every field denied but key 0's, the library key's (the gate
+/// spells the thread's context there) and `own`'s (the sandbox's domain, bound by its view).
+pub(crate) fn sealed_pkru(pkru: u32, own: Option<mpkvirt_sys::Pkey>) -> u32 {
+    let mut keep = 0b11;
+    for k in [crate::meta::root().library_key(), own]
+        .into_iter()
+        .flatten()
+    {
+        keep |= mpkvirt_sys::Pkru::key_mask(k);
+    }
+    // Denied fields as access-disabled alone; the gate's exit respells the markers.
+    (pkru & keep) | (0x5555_5555 & !keep)
 }
 
 /// `OP_SANDBOX_YIELD`: back to the runner.
@@ -525,6 +601,9 @@ pub(crate) fn yield_op(rec: &mut ThreadRecord, value: u64) -> u64 {
     }
     let st = std::mem::take(&mut rec.sandbox);
     crate::manager::ops::end_views_since(rec, st.mark);
+    // The sandbox's PKRU denied every other manager's keys and the process-wide grants
+    // (`sealed_pkru`); the runner gets its rights back from its views and the grants.
+    crate::manager::global::resync(rec, None);
     let y = Yielded {
         sp: rec.gate.saved_rsp as usize,
         value,

@@ -233,6 +233,92 @@ fn pku_a_sandbox_reads_its_domain_and_nothing_of_the_runner() {
     }
 }
 
+/// A forked child's exit status: the signal that ended it, or its exit code.
+fn in_child(f: impl FnOnce() -> i32) -> Result<i32, i32> {
+    // SAFETY: the child runs only `f` and `_exit`s.
+    let pid = unsafe { libc::fork() };
+    assert!(pid >= 0);
+    if pid == 0 {
+        let code = f();
+        // SAFETY: ends the child without running the parent's destructors.
+        unsafe { libc::_exit(code) };
+    }
+    let mut status = 0;
+    // SAFETY: waits for the child just forked.
+    assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+    if libc::WIFSIGNALED(status) {
+        Err(libc::WTERMSIG(status))
+    } else {
+        Ok(libc::WEXITSTATUS(status))
+    }
+}
+
+/// A host keeps its own state in a domain every thread may reach (process-wide rights) and
+/// in views of other managers; a sandbox reaches neither, and the runner has both again after
+/// the yield.
+#[test]
+fn pku_a_sandbox_takes_no_process_wide_rights_and_no_other_managers_keys() {
+    let _pku = require_pku!();
+    let _g = common::real_backend();
+    let mgr = Manager::with_backend(Hardware::new(4).unwrap(), config(4)).unwrap();
+    let other_mgr = Manager::with_backend(Hardware::new(2).unwrap(), config(2)).unwrap();
+    let own = mgr.create_domain(DomainOptions::reserve(64 << 10)).unwrap();
+    let global = mgr.create_domain(DomainOptions::reserve(4096)).unwrap();
+    let other = other_mgr
+        .create_domain(DomainOptions::reserve(4096))
+        .unwrap();
+    global.set_process_wide(Some(Rights::ReadWrite)).unwrap();
+    let at = |d: &Domain<Hardware>| d.base().as_ptr() as usize;
+    // SAFETY: the first byte of `global`, which every thread may write now.
+    unsafe { global.base().as_ptr().write(42) };
+    other_mgr
+        .with_view(&[(&other, Rights::ReadWrite)], || {
+            // SAFETY: the first byte of `other`, inside the view.
+            unsafe { other.base().as_ptr().write(42) }
+        })
+        .unwrap();
+    mgr.with_view(&[(&own, Rights::ReadWrite)], || {
+        // SAFETY: the first byte of `own`, inside the view.
+        unsafe { own.base().as_ptr().write(42) }
+    })
+    .unwrap();
+    // (`shared`: `sandbox_run_shared`, which keeps both.)
+    for (target, shared, expect) in [
+        (at(&own), false, Ok(0)),
+        (at(&global), false, Err(libc::SIGSEGV)),
+        (at(&other), false, Err(libc::SIGSEGV)),
+        (at(&global), true, Ok(0)),
+        (at(&other), true, Ok(0)),
+    ] {
+        let status = in_child(|| {
+            let _outer = other_mgr.enter(&[(&other, Rights::ReadWrite)]).unwrap();
+            let _v = mgr.enter(&[(&own, Rights::ReadWrite)]).unwrap();
+            // SAFETY: the top of `own`, writable in this view.
+            let ctx = unsafe { Context::new(top(&own), read_and_yield, target as u64) };
+            let y = if shared {
+                // SAFETY: a prepared context.
+                unsafe { mgr.sandbox_run_shared(&own, ctx.sp, top(&own), 0) }
+            } else {
+                // SAFETY: a prepared context.
+                unsafe { mgr.sandbox_run(&own, ctx.sp, top(&own), 0) }
+            };
+            if y.unwrap().value != 42 {
+                return 1;
+            }
+            // The runner's rights are back: the grant and the other manager's view.
+            // SAFETY: the first byte of `global`, granted to every thread.
+            let g = unsafe { global.base().as_ptr().read() };
+            // SAFETY: the first byte of `other`, inside the outer view.
+            let o = unsafe { other.base().as_ptr().read() };
+            if (g, o) == (42, 42) { 0 } else { 2 }
+        });
+        assert_eq!(
+            status, expect,
+            "reading {target:#x} from the sandbox (shared: {shared})"
+        );
+    }
+}
+
 /// What `on_tick` asks of the library (0: preempt; otherwise abort with that value).
 static TICK_ACTION: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
@@ -406,6 +492,44 @@ fn pku_queued_preemptions_are_one() {
     let _g = common::real_backend();
     let mgr = Manager::with_backend(Hardware::new(4).unwrap(), config(4)).unwrap();
     queued_preemptions(&mgr);
+}
+
+/// A thread the library registered early (here: by a first op) whose runtime then installed
+/// an alternate stack of its own — what a thread started while a sync signal was in flight
+/// goes through — still gets its sandbox preempted: the first run puts the library's back.
+fn after_a_replaced_altstack<B: Backend>(mgr: &Manager<B>) {
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            // Registers the thread: the library's alternate stack is installed.
+            let d = mgr.create_domain(DomainOptions::reserve(4096)).unwrap();
+            drop(d);
+            let mut own = vec![0u8; 16 << 10];
+            let ss = libc::stack_t {
+                ss_sp: own.as_mut_ptr().cast(),
+                ss_flags: 0,
+                ss_size: own.len(),
+            };
+            // SAFETY: a stack this thread owns until the scope ends (the library replaces it
+            // before the sandbox's signals come).
+            assert_eq!(unsafe { libc::sigaltstack(&ss, std::ptr::null_mut()) }, 0);
+            queued_preemptions(mgr);
+        });
+    });
+}
+
+#[test]
+fn a_sandbox_run_puts_the_librarys_alternate_stack_back() {
+    let _g = common::real_backend();
+    let mgr = Manager::with_backend(Emulated::new(4).unwrap(), config(4)).unwrap();
+    after_a_replaced_altstack(&mgr);
+}
+
+#[test]
+fn pku_a_sandbox_run_puts_the_librarys_alternate_stack_back() {
+    let _pku = require_pku!();
+    let _g = common::real_backend();
+    let mgr = Manager::with_backend(Hardware::new(4).unwrap(), config(4)).unwrap();
+    after_a_replaced_altstack(&mgr);
 }
 
 // ---- the call gate writes nothing at the caller's stack pointer ----

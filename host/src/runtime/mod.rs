@@ -39,13 +39,13 @@ use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, RwLock, mpsc};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use mpkvirt::{BackendKind, Domain, Machine, Manager, Rights};
 
 use crate::app::native::NativeFunction;
 use crate::instance::pool::{Pool, Release, Slot};
+use crate::sched::green::{Exited, spawn_on_host_stack};
 use crate::sched::policy::{self, AppId, AppStats, Order, RunQueue};
 
 /// A built-in function: request bytes in, response bytes (or an error message) out. It runs
@@ -358,7 +358,7 @@ const MAX_DEPTH: usize = 4;
 pub struct Host {
     inner: Arc<Inner>,
     arrangement: Arrangement,
-    workers: Vec<JoinHandle<()>>,
+    workers: Vec<Arc<Exited>>,
 }
 
 impl fmt::Debug for Host {
@@ -377,6 +377,8 @@ impl Host {
     ///
     /// When mpkvirt, the handlers or a worker cannot be set up.
     pub fn start(config: HostConfig) -> Result<Host, StartError> {
+        // The host's state from here on is allocated in the host domain.
+        crate::heap::init().map_err(|e| StartError(e.to_string()))?;
         let mgr =
             Manager::new(mpkvirt::Config::default()).map_err(|e| StartError(e.to_string()))?;
         tenant::install_handlers().map_err(|e| StartError(e.to_string()))?;
@@ -421,28 +423,26 @@ impl Host {
             next_app: std::sync::atomic::AtomicU32::new(0),
         });
         let n = arrangement.workers();
-        let mut workers = Vec::with_capacity(n + 1);
-        {
-            let inner = inner.clone();
-            let w = std::thread::Builder::new()
-                .name("watchdog".into())
-                .spawn(move || watchdog(&inner))
-                .map_err(|e| StartError(e.to_string()))?;
-            workers.push(w);
-        }
-        for i in 0..n {
-            let inner = inner.clone();
-            let w = std::thread::Builder::new()
-                .name(format!("worker-{i}"))
-                .spawn(move || worker_main(&inner))
-                .map_err(|e| StartError(e.to_string()))?;
-            workers.push(w);
-        }
-        Ok(Host {
+        // The host's threads run on stacks in the host domain (see `spawn_on_host_stack`).
+        let mut host = Host {
             inner,
             arrangement,
-            workers,
-        })
+            workers: Vec::with_capacity(n + 1),
+        };
+        let spawn = |name: String, f: fn(&Inner), inner: Arc<Inner>| {
+            spawn_on_host_stack(name, HOST_STACK, move || f(&inner))
+                .map_err(|e| StartError(e.to_string()))
+        };
+        host.workers
+            .push(spawn("watchdog".into(), watchdog, host.inner.clone())?);
+        for i in 0..n {
+            host.workers.push(spawn(
+                format!("worker-{i}"),
+                worker_main,
+                host.inner.clone(),
+            )?);
+        }
+        Ok(host)
     }
 
     /// The mpkvirt backend the host runs on.
@@ -578,10 +578,14 @@ impl Drop for Host {
         }
         self.inner.ready.notify_all();
         for w in self.workers.drain(..) {
-            let _ = w.join();
+            w.wait();
         }
     }
 }
+
+/// The stack of each host thread's loop (host code only: tenants run on their instances'
+/// stacks).
+const HOST_STACK: usize = 1 << 20;
 
 fn lookup(inner: &Inner, name: &str) -> Result<Arc<AppEntry>, InvokeError> {
     let apps = inner.apps.read().unwrap_or_else(|e| e.into_inner());
@@ -985,11 +989,14 @@ impl Worker<'_> {
             let Some(ctx) = task.ctx.take() else {
                 return Step::Finished(Err(InvokeError::Instance("the context ended".into())));
             };
-            let (next, yielded) = match ctx.run(&self.inner.mgr, d, task.top as usize, task.resume)
-            {
-                Ok(r) => r,
-                Err(e) => return Step::Finished(Err(InvokeError::Instance(e.to_string()))),
-            };
+            // Built-in functions are the host's own code: their sandbox keeps the host
+            // domain (their closures and allocations live in the host's heap).
+            let trusted = matches!(task.app.0.app.code, Code::Builtin(_));
+            let (next, yielded) =
+                match ctx.run(&self.inner.mgr, d, task.top as usize, task.resume, trusted) {
+                    Ok(r) => r,
+                    Err(e) => return Step::Finished(Err(InvokeError::Instance(e.to_string()))),
+                };
             match yielded {
                 tenant::DONE => {
                     // Read while the worker's view is open.

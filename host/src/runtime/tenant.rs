@@ -227,24 +227,25 @@ const FAULT_SIGNALS: [c_int; 6] = [
     libc::SIGABRT,
 ];
 
-/// The handlers installed before ours, by signal number.
-static PREVIOUS: OnceLock<Vec<(c_int, libc::sigaction)>> = OnceLock::new();
+/// The handlers installed before ours, by signal number: no heap memory (a handler runs with
+/// the kernel's initial PKRU, which denies the host domain).
+static PREVIOUS: OnceLock<[Option<(c_int, libc::sigaction)>; 8]> = OnceLock::new();
 
 /// Installs the fault and preemption handlers (once per process; after mpkvirt's fault handler,
 /// which becomes the next in the chain).
 pub(crate) fn install_handlers() -> std::io::Result<()> {
     let mut err = None;
     PREVIOUS.get_or_init(|| {
-        let mut prev = Vec::new();
+        let mut prev = [None; 8];
         let ours: Vec<c_int> = FAULT_SIGNALS
             .into_iter()
             .chain([preempt_signal()])
             .collect();
-        for &sig in &ours {
+        for (i, &sig) in ours.iter().enumerate() {
             // SAFETY: `on_signal` is async-signal-safe: one gate call (no allocation, no
             // lock), reads and writes of the frame it was given, and the chained handler.
             match unsafe { install_blocking(sig, &ours) } {
-                Ok(old) => prev.push((sig, old)),
+                Ok(old) => prev[i] = Some((sig, old)),
                 Err(e) => err = Some(e),
             }
         }
@@ -301,7 +302,7 @@ extern "C" fn on_signal(sig: c_int, info: *mut libc::siginfo_t, ctx: *mut c_void
 fn chain(sig: c_int, info: *mut libc::siginfo_t, ctx: *mut c_void) {
     let prev = PREVIOUS
         .get()
-        .and_then(|p| p.iter().find(|(s, _)| *s == sig).map(|(_, a)| a));
+        .and_then(|p| p.iter().flatten().find(|(s, _)| *s == sig).map(|(_, a)| a));
     match prev {
         // SAFETY: the handler that was installed before ours, with the kernel's arguments.
         Some(prev) => unsafe { mpkvirt_sys::signal::chain(prev, sig, info, ctx) },
@@ -453,17 +454,26 @@ pub(crate) struct Runnable {
 
 impl Runnable {
     /// Runs the context in `d`'s sandbox until it yields; returns the context to run next and
-    /// the value it yielded.
+    /// the value it yielded. `trusted`: the host's own code (a built-in function), whose
+    /// sandbox keeps the host domain (`Manager::sandbox_run_shared`); a native tenant's
+    /// reaches its instance and key 0 only.
     pub(crate) fn run<B: mpkvirt::Backend>(
         self,
         mgr: &mpkvirt::Manager<B>,
         d: &mpkvirt::Domain<B>,
         exit_sp: usize,
         value: u64,
+        trusted: bool,
     ) -> mpkvirt::Result<(Runnable, u64)> {
-        // SAFETY: `self.sp` is a context prepared in `d` or the one its last yield returned,
-        // not run since (this value is consumed).
-        let y = unsafe { mgr.sandbox_run(d, self.sp, exit_sp, value) }?;
+        let y = if trusted {
+            // SAFETY: `self.sp` is a context prepared in `d` or the one its last yield
+            // returned, not run since (this value is consumed); it runs `sandbox_main` on a
+            // built-in function, the host's own code, which may reach the host domain.
+            unsafe { mgr.sandbox_run_shared(d, self.sp, exit_sp, value) }
+        } else {
+            // SAFETY: as above; a native tenant's code gets its instance and key 0 only.
+            unsafe { mgr.sandbox_run(d, self.sp, exit_sp, value) }
+        }?;
         Ok((Runnable { sp: y.sp }, y.value))
     }
 }

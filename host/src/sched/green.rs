@@ -30,11 +30,14 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 
 use mpkvirt_sys::mman::{self, Prot};
 
-/// A fiber's stack: `[guard page][usable]`.
+/// A fiber's stack: `[guard page][usable]`; in the host domain once the host heap is active
+/// (`crate::heap`), a mapping of its own before.
 #[derive(Debug)]
 struct Stack {
     base: usize,
     len: usize,
+    /// Allocated from the host heap (with this layout), rather than mapped.
+    heap: Option<std::alloc::Layout>,
 }
 
 impl Stack {
@@ -42,13 +45,39 @@ impl Stack {
         let page = mman::page_size();
         let usable = usable.max(page).div_ceil(page) * page;
         let len = usable + page;
-        let base = mman::reserve(len, Prot::NONE)
-            .map_err(|e| std::io::Error::other(e.to_string()))? as usize;
-        let stack = Stack { base, len };
+        let io = |e: mpkvirt_sys::Error| std::io::Error::other(e.to_string());
+        if crate::heap::is_active() {
+            let layout = std::alloc::Layout::from_size_align(len, page)
+                .map_err(|e| std::io::Error::other(e.to_string()))?;
+            // SAFETY: a non-zero size.
+            let base = unsafe { std::alloc::alloc(layout) } as usize;
+            if base == 0 {
+                return Err(std::io::ErrorKind::OutOfMemory.into());
+            }
+            // SAFETY: the lowest page of the block just allocated (page-aligned), which
+            // nothing else refers to; `Drop` makes it readable and writable again before the
+            // block goes back to the heap. (`mprotect` keeps the pages' protection key.)
+            if let Err(e) = unsafe { mman::mprotect(base as *mut u8, page, Prot::NONE) } {
+                // SAFETY: the block just allocated, with its layout.
+                unsafe { std::alloc::dealloc(base as *mut u8, layout) };
+                return Err(io(e));
+            }
+            return Ok(Stack {
+                base,
+                len,
+                heap: Some(layout),
+            });
+        }
+        let base = mman::reserve(len, Prot::NONE).map_err(io)? as usize;
+        let stack = Stack {
+            base,
+            len,
+            heap: None,
+        };
         // SAFETY: inside the reservation just made, which nothing else refers to; the lowest
         // page stays inaccessible (the guard).
         unsafe { mman::mprotect((base + page) as *mut u8, usable, Prot::READ_WRITE) }
-            .map_err(|e| std::io::Error::other(e.to_string()))?;
+            .map_err(io)?;
         Ok(stack)
     }
 
@@ -59,9 +88,96 @@ impl Stack {
 
 impl Drop for Stack {
     fn drop(&mut self) {
-        // SAFETY: the mapping made in `new`; its fiber no longer runs (see the module docs).
-        let _ = unsafe { mman::munmap(self.base as *mut u8, self.len) };
+        match self.heap {
+            Some(layout) => {
+                // SAFETY: the guard page of the block allocated in `new`, back to read-write
+                // before the block returns to the heap; its fiber no longer runs.
+                if unsafe {
+                    mman::mprotect(self.base as *mut u8, mman::page_size(), Prot::READ_WRITE)
+                }
+                .is_ok()
+                {
+                    // SAFETY: the block allocated in `new`, with its layout.
+                    unsafe { std::alloc::dealloc(self.base as *mut u8, layout) };
+                }
+                // (A guard page that stays inaccessible is never handed out again: the block
+                // is leaked.)
+            }
+            // SAFETY: the mapping made in `new`; its fiber no longer runs (see the module docs).
+            None => drop(unsafe { mman::munmap(self.base as *mut u8, self.len) }),
+        }
     }
+}
+
+/// The end of a thread started by [`spawn_on_host_stack`]: set once its body has returned and
+/// dropped what it held.
+#[derive(Debug, Default)]
+pub struct Exited {
+    done: std::sync::Mutex<bool>,
+    cv: std::sync::Condvar,
+}
+
+impl Exited {
+    /// Waits until the thread's body has returned.
+    pub fn wait(&self) {
+        let mut done = self.done.lock().unwrap_or_else(|e| e.into_inner());
+        while !*done {
+            done = self.cv.wait(done).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    fn set(&self) {
+        *self.done.lock().unwrap_or_else(|e| e.into_inner()) = true;
+        self.cv.notify_all();
+    }
+}
+
+/// Starts a thread that runs `body` on a fiber's stack — in the host domain once the host heap
+/// is active — and never returns to its own stack.
+///
+/// A thread's own stack is key-0 memory, which tenant code can write: a frame the thread
+/// returned to could have been rewritten (a return address, saved registers) while tenants
+/// ran elsewhere. So the thread switches to the fiber at once and stays there: when `body`
+/// returns (or panics, caught), the fiber drops what `body` held, sets [`Exited`], and parks
+/// for the rest of the process. A stopped thread costs its parked stacks, nothing else.
+///
+/// # Errors
+///
+/// When the thread or its fiber's stack cannot be made.
+pub fn spawn_on_host_stack(
+    name: String,
+    stack_size: usize,
+    body: impl FnOnce() + Send + 'static,
+) -> std::io::Result<std::sync::Arc<Exited>> {
+    let exited = std::sync::Arc::new(Exited::default());
+    let on_exit = std::sync::Arc::clone(&exited);
+    let (tx, rx) = std::sync::mpsc::sync_channel(1);
+    std::thread::Builder::new()
+        .name(name)
+        // Only the switch onto the fiber runs here.
+        .stack_size(64 << 10)
+        .spawn(move || {
+            let fiber = Fiber::new(stack_size, move |_| {
+                let _ = catch_unwind(AssertUnwindSafe(body));
+                on_exit.set();
+                drop(on_exit);
+                loop {
+                    std::thread::park();
+                }
+            });
+            match fiber {
+                Ok(mut fiber) => {
+                    let _ = tx.send(Ok(()));
+                    drop(tx);
+                    let r = fiber.resume();
+                    unreachable!("a host thread's fiber came back: {r:?}");
+                }
+                Err(e) => drop(tx.send(Err(e))),
+            }
+        })?;
+    rx.recv()
+        .unwrap_or_else(|_| Err(std::io::Error::other("the thread ended at once")))?;
+    Ok(exited)
 }
 
 /// What [`Fiber::resume`] found when the fiber switched back.
@@ -350,6 +466,28 @@ mod tests {
         assert!(matches!(f.resume(), Resumed::Suspended));
         assert_eq!(read(), before, "the fiber's MXCSR leaked into the resumer");
         assert!(matches!(f.resume(), Resumed::Finished));
+    }
+
+    #[test]
+    fn a_host_thread_runs_in_the_host_domain_and_reports_its_end() {
+        crate::heap::init().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let held = Arc::new(());
+        let h = Arc::clone(&held);
+        let exited = spawn_on_host_stack("host-thread".into(), 64 << 10, move || {
+            let local = 0u8;
+            let boxed = Box::new(0u8);
+            tx.send((&raw const local as usize, &raw const *boxed as usize))
+                .unwrap();
+            drop(h);
+        })
+        .unwrap();
+        let (stack, heap) = rx.recv().unwrap();
+        assert!(crate::heap::contains(stack), "stack at {stack:#x}");
+        assert!(crate::heap::contains(heap), "heap at {heap:#x}");
+        exited.wait();
+        // What the body held is dropped by the time its end is reported.
+        assert_eq!(Arc::strong_count(&held), 1);
     }
 
     #[test]

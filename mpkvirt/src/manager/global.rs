@@ -451,6 +451,13 @@ pub(crate) fn acknowledge(rec: &mut ThreadRecord, current: Option<(u32, Pkru)>) 
 /// with the process-wide rights. `current`: the registry slot whose view bits the caller
 /// passes instead of reading the thread's cx (borrowed by the caller).
 pub(crate) fn resync(rec: &mut ThreadRecord, current: Option<(u32, Pkru)>) {
+    if rec.sandbox.active && !rec.sandbox.shared {
+        // A sandbox's rights are its own domain's only (`sandbox::sealed_pkru`): it takes no
+        // process-wide grant (and so holds none), and gets them back when it yields.
+        let holds = if rec.inherited { u32::MAX } else { 0 };
+        rec.holds.store(holds, Ordering::SeqCst);
+        return;
+    }
     // (Dekker with `broadcast`: announce, then read the rights.)
     rec.resyncing.store(true, Ordering::SeqCst);
     std::sync::atomic::fence(Ordering::SeqCst);

@@ -536,6 +536,15 @@ fn on_manager<B: Backend>(code: u64, args: Args, rec: &mut ThreadRecord) -> u64 
                         read_only: false,
                     }],
                 )?;
+                if sh.hardware && i.shared == 0 {
+                    // The view's bits cover this manager's keys only, merged with the rights
+                    // the thread had (other managers' views, process-wide grants — a host's
+                    // own domain among them). A sandbox gets none of those: every key but key
+                    // 0, the library's and the domain's denies. (The pinned view keeps the
+                    // slot; the yield recomputes the thread's rights: `sandbox::yield_op`.)
+                    let own = r.slot.get().map(|s| sh.key(s));
+                    rec.gate.pkru = crate::sandbox::sealed_pkru(rec.gate.pkru, own);
+                }
                 Ok((mark, base, end))
             }),
             _ => STATUS_BAD_CALL,
