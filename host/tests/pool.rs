@@ -147,3 +147,52 @@ fn lending_maps_nothing() {
         "mappings {before} -> {after} after 500 rounds"
     );
 }
+
+/// Slots released for reset, and warm slots beyond the clean stock, are reset by a cleaner
+/// outside the pool (`to_clean`, `cleaned`); an acquisition then takes a clean slot without
+/// resetting one. A dirty slot is never lent as it is, cleaner or not.
+#[test]
+fn a_cleaner_resets_slots_off_the_acquisition_path() {
+    let mgr = manager();
+    let mut pool = Pool::new(mgr.clone(), SLOT, 0, 3).unwrap();
+    let (a, b, c) = (
+        pool.acquire(1).unwrap(),
+        pool.acquire(2).unwrap(),
+        pool.acquire(3).unwrap(),
+    );
+    for (s, v) in [(&a, 0xA1), (&b, 0xB2), (&c, 0xC3)] {
+        write(&mgr, s, v);
+    }
+    pool.release(a, Release::Reset).unwrap();
+    pool.release(b, Release::Warm).unwrap();
+    pool.release(c, Release::Warm).unwrap();
+    assert_eq!((pool.dirty(), pool.clean(), pool.stats().resets), (1, 0, 0));
+
+    // Two clean wanted: the dirty slot and the oldest warm one (application 2's).
+    let out = pool.to_clean(2, 8);
+    assert_eq!((out.len(), pool.dirty()), (2, 2));
+    // Nothing more while those are out.
+    assert!(pool.to_clean(2, 8).is_empty());
+    for d in out {
+        let r = d.reset();
+        pool.cleaned(d, r).unwrap();
+    }
+    assert_eq!((pool.dirty(), pool.clean(), pool.stats().resets), (0, 2, 2));
+
+    // Application 3 keeps its warm slot; others get clean ones, reading zero, with no reset
+    // on the way.
+    let c = pool.acquire(3).unwrap();
+    assert_eq!(read(&mgr, &c), (0xC3, 0xC3));
+    let x = pool.acquire(4).unwrap();
+    let y = pool.acquire(2).unwrap();
+    assert_eq!((read(&mgr, &x), read(&mgr, &y)), ((0, 0), (0, 0)));
+    assert_eq!(pool.stats().resets, 2);
+
+    // With no clean slot left, a dirty one is reset by the acquisition itself.
+    write(&mgr, &x, 0x44);
+    pool.release(x, Release::Reset).unwrap();
+    let z = pool.acquire(5).unwrap();
+    assert_eq!(read(&mgr, &z), (0, 0));
+    assert_eq!(pool.stats().resets, 3);
+    drop((c, y, z));
+}

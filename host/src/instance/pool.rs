@@ -11,6 +11,12 @@
 //!
 //! [`Pool::reclaim`] resets idle warm slots beyond a number the host keeps, oldest first —
 //! what the host does under memory pressure.
+//!
+//! Resets are kept off the invocation's path where they can be: a slot released for reset
+//! waits in a dirty list, and [`Pool::to_clean`] hands dirty slots (then the warm slots
+//! released longest ago) to a cleaner that resets them outside the pool's lock
+//! ([`Pool::cleaned`] takes them back clean). `acquire` resets a slot itself only when no
+//! clean one is left.
 
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
@@ -105,6 +111,10 @@ pub struct Pool<B: Backend> {
     warm: HashMap<AppId, VecDeque<(u64, Domain<B>)>>,
     /// Clean slots.
     clean: Vec<Domain<B>>,
+    /// Slots released for reset, not reset yet (never lent as they are).
+    dirty: Vec<Domain<B>>,
+    /// Slots out with a cleaner.
+    cleaning: usize,
     /// Release counter (the order in which warm slots were released).
     clock: u64,
     in_use: usize,
@@ -141,6 +151,8 @@ impl<B: Backend> Pool<B> {
             limit,
             warm: HashMap::new(),
             clean: Vec::new(),
+            dirty: Vec::new(),
+            cleaning: 0,
             clock: 0,
             in_use: 0,
             stats: PoolStats::default(),
@@ -184,8 +196,9 @@ impl<B: Backend> Pool<B> {
             let d = self.make()?;
             return Ok(self.lend(d, app, false));
         }
-        // The warm slot released longest ago, of another application: reset, then lent.
-        let Some(d) = self.take_oldest_warm() else {
+        // A slot released for reset, else the warm slot released longest ago, of another
+        // application: reset, then lent.
+        let Some(d) = self.dirty.pop().or_else(|| self.take_oldest_warm()) else {
             return Err(PoolError::Exhausted { slots: self.limit });
         };
         let d = self.reset(d)?;
@@ -239,12 +252,56 @@ impl<B: Backend> Pool<B> {
                     .or_default()
                     .push_back((self.clock, slot.domain));
             }
-            Release::Reset => {
-                let d = self.reset(slot.domain)?;
-                self.clean.push(d);
-            }
+            // (Reset by a cleaner, or by the acquisition that needs it.)
+            Release::Reset => self.dirty.push(slot.domain),
         }
         Ok(())
+    }
+
+    /// Slots for a cleaner to reset, so that at least `want` slots are clean (counting those
+    /// already out for cleaning): dirty ones first, then warm ones released longest ago;
+    /// at most `max`. Reset each with `Domain::reset` outside the pool's lock and give it
+    /// back with [`Pool::cleaned`].
+    pub fn to_clean(&mut self, want: usize, max: usize) -> Vec<Domain<B>> {
+        let mut out = Vec::new();
+        while out.len() < max {
+            let Some(d) = self.dirty.pop() else { break };
+            out.push(d);
+        }
+        while out.len() < max && self.clean.len() + self.cleaning + out.len() < want {
+            let Some(d) = self.take_oldest_warm() else {
+                break;
+            };
+            out.push(d);
+        }
+        self.cleaning += out.len();
+        out
+    }
+
+    /// Takes back a slot from [`Pool::to_clean`], with the result of its reset.
+    ///
+    /// # Errors
+    ///
+    /// When the reset failed: the slot is dropped (its domain destroyed), never lent again.
+    pub fn cleaned(&mut self, d: Domain<B>, reset: mpkvirt::Result<()>) -> Result<(), PoolError> {
+        self.cleaning -= 1;
+        if let Err(e) = reset {
+            self.stats.created -= 1;
+            return Err(PoolError::Domain(e));
+        }
+        self.stats.resets += 1;
+        self.clean.push(d);
+        Ok(())
+    }
+
+    /// Slots waiting for a reset (released dirty or out with a cleaner).
+    pub fn dirty(&self) -> usize {
+        self.dirty.len() + self.cleaning
+    }
+
+    /// Clean slots ready to lend.
+    pub fn clean(&self) -> usize {
+        self.clean.len()
     }
 
     /// Resets idle warm slots, oldest first, until at most `keep` stay warm; returns how
@@ -254,9 +311,15 @@ impl<B: Backend> Pool<B> {
     ///
     /// When a reset fails (that slot is dropped; those reset before stay clean).
     pub fn reclaim(&mut self, keep: usize) -> Result<usize, PoolError> {
-        let warm: usize = self.warm.values().map(VecDeque::len).sum();
         let mut done = 0;
-        while warm - done > keep {
+        while let Some(d) = self.dirty.pop() {
+            let d = self.reset(d)?;
+            self.clean.push(d);
+            done += 1;
+        }
+        let warm: usize = self.warm.values().map(VecDeque::len).sum();
+        let before = done;
+        while warm - (done - before) > keep {
             let d = self.take_oldest_warm().expect("counted above");
             let d = self.reset(d)?;
             self.clean.push(d);

@@ -121,6 +121,10 @@ pub struct HostConfig {
     pub order: Order,
     /// The longest a task waits behind others that the order prefers.
     pub max_wait: Duration,
+    /// Clean instance slots the host keeps ready: the watchdog thread resets released and
+    /// idle slots in the background, so that a new instance finds one without a reset on
+    /// its invocation's path.
+    pub clean_slots: usize,
     /// **Measurement only, never for serving**: on the emulated backend, run the workers in
     /// parallel although rights are process-wide there (tenants are not isolated from each
     /// other; the host says so at start). For measuring scheduling without PKU.
@@ -151,6 +155,7 @@ impl Default for HostConfig {
             quantum: Some(Duration::from_millis(1)),
             order: Order::Fifo,
             max_wait: Duration::from_millis(50),
+            clean_slots: 8,
             measure_without_isolation: false,
             measure_views_unprotected: false,
         }
@@ -560,6 +565,12 @@ impl Host {
         log.iter().cloned().collect()
     }
 
+    /// Resets released and idle slots now, until the host has its stock of clean ones (what
+    /// the watchdog does a few at a time each tick); returns how many it reset.
+    pub fn clean_slots(&self) -> usize {
+        clean_slots(&self.inner, usize::MAX)
+    }
+
     /// The instance pool's counters.
     pub fn pool_stats(&self) -> crate::instance::pool::PoolStats {
         self.inner
@@ -738,7 +749,24 @@ fn watchdog(inner: &Inner) {
     while !inner.stop.load(Ordering::Acquire) {
         std::thread::sleep(tick);
         inner.watch.sweep(tick);
+        // A few resets a tick, so that preemption stays on time.
+        clean_slots(inner, 4);
     }
+}
+
+/// Resets up to `max` released or idle slots, outside the pool's lock, until the host has
+/// its stock of clean ones (`HostConfig::clean_slots`); returns how many it reset.
+fn clean_slots(inner: &Inner, max: usize) -> usize {
+    let pool = || inner.pool.lock().unwrap_or_else(|e| e.into_inner());
+    let out = pool().to_clean(inner.config.clean_slots, max);
+    let n = out.len();
+    for d in out {
+        let reset = d.reset();
+        if let Err(e) = pool().cleaned(d, reset) {
+            eprintln!("mpkvirt-host: an instance slot was dropped: {e}");
+        }
+    }
+    n
 }
 
 /// The memory an invocation holds in its instance.
