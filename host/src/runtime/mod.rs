@@ -121,6 +121,10 @@ pub struct HostConfig {
     pub order: Order,
     /// The longest a task waits behind others that the order prefers.
     pub max_wait: Duration,
+    /// The key cache's eviction policy. `Hinted` (the default): each worker names the
+    /// domains of the tasks it runs next, and an eviction takes the domain used furthest
+    /// ahead (or not named) instead of the least recently used one.
+    pub policy: mpkvirt::PolicyKind,
     /// Clean instance slots the host keeps ready: the watchdog thread resets released and
     /// idle slots in the background, so that a new instance finds one without a reset on
     /// its invocation's path.
@@ -155,6 +159,7 @@ impl Default for HostConfig {
             quantum: Some(Duration::from_millis(1)),
             order: Order::Fifo,
             max_wait: Duration::from_millis(50),
+            policy: mpkvirt::PolicyKind::Hinted,
             clean_slots: 8,
             measure_without_isolation: false,
             measure_views_unprotected: false,
@@ -384,8 +389,11 @@ impl Host {
     pub fn start(config: HostConfig) -> Result<Host, StartError> {
         // The host's state from here on is allocated in the host domain.
         crate::heap::init().map_err(|e| StartError(e.to_string()))?;
-        let mgr =
-            Manager::new(mpkvirt::Config::default()).map_err(|e| StartError(e.to_string()))?;
+        let mgr = Manager::new(mpkvirt::Config {
+            policy: config.policy,
+            ..mpkvirt::Config::default()
+        })
+        .map_err(|e| StartError(e.to_string()))?;
         tenant::install_handlers().map_err(|e| StartError(e.to_string()))?;
         tenant::quiet_panics_in_sandboxes();
         let workers = config
@@ -571,6 +579,11 @@ impl Host {
         clean_slots(&self.inner, usize::MAX)
     }
 
+    /// The key cache's counters (misses, evictions) of the host's mpkvirt manager.
+    pub fn key_stats(&self) -> mpkvirt::Stats {
+        self.inner.mgr.stats()
+    }
+
     /// The instance pool's counters.
     pub fn pool_stats(&self) -> crate::instance::pool::PoolStats {
         self.inner
@@ -655,6 +668,15 @@ fn worker_main(inner: &Inner) {
         let Some(mut next) = ready.pop(monotonic_ns()) else {
             continue;
         };
+        if !ready.is_empty() {
+            // The key cache keeps what runs next (`PolicyKind::Hinted`: an eviction takes
+            // the domain used furthest ahead, or not named).
+            let upcoming: Vec<&Domain<Machine>> = std::iter::once(&next)
+                .chain(ready.peek(HINTED - 1))
+                .map(|t| t.payload.slot.domain())
+                .collect();
+            inner.mgr.hint(&upcoming);
+        }
         loop {
             let began = monotonic_ns();
             let step = w.step(&mut next.payload, 0);
@@ -684,6 +706,9 @@ fn worker_main(inner: &Inner) {
 
 /// Tasks a worker takes on at once (more wait in the shared queue).
 const LOCAL_TASKS: usize = 64;
+
+/// Tasks a worker names to the key cache as the next to run (the running one included).
+const HINTED: usize = 8;
 
 struct Worker<'a> {
     inner: &'a Inner,

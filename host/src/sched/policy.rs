@@ -150,18 +150,23 @@ impl<T> RunQueue<T> {
         self.remove(seq)
     }
 
-    /// The applications of up to `n` tasks, in the order they would run if nothing changed
-    /// (ignoring the age bound): what the key cache should bind next.
-    pub fn upcoming(&self, n: usize) -> Vec<AppId> {
+    /// Up to `n` tasks, in the order they would run if nothing changed (ignoring the age
+    /// bound): whose domains the key cache should keep, or bind, next.
+    pub fn peek(&self, n: usize) -> Vec<&Task<T>> {
         match self.order {
-            Order::Fifo => self.by_arrival.values().take(n).map(|t| t.app).collect(),
+            Order::Fifo => self.by_arrival.values().take(n).collect(),
             _ => self
                 .by_key
                 .keys()
                 .take(n)
-                .map(|(_, seq)| self.by_arrival[seq].app)
+                .map(|(_, seq)| &self.by_arrival[seq])
                 .collect(),
         }
+    }
+
+    /// The applications of [`RunQueue::peek`]'s tasks.
+    pub fn upcoming(&self, n: usize) -> Vec<AppId> {
+        self.peek(n).into_iter().map(|t| t.app).collect()
     }
 
     fn key(&self, task: &Task<T>, stats: &AppStats) -> Option<u64> {
