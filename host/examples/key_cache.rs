@@ -52,11 +52,18 @@ struct Run {
     wall: Duration,
 }
 
-fn run(n: usize, policy: PolicyKind, ms: f64, quantum: Duration, isolated: bool) -> Run {
+fn run(
+    n: usize,
+    (policy, hints): (PolicyKind, bool),
+    ms: f64,
+    quantum: Duration,
+    isolated: bool,
+) -> Run {
     let host = Host::start(HostConfig {
         workers: Some(1),
         quantum: Some(quantum),
         policy,
+        hints,
         slots: n + 4,
         slot_size: 256 << 10,
         stack_size: 32 << 10,
@@ -128,18 +135,21 @@ fn main() {
         quantum.as_micros()
     );
     println!(
-        "{:>4} {:>8} {:>8} {:>7} {:>10} {:>10}",
-        "N", "LRU", "hinted", "ratio", "LRU ms", "hinted ms"
+        "{:>4} {:>8} {:>10} {:>8} {:>7} {:>8} {:>10} {:>10}",
+        "N", "LRU", "no hints", "hinted", "ratio", "LRU ms", "no hints", "hinted ms"
     );
     for n in ns {
-        let lru = run(n, PolicyKind::Lru, ms, quantum, isolated);
-        let hinted = run(n, PolicyKind::Hinted, ms, quantum, isolated);
+        let lru = run(n, (PolicyKind::Lru, false), ms, quantum, isolated);
+        let predicted = run(n, (PolicyKind::Hinted, false), ms, quantum, isolated);
+        let hinted = run(n, (PolicyKind::Hinted, true), ms, quantum, isolated);
         println!(
-            "{n:>4} {:>8} {:>8} {:>7.2} {:>10.1} {:>10.1}",
+            "{n:>4} {:>8} {:>10} {:>8} {:>7.2} {:>8.1} {:>10.1} {:>10.1}",
             lru.misses,
+            predicted.misses,
             hinted.misses,
             lru.misses as f64 / hinted.misses.max(1) as f64,
             lru.wall.as_secs_f64() * 1e3,
+            predicted.wall.as_secs_f64() * 1e3,
             hinted.wall.as_secs_f64() * 1e3
         );
     }

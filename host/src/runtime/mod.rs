@@ -125,6 +125,9 @@ pub struct HostConfig {
     /// domains of the tasks it runs next, and an eviction takes the domain used furthest
     /// ahead (or not named) instead of the least recently used one.
     pub policy: mpkvirt::PolicyKind,
+    /// Whether the workers name the domains of the tasks they run next to the key cache
+    /// (off: only for measuring what the hints are worth).
+    pub hints: bool,
     /// Clean instance slots the host keeps ready: the watchdog thread resets released and
     /// idle slots in the background, so that a new instance finds one without a reset on
     /// its invocation's path.
@@ -160,6 +163,7 @@ impl Default for HostConfig {
             order: Order::Fifo,
             max_wait: Duration::from_millis(50),
             policy: mpkvirt::PolicyKind::Hinted,
+            hints: true,
             clean_slots: 8,
             measure_without_isolation: false,
             measure_views_unprotected: false,
@@ -668,7 +672,7 @@ fn worker_main(inner: &Inner) {
         let Some(mut next) = ready.pop(monotonic_ns()) else {
             continue;
         };
-        if !ready.is_empty() {
+        if inner.config.hints && !ready.is_empty() {
             // The key cache keeps what runs next (`PolicyKind::Hinted`: an eviction takes
             // the domain used furthest ahead, or not named).
             let upcoming: Vec<&Domain<Machine>> = std::iter::once(&next)
@@ -708,7 +712,7 @@ fn worker_main(inner: &Inner) {
 const LOCAL_TASKS: usize = 64;
 
 /// Tasks a worker names to the key cache as the next to run (the running one included).
-const HINTED: usize = 8;
+const HINTED: usize = 16;
 
 struct Worker<'a> {
     inner: &'a Inner,
