@@ -1,6 +1,7 @@
-//! Builds the example tenants (`tenants/c/*.c`) into shared objects in `$OUT_DIR/tenants`,
-//! so that the tests load them from there — also inside the PKU guest, which has no C
-//! compiler (`scripts/pku-vm` copies them in).
+//! Builds the example tenants into shared objects in `$OUT_DIR/tenants` — the C ones
+//! (`tenants/c/*.c`) with the system's C compiler, the Rust ones (`tenants/rust/*.rs`, `no_std`
+//! `cdylib`s sharing `abi.rs`) with cargo's `rustc` — so that the tests load them from there,
+//! also inside the PKU guest, which has no compiler (`scripts/pku-vm` copies them in).
 
 use std::path::Path;
 
@@ -38,6 +39,49 @@ fn main() {
             .arg(&src)
             .status()
             .expect("running the C compiler");
+        assert!(status.success(), "building tenant {}", src.display());
+    }
+    build_rust(&out);
+}
+
+fn build_rust(out: &Path) {
+    println!("cargo:rerun-if-changed=tenants/rust");
+    let rustc = std::env::var("RUSTC").unwrap_or_else(|_| "rustc".into());
+    let target = std::env::var("TARGET").expect("cargo sets TARGET");
+    let mut sources: Vec<_> = std::fs::read_dir("tenants/rust")
+        .expect("tenants/rust")
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "rs") && !p.ends_with("abi.rs"))
+        .collect();
+    sources.sort();
+    for src in sources {
+        let name = src
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .expect("a file name");
+        let status = std::process::Command::new(&rustc)
+            .args([
+                "--edition",
+                "2024",
+                "--crate-type",
+                "cdylib",
+                "--crate-name",
+                name,
+                "--target",
+                &target,
+                "-C",
+                "opt-level=2",
+                "-C",
+                "panic=abort",
+                "-D",
+                "warnings",
+                "-o",
+            ])
+            .arg(out.join(format!("lib{name}.so")))
+            .arg(&src)
+            .status()
+            .expect("running rustc");
         assert!(status.success(), "building tenant {}", src.display());
     }
 }

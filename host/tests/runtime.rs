@@ -98,6 +98,8 @@ fn scenario(workers: usize) {
     host.register(app("hostile-2", hostile.clone(), limits));
     host.register(app("echo-c", native("echo"), limits));
     host.register(app("sha256", native("sha256"), limits));
+    host.register(app("echo-rust", native("echo_rs"), limits));
+    host.register(app("deflate", native("deflate_rs"), limits));
     // More applications than keys.
     for i in 0..20 {
         host.register(app(&format!("echo-{i}"), native("echo"), limits));
@@ -105,6 +107,18 @@ fn scenario(workers: usize) {
 
     assert_eq!(host.invoke("echo-rs", b"hello").unwrap(), b"hello");
     assert_eq!(host.invoke("echo-c", b"hello").unwrap(), b"hello");
+    // The Rust tenants: an echo, and DEFLATE both ways, in their sandboxes.
+    assert_eq!(host.invoke("echo-rust", b"hello").unwrap(), b"hello");
+    let text: Vec<u8> = (0..2000)
+        .flat_map(|i| format!("{} ", i % 17).into_bytes())
+        .collect();
+    let mut req = vec![b'c'];
+    req.extend_from_slice(&text);
+    let packed = host.invoke("deflate", &req).unwrap();
+    assert!(packed.len() < text.len() / 4);
+    let mut req = vec![b'd'];
+    req.extend_from_slice(&packed);
+    assert_eq!(host.invoke("deflate", &req).unwrap(), text);
     // (The tenant answers in hex.)
     assert_eq!(
         String::from_utf8(host.invoke("sha256", b"abc").unwrap()).unwrap(),

@@ -179,6 +179,119 @@ fn json_transform_upper_cases_strings_and_refuses_bad_json() {
 }
 
 #[test]
+fn echo_rs_returns_the_request() {
+    let f = load("echo_rs");
+    for req in [&b""[..], b"x", &[7u8; 70_000]] {
+        assert_eq!(call(&f, req).unwrap(), req);
+    }
+}
+
+/// Inputs for the DEFLATE tenant: empty, tiny, repetitive text, incompressible bytes, and a
+/// mix with matches far apart.
+fn deflate_inputs() -> Vec<Vec<u8>> {
+    let text: Vec<u8> = (0..4000)
+        .flat_map(|i| format!("line {} of the quick brown fox; ", i % 37).into_bytes())
+        .collect();
+    let mut x = 0x9e37_79b9_7f4a_7c15_u64;
+    let noise: Vec<u8> = (0..50_000)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
+    let mut mixed = noise[..5000].to_vec();
+    mixed.extend_from_slice(&text[..20_000]);
+    mixed.extend_from_slice(&noise[..5000]);
+    vec![
+        Vec::new(),
+        b"a".to_vec(),
+        b"abcabcabcabcabc".to_vec(),
+        text,
+        noise,
+        mixed,
+    ]
+}
+
+#[test]
+fn deflate_rs_round_trips_and_speaks_standard_deflate() {
+    let f = load("deflate_rs");
+    let with = |op: u8, data: &[u8]| {
+        let mut r = vec![op];
+        r.extend_from_slice(data);
+        r
+    };
+    for data in deflate_inputs() {
+        let packed = call(&f, &with(b'c', &data)).unwrap();
+        // Another implementation reads what the tenant wrote...
+        assert_eq!(
+            miniz_oxide::inflate::decompress_to_vec(&packed).unwrap(),
+            data,
+            "{} bytes, compressed by the tenant",
+            data.len()
+        );
+        assert_eq!(call(&f, &with(b'd', &packed)).unwrap(), data);
+        // ...and the tenant reads what it writes: dynamic Huffman blocks (level 9) and stored
+        // ones (level 0).
+        for level in [0, 9] {
+            let theirs = miniz_oxide::deflate::compress_to_vec(&data, level);
+            assert_eq!(
+                call(&f, &with(b'd', &theirs)).unwrap(),
+                data,
+                "{} bytes, level {level}",
+                data.len()
+            );
+        }
+    }
+    // It compresses: repetitive text to a small fraction.
+    let text = &deflate_inputs()[3];
+    let packed = call(&f, &with(b'c', text)).unwrap();
+    assert!(
+        packed.len() * 10 < text.len(),
+        "{} of {}",
+        packed.len(),
+        text.len()
+    );
+}
+
+#[test]
+fn deflate_rs_refuses_corrupt_streams_and_bad_requests() {
+    let f = load("deflate_rs");
+    let good = miniz_oxide::deflate::compress_to_vec(b"hello hello hello hello", 6);
+    let mut bad: Vec<Vec<u8>> = vec![
+        // Truncated.
+        good[..good.len() / 2].to_vec(),
+        // Block type 3.
+        vec![0b111],
+        // A stored block whose length and complement disagree.
+        vec![0b001, 5, 0, 5, 0, b'x'],
+        // A fixed block whose first code is a match 1 byte back with nothing written yet:
+        // length symbol 257 (7 bits 0000001), distance symbol 0 (5 bits 00000).
+        vec![0b0000_0011, 0b0000_0010, 0x00],
+    ];
+    // Every byte of a good stream flipped in turn: an error or some output, never a crash.
+    for i in 0..good.len() {
+        let mut g = good.clone();
+        g[i] ^= 0xff;
+        bad.push(g);
+    }
+    for (i, b) in bad.iter().enumerate() {
+        let mut req = vec![b'd'];
+        req.extend_from_slice(b);
+        let r = call(&f, &req);
+        if i < 4 {
+            assert_eq!(r, Err(CallError::Failed(1)), "stream {i}: {b:?}");
+        } else {
+            assert!(matches!(r, Ok(_) | Err(CallError::Failed(1))), "{r:?}");
+        }
+    }
+    for req in [&b""[..], b"x", b"zdata"] {
+        assert_eq!(call(&f, req), Err(CallError::Failed(1)));
+    }
+}
+
+#[test]
 fn a_file_that_is_not_an_object_is_a_load_error() {
     let dir = std::env::temp_dir().join(format!("mpkvirt-tenant-{}-junk", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
