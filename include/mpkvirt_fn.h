@@ -17,8 +17,11 @@
  * segments, an executable stack, text relocations, and at any byte offset of its code an
  * instruction that changes PKRU or the thread pointer (WRPKRU, XRSTOR, WRFSBASE, WRGSBASE).
  * It may call the C library's functions that neither allocate nor lock (strings, memory,
- * math; not malloc, qsort, the printf/scanf families or strtod: a tenant may be preempted or
- * ended anywhere) and the host calls below; any other imported symbol is refused at load.
+ * math; not qsort, the printf/scanf families or strtod: a tenant may be preempted or ended
+ * anywhere) and the host calls below; any other imported symbol is refused at load. It may
+ * also call malloc, calloc, realloc and free: the host binds them to an allocator in the
+ * tenant's own instance (never the C library's), whose memory counts against the same quota
+ * as host->alloc and is given back when the invocation ends.
  */
 #ifndef MPKVIRT_FN_H
 #define MPKVIRT_FN_H

@@ -245,6 +245,38 @@ fn imports_outside_the_allowed_list_are_refused() {
     );
 }
 
+/// The C library's allocator may be imported: every word the dynamic linker fills with it
+/// (a PLT slot, a GOT entry, a pointer in data) is listed for the loader to rebind, lazily
+/// or eagerly bound, with or without RELRO.
+#[test]
+fn the_c_allocator_is_imported_for_rebinding() {
+    let src = format!(
+        "{ECHO}\n#include <stdlib.h>\n\
+         void *(*keep)(size_t) = malloc;\n\
+         void *grab(size_t n) {{ void *p = calloc(1, n); p = realloc(p, 2 * n); free(p); return malloc(n); }}\n"
+    );
+    for flags in [
+        &[][..],
+        &["-Wl,-z,now", "-Wl,-z,relro"],
+        &["-Wl,-z,lazy", "-Wl,-z,norelro"],
+    ] {
+        let info = validate(&build("alloc", &src, flags)).unwrap();
+        for name in ["malloc", "calloc", "realloc", "free"] {
+            assert!(
+                info.rebinds.iter().any(|&(_, n)| n == name),
+                "{name} with {flags:?}: {:?}",
+                info.rebinds
+            );
+        }
+        // `keep` holds malloc's address: its word is rebound too.
+        assert!(
+            info.rebinds.iter().filter(|&&(_, n)| n == "malloc").count() >= 2,
+            "{flags:?}: {:?}",
+            info.rebinds
+        );
+    }
+}
+
 /// No byte of a valid object, changed to any value, makes validation panic (it returns an
 /// error or, for bytes it does not look at, success).
 #[test]

@@ -100,6 +100,7 @@ fn scenario(workers: usize) {
     host.register(app("sha256", native("sha256"), limits));
     host.register(app("echo-rust", native("echo_rs"), limits));
     host.register(app("deflate", native("deflate_rs"), limits));
+    host.register(app("words", native("words"), limits));
     // More applications than keys.
     for i in 0..20 {
         host.register(app(&format!("echo-{i}"), native("echo"), limits));
@@ -166,6 +167,21 @@ fn scenario(workers: usize) {
     assert!(
         (8..16).contains(&n),
         "{n} blocks of 4 KiB in a 64 KiB quota"
+    );
+
+    // The same through the C allocator: the loader bound the tenant's malloc to a heap in
+    // its instance, within the same quota.
+    let n = u64::from_le_bytes(host.invoke("hostile", b"M").unwrap().try_into().unwrap());
+    assert!(
+        (1..16).contains(&n),
+        "{n} mallocs of 4 KiB in a 64 KiB quota"
+    );
+    alive(&host);
+    // A tenant using malloc, calloc, realloc and free freely.
+    assert_eq!(
+        host.invoke("words", b"the cat and the hat; The END and the end")
+            .unwrap(),
+        b"the 4\nand 2\nend 2\ncat 1\nhat 1\n"
     );
 
     eprintln!("other instance");
@@ -236,6 +252,18 @@ fn scenario(workers: usize) {
         fault(libc::SIGSEGV)
     );
     assert_eq!(host.invoke("hostile", &with_arg(b'r', at)).unwrap(), b"S");
+    alive(&host);
+    // Memory from the tenant's malloc is its instance's too: not the host's heap, and (where
+    // rights are per thread) out of another tenant's reach — the C library's heap would be
+    // key-0 memory, readable by every tenant.
+    let at = u64::from_le_bytes(host.invoke("hostile", b"P").unwrap().try_into().unwrap());
+    assert!(!mpkvirt_host::heap::contains(at as usize));
+    if parallel {
+        assert_eq!(
+            host.invoke("hostile-2", &with_arg(b'r', at)),
+            fault(libc::SIGSEGV)
+        );
+    }
     alive(&host);
 
     // The host's heap is the host domain: a tenant reaches it only where rights are

@@ -179,6 +179,28 @@ fn json_transform_upper_cases_strings_and_refuses_bad_json() {
 }
 
 #[test]
+fn words_counts_with_the_c_allocator() {
+    // (Called directly, outside a sandbox: its malloc is the C library's here.)
+    let f = load("words");
+    assert_eq!(
+        String::from_utf8(call(&f, b"b a b, c B a!").unwrap()).unwrap(),
+        "b 3\na 2\nc 1\n"
+    );
+    assert_eq!(call(&f, b"").unwrap(), b"");
+    // Enough distinct words to grow its table several times.
+    let text: String = (0..3000)
+        .map(|i| format!("w{} ", (i * 7919) % 1000))
+        .collect();
+    let text = text.replace(|c: char| c.is_ascii_digit(), "x");
+    let out = String::from_utf8(call(&f, text.as_bytes()).unwrap()).unwrap();
+    let total: usize = out
+        .lines()
+        .map(|l| l.rsplit_once(' ').unwrap().1.parse::<usize>().unwrap())
+        .sum();
+    assert_eq!(total, 3000);
+}
+
+#[test]
 fn echo_rs_returns_the_request() {
     let f = load("echo_rs");
     for req in [&b""[..], b"x", &[7u8; 70_000]] {

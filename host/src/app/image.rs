@@ -18,7 +18,10 @@
 //!   call it (`qsort`, the `printf`/`scanf` families, `strtod`) are left out: the runtime may
 //!   preempt or abandon a tenant anywhere, and one stopped inside glibc's allocator would
 //!   leave its arena locked for the worker thread it shares. Tenants allocate with the host
-//!   table's `alloc`, in their own instance.
+//!   table's `alloc`, or with `malloc`, `calloc`, `realloc` and `free` ([`REBOUND_IMPORTS`]):
+//!   validation lists every word the dynamic linker fills with them, and the loader points
+//!   those at an allocator in the tenant's own instance (`runtime::tenant_heap`). Only whole
+//!   addresses are accepted (no addend, no other relocation type).
 //!
 //! Each failure is a [`ImageError`] that names the offending part.
 
@@ -27,7 +30,7 @@ use std::fmt;
 use mpkvirt::scan::{Gadget, gadgets};
 use object::elf;
 use object::read::elf::{Dyn, ElfFile64, FileHeader, ProgramHeader};
-use object::{Endianness, FileKind, Object, ObjectSection, ObjectSymbol};
+use object::{Endianness, FileKind, Object, ObjectSection, ObjectSymbol, ObjectSymbolTable};
 
 /// `MPKVIRT_FN_ABI_VERSION` of `include/mpkvirt_fn.h`.
 pub const ABI_VERSION: u32 = 1;
@@ -157,7 +160,19 @@ pub struct ImageInfo {
     /// Its read-only segments (code, constants) as `(vaddr, memsz)`: what host calls may
     /// read besides the instance (a string literal passed to `log`).
     pub read_only: Vec<(u64, u64)>,
+    /// The words the dynamic linker fills with the address of one of [`REBOUND_IMPORTS`]
+    /// (`(vaddr, symbol)`): the loader points them at the host's allocator in the instance
+    /// instead.
+    pub rebinds: Vec<(u64, &'static str)>,
+    /// The range the dynamic linker makes read-only after relocating (`PT_GNU_RELRO`), as
+    /// `(vaddr, memsz)`.
+    pub relro: Option<(u64, u64)>,
 }
+
+/// The C library's allocator, which a tenant may import: the loader binds its calls to the
+/// runtime's allocator in the tenant's own instance (`runtime::tenant_heap`), never to the
+/// C library's.
+pub const REBOUND_IMPORTS: &[&str] = &["malloc", "calloc", "realloc", "free"];
 
 /// Checks `bytes`, a tenant's shared object (see the module docs).
 ///
@@ -189,6 +204,8 @@ pub fn validate(bytes: &[u8]) -> Result<ImageInfo, ImageError> {
     let mut code_bytes = 0;
     let mut gnu_stack = false;
     let mut read_only = Vec::new();
+    let mut rebinds = Vec::new();
+    let mut relro = None;
     let phs = file.elf_program_headers();
     for ph in phs {
         let flags = ph.p_flags(endian).0;
@@ -227,6 +244,7 @@ pub fn validate(bytes: &[u8]) -> Result<ImageInfo, ImageError> {
                     code_bytes += code.len();
                 }
             }
+            elf::PT_GNU_RELRO => relro = Some((vaddr, ph.p_memsz(endian))),
             elf::PT_GNU_STACK if x => return Err(ImageError::ExecutableStack),
             elf::PT_GNU_STACK => gnu_stack = true,
             elf::PT_DYNAMIC => {
@@ -234,7 +252,7 @@ pub fn validate(bytes: &[u8]) -> Result<ImageInfo, ImageError> {
                     .dynamic(endian, bytes)
                     .map_err(|e| ImageError::Malformed(e.to_string()))?
                     .unwrap_or(&[]);
-                check_dynamic(&file, bytes, entries)?;
+                rebinds = check_dynamic(&file, bytes, entries)?;
             }
             _ => {}
         }
@@ -255,7 +273,7 @@ pub fn validate(bytes: &[u8]) -> Result<ImageInfo, ImageError> {
             continue;
         }
         if sym.is_undefined() {
-            if !ALLOWED_IMPORTS.contains(&name) {
+            if !ALLOWED_IMPORTS.contains(&name) && !REBOUND_IMPORTS.contains(&name) {
                 return Err(ImageError::ForbiddenImport(name.to_owned()));
             }
             imports.push(name.to_owned());
@@ -286,6 +304,8 @@ pub fn validate(bytes: &[u8]) -> Result<ImageInfo, ImageError> {
         code_bytes,
         imports,
         read_only,
+        rebinds,
+        relro,
     })
 }
 
@@ -334,11 +354,14 @@ fn file_bytes<'a>(
 /// the linker reads it, not from section headers): no text relocations; every relocation
 /// writes inside a writable segment; no library but the C library's is needed; the symbol
 /// and string tables are the ones the sections describe (which the symbol checks read).
+/// Returns the words that receive one of [`REBOUND_IMPORTS`] (only as a whole address: a
+/// `GLOB_DAT`, `JUMP_SLOT` or `64` relocation without addend; any other use is refused).
 fn check_dynamic(
     file: &ElfFile64<'_, Endianness>,
     bytes: &[u8],
     entries: &[object::elf::Dyn64<Endianness>],
-) -> Result<(), ImageError> {
+) -> Result<Vec<(u64, &'static str)>, ImageError> {
+    let mut rebinds = Vec::new();
     let endian = file.endian();
     let get = |tag: object::elf::DynamicTag| -> Option<u64> {
         entries
@@ -388,6 +411,35 @@ fn check_dynamic(
             {
                 return Err(ImageError::RelocationOutsideData { vaddr: r_offset });
             }
+            let word = |at: usize| {
+                r.get(at..at + 8)
+                    .and_then(|b| b.try_into().ok())
+                    .map(u64::from_le_bytes)
+                    .ok_or_else(|| ImageError::Malformed("relocation table size".into()))
+            };
+            let (info, addend) = (word(8)?, word(16)?);
+            let (sym, kind) = ((info >> 32) as usize, info as u32);
+            let kind_is = |k: object::elf::RelocationType| k.0 == kind;
+            if sym == 0 {
+                continue;
+            }
+            let name = file
+                .dynamic_symbol_table()
+                .and_then(|t| t.symbol_by_index(object::SymbolIndex(sym)).ok())
+                .and_then(|s| s.name().ok())
+                .ok_or_else(|| ImageError::Malformed(format!("relocation symbol {sym}")))?;
+            let Some(&rebound) = REBOUND_IMPORTS.iter().find(|&&n| n == name) else {
+                continue;
+            };
+            let whole = kind_is(elf::R_X86_64_GLOB_DAT)
+                || kind_is(elf::R_X86_64_JUMP_SLOT)
+                || (kind_is(elf::R_X86_64_64) && addend == 0);
+            if !whole {
+                return Err(ImageError::ForbiddenImport(format!(
+                    "{name} (relocation type {kind})"
+                )));
+            }
+            rebinds.push((r_offset, rebound));
         }
     }
     // Libraries it needs.
@@ -406,7 +458,7 @@ fn check_dynamic(
             return Err(ImageError::ForbiddenLibrary(name));
         }
     }
-    Ok(())
+    Ok(rebinds)
 }
 
 /// The little-endian `u32` the object's file holds at virtual address `vaddr` (inside a

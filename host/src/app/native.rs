@@ -118,6 +118,57 @@ unsafe impl Send for NativeFunction {}
 // SAFETY: as above: `&NativeFunction` only reads the two pointers.
 unsafe impl Sync for NativeFunction {}
 
+/// Points the object's references to the C library's allocator (`image::REBOUND_IMPORTS`,
+/// found by validation) at the runtime's allocator in the tenant's instance
+/// (`runtime::tenant_heap`). `bias`: where the object's virtual address 0 was mapped. Each
+/// word lies in a writable segment (validation checked every relocation); a word the
+/// dynamic linker made read-only (RELRO) is made writable for the write, then read-only
+/// again.
+fn rebind(info: &image::ImageInfo, bias: usize) -> Result<(), LoadError> {
+    if info.rebinds.is_empty() {
+        return Ok(());
+    }
+    if bias == 0 {
+        return Err(LoadError::Link(
+            "the object's load address is unknown (dladdr)".into(),
+        ));
+    }
+    let page = 4096usize;
+    // The pages the dynamic linker protected: the RELRO range, its end rounded down (as
+    // `ld.so` does: a last partial page stays writable).
+    let relro = info.relro.map(|(s, len)| {
+        let start = (bias + s as usize) & !(page - 1);
+        let end = (bias + (s + len) as usize) & !(page - 1);
+        start..end
+    });
+    for &(vaddr, name) in &info.rebinds {
+        let to = crate::runtime::tenant_heap::rebound(name)
+            .ok_or_else(|| LoadError::Link(format!("no binding for {name}")))?;
+        let at = bias + vaddr as usize;
+        let first = (at & !(page - 1)) as *mut u8;
+        let len = (at + 8).next_multiple_of(page) - (at & !(page - 1));
+        let prot = |p: mpkvirt_sys::mman::Prot| {
+            // SAFETY: the pages of one word of the object's writable data (a relocation
+            // target), mapped by the dynamic linker for the object; no code of the object
+            // runs meanwhile (it was just loaded).
+            unsafe { mpkvirt_sys::mman::mprotect(first, len, p) }
+                .map_err(|e| LoadError::Link(format!("rebinding {name}: {e}")))
+        };
+        prot(mpkvirt_sys::mman::Prot::READ_WRITE)?;
+        // SAFETY: an 8-byte word of the object's data, writable now (above); the dynamic
+        // linker wrote the C library's function there, which nothing reads until the
+        // object's code runs.
+        unsafe { (at as *mut usize).write_unaligned(to) };
+        if relro
+            .as_ref()
+            .is_some_and(|r| r.contains(&(at & !(page - 1))))
+        {
+            prot(mpkvirt_sys::mman::Prot::READ)?;
+        }
+    }
+    Ok(())
+}
+
 /// `dlerror()`'s message, or a placeholder.
 fn dl_error() -> String {
     // SAFETY: dlerror returns null or a C string valid until the next dl* call on this
@@ -188,6 +239,11 @@ impl NativeFunction {
                 })
                 .collect()
         };
+        if let Err(e) = rebind(&info, base - low) {
+            // SAFETY: the handle from above, closed once; nothing of the object runs.
+            unsafe { libc::dlclose(handle) };
+            return Err(e);
+        }
         Ok(NativeFunction {
             handle,
             entry,

@@ -34,6 +34,7 @@
 //! today, which a tenant's view can read and write: ARCHITECTURE.md, *The host runtime*).
 
 mod tenant;
+pub(crate) mod tenant_heap;
 
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
@@ -954,7 +955,9 @@ impl Worker<'_> {
         let mut l = match kept {
             Some(l) => l,
             None => {
-                let stack = self.host_alloc(d, self.inner.config.stack_size)?;
+                // (The tenant heap's header lies just above the stack's top.)
+                let stack =
+                    self.host_alloc(d, self.inner.config.stack_size + tenant_heap::HEADER)?;
                 Layout {
                     stack,
                     frame: self.host_alloc(d, size_of::<tenant::Frame>())?,
@@ -984,6 +987,9 @@ impl Worker<'_> {
     ) -> Result<(u64, u64, tenant::Runnable), InvokeError> {
         let l = self.layout(d, warm, request.len())?;
         let top = (l.stack + self.inner.config.stack_size as u64) & !15;
+        // A new tenant heap for each invocation (the last one's chunks went back to the
+        // host when it ended).
+        mem.write(top, &0u64.to_le_bytes());
         let req = l.request;
         mem.write(req, request);
         let frame_at = l.frame;

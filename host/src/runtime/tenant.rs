@@ -81,7 +81,7 @@ pub(crate) const ENTRY_NATIVE: u64 = 1;
 pub(crate) const ENTRY_BUILTIN: u64 = 2;
 
 /// The gate-side yield (the value goes to the worker; the result is its answer).
-fn host_call(op: u64, a: [u64; 6]) -> u64 {
+pub(crate) fn host_call(op: u64, a: [u64; 6]) -> u64 {
     let call = HostCall { op, a };
     // The address of a request on this (the instance's) stack; the worker reads it from
     // there after validating it.

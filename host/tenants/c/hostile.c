@@ -12,6 +12,9 @@
  *   l  loop forever                                     -> the deadline
  *   L  log "looping", then loop forever                 -> the deadline
  *   m  allocate 4 KiB blocks until refused; answer how many (the quota)
+ *   M  malloc 4 KiB blocks until it returns NULL; answer how many (the quota, through
+ *      the C allocator the loader bound to the instance's heap)
+ *   P  malloc 16 bytes, write 'S' there, answer the address (in the instance)
  *   r  read the byte at the argument's address          -> SIGSEGV unless it is its own
  *   w  write the byte at the argument's address         -> SIGSEGV unless it is its own
  *   p  allocate 16 bytes, write 'S' there, answer the address (a target for r and w)
@@ -89,6 +92,18 @@ int mpkvirt_fn_entry(const struct mpkvirt_host_api *host, const uint8_t *request
         response->data = (uint8_t *)n;
         response->len = sizeof *n;
         return 0;
+    }
+    case 'M': {
+        uint64_t n = 0;
+        while (malloc(4096) != NULL) ++n;
+        return answer(host, response, &n, sizeof n);
+    }
+    case 'P': {
+        char *p = malloc(16);
+        if (p == NULL) return 2;
+        p[0] = 'S';
+        uint64_t at = (uint64_t)(uintptr_t)p;
+        return answer(host, response, &at, sizeof at);
     }
     case 'r': {
         uint8_t b = *(volatile uint8_t *)(uintptr_t)arg;
