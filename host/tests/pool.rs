@@ -196,3 +196,25 @@ fn a_cleaner_resets_slots_off_the_acquisition_path() {
     assert_eq!(pool.stats().resets, 3);
     drop((c, y, z));
 }
+
+/// Below its limit the pool keeps warm slots warm: the cleaner gets only dirty ones, and
+/// the clean stock is made of new slots.
+#[test]
+fn below_the_limit_warm_slots_stay_warm_and_the_stock_is_new_slots() {
+    let mgr = manager();
+    let mut pool = Pool::new(mgr.clone(), SLOT, 0, 8).unwrap();
+    let a = pool.acquire(1).unwrap();
+    write(&mgr, &a, 0xA1);
+    pool.release(a, Release::Warm).unwrap();
+    assert!(pool.to_clean(4, 8).is_empty());
+    assert_eq!(pool.prefill(4, 8).unwrap(), 4);
+    assert_eq!(
+        (pool.clean(), pool.stats().created, pool.stats().resets),
+        (4, 5, 0)
+    );
+    let a = pool.acquire(1).unwrap();
+    assert_eq!(read(&mgr, &a), (0xA1, 0xA1));
+    // At most the limit.
+    assert_eq!(pool.prefill(100, 100).unwrap(), 3);
+    drop(a);
+}

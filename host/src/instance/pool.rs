@@ -258,17 +258,22 @@ impl<B: Backend> Pool<B> {
         Ok(())
     }
 
-    /// Slots for a cleaner to reset, so that at least `want` slots are clean (counting those
-    /// already out for cleaning): dirty ones first, then warm ones released longest ago;
-    /// at most `max`. Reset each with `Domain::reset` outside the pool's lock and give it
-    /// back with [`Pool::cleaned`].
+    /// Slots for a cleaner to reset, at most `max`: the dirty ones, then — only once the pool
+    /// is at its limit, where an acquisition would otherwise reset one on its path — warm
+    /// ones released longest ago, until `want` slots are clean (counting those out for
+    /// cleaning). Reset each with `Domain::reset` outside the pool's lock and give it back
+    /// with [`Pool::cleaned`]. Below the limit, [`Pool::prefill`] makes clean slots instead,
+    /// and warm ones stay warm.
     pub fn to_clean(&mut self, want: usize, max: usize) -> Vec<Domain<B>> {
         let mut out = Vec::new();
         while out.len() < max {
             let Some(d) = self.dirty.pop() else { break };
             out.push(d);
         }
-        while out.len() < max && self.clean.len() + self.cleaning + out.len() < want {
+        while self.stats.created >= self.limit
+            && out.len() < max
+            && self.clean.len() + self.cleaning + out.len() < want
+        {
             let Some(d) = self.take_oldest_warm() else {
                 break;
             };
@@ -276,6 +281,23 @@ impl<B: Backend> Pool<B> {
         }
         self.cleaning += out.len();
         out
+    }
+
+    /// Makes new slots, at most `max`, while fewer than `want` are clean and the pool is
+    /// below its limit (so that an acquisition finds one without mapping it); returns how
+    /// many it made.
+    ///
+    /// # Errors
+    ///
+    /// When mpkvirt cannot create a domain (those made before stay).
+    pub fn prefill(&mut self, want: usize, max: usize) -> Result<usize, PoolError> {
+        let mut made = 0;
+        while made < max && self.stats.created < self.limit && self.clean.len() < want {
+            let d = self.make()?;
+            self.clean.push(d);
+            made += 1;
+        }
+        Ok(made)
     }
 
     /// Takes back a slot from [`Pool::to_clean`], with the result of its reset.

@@ -129,9 +129,9 @@ pub struct HostConfig {
     /// Whether the workers name the domains of the tasks they run next to the key cache
     /// (off: only for measuring what the hints are worth).
     pub hints: bool,
-    /// Clean instance slots the host keeps ready: the watchdog thread resets released and
-    /// idle slots in the background, so that a new instance finds one without a reset on
-    /// its invocation's path.
+    /// Clean instance slots the host keeps ready: the watchdog thread makes them (below the
+    /// pool's limit) or resets released and, at the limit, idle ones in the background, so
+    /// that a new instance finds one without a mapping or a reset on its invocation's path.
     pub clean_slots: usize,
     /// **Measurement only, never for serving**: on the emulated backend, run the workers in
     /// parallel although rights are process-wide there (tenants are not isolated from each
@@ -578,8 +578,9 @@ impl Host {
         log.iter().cloned().collect()
     }
 
-    /// Resets released and idle slots now, until the host has its stock of clean ones (what
-    /// the watchdog does a few at a time each tick); returns how many it reset.
+    /// Resets released (or, at the pool's limit, idle) slots now, or makes new ones below
+    /// the limit, until the host has its stock of clean ones (what the watchdog does a few
+    /// at a time each tick); returns how many it reset or made.
     pub fn clean_slots(&self) -> usize {
         clean_slots(&self.inner, usize::MAX)
     }
@@ -784,19 +785,30 @@ fn watchdog(inner: &Inner) {
     }
 }
 
-/// Resets up to `max` released or idle slots, outside the pool's lock, until the host has
-/// its stock of clean ones (`HostConfig::clean_slots`); returns how many it reset.
+/// Resets up to `max` released (or, at the pool's limit, idle) slots outside the pool's
+/// lock, or makes new ones below the limit, until the host has its stock of clean ones
+/// (`HostConfig::clean_slots`); returns how many it reset or made.
 fn clean_slots(inner: &Inner, max: usize) -> usize {
     let pool = || inner.pool.lock().unwrap_or_else(|e| e.into_inner());
-    let out = pool().to_clean(inner.config.clean_slots, max);
+    let want = inner.config.clean_slots;
+    let out = pool().to_clean(want, max);
     let n = out.len();
+    // Below the pool's limit, new slots (made here, not on an invocation's path) keep the
+    // stock; warm slots stay warm.
+    let made = match pool().prefill(want, max.saturating_sub(n)) {
+        Ok(m) => m,
+        Err(e) => {
+            eprintln!("mpkvirt-host: making an instance slot: {e}");
+            0
+        }
+    };
     for d in out {
         let reset = d.reset();
         if let Err(e) = pool().cleaned(d, reset) {
             eprintln!("mpkvirt-host: an instance slot was dropped: {e}");
         }
     }
-    n
+    n + made
 }
 
 /// The memory an invocation holds in its instance.
