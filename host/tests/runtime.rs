@@ -184,6 +184,32 @@ fn scenario(workers: usize) {
         b"the 4\nand 2\nend 2\ncat 1\nhat 1\n"
     );
 
+    // A built-in invoked by a native function whose deadline passes while the built-in
+    // allocates: the built-in is the host's code and runs to its end (abandoned inside the
+    // heap's lock, it would leave every thread of the host waiting for it); the caller's
+    // deadline is reported after.
+    host.register(app(
+        "alloc-long",
+        Code::Builtin(Arc::new(|_: &[u8]| {
+            // Mostly inside the allocator (and its lock), where an abandonment would land.
+            let until = std::time::Instant::now() + Duration::from_millis(400);
+            while std::time::Instant::now() < until {
+                for i in 0..1000u64 {
+                    drop(std::hint::black_box(Box::new(i)));
+                }
+            }
+            Ok(b"done".to_vec())
+        })),
+        limits,
+    ));
+    for _ in 0..3 {
+        assert_eq!(
+            within(&host, "hostile", b"Ialloc-long"),
+            Err(InvokeError::Deadline)
+        );
+        alive(&host);
+    }
+
     eprintln!("other instance");
     // Nested invocations (of a native function): the answer comes back; a caller that loops
     // after one still ends at its deadline (the nested step must not clear its caller's

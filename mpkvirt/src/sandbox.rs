@@ -219,7 +219,9 @@ impl<B: Backend> Manager<B> {
     /// beyond this manager: the sandbox keeps the thread's process-wide grants and the
     /// rights of other managers' views (a host's own functions, run in an instance, reach
     /// the host's heap). The seal and the view of `domain` are the same; this manager's other
-    /// domains stay out of reach.
+    /// domains stay out of reach. [`signal`] neither preempts nor aborts it: the code may
+    /// hold the runner's locks (its allocator's), so it runs to its yields, and a fault in
+    /// it is a fault of the runner's.
     ///
     /// # Errors
     ///
@@ -407,7 +409,9 @@ fn xsave_fits() -> bool {
 
 /// `OP_SANDBOX_SIGNAL` (library side).
 pub(crate) fn signal_op(rec: &mut ThreadRecord, i: SignalIn) -> Result<u64> {
-    if !rec.sandbox.active {
+    // A shared sandbox runs code its runner trusts with the runner's heap and locks: it is
+    // neither preempted nor abandoned (a fault there is the runner's, as outside a sandbox).
+    if !rec.sandbox.active || rec.sandbox.shared {
         return Ok(0);
     }
     let ctx = i.ctx as usize;

@@ -402,6 +402,16 @@ fn run_counting_preemptions<B: Backend>(
     f: extern "C" fn(u64, u64),
     arg: u64,
 ) -> (u64, u32) {
+    run_counting_preemptions_in(mgr, f, arg, false)
+}
+
+/// [`run_counting_preemptions`], in a shared sandbox (`sandbox_run_shared`) if `shared`.
+fn run_counting_preemptions_in<B: Backend>(
+    mgr: &Manager<B>,
+    f: extern "C" fn(u64, u64),
+    arg: u64,
+    shared: bool,
+) -> (u64, u32) {
     let own = mgr
         .create_domain(DomainOptions::reserve(256 << 10))
         .unwrap();
@@ -410,8 +420,14 @@ fn run_counting_preemptions<B: Backend>(
     let ctx = unsafe { Context::new(top(&own), f, arg) };
     let (mut sp, mut preempted) = (ctx.sp, 0);
     loop {
-        // SAFETY: the prepared context, then the one each yield returned.
-        let y = unsafe { mgr.sandbox_run(&own, sp, top(&own), 0) }.unwrap();
+        let y = if shared {
+            // SAFETY: the prepared context, then the one each yield returned.
+            unsafe { mgr.sandbox_run_shared(&own, sp, top(&own), 0) }
+        } else {
+            // SAFETY: as above.
+            unsafe { mgr.sandbox_run(&own, sp, top(&own), 0) }
+        }
+        .unwrap();
         if y.value != sandbox::PREEMPTED {
             return (y.value, preempted);
         }
@@ -468,6 +484,29 @@ extern "C" fn three_ticks(sig: u64, _first: u64) {
     loop {
         sandbox::yield_now(42);
     }
+}
+
+/// A shared sandbox runs the runner's trusted code (which may hold its locks): the ticks
+/// that preempt a sealed one leave it alone.
+fn shared_is_never_preempted<B: Backend>(mgr: &Manager<B>) {
+    let sig = install_tick(0);
+    let (out, preempted) = run_counting_preemptions_in(mgr, three_ticks, sig as u64, true);
+    assert_eq!((out, preempted), (42, 0));
+}
+
+#[test]
+fn a_shared_sandbox_is_never_preempted() {
+    let _g = common::real_backend();
+    let mgr = Manager::with_backend(Emulated::new(4).unwrap(), config(4)).unwrap();
+    shared_is_never_preempted(&mgr);
+}
+
+#[test]
+fn pku_a_shared_sandbox_is_never_preempted() {
+    let _pku = require_pku!();
+    let _g = common::real_backend();
+    let mgr = Manager::with_backend(Hardware::new(4).unwrap(), config(4)).unwrap();
+    shared_is_never_preempted(&mgr);
 }
 
 /// Preemptions that arrive before the stub ran are one preemption (a slow handler under a

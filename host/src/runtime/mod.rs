@@ -48,6 +48,7 @@ use crate::app::native::NativeFunction;
 use crate::instance::pool::{Pool, Release, Slot};
 use crate::sched::green::{Exited, spawn_on_host_stack};
 use crate::sched::policy::{self, AppId, AppStats, Order, RunQueue};
+use tenant::monotonic_ns;
 
 /// A built-in function: request bytes in, response bytes (or an error message) out. It runs
 /// inside the instance's sandbox like a native tenant, so it may use only its argument, the
@@ -853,8 +854,12 @@ struct Task {
 struct Running<'a>(&'a Runner, u64);
 
 impl<'a> Running<'a> {
-    fn new(r: &'a Runner) -> Running<'a> {
-        let before = r.since.swap(monotonic_ns().max(1), Ordering::AcqRel);
+    /// Marks tenant code (`tenant`: a native function's step, which the watchdog may
+    /// preempt) or the host's own (a built-in's step, nested in a native one's or not: never
+    /// preempted, since it may hold the heap's lock or any other of the host's).
+    fn new(r: &'a Runner, tenant: bool) -> Running<'a> {
+        let mark = if tenant { monotonic_ns().max(1) } else { 0 };
+        let before = r.since.swap(mark, Ordering::AcqRel);
         Running(r, before)
     }
 }
@@ -1047,8 +1052,7 @@ impl Worker<'_> {
         // Built-in functions are the host's own code, run to their end: preempted or
         // abandoned inside the global allocator (or any lock of the host's), they would leave
         // it to the worker in the middle of an update.
-        let _running =
-            matches!(task.app.0.app.code, Code::Native(_)).then(|| Running::new(self.runner));
+        let _running = Running::new(self.runner, matches!(task.app.0.app.code, Code::Native(_)));
         if let Some(request) = task.pending.take() {
             let warm = task.slot.is_warm();
             match self.prepare(d, task.mem, &task.app.0, &request, warm) {
@@ -1330,10 +1334,4 @@ impl Worker<'_> {
         mem.write(a[5], &(resp.len() as u64).to_ne_bytes());
         Ok(0)
     }
-}
-
-/// Nanoseconds since the host started (a monotonic clock).
-fn monotonic_ns() -> u64 {
-    static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
-    START.get_or_init(Instant::now).elapsed().as_nanos() as u64
 }

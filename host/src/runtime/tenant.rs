@@ -490,3 +490,15 @@ pub(crate) fn fill_random(buf: &mut [u8]) {
         done += n as usize;
     }
 }
+
+/// Nanoseconds of the system's monotonic clock (no base kept in memory a tenant could
+/// write).
+pub(crate) fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes the timespec it is given (vDSO, no system call).
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    (ts.tv_sec as u64).wrapping_mul(1_000_000_000) + ts.tv_nsec as u64
+}

@@ -22,6 +22,8 @@
  *   f  free a pointer the host never gave               -> a refused host call
  *   v  invoke "echo-c" with "nested" and answer its response (a nested invocation)
  *   V  invoke "echo-c", then loop forever                  -> the deadline
+ *   I  invoke the function named by the rest of the request (empty request) and answer
+ *      its response
  *   g  call the argument (mpkvirt's call gate) as gate(op, block) with a forged op that
  *      would enter another view, and answer the status it returned (refused: bit 63 set)
  */
@@ -134,6 +136,16 @@ int mpkvirt_fn_entry(const struct mpkvirt_host_api *host, const uint8_t *request
         if (request[0] == 'V')
             for (volatile uint64_t i = 0;; i++) {
             }
+        response->data = resp;
+        response->len = resp_len;
+        return 0;
+    }
+    case 'I': {
+        uint8_t *resp = NULL;
+        size_t resp_len = 0;
+        if (host->invoke((const char *)request + 1, request_len - 1, request, 0, &resp,
+                         &resp_len) != 0)
+            return 3;
         response->data = resp;
         response->len = resp_len;
         return 0;
