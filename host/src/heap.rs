@@ -253,6 +253,9 @@ fn activate() -> Result<(), HeapError> {
             })),
         })
     };
+    // The domain lives as long as the process (from here on the heap serves from it).
+    std::mem::forget(dom);
+    std::mem::forget(mgr);
     ANCHOR.base.store(base, Ordering::Release);
     ANCHOR.end.store(base + len, Ordering::Release);
     ANCHOR.state.store(st, Ordering::Release);
@@ -266,8 +269,5 @@ fn activate() -> Result<(), HeapError> {
         )
     }
     .map_err(|e| HeapError(format!("sealing the anchor: {e}")))?;
-    // The domain lives as long as the process.
-    std::mem::forget(dom);
-    std::mem::forget(mgr);
     Ok(())
 }

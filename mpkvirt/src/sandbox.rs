@@ -69,6 +69,9 @@ pub(crate) struct State {
     end: u64,
     /// Whether it keeps the process-wide grants and other managers' rights.
     pub(crate) shared: bool,
+    /// The runner's PKRU before the run: the fields of keys no manager owns come back from
+    /// it at the yield (the managers' own are recomputed).
+    pre_pkru: u32,
 }
 
 /// `S_RUN`'s input.
@@ -554,6 +557,7 @@ pub(crate) fn serve_run(
         rec.ensure_altstack(true);
         rec.altstack_checked = rec.has_altstack();
     }
+    let pre_pkru = rec.gate.pkru;
     let started = if rec.sandbox.active || rec.interrupted {
         Err(Error::InvalidConfig(
             "a sandbox runs only from a thread's normal, unsandboxed context",
@@ -577,6 +581,7 @@ pub(crate) fn serve_run(
                 base,
                 end,
                 shared: input.shared != 0,
+                pre_pkru,
             };
             rec.gate.saved_rsp = input.sp;
             input.value
@@ -604,9 +609,11 @@ pub(crate) fn yield_op(rec: &mut ThreadRecord, value: u64) -> u64 {
         return STATUS_BAD_CALL;
     }
     let st = std::mem::take(&mut rec.sandbox);
+    rec.gate.pkru = st.pre_pkru;
     crate::manager::ops::end_views_since(rec, st.mark);
-    // The sandbox's PKRU denied every other manager's keys and the process-wide grants
-    // (`sealed_pkru`); the runner gets its rights back from its views and the grants.
+    // The sandbox's PKRU denied every other key, the process-wide grants included
+    // (`sealed_pkru`): the runner's fields come back from its PKRU before the run, and the
+    // managers' keys are recomputed from its views and the grants in force now.
     crate::manager::global::resync(rec, None);
     let y = Yielded {
         sp: rec.gate.saved_rsp as usize,

@@ -305,7 +305,13 @@ fn pku_a_sandbox_takes_no_process_wide_rights_and_no_other_managers_keys() {
             if y.unwrap().value != 42 {
                 return 1;
             }
-            // The runner's rights are back: the grant and the other manager's view.
+            // The runner's rights are back, in its PKRU (not merely taken again at a fault):
+            // the grant and the other manager's view.
+            let pkru = mpkvirt_sys::Pku::new().unwrap().rdpkru();
+            let back = |d: &Domain<Hardware>| d.key().is_some_and(|k| pkru.rights(k).can_write());
+            if !back(&global) || !back(&other) {
+                return 3;
+            }
             // SAFETY: the first byte of `global`, granted to every thread.
             let g = unsafe { global.base().as_ptr().read() };
             // SAFETY: the first byte of `other`, inside the outer view.

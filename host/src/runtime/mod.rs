@@ -18,20 +18,28 @@
 //!
 //! An invocation ends with the function's response or an [`InvokeError`]: the entry's
 //! failure code, a fault (any of SIGSEGV, SIGBUS, SIGFPE, SIGILL, SIGTRAP, SIGABRT raised
-//! inside the sandbox: the handler resumes the context at a stub that yields, and the worker
-//! never runs it again), the deadline (checked when the watchdog preempts it and after each
-//! host call), a spent memory quota (the allocation returns NULL; what the tenant does next
-//! is its business), a host call with a pointer outside the instance, or a panic in a
-//! built-in function. The slot of an invocation that ended badly is reset before it is lent
-//! again.
+//! inside a native function's sandbox: the handler resumes the context at a stub that
+//! yields, and the worker never runs it again), the deadline (checked when the watchdog
+//! preempts it and after each host call), a spent memory quota (the allocation returns NULL;
+//! what the tenant does next is its business), a host call with a pointer outside the
+//! instance, or a panic in a built-in function. The slot of an invocation that ended badly
+//! is reset before it is lent again, by the watchdog, which keeps a stock of clean slots
+//! (`HostConfig::clean_slots`) off the invocations' path.
+//!
+//! The host's heap and its threads' stacks are in the host domain (`crate::heap`,
+//! `sched::green::spawn_on_host_stack`), which native functions' sandboxes do not reach;
+//! built-in functions run in shared sandboxes (`Manager::sandbox_run_shared`), which do, and
+//! are neither preempted nor abandoned. A native function's `malloc` family is an allocator
+//! in its instance (`tenant_heap.rs`).
 //!
 //! Without PKU (the emulated backend) a domain's rights are process-wide: two tenants running
 //! at once on two workers would see each other's instances. The runtime then runs **one
 //! worker** — tenant code is serialized, `invoke_here` included — and says so
 //! ([`Host::arrangement`], and a line on stderr at start).
 //!
-//! Not yet here (issue 9): the host's own memory in a host domain (host state is key-0 memory
-//! today, which a tenant's view can read and write: ARCHITECTURE.md, *The host runtime*).
+//! Not yet here (issue 9): the rest of the host's state out of key 0 — statics, thread-local
+//! storage, the stacks of threads the host does not start, signal frames on the 6.1 kernel
+//! (ARCHITECTURE.md, *The host runtime*, lists each).
 
 mod tenant;
 pub(crate) mod tenant_heap;
@@ -352,6 +360,8 @@ struct Inner {
     queue: Mutex<VecDeque<Job>>,
     ready: Condvar,
     stop: AtomicBool,
+    /// Set once the workers have ended: the watchdog ends too.
+    watch_stop: AtomicBool,
     log: Mutex<VecDeque<String>>,
     /// Held while tenant code runs, when tenants must run one at a time (no PKU).
     serial: Option<Mutex<()>>,
@@ -434,6 +444,7 @@ impl Host {
             queue: Mutex::new(VecDeque::new()),
             ready: Condvar::new(),
             stop: AtomicBool::new(false),
+            watch_stop: AtomicBool::new(false),
             log: Mutex::new(VecDeque::new()),
             serial: (arrangement == Arrangement::Serialized).then(|| Mutex::new(())),
             opened: Mutex::new(std::collections::HashSet::new()),
@@ -608,7 +619,15 @@ impl Drop for Host {
             self.inner.stop.store(true, Ordering::Release);
         }
         self.inner.ready.notify_all();
-        for w in self.workers.drain(..) {
+        // The workers first (they finish what is queued, preempted and held to deadlines by
+        // the watchdog meanwhile), then the watchdog.
+        let mut threads = self.workers.drain(..);
+        let watchdog = threads.next();
+        for w in threads {
+            w.wait();
+        }
+        self.inner.watch_stop.store(true, Ordering::Release);
+        if let Some(w) = watchdog {
             w.wait();
         }
     }
@@ -778,7 +797,7 @@ thread_local! {
 /// the same for goroutines). Nothing on the invocation path makes a system call for it.
 fn watchdog(inner: &Inner) {
     let tick = inner.config.tick();
-    while !inner.stop.load(Ordering::Acquire) {
+    while !inner.watch_stop.load(Ordering::Acquire) {
         std::thread::sleep(tick);
         inner.watch.sweep(tick);
         // A few resets a tick, so that preemption stays on time.

@@ -212,9 +212,15 @@ pub(crate) fn quiet_panics_in_sandboxes() {
     });
 }
 
-/// The real-time signal the watchdog preempts tenants with.
+/// The real-time signal the watchdog preempts tenants with: fixed when the handlers are
+/// installed and read from the sealed page after (the C library computes `SIGRTMIN` from a
+/// variable in its writable data, which tenants can reach: rewritten, the watchdog's tick
+/// would become a `SIGKILL`).
 pub(crate) fn preempt_signal() -> c_int {
-    libc::SIGRTMIN() + 8
+    HANDLERS
+        .0
+        .get()
+        .map_or_else(|| libc::SIGRTMIN() + 8, |h| h.preempt)
 }
 
 /// The signals that end a sandboxed invocation instead of the process.
@@ -227,30 +233,56 @@ const FAULT_SIGNALS: [c_int; 6] = [
     libc::SIGABRT,
 ];
 
-/// The handlers installed before ours, by signal number: no heap memory (a handler runs with
-/// the kernel's initial PKRU, which denies the host domain).
-static PREVIOUS: OnceLock<[Option<(c_int, libc::sigaction)>; 8]> = OnceLock::new();
+/// What the host's handlers read: the preemption signal and the handlers installed before
+/// theirs (to chain to). Not heap memory (a handler runs with the kernel's initial PKRU,
+/// which denies the host domain), and not writable once set: it sits alone on a page made
+/// read-only after the handlers are installed, so a tenant cannot plant a handler to chain
+/// to or change the signal.
+struct Handlers {
+    preempt: c_int,
+    previous: [Option<(c_int, libc::sigaction)>; 8],
+}
+
+/// [`Handlers`], alone on its page.
+#[repr(C, align(4096))]
+struct SealedPage(OnceLock<Handlers>);
+
+static HANDLERS: SealedPage = SealedPage(OnceLock::new());
+
+const _: () = assert!(size_of::<SealedPage>() == 4096);
 
 /// Installs the fault and preemption handlers (once per process; after mpkvirt's fault handler,
-/// which becomes the next in the chain).
+/// which becomes the next in the chain), then seals what they read.
 pub(crate) fn install_handlers() -> std::io::Result<()> {
     let mut err = None;
-    PREVIOUS.get_or_init(|| {
-        let mut prev = [None; 8];
-        let ours: Vec<c_int> = FAULT_SIGNALS
-            .into_iter()
-            .chain([preempt_signal()])
-            .collect();
+    let mut fresh = false;
+    HANDLERS.0.get_or_init(|| {
+        fresh = true;
+        let preempt = libc::SIGRTMIN() + 8;
+        let mut previous = [None; 8];
+        let ours: Vec<c_int> = FAULT_SIGNALS.into_iter().chain([preempt]).collect();
         for (i, &sig) in ours.iter().enumerate() {
             // SAFETY: `on_signal` is async-signal-safe: one gate call (no allocation, no
             // lock), reads and writes of the frame it was given, and the chained handler.
             match unsafe { install_blocking(sig, &ours) } {
-                Ok(old) => prev[i] = Some((sig, old)),
+                Ok(old) => previous[i] = Some((sig, old)),
                 Err(e) => err = Some(e),
             }
         }
-        prev
+        Handlers { preempt, previous }
     });
+    if fresh {
+        // SAFETY: the page of `HANDLERS` alone (page-aligned and page-sized), complete: the
+        // `OnceLock` is set and never written again (reads only load its state).
+        unsafe {
+            mpkvirt_sys::mman::mprotect(
+                (&raw const HANDLERS).cast_mut().cast(),
+                4096,
+                mpkvirt_sys::mman::Prot::READ,
+            )
+        }
+        .map_err(|e| std::io::Error::other(e.to_string()))?;
+    }
     err.map_or(Ok(()), Err)
 }
 
@@ -300,9 +332,13 @@ extern "C" fn on_signal(sig: c_int, info: *mut libc::siginfo_t, ctx: *mut c_void
 }
 
 fn chain(sig: c_int, info: *mut libc::siginfo_t, ctx: *mut c_void) {
-    let prev = PREVIOUS
-        .get()
-        .and_then(|p| p.iter().flatten().find(|(s, _)| *s == sig).map(|(_, a)| a));
+    let prev = HANDLERS.0.get().and_then(|h| {
+        h.previous
+            .iter()
+            .flatten()
+            .find(|(s, _)| *s == sig)
+            .map(|(_, a)| a)
+    });
     match prev {
         // SAFETY: the handler that was installed before ours, with the kernel's arguments.
         Some(prev) => unsafe { mpkvirt_sys::signal::chain(prev, sig, info, ctx) },

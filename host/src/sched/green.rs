@@ -132,6 +132,37 @@ impl Exited {
     }
 }
 
+/// Blocks the calling thread's standard signals but the faults (SIGSEGV, SIGBUS, SIGFPE,
+/// SIGILL, SIGTRAP, SIGABRT): a host thread runs on a stack in the host domain, which a
+/// handler — started with the kernel's initial PKRU, which denies it — cannot use, so a
+/// handler without `SA_ONSTACK` (an embedding program's SIGINT or SIGTERM handler, say)
+/// delivered there would fault. Process-directed signals go to other threads instead. The
+/// real-time signals (mpkvirt's sync signal, the runtime's preemption) stay open; their
+/// handlers run on the alternate stack.
+fn block_other_signals() {
+    // SAFETY: an all-zero `sigset_t` is a valid value for sigemptyset to initialise.
+    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: sigemptyset/sigaddset/sigdelset write only the set we own.
+    unsafe { libc::sigemptyset(&mut set) };
+    for sig in 1..32 {
+        if ![
+            libc::SIGSEGV,
+            libc::SIGBUS,
+            libc::SIGFPE,
+            libc::SIGILL,
+            libc::SIGTRAP,
+            libc::SIGABRT,
+        ]
+        .contains(&sig)
+        {
+            // SAFETY: as above.
+            unsafe { libc::sigaddset(&mut set, sig) };
+        }
+    }
+    // SAFETY: changes this thread's mask only (SIGKILL and SIGSTOP are ignored by the kernel).
+    unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
+}
+
 /// Starts a thread that runs `body` on a fiber's stack — in the host domain once the host heap
 /// is active — and never returns to its own stack.
 ///
@@ -157,13 +188,18 @@ pub fn spawn_on_host_stack(
         // Only the switch onto the fiber runs here.
         .stack_size(64 << 10)
         .spawn(move || {
+            block_other_signals();
             let fiber = Fiber::new(stack_size, move |_| {
                 let _ = catch_unwind(AssertUnwindSafe(body));
                 on_exit.set();
                 drop(on_exit);
-                loop {
-                    std::thread::park();
-                }
+                let _ = catch_unwind(|| {
+                    loop {
+                        std::thread::park();
+                    }
+                });
+                // Never back to the thread's own stack.
+                std::process::abort()
             });
             match fiber {
                 Ok(mut fiber) => {
