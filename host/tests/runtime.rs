@@ -418,3 +418,41 @@ fn pku_the_runtime_contains_every_misbehaviour_on_two_workers() {
     let _pku = require_pku!();
     scenario(2);
 }
+
+/// Dropping a host while a native function loops: the workers finish what they hold, and the
+/// watchdog keeps preempting them until they have (the function ends at its deadline), so the
+/// drop returns.
+#[test]
+fn dropping_a_host_with_a_looping_function_returns() {
+    let host = Host::start(HostConfig {
+        workers: Some(1),
+        ..HostConfig::default()
+    })
+    .unwrap();
+    host.register(app(
+        "loop",
+        native("hostile"),
+        Limits {
+            timeout: Duration::from_millis(200),
+            ..Limits::default()
+        },
+    ));
+    let (tx, rx) = std::sync::mpsc::channel();
+    host.submit("loop", b"L".to_vec(), move |r| {
+        let _ = tx.send(r);
+    })
+    .unwrap();
+    while !host.logs().iter().any(|l| l == "loop: looping") {
+        std::thread::yield_now();
+    }
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        drop(host);
+        let _ = done_tx.send(());
+    });
+    if done_rx.recv_timeout(Duration::from_secs(20)).is_err() {
+        eprintln!("the host's drop did not return in 20 s");
+        std::process::exit(101);
+    }
+    assert_eq!(rx.recv().unwrap(), Err(InvokeError::Deadline));
+}

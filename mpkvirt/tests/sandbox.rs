@@ -291,6 +291,9 @@ fn pku_a_sandbox_takes_no_process_wide_rights_and_no_other_managers_keys() {
         (at(&other), true, Ok(0)),
     ] {
         let status = in_child(|| {
+            // A key no manager owns, read-write for this thread: the sandbox denies it, the
+            // runner has it again after the yield.
+            let raw = mpkvirt_sys::pkey::pkey_alloc(mpkvirt_sys::AccessRights::READ_WRITE).unwrap();
             let _outer = other_mgr.enter(&[(&other, Rights::ReadWrite)]).unwrap();
             let _v = mgr.enter(&[(&own, Rights::ReadWrite)]).unwrap();
             // SAFETY: the top of `own`, writable in this view.
@@ -311,6 +314,9 @@ fn pku_a_sandbox_takes_no_process_wide_rights_and_no_other_managers_keys() {
             let back = |d: &Domain<Hardware>| d.key().is_some_and(|k| pkru.rights(k).can_write());
             if !back(&global) || !back(&other) {
                 return 3;
+            }
+            if !pkru.rights(raw).can_write() {
+                return 4;
             }
             // SAFETY: the first byte of `global`, granted to every thread.
             let g = unsafe { global.base().as_ptr().read() };

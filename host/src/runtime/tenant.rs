@@ -538,3 +538,34 @@ pub(crate) fn monotonic_ns() -> u64 {
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     (ts.tv_sec as u64).wrapping_mul(1_000_000_000) + ts.tv_nsec as u64
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What the handlers read is sealed once they are installed: a write to it (a tenant's,
+    /// planting a handler to chain to) faults.
+    #[test]
+    fn the_handlers_table_is_read_only_once_installed() {
+        install_handlers().unwrap();
+        let at = (&raw const HANDLERS).cast_mut().cast::<u8>();
+        // SAFETY: the child only writes one byte of the sealed page and `_exit`s.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0);
+        if pid == 0 {
+            // SAFETY: deliberately a write to the sealed page: the test expects SIGSEGV
+            // (the handlers installed above end a fault outside a sandbox the default way).
+            unsafe { at.write_volatile(0xff) };
+            // SAFETY: ends the child without running the parent's destructors.
+            unsafe { libc::_exit(0) };
+        }
+        let mut status = 0;
+        // SAFETY: waits for the child just forked.
+        assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+        assert!(
+            libc::WIFSIGNALED(status) && libc::WTERMSIG(status) == libc::SIGSEGV,
+            "status {status:#x}"
+        );
+        assert_eq!(preempt_signal(), libc::SIGRTMIN() + 8);
+    }
+}
