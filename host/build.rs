@@ -29,6 +29,9 @@ fn main() {
                 "-O2",
                 "-fPIC",
                 "-shared",
+                // No start files: no constructors or destructors of the C runtime's (the
+                // loader refuses code that runs at load or unload).
+                "-nostartfiles",
                 "-Wall",
                 "-Werror",
                 "-I",
@@ -74,6 +77,8 @@ fn build_rust(out: &Path) {
                 "opt-level=2",
                 "-C",
                 "panic=abort",
+                "-C",
+                "link-arg=-nostartfiles",
                 "-D",
                 "warnings",
                 "-o",

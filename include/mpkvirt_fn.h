@@ -14,8 +14,10 @@
  * in *response; it returns 0, or a non-zero code the host reports as the function's failure.
  *
  * What the object must not contain (the host refuses to load it): writable and executable
- * segments, an executable stack, text relocations, and at any byte offset of its code an
- * instruction that changes PKRU or the thread pointer (WRPKRU, XRSTOR, WRFSBASE, WRGSBASE).
+ * segments, an executable stack, text relocations, code that runs when it is loaded or
+ * unloaded (constructors, destructors, the C runtime's start files, IFUNC resolvers: build
+ * with -nostartfiles), and at any byte offset of its code an instruction that changes PKRU or
+ * the thread pointer (WRPKRU, XRSTOR, WRFSBASE, WRGSBASE).
  * It may call the C library's functions that neither allocate nor lock (strings, memory,
  * math; not qsort, the printf/scanf families or strtod: a tenant may be preempted or ended
  * anywhere) and the host calls below; any other imported symbol is refused at load. It may

@@ -40,7 +40,7 @@ fn build(name: &str, src: &str, args: &[&str]) -> Vec<u8> {
     let out = dir.join(format!("{name}.so"));
     std::fs::write(&c, src).unwrap();
     let status = Command::new("cc")
-        .args(["-O2", "-fPIC", "-shared", "-o"])
+        .args(["-O2", "-fPIC", "-shared", "-nostartfiles", "-o"])
         .arg(&out)
         .arg(&c)
         .arg("-I")
@@ -273,6 +273,60 @@ fn the_c_allocator_is_imported_for_rebinding() {
             info.rebinds.iter().filter(|&&(_, n)| n == "malloc").count() >= 2,
             "{flags:?}: {:?}",
             info.rebinds
+        );
+    }
+}
+
+/// Code of the object's own that would run when it is loaded or unloaded — with the loading
+/// thread's rights — is refused: the C runtime's start files (`_init`, `_fini`, their
+/// arrays), a constructor or a destructor, an IFUNC resolver.
+#[test]
+fn code_that_runs_at_load_or_unload_is_refused() {
+    let with_start_files = {
+        let dir = std::env::temp_dir().join(format!("mpkvirt-image-crt-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("e.c"), ECHO).unwrap();
+        let out = dir.join("e.so");
+        assert!(
+            Command::new("cc")
+                .args(["-O2", "-fPIC", "-shared", "-o"])
+                .arg(&out)
+                .arg(dir.join("e.c"))
+                .arg("-I")
+                .arg(include_dir())
+                .status()
+                .unwrap()
+                .success()
+        );
+        let b = std::fs::read(&out).unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+        b
+    };
+    assert!(matches!(
+        validate(&with_start_files),
+        Err(ImageError::RunsCodeAtLoad(_))
+    ));
+    for (name, extra) in [
+        (
+            "ctor",
+            "__attribute__((constructor)) static void at_load(void) { mpkvirt_fn_abi_version_copy = 2; }\n",
+        ),
+        (
+            "dtor",
+            "__attribute__((destructor)) static void at_unload(void) { mpkvirt_fn_abi_version_copy = 3; }\n",
+        ),
+        (
+            "ifunc",
+            "static int impl(void) { return 1; }\n\
+             static int (*resolve(void))(void) { mpkvirt_fn_abi_version_copy = 4; return impl; }\n\
+             int picked(void) __attribute__((ifunc(\"resolve\")));\n",
+        ),
+    ] {
+        let src = format!("{ECHO}\nint mpkvirt_fn_abi_version_copy;\n{extra}");
+        let err = validate(&build(name, &src, &[])).unwrap_err();
+        assert!(
+            matches!(err, ImageError::RunsCodeAtLoad(_)),
+            "{name}: {err}"
         );
     }
 }

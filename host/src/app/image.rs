@@ -6,6 +6,10 @@
 //! - it is a 64-bit little-endian x86-64 ELF shared object (`ET_DYN`) that parses;
 //! - no loadable segment is both writable and executable, the stack is not executable
 //!   (`PT_GNU_STACK`), and it has no text relocations (W^X holds from the first instruction);
+//! - no code of its own runs when it is loaded or unloaded: no `DT_INIT`/`DT_FINI` or their
+//!   arrays (constructors, destructors, the C runtime's start files) and no IFUNC resolver
+//!   (an `STT_GNU_IFUNC` symbol or an `R_X86_64_IRELATIVE` relocation) — they would run with
+//!   the loading thread's rights, which are the host's;
 //! - no executable segment contains, at any byte offset, an instruction that changes PKRU
 //!   or the thread pointer ([`mpkvirt::scan`]: WRPKRU, XRSTOR, WRFSBASE, WRGSBASE) — a jump
 //!   into the middle of an instruction reaches those bytes too;
@@ -108,6 +112,11 @@ pub enum ImageError {
     },
     /// The entry symbol does not lie in an executable segment.
     EntryNotInCode,
+    /// The object runs code of its own when it is loaded or unloaded (`DT_INIT`,
+    /// `DT_INIT_ARRAY`, `DT_PREINIT_ARRAY`, `DT_FINI`, `DT_FINI_ARRAY`: constructors and
+    /// destructors, which would run with the loading thread's rights; build with
+    /// `-nostartfiles`), or while its symbols are bound (an IFUNC resolver of its own).
+    RunsCodeAtLoad(&'static str),
 }
 
 impl fmt::Display for ImageError {
@@ -124,6 +133,11 @@ impl fmt::Display for ImageError {
             }
             ImageError::ExecutableStack => write!(f, "asks for an executable stack"),
             ImageError::TextRelocations => write!(f, "has text relocations"),
+            ImageError::RunsCodeAtLoad(what) => write!(
+                f,
+                "runs code of its own when loaded or unloaded ({what}; build with \
+                 -nostartfiles, without constructors, destructors or IFUNCs)"
+            ),
             ImageError::ForbiddenInstruction { kind, vaddr } => write!(
                 f,
                 "code at {vaddr:#x} contains {kind:?}, which changes PKRU or the thread pointer"
@@ -272,6 +286,12 @@ pub fn validate(bytes: &[u8]) -> Result<ImageInfo, ImageError> {
         if name.is_empty() {
             continue;
         }
+        if !sym.is_undefined()
+            && matches!(sym.flags(), object::SymbolFlags::Elf { st_info, .. }
+                if st_info.0 & 0xf == elf::STT_GNU_IFUNC.0)
+        {
+            return Err(ImageError::RunsCodeAtLoad("an IFUNC resolver"));
+        }
         if sym.is_undefined() {
             if !ALLOWED_IMPORTS.contains(&name) && !REBOUND_IMPORTS.contains(&name) {
                 return Err(ImageError::ForbiddenImport(name.to_owned()));
@@ -375,6 +395,19 @@ fn check_dynamic(
         if tag == elf::DT_TEXTREL || textrel_flag {
             return Err(ImageError::TextRelocations);
         }
+        // Code that the dynamic linker would run with the loading thread's rights.
+        let runs = [
+            (elf::DT_INIT, "DT_INIT"),
+            (elf::DT_FINI, "DT_FINI"),
+            (elf::DT_INIT_ARRAYSZ, "DT_INIT_ARRAY"),
+            (elf::DT_FINI_ARRAYSZ, "DT_FINI_ARRAY"),
+            (elf::DT_PREINIT_ARRAYSZ, "DT_PREINIT_ARRAY"),
+        ];
+        if let Some(&(t, what)) = runs.iter().find(|&&(t, _)| t == tag)
+            && (d.d_val(endian) != 0 || t == elf::DT_INIT || t == elf::DT_FINI)
+        {
+            return Err(ImageError::RunsCodeAtLoad(what));
+        }
         // x86-64 objects use RELA only; REL and packed RELR tables are refused rather than
         // parsed.
         if tag == elf::DT_REL || tag == elf::DT_RELR {
@@ -420,6 +453,9 @@ fn check_dynamic(
             let (info, addend) = (word(8)?, word(16)?);
             let (sym, kind) = ((info >> 32) as usize, info as u32);
             let kind_is = |k: object::elf::RelocationType| k.0 == kind;
+            if kind_is(elf::R_X86_64_IRELATIVE) {
+                return Err(ImageError::RunsCodeAtLoad("an IFUNC resolver"));
+            }
             if sym == 0 {
                 continue;
             }

@@ -3,11 +3,12 @@
 //! [`NativeFunction::load`] reads the file, validates it ([`super::image::validate`]), and
 //! maps it with `dlopen(RTLD_NOW | RTLD_LOCAL)`: every symbol is bound at load (an unresolved
 //! one is a load error, not a crash at the first call), and none of the object's symbols
-//! become visible to other objects. Loading runs the tenant's code: its constructors, and
-//! the resolvers of its IFUNC symbols while symbols are bound. Validation refused
-//! instructions that change PKRU or the thread pointer, and imports outside the allowed
-//! list, but not system calls (interposition's business): so `load` is `unsafe`, and the
-//! runtime loads a tenant the way it calls one, with the tenant's rights.
+//! become visible to other objects. Validation refused code that would run while the object
+//! is loaded or unloaded (constructors, destructors, IFUNC resolvers), instructions that
+//! change PKRU or the thread pointer, and imports outside the allowed list; the object is
+//! never unloaded (`dlclose` would walk the dynamic linker's lists, key-0 memory). The C
+//! library's allocator imports are rebound to the runtime's in the instance. `load` stays
+//! `unsafe`: the dynamic linker trusts the object's tables.
 //!
 //! [`NativeFunction::call`] runs the entry with a [`HostApi`] table. It runs the tenant's code
 //! *with the caller's rights*: the runtime calls it on an instance's green thread, inside the
@@ -301,7 +302,10 @@ impl NativeFunction {
 
 impl Drop for NativeFunction {
     fn drop(&mut self) {
-        // SAFETY: the handle from `load`, closed once; no call runs (calls borrow `self`).
-        unsafe { libc::dlclose(self.handle) };
+        // The object stays mapped: `dlclose` would walk the dynamic linker's lists (key-0
+        // memory a tenant may have rewritten) with the dropping thread's rights. Validation
+        // refused destructors, so there is nothing to run either. A path loaded again gets
+        // the same handle.
+        let _ = self.handle;
     }
 }
