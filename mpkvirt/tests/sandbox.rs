@@ -290,39 +290,48 @@ fn pku_a_sandbox_takes_no_process_wide_rights_and_no_other_managers_keys() {
         (at(&global), true, Ok(0)),
         (at(&other), true, Ok(0)),
     ] {
+        // (In a new thread of the child, which takes a key no manager owns, read-write,
+        // before its first library call: the sandbox denies that key too, and the runner has
+        // it again after the yield.)
         let status = in_child(|| {
-            // A key no manager owns, read-write for this thread: the sandbox denies it, the
-            // runner has it again after the yield.
-            let raw = mpkvirt_sys::pkey::pkey_alloc(mpkvirt_sys::AccessRights::READ_WRITE).unwrap();
-            let _outer = other_mgr.enter(&[(&other, Rights::ReadWrite)]).unwrap();
-            let _v = mgr.enter(&[(&own, Rights::ReadWrite)]).unwrap();
-            // SAFETY: the top of `own`, writable in this view.
-            let ctx = unsafe { Context::new(top(&own), read_and_yield, target as u64) };
-            let y = if shared {
-                // SAFETY: a prepared context.
-                unsafe { mgr.sandbox_run_shared(&own, ctx.sp, top(&own), 0) }
-            } else {
-                // SAFETY: a prepared context.
-                unsafe { mgr.sandbox_run(&own, ctx.sp, top(&own), 0) }
-            };
-            if y.unwrap().value != 42 {
-                return 1;
-            }
-            // The runner's rights are back, in its PKRU (not merely taken again at a fault):
-            // the grant and the other manager's view.
-            let pkru = mpkvirt_sys::Pku::new().unwrap().rdpkru();
-            let back = |d: &Domain<Hardware>| d.key().is_some_and(|k| pkru.rights(k).can_write());
-            if !back(&global) || !back(&other) {
-                return 3;
-            }
-            if !pkru.rights(raw).can_write() {
-                return 4;
-            }
-            // SAFETY: the first byte of `global`, granted to every thread.
-            let g = unsafe { global.base().as_ptr().read() };
-            // SAFETY: the first byte of `other`, inside the outer view.
-            let o = unsafe { other.base().as_ptr().read() };
-            if (g, o) == (42, 42) { 0 } else { 2 }
+            std::thread::scope(|s| {
+                s.spawn(|| {
+                    let raw = mpkvirt_sys::pkey::pkey_alloc(mpkvirt_sys::AccessRights::READ_WRITE)
+                        .unwrap();
+                    let _outer = other_mgr.enter(&[(&other, Rights::ReadWrite)]).unwrap();
+                    let _v = mgr.enter(&[(&own, Rights::ReadWrite)]).unwrap();
+                    // SAFETY: the top of `own`, writable in this view.
+                    let ctx = unsafe { Context::new(top(&own), read_and_yield, target as u64) };
+                    let y = if shared {
+                        // SAFETY: a prepared context.
+                        unsafe { mgr.sandbox_run_shared(&own, ctx.sp, top(&own), 0) }
+                    } else {
+                        // SAFETY: a prepared context.
+                        unsafe { mgr.sandbox_run(&own, ctx.sp, top(&own), 0) }
+                    };
+                    if y.unwrap().value != 42 {
+                        return 1;
+                    }
+                    // The runner's rights are back, in its PKRU (not merely taken again at a fault):
+                    // the grant and the other manager's view.
+                    let pkru = mpkvirt_sys::Pku::new().unwrap().rdpkru();
+                    let back =
+                        |d: &Domain<Hardware>| d.key().is_some_and(|k| pkru.rights(k).can_write());
+                    if !back(&global) || !back(&other) {
+                        return 3;
+                    }
+                    if !pkru.rights(raw).can_write() {
+                        return 4;
+                    }
+                    // SAFETY: the first byte of `global`, granted to every thread.
+                    let g = unsafe { global.base().as_ptr().read() };
+                    // SAFETY: the first byte of `other`, inside the outer view.
+                    let o = unsafe { other.base().as_ptr().read() };
+                    if (g, o) == (42, 42) { 0 } else { 2 }
+                })
+                .join()
+                .unwrap()
+            })
         });
         assert_eq!(
             status, expect,
