@@ -30,8 +30,8 @@ grep -h 'skipped' target/bench-run.log | sed 's/^/- /' >> "$out" || true
 cargo run --release -p mpkvirt-benches --bin policy_report -- --csv docs/data/policy_misses.csv >> "$out"
 echo >> "$out"
 python3 benches/report.py >> "$out"
-# The host runtime: the bimodal load with isolation (one worker per CPU), and the warm
-# invocation path without the bench harness.
+# The host runtime: the bimodal load with isolation (one worker per CPU), the warm
+# invocation path without the bench harness, and the key cache under time slicing.
 {
     echo
     echo "## Host: bimodal load, isolated"
@@ -41,5 +41,9 @@ python3 benches/report.py >> "$out"
     echo "## Host: warm invocations on the calling thread"
     echo
     cargo run --release -p mpkvirt-host --example loop_here -- 100000
+    echo
+    echo "## Host: the key cache under time slicing, isolated"
+    echo
+    cargo run --release -p mpkvirt-host --example key_cache -- --isolated
 } >> "$out" 2>&1
 echo "report written to $out"
