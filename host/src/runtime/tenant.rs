@@ -553,8 +553,11 @@ mod tests {
         let pid = unsafe { libc::fork() };
         assert!(pid >= 0);
         if pid == 0 {
-            // SAFETY: deliberately a write to the sealed page: the test expects SIGSEGV
-            // (the handlers installed above end a fault outside a sandbox the default way).
+            // The default action, not the handlers: the child of a process whose other
+            // threads may have been inside mpkvirt when it forked must not call into it.
+            // SAFETY: restores the default action for SIGSEGV in the child (async-signal-safe).
+            unsafe { libc::signal(libc::SIGSEGV, libc::SIG_DFL) };
+            // SAFETY: deliberately a write to the sealed page: the test expects SIGSEGV.
             unsafe { at.write_volatile(0xff) };
             // SAFETY: ends the child without running the parent's destructors.
             unsafe { libc::_exit(0) };
