@@ -30,7 +30,7 @@
 //! allocator for blocks from before [`init`]. The domain's range is reserved for the
 //! process's lifetime (its manager and handle are leaked), readable and writable by every
 //! thread once the grant returns, and handed out once: dlmalloc gets page runs from a bump
-//! pointer over it. The anchor page holds only [`Anchor`] (page-aligned and page-sized).
+//! pointer over it. The anchor page holds only `Anchor` (page-aligned and page-sized).
 #![allow(unsafe_code, reason = "the global allocator")]
 
 use std::alloc::{GlobalAlloc, Layout, System};
