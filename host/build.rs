@@ -11,18 +11,7 @@ fn main() {
     println!("cargo:rerun-if-changed=tenants/c");
     println!("cargo:rerun-if-changed=../include/mpkvirt_fn.h");
     let compiler = cc::Build::new().get_compiler();
-    let mut sources: Vec<_> = std::fs::read_dir("tenants/c")
-        .expect("tenants/c")
-        .filter_map(Result::ok)
-        .map(|e| e.path())
-        .filter(|p| p.extension().is_some_and(|x| x == "c"))
-        .collect();
-    sources.sort();
-    for src in sources {
-        let name = src
-            .file_stem()
-            .and_then(|s| s.to_str())
-            .expect("a file name");
+    for (src, name) in sources("tenants/c", "c") {
         let status = compiler
             .to_command()
             .args([
@@ -51,18 +40,11 @@ fn build_rust(out: &Path) {
     println!("cargo:rerun-if-changed=tenants/rust");
     let rustc = std::env::var("RUSTC").unwrap_or_else(|_| "rustc".into());
     let target = std::env::var("TARGET").expect("cargo sets TARGET");
-    let mut sources: Vec<_> = std::fs::read_dir("tenants/rust")
-        .expect("tenants/rust")
-        .filter_map(Result::ok)
-        .map(|e| e.path())
-        .filter(|p| p.extension().is_some_and(|x| x == "rs") && !p.ends_with("abi.rs"))
-        .collect();
-    sources.sort();
-    for src in sources {
-        let name = src
-            .file_stem()
-            .and_then(|s| s.to_str())
-            .expect("a file name");
+    // (`abi.rs` is the module every Rust tenant includes, not a tenant.)
+    for (src, name) in sources("tenants/rust", "rs")
+        .into_iter()
+        .filter(|(_, n)| n != "abi")
+    {
         let status = std::process::Command::new(&rustc)
             .args([
                 "--edition",
@@ -70,7 +52,7 @@ fn build_rust(out: &Path) {
                 "--crate-type",
                 "cdylib",
                 "--crate-name",
-                name,
+                &name,
                 "--target",
                 &target,
                 "-C",
@@ -89,4 +71,20 @@ fn build_rust(out: &Path) {
             .expect("running rustc");
         assert!(status.success(), "building tenant {}", src.display());
     }
+}
+
+/// The files of `dir` ending in `.ext`, sorted, with their names without it.
+fn sources(dir: &str, ext: &str) -> Vec<(std::path::PathBuf, String)> {
+    let mut out: Vec<_> = std::fs::read_dir(dir)
+        .unwrap_or_else(|e| panic!("{dir}: {e}"))
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == ext))
+        .filter_map(|p| {
+            let name = p.file_stem()?.to_str()?.to_owned();
+            Some((p, name))
+        })
+        .collect();
+    out.sort();
+    out
 }

@@ -460,7 +460,7 @@ impl Host {
             workers: Vec::with_capacity(n + 1),
         };
         let spawn = |name: String, f: fn(&Inner), inner: Arc<Inner>| {
-            spawn_on_host_stack(name, HOST_STACK, move || f(&inner))
+            spawn_on_host_stack(name, HOST_STACK, &tenant::FAULT_SIGNALS, move || f(&inner))
                 .map_err(|e| StartError(e.to_string()))
         };
         host.workers

@@ -224,7 +224,7 @@ pub(crate) fn preempt_signal() -> c_int {
 }
 
 /// The signals that end a sandboxed invocation instead of the process.
-const FAULT_SIGNALS: [c_int; 6] = [
+pub(crate) const FAULT_SIGNALS: [c_int; 6] = [
     libc::SIGSEGV,
     libc::SIGBUS,
     libc::SIGFPE,

@@ -10,7 +10,7 @@
 //! middle of an allocation leaves no lock held anywhere but in its own (discarded) heap.
 //!
 //! The state is found from the sandbox's exit stack pointer, which the library keeps
-//! ([`mpkvirt::sandbox::query`]): the word at it (a [`Header`] just above the stack, written
+//! ([`mpkvirt::sandbox::query`]: one library call per allocation, no system call): the word at it (a [`Header`] just above the stack, written
 //! by the worker for each invocation) holds the heap's address, 0 until the first
 //! allocation. A tenant that rewrites the word reaches nothing it could not write already:
 //! the functions run with its rights.

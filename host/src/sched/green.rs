@@ -132,32 +132,20 @@ impl Exited {
     }
 }
 
-/// Blocks the calling thread's standard signals but the faults (SIGSEGV, SIGBUS, SIGFPE,
-/// SIGILL, SIGTRAP, SIGABRT): a host thread runs on a stack in the host domain, which a
-/// handler — started with the kernel's initial PKRU, which denies it — cannot use, so a
-/// handler without `SA_ONSTACK` (an embedding program's SIGINT or SIGTERM handler, say)
-/// delivered there would fault. Process-directed signals go to other threads instead. The
-/// real-time signals (mpkvirt's sync signal, the runtime's preemption) stay open; their
-/// handlers run on the alternate stack.
-fn block_other_signals() {
+/// Blocks the calling thread's standard signals (1 to 31) but those in `open`: a host thread
+/// runs on a stack in the host domain, which a handler — started with the kernel's initial
+/// PKRU, which denies it — cannot use, so a handler without `SA_ONSTACK` (an embedding
+/// program's SIGINT or SIGTERM handler, say) delivered there would fault. Process-directed
+/// signals go to other threads instead. The real-time signals (mpkvirt's sync signal, the
+/// runtime's preemption) stay open; their handlers run on the alternate stack.
+fn block_standard_signals_but(open: &[libc::c_int]) {
     // SAFETY: an all-zero `sigset_t` is a valid value for sigemptyset to initialise.
     let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
-    // SAFETY: sigemptyset/sigaddset/sigdelset write only the set we own.
+    // SAFETY: sigemptyset/sigaddset write only the set we own.
     unsafe { libc::sigemptyset(&mut set) };
-    for sig in 1..32 {
-        if ![
-            libc::SIGSEGV,
-            libc::SIGBUS,
-            libc::SIGFPE,
-            libc::SIGILL,
-            libc::SIGTRAP,
-            libc::SIGABRT,
-        ]
-        .contains(&sig)
-        {
-            // SAFETY: as above.
-            unsafe { libc::sigaddset(&mut set, sig) };
-        }
+    for sig in (1..32).filter(|s| !open.contains(s)) {
+        // SAFETY: as above.
+        unsafe { libc::sigaddset(&mut set, sig) };
     }
     // SAFETY: changes this thread's mask only (SIGKILL and SIGSTOP are ignored by the kernel).
     unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
@@ -172,12 +160,16 @@ fn block_other_signals() {
 /// returns (or panics, caught), the fiber drops what `body` held, sets [`Exited`], and parks
 /// for the rest of the process. A stopped thread costs its parked stacks, nothing else.
 ///
+/// The thread blocks the standard signals but those in `open` (the faults its handlers
+/// turn into a tenant's end, say): see `block_standard_signals_but`.
+///
 /// # Errors
 ///
 /// When the thread or its fiber's stack cannot be made.
 pub fn spawn_on_host_stack(
     name: String,
     stack_size: usize,
+    open: &'static [libc::c_int],
     body: impl FnOnce() + Send + 'static,
 ) -> std::io::Result<std::sync::Arc<Exited>> {
     let exited = std::sync::Arc::new(Exited::default());
@@ -188,7 +180,7 @@ pub fn spawn_on_host_stack(
         // Only the switch onto the fiber runs here.
         .stack_size(64 << 10)
         .spawn(move || {
-            block_other_signals();
+            block_standard_signals_but(open);
             let fiber = Fiber::new(stack_size, move |_| {
                 let _ = catch_unwind(AssertUnwindSafe(body));
                 on_exit.set();
@@ -510,7 +502,7 @@ mod tests {
         let (tx, rx) = std::sync::mpsc::channel();
         let held = Arc::new(());
         let h = Arc::clone(&held);
-        let exited = spawn_on_host_stack("host-thread".into(), 64 << 10, move || {
+        let exited = spawn_on_host_stack("host-thread".into(), 64 << 10, &[], move || {
             let local = 0u8;
             let boxed = Box::new(0u8);
             tx.send((&raw const local as usize, &raw const *boxed as usize))
