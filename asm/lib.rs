@@ -278,6 +278,11 @@ pub struct GateRecord {
     pub stack_top: u64,
     /// FS base (thread pointer) of the thread the record belongs to.
     pub owner_fs: u64,
+    /// The PKRU of the thread's normal context (not a signal handler's): what
+    /// `mpkvirt_gate_sync` installs. Differs from `pkru` after an exit into a handler.
+    pub normal_pkru: u32,
+    /// Padding to the layout of `gate.h`.
+    pub _pad: u32,
 }
 
 /// The first bytes of mpkvirt's root page, which the gates read rip-relative as the symbol
@@ -307,6 +312,7 @@ const _: () = {
     assert!(offset_of!(GateRecord, saved_rsp) == 16);
     assert!(offset_of!(GateRecord, stack_top) == 24);
     assert!(offset_of!(GateRecord, owner_fs) == 32);
+    assert!(offset_of!(GateRecord, normal_pkru) == 40);
     assert!(offset_of!(GateRoot, lib_pkru) == 0);
     assert!(offset_of!(GateRoot, deny_pkru) == 4);
     assert!(offset_of!(GateRoot, boot_lock) == 8);

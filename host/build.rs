@@ -21,6 +21,9 @@ fn main() {
                 // No start files: no constructors or destructors of the C runtime's (the
                 // loader refuses code that runs at load or unload).
                 "-nostartfiles",
+                // Canaries, as a tenant's own build would often have them: a smashed one
+                // calls `__stack_chk_fail`, which the loader binds to the runtime's.
+                "-fstack-protector-strong",
                 "-Wall",
                 "-Werror",
                 "-I",

@@ -14,6 +14,7 @@
 #define REC_SAVED_RSP   16  /* u64: the caller's stack pointer while on the library stack */
 #define REC_STACK_TOP   24  /* u64: top of the thread's library stack (16-byte aligned) */
 #define REC_OWNER_FS    32  /* u64: FS base of the thread the record belongs to */
+#define REC_NORMAL_PKRU 40  /* u32: the PKRU of the thread's normal context (gate_sync's) */
 
 /* struct GateRoot: the first bytes of mpkvirt's root page (symbol mpkvirt_gate_root). */
 #define ROOT_LIB_PKRU       0   /* u32: unused by the gates (PKRU_LIB is an immediate) */

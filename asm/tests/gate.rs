@@ -93,6 +93,8 @@ fn record(pkru: Pkru) -> GateRecord {
         saved_rsp: 0,
         stack_top: 0,
         owner_fs: 0,
+        normal_pkru: pkru.bits(),
+        _pad: 0,
     }
 }
 

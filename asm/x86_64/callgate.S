@@ -15,9 +15,15 @@
  *     re-reads the record after the write (ERIM's check: landing on the WRPKRU with a forged
  *     EAX loops back and writes the record's value).
  *
+ *   - the two other lowering WRPKRUs: the deny value (no key but 0; key 0 read-only too in
+ *     a process whose sandboxes run with it so, from the read-only word mpkvirt_deny_key0),
+ *     re-checked against the same; and, for a signal handler that re-entered a busy record,
+ *     the record's value with key 0 read-write, re-checked against the record and taken
+ *     only while the record is busy (which no code of the thread but a handler sees).
+ *
  * So a jump into any gate, with any registers, leaves either the calling thread's own
- * legitimate PKRU or the deny value (no key but 0) — or faults, which the fault handler
- * turns into the deny value too.
+ * legitimate PKRU or the deny value — or faults, which the fault handler turns into the
+ * deny value too.
  *
  * mpkvirt_gate_call(op: u64 %rdi, args: *mut u8 %rsi) -> u64 %rax
  * ---------------------------------------------------------------
@@ -37,7 +43,8 @@
  *      flags; the dispatcher needs the ABI's; nothing is pushed on the caller's stack while
  *      every key is open), and call
  *      mpkvirt_dispatch(op, args, entry_pkru) (Rust).
- *   6. Lower: PKRU <- record.pkru, re-checked; return the dispatcher's result.
+ *   6. Lower: PKRU <- record.pkru, re-checked; return the dispatcher's result. (A busy
+ *      record at 4: the record's value with key 0 read-write, for the handler.)
  *
  *      caller stack                        library stack (library key)
  *      +--------------------+              +--------------------+ <- record.stack_top
@@ -61,6 +68,7 @@
      * bind inside the library being linked — rip-relative, with no PLT or GOT entry another
      * object could interpose or the program could overwrite. */
     .hidden mpkvirt_gate_root
+    .hidden mpkvirt_deny_key0
     .hidden mpkvirt_dispatch
     .hidden mpkvirt_register_thread
 
@@ -137,7 +145,29 @@ FUNCTION(\name)
     ret
 .L\name\()_busy:
     movabs  $GATE_BUSY, %r8
+    .if \pku
+    /* Only a signal handler re-enters a busy record (the thread's normal context is inside
+     * the library, which it cannot be while other code of the thread runs). The handler
+     * runs on the key-0 alternate stack: it gets the record's value with key 0 read-write.
+     * Landed on with the record idle (a jump here from sandboxed code, whose key 0 may be
+     * read-only), the check sends it to the record's own value. */
+.L\name\()_busy_lower:
+    xor     %ecx, %ecx
+    xor     %edx, %edx
+    mov     %gs:REC_PKRU, %eax
+    and     $~3, %eax
+    WRPKRU
+    cmpl    $0, %gs:REC_BUSY
+    je      .L\name\()_lower
+    mov     %gs:REC_PKRU, %ecx
+    and     $~3, %ecx
+    cmp     %ecx, %eax
+    jne     .L\name\()_busy_lower
+    mov     %r8, %rax
+    ret
+    .else
     jmp     .L\name\()_lower
+    .endif
 .L\name\()_lost:
     /* Re-issued to another thread between the two checks: let go, and register. */
     movl    $0, %gs:REC_BUSY
@@ -173,11 +203,17 @@ FUNCTION(\name)
     movabs  $GATE_UNREGISTERED, %r8
 .L\name\()_deny:
     .if \pku
+    /* PKRU_DENY, with key 0 write-disabled too in a process whose sandboxes run so
+     * (mpkvirt_deny_key0: read-only key-0 memory, set once at start): sandboxed code that
+     * jumps here must not get key 0 writable. */
     xor     %ecx, %ecx
     xor     %edx, %edx
     mov     $PKRU_DENY, %eax
+    or      mpkvirt_deny_key0(%rip), %eax
     WRPKRU
-    CMP_EAX_IMM32(PKRU_DENY)
+    mov     $PKRU_DENY, %ecx
+    or      mpkvirt_deny_key0(%rip), %ecx
+    cmp     %ecx, %eax
     jne     .L\name\()_deny
     .endif
     mov     %r8, %rax

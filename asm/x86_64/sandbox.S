@@ -48,8 +48,9 @@
  *
  * XRSTOR could load PKRU if reached by a jump with a forged component mask: it is followed,
  * on every path, by a check of XCR0 (XGETBV, hardware state): where the OS manages PKRU in
- * XSAVE state (XCR0 bit 9), mpkvirt_gate_sync re-installs the record's PKRU. So a jump to
- * the XRSTOR leaves the thread's legitimate rights, as a jump into any gate does.
+ * XSAVE state (XCR0 bit 9), mpkvirt_gate_sync re-installs the record's PKRU for the
+ * thread's normal context (a signal handler's exit since the run does not leak into it). So
+ * a jump to the XRSTOR leaves the thread's legitimate rights, as a jump into any gate does.
  *
  * The stubs lie between mpkvirt_sandbox_stubs_start and _end: a preemption that finds the
  * context there is already under way (the library leaves it alone).

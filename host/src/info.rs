@@ -135,6 +135,12 @@ impl fmt::Display for Report {
                 "runtime:       one worker, one tenant at a time (rights are process-wide without PKU)"
             ),
             Err(_) => writeln!(f, "runtime:       unavailable (no backend)"),
+        }?;
+        match &self.backend {
+            Ok(b) if self.metadata.is_some() => {
+                writeln!(f, "key 0:         {}", crate::runtime::key0_line(*b))
+            }
+            _ => Ok(()),
         }
     }
 }

@@ -331,6 +331,21 @@ fn code_that_runs_at_load_or_unload_is_refused() {
     }
 }
 
+/// Thread-local variables would be the worker thread's, shared by every tenant it runs
+/// (and key-0 memory): an object with any is refused; the same object without is not.
+#[test]
+fn thread_local_variables_are_refused() {
+    let with =
+        format!("{ECHO}\n__thread int per_thread;\nint *where_(void) {{ return &per_thread; }}\n");
+    assert_eq!(
+        validate(&build("tls", &with, &[])).unwrap_err(),
+        ImageError::ThreadLocalStorage
+    );
+    let without =
+        format!("{ECHO}\nint not_per_thread;\nint *where_(void) {{ return &not_per_thread; }}\n");
+    validate(&build("no-tls", &without, &[])).unwrap();
+}
+
 /// No byte of a valid object, changed to any value, makes validation panic (it returns an
 /// error or, for bytes it does not look at, success).
 #[test]

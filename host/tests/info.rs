@@ -81,4 +81,11 @@ fn pku_info_reports_hardware_keys() {
             .to_string()
             .contains(&format!("free keys:     {keys}"))
     );
+    // What tenants may write of key 0, as the library decided it for this kernel.
+    let key0 = if mpkvirt::sandbox::seals_key0() {
+        "key 0:         key 0 read-only to tenants"
+    } else {
+        "key 0:         key 0 WRITABLE by tenants"
+    };
+    assert!(report.to_string().contains(key0), "{report}");
 }

@@ -60,6 +60,9 @@ fn fault(signal: i32) -> Result<Vec<u8>, InvokeError> {
     Err(InvokeError::Fault { signal })
 }
 
+/// Key-0 memory of the host process (a static of its binary) for the tenant to write.
+static KEY0_STATIC: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(7);
+
 fn scenario(workers: usize) {
     let host = Host::start(HostConfig {
         workers: Some(workers),
@@ -141,6 +144,10 @@ fn scenario(workers: usize) {
     for (req, want) in [
         (&b"n"[..], fault(libc::SIGSEGV)),
         (b"a", fault(libc::SIGABRT)),
+        // A smashed canary: the compiler's check calls `__stack_chk_fail`.
+        (b"S", fault(libc::SIGABRT)),
+        // Its own static data, which every instance shares: read-only.
+        (b"D", fault(libc::SIGSEGV)),
         (b"d", fault(libc::SIGFPE)),
         (b"i", fault(libc::SIGILL)),
         (b"s", fault(libc::SIGSEGV)),
@@ -311,6 +318,33 @@ fn scenario(workers: usize) {
         );
     }
     assert_eq!(*secret, [b'H'; 64]);
+    alive(&host);
+
+    // Key-0 memory: a static of the host binary and the stack of the thread that invokes.
+    // Where the kernel writes signal frames with every key open (Linux 6.12 on), a sandbox's
+    // key 0 is read-only and both writes fault; elsewhere (the 6.1 kernel, or emulated
+    // protection) they go through — the documented limit.
+    let mut local = 7u8;
+    for at in [KEY0_STATIC.as_ptr() as u64, (&raw mut local) as u64] {
+        let got = host.invoke("hostile", &with_arg(b'w', at));
+        if mpkvirt::sandbox::seals_key0() {
+            assert_eq!(got, fault(libc::SIGSEGV), "a write at {at:#x} (key 0)");
+        } else {
+            assert_eq!(got.unwrap(), b"w");
+        }
+    }
+    let written = if mpkvirt::sandbox::seals_key0() {
+        7
+    } else {
+        b'X'
+    };
+    assert_eq!(
+        KEY0_STATIC.load(std::sync::atomic::Ordering::Relaxed),
+        written
+    );
+    // SAFETY: a local of this thread; the tenant's write (if any) finished.
+    assert_eq!(unsafe { (&raw const local).read_volatile() }, written);
+    KEY0_STATIC.store(7, std::sync::atomic::Ordering::Relaxed);
     alive(&host);
 
     eprintln!("forged op");

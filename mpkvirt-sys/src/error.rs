@@ -87,6 +87,8 @@ pub enum Op {
     Futex,
     /// `tgkill(2)`
     Tgkill,
+    /// `rseq(2)`
+    Rseq,
     /// Listing the process's threads (`/proc/self/task`)
     ListThreads,
 }
@@ -108,6 +110,7 @@ impl Op {
             Op::ArchPrctl => "arch_prctl",
             Op::Futex => "futex",
             Op::Tgkill => "tgkill",
+            Op::Rseq => "rseq",
             Op::ListThreads => "listing /proc/self/task",
         }
     }

@@ -8,6 +8,9 @@
 //! Handlers start with the kernel's initial PKRU (only key 0 accessible, see
 //! [`crate::Pkru::LINUX_INIT`]) before Linux 6.12 and still for the handler body after it,
 //! so code called from a handler must not touch tagged memory without writing PKRU first.
+//! Before 6.12 the kernel writes the frame itself with the interrupted PKRU (a frame it may
+//! not write is a fatal SIGSEGV); from 6.12 with every key open, and `sigreturn` reads it
+//! back the same way ([`frames_written_with_keys_open`] probes which).
 //!
 //! # References
 //!
@@ -16,8 +19,8 @@
 use crate::pkey::Pkey;
 
 pub use crate::imp::signal::{
-    Handler, chain, decode_segv, fault_access, frame_pkru, frame_pkru_extent, install, ip,
-    redirect, set_frame_pkru, sp,
+    Handler, chain, decode_segv, fault_access, frame_pkru, frame_pkru_extent,
+    frames_written_with_keys_open, install, ip, redirect, set_frame_pkru, sp,
 };
 
 /// `SEGV_MAPERR`: address not mapped.

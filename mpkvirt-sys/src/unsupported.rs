@@ -130,6 +130,11 @@ pub(crate) mod signal {
         0
     }
 
+    /// No PKU on this target: no frame to probe.
+    pub fn frames_written_with_keys_open(_pku: crate::Pku) -> bool {
+        false
+    }
+
     /// No PKRU in signal frames on this target.
     pub fn frame_pkru_extent() -> usize {
         0
@@ -192,6 +197,20 @@ pub(crate) mod thread {
     /// No kernel thread ids on this target: 0.
     pub fn gettid() -> i32 {
         0
+    }
+
+    /// No rseq area on this target.
+    pub fn glibc_rseq_offset() -> Option<isize> {
+        None
+    }
+
+    /// Unsupported on this target.
+    ///
+    /// # Safety
+    ///
+    /// Trivially satisfied: nothing happens.
+    pub unsafe fn rseq_unregister(_area: usize) -> Result<()> {
+        Err(Error::Unsupported { op: Op::Rseq })
     }
 
     /// Unsupported on this target.

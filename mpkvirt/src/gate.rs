@@ -119,6 +119,8 @@ pub(crate) struct ThreadRecord {
     /// thread registered by a signal before its runtime set up its own alternate stack had
     /// the library's replaced.
     pub(crate) altstack_checked: bool,
+    /// Whether the thread gave up the C library's rseq area (see `sandbox::serve_run`).
+    pub(crate) rseq_dropped: bool,
     /// Whether the thread is creating threads without its views' rights (between
     /// `OP_SPAWN_PREPARE` and `OP_SPAWN_DONE`).
     pub(crate) spawning: bool,
@@ -351,6 +353,8 @@ fn register(entry: Pkru) -> Result<()> {
                         saved_rsp: 0,
                         stack_top: top as u64,
                         owner_fs: 0,
+                        normal_pkru: 0,
+                        _pad: 0,
                     },
                     tid: 0,
                     dead: true,
@@ -369,6 +373,7 @@ fn register(entry: Pkru) -> Result<()> {
                     altstack: 0,
                     altstack_live: false,
                     altstack_checked: false,
+                    rseq_dropped: false,
                     spawning: false,
                     cxs: MVec::new_in(Meta),
                     capi: crate::capi::ThreadBegun::default(),
@@ -481,6 +486,7 @@ impl ThreadRecord {
         crate::manager::global::resync(self, None);
         self.altstack_live = false;
         self.altstack_checked = false;
+        self.rseq_dropped = false;
         self.ensure_altstack(false);
     }
 
@@ -858,6 +864,7 @@ pub(crate) fn direct<R>(
     // cleared on the way).
     let out = run_op_unguarded(rec, op, entry.bits(), body);
     drop(unbusy);
+    rec.gate.normal_pkru = rec.gate.pkru;
     if let Some(_pku) = pku
         && rec.gate.pkru != entry.bits()
     {
@@ -1097,7 +1104,12 @@ fn marker_mask(klib: mpkvirt_sys::Pkey) -> u32 {
 /// Spells the context into the PKRU the gate exit installs (see [`note_context`]).
 fn mark_context(rec: &mut ThreadRecord) {
     if let Some(k) = root().library_key() {
-        rec.gate.pkru = respell(rec.gate.pkru, marker_mask(k), rec.levels.spell);
+        rec.gate.pkru = respell(
+            sealed_fields(rec, rec.gate.pkru, rec.levels.spell),
+            marker_mask(k),
+            rec.levels.spell,
+        );
+        rec.gate.normal_pkru = normal_pkru(rec);
         if rec.levels.refused {
             rec.gate.pkru = Pkru::from_bits(rec.gate.pkru)
                 .with(k, mpkvirt_sys::AccessRights::NONE)
@@ -1150,9 +1162,13 @@ pub(crate) fn looks_normal(frame: u32, masked: bool) -> bool {
 /// initial PKRU (see [`looks_normal`], [`note_context`]).
 pub(crate) fn handler_pkru(rec: &ThreadRecord) -> u32 {
     match root().library_key() {
-        Some(k) => Pkru::from_bits(respell(rec.gate.pkru, marker_mask(k), rec.levels.depth + 1))
-            .with(k, mpkvirt_sys::AccessRights::DISABLE_ACCESS)
-            .bits(),
+        Some(k) => Pkru::from_bits(respell(
+            sealed_fields(rec, rec.gate.pkru, rec.levels.depth + 1),
+            marker_mask(k),
+            rec.levels.depth + 1,
+        ))
+        .with(k, mpkvirt_sys::AccessRights::DISABLE_ACCESS)
+        .bits(),
         None => rec.gate.pkru,
     }
 }
@@ -1160,8 +1176,31 @@ pub(crate) fn handler_pkru(rec: &ThreadRecord) -> u32 {
 /// The PKRU of the thread's normal context (the value spelled for it).
 pub(crate) fn normal_pkru(rec: &ThreadRecord) -> u32 {
     match root().library_key() {
-        Some(k) => respell(rec.gate.pkru, marker_mask(k), 0),
+        Some(k) => respell(sealed_fields(rec, rec.gate.pkru, 0), marker_mask(k), 0),
         None => rec.gate.pkru,
+    }
+}
+
+/// `pkru` with the fields of key 0 and of the sandbox's domain for the thread's context at
+/// `level`, where its normal context runs a sealed sandbox (`sandbox::sealed_pkru`): the
+/// sandboxed code (level 0) has key 0 write-disabled and its domain read-write; a signal
+/// handler that interrupted it (level 1 on) runs on the key-0 alternate stack and gets the
+/// kernel's initial rights there — key 0 read-write, the domain denied. So a jump into the
+/// gate that forges a handler's entry PKRU leaves the sandboxed code no more than a handler
+/// starts with, and without its own stack. Unchanged for every other thread.
+fn sealed_fields(rec: &ThreadRecord, pkru: u32, level: usize) -> u32 {
+    if !rec.sandbox.active
+        || rec.sandbox.shared
+        || !root().seal_key0.load(std::sync::atomic::Ordering::Relaxed)
+    {
+        return pkru;
+    }
+    let own = rec.sandbox.own_field;
+    let rest = pkru & !(0b11 | own);
+    if level == 0 {
+        rest | mpkvirt_sys::AccessRights::DISABLE_WRITE.bits()
+    } else {
+        rest | (0x5555_5555 & own)
     }
 }
 
@@ -1455,6 +1494,12 @@ fn register_masked(entry_pkru: u32) -> u64 {
 /// metadata cannot be initialised.
 pub(crate) fn call(op: u64, args: *mut u8) -> Result<u64> {
     let mode = meta::init()?;
+    if mode == MetadataMode::Protected && key0_sealed() {
+        // A sealed sandbox (`sandbox::sealed_pkru`): it cannot write the thread-local
+        // bookkeeping below. Its thread is registered (it entered the sandbox through an op),
+        // and the gate refuses it every op but the sandbox's own.
+        return status_result(gate_call(mode, op, args));
+    }
     let mut attempts = 0;
     let status = loop {
         if mode != MetadataMode::Cooperative && !REGISTERED.get() {
@@ -1514,6 +1559,16 @@ pub(crate) fn call(op: u64, args: *mut u8) -> Result<u64> {
         }
         REGISTERED.set(false);
     };
+    status_result(status)
+}
+
+/// Whether the calling thread's PKRU write-disables key 0: only a sealed sandbox's does.
+fn key0_sealed() -> bool {
+    Pku::new().is_some_and(|p| !p.rdpkru().rights(mpkvirt_sys::Pkey::DEFAULT).can_write())
+}
+
+/// [`call`]'s result for the gate's status word.
+fn status_result(status: u64) -> Result<u64> {
     match status {
         GATE_BUSY => Err(Error::Reentrant),
         crate::ops::STATUS_EXITING => Err(Error::Unsupported(
@@ -1588,6 +1643,7 @@ fn cooperative_call(op: u64, args: *mut u8) -> Result<u64> {
     // SAFETY: the calling thread's own record (`current` checked the owner); the
     // dispatcher's reference is gone.
     let gate = unsafe { &mut (*rec).gate };
+    gate.normal_pkru = gate.pkru;
     if let Some(_pku) = pku
         && gate.pkru != entry.bits()
     {

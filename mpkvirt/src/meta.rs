@@ -49,7 +49,7 @@ use std::cell::UnsafeCell;
 use std::ptr::NonNull;
 use std::sync::Mutex;
 use std::sync::atomic::{
-    AtomicBool, AtomicI32, AtomicPtr, AtomicU32, AtomicU64, AtomicUsize, Ordering,
+    AtomicBool, AtomicI32, AtomicI64, AtomicPtr, AtomicU32, AtomicU64, AtomicUsize, Ordering,
 };
 
 use allocator_api2::alloc::{AllocError, Allocator, Layout};
@@ -205,6 +205,17 @@ pub(crate) struct Root {
     /// start. Here rather than in a static: the stacks are found from it, and a base the
     /// program could change would let a stray write aim the library's `madvise` anywhere.
     pub(crate) guard_pool: AtomicUsize,
+    /// Whether sandboxes may run with key 0 write-disabled: the kernel writes signal frames
+    /// with every key open (probed at start, `frames_written_with_keys_open`), so one that
+    /// interrupts such a sandbox can still be written to the alternate stack (key 0). Here
+    /// rather than in a static, where a sandbox of a kernel without it could set it and have
+    /// its next signal kill the process.
+    pub(crate) seal_key0: AtomicBool,
+    /// Where glibc keeps each thread's rseq area, as an offset from the thread pointer
+    /// (`i64::MIN`: none registered). Looked up at start (a `dlsym`, which library code may
+    /// not call later), for sealed sandboxes: the kernel writes the area with the thread's
+    /// PKRU, so a thread that runs one gives up its registration first.
+    pub(crate) rseq_offset: AtomicI64,
 }
 
 // SAFETY: every field is an atomic or a mutex except `gate`, which is written only during
@@ -264,6 +275,8 @@ static mpkvirt_gate_root: Root = Root {
     exit_key: AtomicU64::new(0),
     sync_sig: AtomicI32::new(0),
     guard_pool: AtomicUsize::new(0),
+    seal_key0: AtomicBool::new(false),
+    rseq_offset: AtomicI64::new(i64::MIN),
 };
 
 /// The root (initialised: callers go through [`init`] first).
@@ -448,6 +461,23 @@ pub(crate) fn library_readable() -> bool {
 }
 static APP_REGION: [AtomicUsize; 2] = [AtomicUsize::new(0), AtomicUsize::new(0)];
 
+/// The bits the call gate's deny value adds (`callgate.S`): key 0 write-disabled where
+/// sandboxes run so (`Root::seal_key0`), 0 elsewhere. Alone on a page, made read-only once
+/// set at start: sandboxed code that jumps into the deny path keeps key 0 read-only, and
+/// nothing may turn the bits off later.
+#[repr(C, align(4096))]
+pub(crate) struct DenyKey0(AtomicU32);
+
+#[unsafe(no_mangle)]
+#[used]
+static mpkvirt_deny_key0: DenyKey0 = DenyKey0(AtomicU32::new(0));
+
+const _: () = assert!(size_of::<DenyKey0>() == 4096);
+
+/// `Root::seal_key0`, in application memory, for reporting ([`crate::sandbox::seals_key0`]);
+/// the library reads the root's.
+pub(crate) static SEAL_KEY0_HINT: AtomicBool = AtomicBool::new(false);
+
 fn mode_code(m: MetadataMode) -> u32 {
     match m {
         MetadataMode::Protected => 1,
@@ -604,6 +634,33 @@ fn init_once(r: &Root) -> Result<MetadataMode> {
     r.region[1].store(base + REGION_LEN, Ordering::Relaxed);
     APP_REGION[0].store(base, Ordering::Relaxed);
     APP_REGION[1].store(base + REGION_LEN, Ordering::Relaxed);
+    if mode == MetadataMode::Protected
+        && let Some(pku) = mpkvirt_sys::Pku::new()
+    {
+        let open = mpkvirt_sys::signal::frames_written_with_keys_open(pku);
+        r.seal_key0.store(open, Ordering::Relaxed);
+        if open {
+            mpkvirt_deny_key0
+                .0
+                .store(AccessRights::DISABLE_WRITE.bits(), Ordering::Relaxed);
+        }
+        let page = (&raw const mpkvirt_deny_key0).cast_mut().cast::<u8>();
+        // SAFETY: the page of `mpkvirt_deny_key0` alone (page-aligned and page-sized), set
+        // above and never written again; only the gate reads it.
+        unsafe { mman::mprotect(page, size_of::<DenyKey0>(), Prot::READ) }.map_err(|source| {
+            Error::Retag {
+                addr: page as usize,
+                len: size_of::<DenyKey0>(),
+                prot: Prot::READ,
+                key: Pkey::DEFAULT,
+                source,
+            }
+        })?;
+        if let Some(off) = mpkvirt_sys::thread::glibc_rseq_offset() {
+            r.rseq_offset.store(off as i64, Ordering::Relaxed);
+        }
+        SEAL_KEY0_HINT.store(open, Ordering::Relaxed);
+    }
     let (_, boot_top) = alloc_stack(BOOT_STACK)?;
     // SAFETY: initialisation is single-threaded (`INIT` is INITIALISING and every other
     // thread waits for READY), and no gate runs before READY, so nothing reads these fields

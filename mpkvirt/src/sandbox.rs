@@ -41,6 +41,7 @@
 #![allow(unsafe_code, reason = "stack switching through the call gate")]
 
 use std::mem::MaybeUninit;
+use std::sync::atomic::Ordering;
 
 use crate::backend::Backend;
 use crate::domain::Domain;
@@ -50,6 +51,7 @@ use crate::manager::Manager;
 use crate::manager::shared::{DomRef, MgrRef};
 use crate::ops::{Call, Pod, STATUS_BAD_CALL, STATUS_OK};
 use mpkvirt_asm::addr;
+use mpkvirt_sys::AccessRights;
 
 /// A thread's sandbox state, in its record.
 #[derive(Clone, Copy, Debug, Default)]
@@ -72,6 +74,8 @@ pub(crate) struct State {
     /// The runner's PKRU before the run: the fields of keys no manager owns come back from
     /// it at the yield (the managers' own are recomputed).
     pre_pkru: u32,
+    /// The PKRU field of the sandbox's domain key (0: none, or a shared sandbox).
+    pub(crate) own_field: u32,
 }
 
 /// `S_RUN`'s input.
@@ -193,7 +197,7 @@ impl<B: Backend> Manager<B> {
     /// sandbox's view nor any below it, and can enter no other view. On PKU hardware its
     /// rights are `domain`'s and key 0's only: every other key is denied, the process-wide
     /// grants and other managers' views included ([`Manager::sandbox_run_shared`] keeps
-    /// those). The thread's alternate signal stack becomes the library's (handlers find the
+    /// those), and key 0 is read-only where the kernel allows it ([`seals_key0`]). The thread's alternate signal stack becomes the library's (handlers find the
     /// sandboxed context's frame there), if it was another.
     ///
     /// # Errors
@@ -206,7 +210,7 @@ impl<B: Backend> Manager<B> {
     ///
     /// `sp` must be a context prepared by [`Context::new`] in `domain`'s memory, or one a
     /// yield returned, and not run since. The sandboxed code runs with the view's rights: it
-    /// may write everything in `domain` and in key-0 memory.
+    /// may write everything in `domain`, and key-0 memory unless [`seals_key0`].
     pub unsafe fn sandbox_run(
         &self,
         domain: &Domain<B>,
@@ -544,7 +548,7 @@ pub(crate) fn allowed(rec: &ThreadRecord, op: u64, args: usize) -> bool {
 pub(crate) fn serve_run(
     args: crate::ops::Args,
     rec: &mut ThreadRecord,
-    enter: impl FnOnce(&mut ThreadRecord, &RunIn) -> Result<(u64, u64, u64)>,
+    enter: impl FnOnce(&mut ThreadRecord, &RunIn) -> Result<(u64, u64, u64, u32)>,
 ) -> u64 {
     let Some((input, out)) = args.read::<RunIn, Yielded>(rec) else {
         return STATUS_BAD_CALL;
@@ -557,6 +561,26 @@ pub(crate) fn serve_run(
         rec.ensure_altstack(true);
         rec.altstack_checked = rec.has_altstack();
     }
+    // A sealed sandbox's key 0 is read-only, and the kernel writes the thread's rseq area
+    // (glibc's, in its thread control block: key 0) with the thread's PKRU whenever it is
+    // preempted, migrated or signalled: a failed write is a SIGSEGV that kills the process.
+    // So the thread's first sealed run gives the area up (glibc then asks the kernel for the
+    // CPU number instead of reading it).
+    let sealed = input.shared == 0 && crate::meta::root().seal_key0.load(Ordering::Relaxed);
+    if sealed && !rec.rseq_dropped && !rec.interrupted {
+        let off = crate::meta::root().rseq_offset.load(Ordering::Relaxed);
+        rec.rseq_dropped = off == i64::MIN
+            // SAFETY: the calling thread's own registration, at the offset glibc exports from
+            // its thread pointer (the record's owner's FS base, checked by the gate); the
+            // thread is inside a library op, not in an rseq critical section, and glibc reads
+            // only the CPU number there, which the kernel marks unknown.
+            || unsafe {
+                mpkvirt_sys::thread::rseq_unregister(
+                    (rec.gate.owner_fs as usize).wrapping_add_signed(off as isize),
+                )
+            }
+            .is_ok();
+    }
     let pre_pkru = rec.gate.pkru;
     let started = if rec.sandbox.active || rec.interrupted {
         Err(Error::InvalidConfig(
@@ -566,12 +590,16 @@ pub(crate) fn serve_run(
         Err(Error::InvalidConfig(
             "a sandbox needs the library's alternate signal stack (sigaltstack failed)",
         ))
+    } else if sealed && !rec.rseq_dropped {
+        Err(Error::Unsupported(
+            "a sealed sandbox on a thread whose rseq area cannot be unregistered (the kernel would write it with key 0 read-only)",
+        ))
     } else {
         enter(rec, &input)
     };
     match started {
         Err(e) => crate::ops::Args::write(rec, out, Err(e)),
-        Ok((mark, base, end)) => {
+        Ok((mark, base, end, own_field)) => {
             rec.sandbox = State {
                 active: true,
                 host_rsp: rec.gate.saved_rsp,
@@ -582,6 +610,7 @@ pub(crate) fn serve_run(
                 end,
                 shared: input.shared != 0,
                 pre_pkru,
+                own_field,
             };
             rec.gate.saved_rsp = input.sp;
             input.value
@@ -591,6 +620,11 @@ pub(crate) fn serve_run(
 
 /// A sandbox's PKRU: `pkru` with every field denied but key 0's, the library key's (the gate
 /// spells the thread's context there) and `own`'s (the sandbox's domain, bound by its view).
+/// Key 0 is write-disabled where the kernel writes signal frames with every key open
+/// (`Root::seal_key0`): the sandboxed code can then write none of the process's common
+/// memory — statics, other threads' stacks and thread-local storage, signal frames — only its
+/// domain. Elsewhere the kernel writes a frame with the interrupted PKRU, onto the key-0
+/// alternate stack, so key 0 stays writable.
 pub(crate) fn sealed_pkru(pkru: u32, own: Option<mpkvirt_sys::Pkey>) -> u32 {
     let mut keep = 0b11;
     for k in [crate::meta::root().library_key(), own]
@@ -600,7 +634,23 @@ pub(crate) fn sealed_pkru(pkru: u32, own: Option<mpkvirt_sys::Pkey>) -> u32 {
         keep |= mpkvirt_sys::Pkru::key_mask(k);
     }
     // Denied fields as access-disabled alone; the gate's exit respells the markers.
-    (pkru & keep) | (0x5555_5555 & !keep)
+    let v = (pkru & keep) | (0x5555_5555 & !keep);
+    if crate::meta::root()
+        .seal_key0
+        .load(std::sync::atomic::Ordering::Relaxed)
+    {
+        (v & !0b11) | AccessRights::DISABLE_WRITE.bits()
+    } else {
+        v
+    }
+}
+
+/// Whether sandboxes run with key 0 write-disabled here (see [`Manager::sandbox_run`]): the
+/// process uses PKU through the protected gate, and the kernel writes signal frames with
+/// every key open (Linux 6.12 on). For reports: read from application memory.
+pub fn seals_key0() -> bool {
+    crate::meta::init().is_ok()
+        && crate::meta::SEAL_KEY0_HINT.load(std::sync::atomic::Ordering::Relaxed)
 }
 
 /// `OP_SANDBOX_YIELD`: back to the runner.

@@ -515,15 +515,15 @@ fn check_scan(what: &str, elf: &Elf, allowed: &[&str]) -> Vec<Hit> {
     hits
 }
 
-/// The gates' own WRPKRUs: three in the call gate (raise, lower, deny) and one in the sync
-/// gate. Their presence shows the scan saw the code it claims to have scanned.
+/// The gates' own WRPKRUs: four in the call gate (raise, lower, a busy record's lower, deny)
+/// and one in the sync gate. Their presence shows the scan saw the code it claims to have scanned.
 fn assert_gate_wrpkrus(what: &str, hits: &[Hit]) {
     let count = |sym: &str| {
         hits.iter()
             .filter(|h| h.kind == Gadget::Wrpkru && h.symbol == sym)
             .count()
     };
-    assert_eq!(count("mpkvirt_gate_call"), 3, "{what}");
+    assert_eq!(count("mpkvirt_gate_call"), 4, "{what}");
     assert_eq!(count("mpkvirt_gate_sync"), 1, "{what}");
     assert_eq!(count("mpkvirt_gate_call_nopku"), 0, "{what}");
 }
@@ -1301,22 +1301,27 @@ fn pku_gate_gadgets_in_the_call_gate_raise_nothing() {
         mpkvirt_asm::mpkvirt_gate_call as *const () as usize,
     );
     assert_entry_returns_legit("mpkvirt_gate_call", &outcomes, legit);
-    // Its three WRPKRUs and the instructions after them, landed on with EAX = 0.
+    // Its four WRPKRUs and the instructions after them, landed on with EAX = 0.
     let code = elf_code_of("mpkvirt_gate_call");
     let w: Vec<usize> = gadgets(&code)
         .into_iter()
         .filter(|g| g.1 == Gadget::Wrpkru)
         .map(|g| g.0)
         .collect();
-    let [raise, lower, deny] = w[..] else {
-        panic!("three WRPKRUs: {w:?}")
+    let [raise, lower, busy, deny] = w[..] else {
+        panic!("four WRPKRUs: {w:?}")
     };
     let reached = |pkru| Outcome::Reached {
         pkru: Some(pkru),
         record: legit,
         read: None,
     };
-    let deny_pkru = 0x5555_5554;
+    // (Key 0 read-only too where sandboxes run so: `mpkvirt_deny_key0`.)
+    let deny_pkru = if mpkvirt::sandbox::seals_key0() {
+        0x5555_5556
+    } else {
+        0x5555_5554
+    };
     // Landing on the raise WRPKRU skips the RDPKRU: the entry PKRU the dispatcher gets is the
     // forged R8 (0 here), which tells it the call comes from a signal handler (the library
     // key is not read-only in it): it seals the views and spells the record's no-access keys
@@ -1348,9 +1353,19 @@ fn pku_gate_gadgets_in_the_call_gate_raise_nothing() {
             "after the lower WRPKRU: loops back",
         ),
         (
+            busy,
+            reached(legit),
+            "a busy record's WRPKRU with the record idle: sent to the record's value",
+        ),
+        (
+            busy + 3,
+            reached(legit),
+            "after a busy record's WRPKRU: sent to the record's value",
+        ),
+        (
             deny,
             reached(deny_pkru),
-            "deny WRPKRU: re-checked against the immediate",
+            "deny WRPKRU: re-checked against the deny value",
         ),
         (
             deny + 3,

@@ -29,26 +29,32 @@ use mpkvirt::{
 };
 use mpkvirt_sys::require_pku;
 
-/// What the sandboxed code tried, for the runner to check.
+/// What the sandboxed code tried, for the runner to check. It lives in the sandbox's own
+/// domain: where the kernel allows it, a sandbox may not write key-0 memory
+/// ([`sandbox::seals_key0`]), the runner's stack and the process's heap included.
 struct Probe<'a, B: Backend> {
     mgr: &'a Manager<B>,
     own: &'a Domain<B>,
     other: &'a Domain<B>,
     /// The runner's view (a copy: ending it is the attack).
     runner_view: *const ViewGuard<'a, B>,
-    refused: Vec<(&'static str, bool)>,
+    refused: [(&'static str, bool); 16],
+    tries: usize,
 }
 
 const DONE: u64 = 0xD0;
 
 fn body<B: Backend>(arg: u64, first: u64) {
     // SAFETY: the runner passes a `Probe<B>` it keeps alive (and does not touch) while the
-    // context runs; key-0 memory, which the sandbox's view may write.
+    // context runs, in the sandbox's domain.
     let p = unsafe { &mut *(arg as *mut Probe<'_, B>) };
     // Values round-trip: the runner resumes with what it got, times ten.
     let v = sandbox::yield_now(first + 1);
     let v = sandbox::yield_now(v + 1);
-    let mut tried = |what, r: mpkvirt::Result<()>| p.refused.push((what, r.is_err()));
+    let mut tried = |what, r: mpkvirt::Result<()>| {
+        p.refused[p.tries] = (what, r.is_err());
+        p.tries += 1;
+    };
     tried(
         "enter a view of another domain",
         p.mgr.enter(&[(p.other, Rights::ReadWrite)]).map(drop),
@@ -101,15 +107,23 @@ fn sandbox_seal<B: Backend>(mgr: &Manager<B>, f: extern "C" fn(u64, u64)) {
     // SAFETY: the host domain's first byte, inside the runner's view.
     unsafe { host_byte.write(42) };
     let pkru = mgr.current_pkru();
-    let mut probe = Probe {
-        mgr,
-        own: &own,
-        other: &other,
-        runner_view: &raw const runner_view,
-        refused: Vec::with_capacity(16),
+    let probe = own
+        .alloc(size_of::<Probe<'_, B>>(), align_of::<Probe<'_, B>>())
+        .unwrap()
+        .cast::<Probe<'_, B>>();
+    // SAFETY: a block of `own` of the probe's size and alignment, inside the runner's view.
+    unsafe {
+        probe.write(Probe {
+            mgr,
+            own: &own,
+            other: &other,
+            runner_view: &raw const runner_view,
+            refused: [("", false); 16],
+            tries: 0,
+        })
     };
     // SAFETY: the top of `own`, writable in the runner's view and used by nothing else.
-    let ctx = unsafe { Context::new(top(&own), f, (&raw mut probe) as u64) };
+    let ctx = unsafe { Context::new(top(&own), f, probe.as_ptr() as u64) };
     let mut sp = ctx.sp;
     let mut value = 1;
     let mut seen = Vec::new();
@@ -132,10 +146,12 @@ fn sandbox_seal<B: Backend>(mgr: &Manager<B>, f: extern "C" fn(u64, u64)) {
         value = y.value * 10;
     }
     assert_eq!(seen, [2, 21, 211], "the values passed both ways");
-    for (what, refused) in &probe.refused {
+    // SAFETY: the probe written above; the context is done with it.
+    let probe = unsafe { probe.as_ref() };
+    for (what, refused) in &probe.refused[..probe.tries] {
         assert!(refused, "sandboxed code could {what}");
     }
-    assert_eq!(probe.refused.len(), 9);
+    assert_eq!(probe.tries, 9);
     // The runner's view is intact and ends normally.
     runner_view.end().unwrap();
     // Outside a sandbox a yield is refused at once.
@@ -158,7 +174,18 @@ fn pku_a_sandbox_can_only_yield() {
     let _pku = require_pku!();
     let _g = common::real_backend();
     let mgr = Manager::with_backend(Hardware::new(4).unwrap(), config(4)).unwrap();
-    sandbox_seal(&mgr, body_hardware);
+    if sandbox::seals_key0() {
+        // Where key 0 is read-only to sandboxes, the attack's first library call dies before
+        // it reaches the gate: it allocates, and the process's heap is key-0 memory. (The
+        // gate's refusals are checked natively and on kernels without the seal.)
+        let status = in_child(|| {
+            sandbox_seal(&mgr, body_hardware);
+            0
+        });
+        assert_eq!(status, Err(libc::SIGSEGV), "a sealed sandbox's attack");
+    } else {
+        sandbox_seal(&mgr, body_hardware);
+    }
 }
 
 /// Reads the byte at `arg` and yields it.
@@ -251,6 +278,72 @@ fn in_child(f: impl FnOnce() -> i32) -> Result<i32, i32> {
     } else {
         Ok(libc::WEXITSTATUS(status))
     }
+}
+
+/// Key-0 memory a sandbox tries to write (a static: the process's common data).
+static KEY0_TARGET: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(7);
+
+/// Writes 42 at `arg` and yields 0.
+extern "C" fn write_and_yield(arg: u64, _first: u64) {
+    // SAFETY: the attack: any address, written with the sandbox's rights.
+    unsafe { (arg as *mut u8).write_volatile(42) };
+    loop {
+        sandbox::yield_now(0);
+    }
+}
+
+/// The kernel's version as `(major, minor)`, from `uname`.
+fn kernel_version() -> (u32, u32) {
+    // SAFETY: all-zero is a valid `utsname` for `uname` to fill.
+    let mut u: libc::utsname = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid struct to write.
+    assert_eq!(unsafe { libc::uname(&mut u) }, 0);
+    // SAFETY: `uname` wrote a NUL-terminated release string.
+    let release = unsafe { std::ffi::CStr::from_ptr(u.release.as_ptr()) }.to_string_lossy();
+    let mut parts = release.split(|c: char| !c.is_ascii_digit());
+    let mut next = || parts.next().and_then(|p| p.parse().ok()).unwrap();
+    (next(), next())
+}
+
+/// On a kernel that writes signal frames with every key open (6.12 on), a sandbox's key 0 is
+/// read-only: it can write none of the process's common memory (statics, the runner's stack,
+/// other threads' thread-local storage and signal frames). Before 6.12 the kernel writes a
+/// frame with the interrupted PKRU onto the key-0 alternate stack, so key 0 stays writable
+/// there — the probe must tell the two apart, or a signal would kill the process.
+#[test]
+fn pku_a_sandbox_writes_no_key_0_memory_where_the_kernel_allows_the_seal() {
+    let _pku = require_pku!();
+    let _g = common::real_backend();
+    let mgr = Manager::with_backend(Hardware::new(4).unwrap(), config(4)).unwrap();
+    let own = mgr.create_domain(DomainOptions::reserve(64 << 10)).unwrap();
+    let sealed = sandbox::seals_key0();
+    assert_eq!(
+        sealed,
+        kernel_version() >= (6, 12),
+        "the seal on kernel {:?}",
+        kernel_version()
+    );
+    let mut local = 7u8;
+    for target in [KEY0_TARGET.as_ptr() as usize, (&raw mut local) as usize] {
+        let status = in_child(|| {
+            let _v = mgr.enter(&[(&own, Rights::ReadWrite)]).unwrap();
+            // SAFETY: the top of `own`, writable in this view.
+            let ctx = unsafe { Context::new(top(&own), write_and_yield, target as u64) };
+            // SAFETY: a prepared context.
+            let y = unsafe { mgr.sandbox_run(&own, ctx.sp, top(&own), 0) }.unwrap();
+            // SAFETY: the target, key-0 memory of this (the child's) process.
+            let now = unsafe { (target as *const u8).read_volatile() };
+            i32::from(y.value != 0 || now != 42)
+        });
+        if sealed {
+            assert_eq!(status, Err(libc::SIGSEGV), "a sealed sandbox wrote key 0");
+        } else {
+            assert_eq!(status, Ok(0), "an unsealed sandbox writes key 0");
+        }
+    }
+    // The parent's copies are untouched either way.
+    assert_eq!(KEY0_TARGET.load(std::sync::atomic::Ordering::Relaxed), 7);
+    assert_eq!(local, 7);
 }
 
 /// A host keeps its own state in a domain every thread may reach (process-wide rights) and
@@ -459,6 +552,10 @@ fn run_counting_preemptions_in<B: Backend>(
 
 fn preemption<B: Backend>(mgr: &Manager<B>) {
     let rounds = 3_000_000;
+    // Once outside: `mul_add` without the FMA target feature is compiler-builtins' `fma`,
+    // which picks its implementation at its first call and keeps it in a static — key-0
+    // memory, read-only to a sealed sandbox.
+    std::hint::black_box(work(std::hint::black_box(1)));
     let (out, preempted) = run_ticking(mgr, 0, rounds);
     assert_eq!(
         out,
@@ -669,4 +766,161 @@ fn pku_the_gate_writes_nothing_at_the_callers_stack_pointer() {
     let _pku = require_pku!();
     let _g = common::real_backend();
     gate_leaves_the_callers_stack_alone(mpkvirt_asm::mpkvirt_gate_call as *const () as usize);
+}
+
+// ---- no gate lifts a sealed sandbox's key-0 seal ----
+
+/// The key-0 word the attack writes after a jump into the gate.
+static SEAL_TARGET: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(7);
+
+/// Writes `SEAL_TARGET` (key 0) and exits the process with status 0, on no stack: what
+/// sandboxed code would do with key 0 writable.
+#[unsafe(naked)]
+extern "C" fn seal_landing() {
+    core::arch::naked_asm!(
+        "mov byte ptr [rip + {t}], 42",
+        "xor edi, edi",
+        "mov eax, 231", // exit_group
+        "syscall",
+        "ud2",
+        t = sym SEAL_TARGET,
+    );
+}
+
+/// A key-0 word holding `seal_landing`'s address: the stack a jump into the gate returns
+/// on (a sealed sandbox cannot write one, but key 0 is full of return addresses to reuse).
+static SEAL_LANDING_SLOT: extern "C" fn() = seal_landing;
+
+/// Jumps to `at` with the stack pointer `sp` (a word holding `seal_landing`'s address), EAX
+/// = 0 (every key open), R8 the kernel's initial PKRU (a signal handler's entry, as the
+/// dispatcher sees it when the jump skips the gate's RDPKRU), ECX = EDX = 0 and RDI a
+/// refused op.
+#[unsafe(naked)]
+extern "C" fn jump_for_key0(at: usize, sp: usize) {
+    core::arch::naked_asm!(
+        "mov rax, rdi",
+        "mov rsp, rsi",
+        "mov r11, rax",
+        "mov r8d, 0x55555554",
+        "xor eax, eax",
+        "xor ecx, ecx",
+        "xor edx, edx",
+        "mov edi, 0xffff",
+        "xor esi, esi",
+        "jmp r11",
+    );
+}
+
+/// Jumps to `at` as `jump_for_key0` does: on a word of its own stack when the first run's
+/// value is 1, else on `SEAL_LANDING_SLOT`.
+extern "C" fn jump_body(at: u64, first: u64) {
+    let own = [seal_landing as extern "C" fn() as usize; 4];
+    let at = at as usize;
+    let sp = if first == 1 {
+        std::hint::black_box(&own).as_ptr() as usize
+    } else {
+        (&raw const SEAL_LANDING_SLOT) as usize
+    };
+    jump_for_key0(at, sp);
+    loop {
+        sandbox::yield_now(0);
+    }
+}
+
+extern "C" fn exit_on_segv(_sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mut libc::c_void) {
+    // SAFETY: the kernel's `siginfo_t` for this SIGSEGV (installed with `SA_SIGINFO`).
+    let info = unsafe { &*info };
+    // SAFETY: a SIGSEGV's `siginfo_t` has its address field set.
+    let addr = unsafe { info.si_addr() } as usize;
+    let code = if addr == SEAL_TARGET.as_ptr() as usize {
+        10
+    } else {
+        11
+    };
+    // SAFETY: ends the (forked) process.
+    unsafe { libc::_exit(code) };
+}
+
+/// Sealed sandboxed code that jumps onto any WRPKRU of the call gates, or just past it —
+/// with EAX = 0 and a stack word that returns into code writing key 0 — gets no key-0
+/// write. The deny path keeps key 0 read-only where sandboxes run so, and a busy record's
+/// lower (key 0 read-write, for signal handlers) is taken only while the record is busy:
+/// on a key-0 stack word, each attempt ends with SIGSEGV at the key-0 word (exit 10).
+///
+/// Landing on the raise WRPKRU skips the gate's RDPKRU, so the forged R8 makes the call a
+/// signal handler's, whose exit has key 0 read-write; it denies the sandbox's domain, so the
+/// return on the sandbox's own stack faults there (exit 11). (Returning on a key-0 word
+/// instead is the documented residual: ARCHITECTURE.md, "Key 0".) Just past the raise, PKRU
+/// is still the sandbox's and the busy word's write faults (11). A write that went through
+/// exits 0.
+#[test]
+fn pku_no_gate_lifts_a_sealed_sandboxs_key_0_seal() {
+    let _pku = require_pku!();
+    let _g = common::real_backend();
+    if !sandbox::seals_key0() {
+        // The seal needs Linux 6.12 (checked against the kernel's version above); before,
+        // key 0 is writable to sandboxes anyway.
+        assert!(kernel_version() < (6, 12));
+        return;
+    }
+    let mgr = Manager::with_backend(Hardware::new(4).unwrap(), config(4)).unwrap();
+    let own = mgr.create_domain(DomainOptions::reserve(64 << 10)).unwrap();
+    let gate = mpkvirt_asm::mpkvirt_gate_call as *const () as usize;
+    let sync = mpkvirt_asm::addr::gate_sync();
+    // The call gate's bytes up to the next function of its file (the no-PKU twin).
+    let nopku = mpkvirt_asm::mpkvirt_gate_call_nopku as *const () as usize;
+    let len = if nopku > gate {
+        (nopku - gate).min(1024)
+    } else {
+        512
+    };
+    // SAFETY: the gate's own code, mapped readable and executable.
+    let code = unsafe { std::slice::from_raw_parts(gate as *const u8, len) };
+    let mut targets: Vec<usize> = mpkvirt::scan::gadgets(code)
+        .into_iter()
+        .filter(|g| g.1 == mpkvirt::scan::Gadget::Wrpkru)
+        .map(|g| gate + g.0)
+        .collect();
+    assert_eq!(targets.len(), 4, "the call gate's WRPKRUs");
+    // SAFETY: as above.
+    let sync_code = unsafe { std::slice::from_raw_parts(sync as *const u8, 64) };
+    targets.extend(
+        mpkvirt::scan::gadgets(sync_code)
+            .into_iter()
+            .take(1)
+            .map(|g| sync + g.0),
+    );
+    let raise = targets[0];
+    for at in targets.iter().flat_map(|&w| [w, w + 3]) {
+        // (On the sandbox's own stack for the raise.)
+        let own_stack = u64::from(at == raise);
+        let status = in_child(|| {
+            // SAFETY: a handler that only exits the (forked) process.
+            unsafe {
+                mpkvirt_sys::signal::install(
+                    libc::SIGSEGV,
+                    exit_on_segv,
+                    libc::SA_ONSTACK | libc::SA_SIGINFO,
+                )
+            }
+            .unwrap();
+            let _v = mgr.enter(&[(&own, Rights::ReadWrite)]).unwrap();
+            // SAFETY: the top of `own`, writable in this view.
+            let ctx = unsafe { Context::new(top(&own), jump_body, at as u64) };
+            // SAFETY: a prepared context.
+            let y = unsafe { mgr.sandbox_run(&own, ctx.sp, top(&own), own_stack) };
+            i32::from(y.is_ok()) + 20
+        });
+        let want = if at == raise || at == raise + 3 {
+            11
+        } else {
+            10
+        };
+        assert_eq!(
+            status,
+            Ok(want),
+            "a jump to gate+{:#x}: key 0 written (0), a fault elsewhere (11) or back (2x)",
+            at.wrapping_sub(gate)
+        );
+    }
 }

@@ -25,7 +25,14 @@
 //!   table's `alloc`, or with `malloc`, `calloc`, `realloc` and `free` ([`REBOUND_IMPORTS`]):
 //!   validation lists every word the dynamic linker fills with them, and the loader points
 //!   those at an allocator in the tenant's own instance (`runtime::tenant_heap`). Only whole
-//!   addresses are accepted (no addend, no other relocation type).
+//!   addresses are accepted (no addend, no other relocation type). `abort` and
+//!   `__stack_chk_fail` are bound to the runtime's too;
+//! - it has no thread-local variables (`PT_TLS`).
+//!
+//! Once linked, the loader makes the object's writable segments read-only: they are key-0
+//! memory, which every instance of the application shares (and, where sandboxes keep key 0
+//! writable, every tenant), so none may write them; a tenant's state lives in its instance,
+//! on its stack and its heap.
 //!
 //! Each failure is a [`ImageError`] that names the offending part.
 
@@ -58,11 +65,9 @@ pub const ALLOWED_IMPORTS: &[&str] = &[
     "exp2", "log", "log2", "log10", "pow", "sqrt", "cbrt", "floor", "ceil", "fabs", "fmod",
     "round", "trunc", "lround", "fmin", "fmax", "hypot", "sinf", "cosf", "expf", "logf",
     "powf", "sqrtf", "floorf", "ceilf", "fabsf",
-    // Ends the invocation (SIGABRT, which the runtime contains).
-    "abort",
     // Added by compilers and fortification.
     "__cxa_finalize", "__gmon_start__", "_ITM_registerTMCloneTable",
-    "_ITM_deregisterTMCloneTable", "__stack_chk_fail", "__memcpy_chk", "__memmove_chk",
+    "_ITM_deregisterTMCloneTable", "__memcpy_chk", "__memmove_chk",
     "__memset_chk", "__strcpy_chk", "__strcat_chk", "__strncpy_chk",
 ];
 
@@ -117,6 +122,9 @@ pub enum ImageError {
     /// destructors, which would run with the loading thread's rights; build with
     /// `-nostartfiles`), or while its symbols are bound (an IFUNC resolver of its own).
     RunsCodeAtLoad(&'static str),
+    /// The object has thread-local variables (`PT_TLS`): they would live in the worker
+    /// thread's storage, shared by every tenant that thread runs.
+    ThreadLocalStorage,
 }
 
 impl fmt::Display for ImageError {
@@ -158,6 +166,11 @@ impl fmt::Display for ImageError {
                 "a relocation writes at {vaddr:#x}, outside the object's writable segments"
             ),
             ImageError::EntryNotInCode => write!(f, "{ENTRY} does not lie in executable code"),
+            ImageError::ThreadLocalStorage => write!(
+                f,
+                "has thread-local variables, which tenants may not have (they would be the \
+                 worker thread's, shared by every tenant it runs)"
+            ),
         }
     }
 }
@@ -181,12 +194,24 @@ pub struct ImageInfo {
     /// The range the dynamic linker makes read-only after relocating (`PT_GNU_RELRO`), as
     /// `(vaddr, memsz)`.
     pub relro: Option<(u64, u64)>,
+    /// Its writable segments (data, BSS) as `(vaddr, memsz)`: the loader makes them
+    /// read-only once the object is linked.
+    pub writable: Vec<(u64, u64)>,
 }
 
-/// The C library's allocator, which a tenant may import: the loader binds its calls to the
-/// runtime's allocator in the tenant's own instance (`runtime::tenant_heap`), never to the
-/// C library's.
-pub const REBOUND_IMPORTS: &[&str] = &["malloc", "calloc", "realloc", "free"];
+/// C library functions a tenant may import whose calls the loader binds to the runtime's own
+/// (`runtime::tenant::rebound`), never to the C library's: the allocator, to one in the
+/// tenant's own instance (`runtime::tenant_heap`); `abort` and `__stack_chk_fail` (a smashed
+/// stack), to one that ends the invocation with `SIGABRT` — the C library's write its own
+/// state first, a lock and a stage counter, which a tenant may not write.
+pub const REBOUND_IMPORTS: &[&str] = &[
+    "malloc",
+    "calloc",
+    "realloc",
+    "free",
+    "abort",
+    "__stack_chk_fail",
+];
 
 /// Checks `bytes`, a tenant's shared object (see the module docs).
 ///
@@ -220,14 +245,22 @@ pub fn validate(bytes: &[u8]) -> Result<ImageInfo, ImageError> {
     let mut read_only = Vec::new();
     let mut rebinds = Vec::new();
     let mut relro = None;
+    let mut writable = Vec::new();
     let phs = file.elf_program_headers();
+    // (First: such an object also needs the dynamic linker's `__tls_get_addr`, which is
+    // refused below with a less helpful message.)
+    if phs.iter().any(|ph| ph.p_type(endian) == elf::PT_TLS) {
+        return Err(ImageError::ThreadLocalStorage);
+    }
     for ph in phs {
         let flags = ph.p_flags(endian).0;
         let (x, w) = (flags & elf::PF_X.0 != 0, flags & elf::PF_W.0 != 0);
         let vaddr = ph.p_vaddr(endian);
         match ph.p_type(endian) {
             elf::PT_LOAD => {
-                if !w {
+                if w {
+                    writable.push((vaddr, ph.p_memsz(endian)));
+                } else {
                     read_only.push((vaddr, ph.p_memsz(endian)));
                 }
                 if x && w {
@@ -326,6 +359,7 @@ pub fn validate(bytes: &[u8]) -> Result<ImageInfo, ImageError> {
         read_only,
         rebinds,
         relro,
+        writable,
     })
 }
 

@@ -6,9 +6,10 @@
 //! become visible to other objects. Validation refused code that would run while the object
 //! is loaded or unloaded (constructors, destructors, IFUNC resolvers), instructions that
 //! change PKRU or the thread pointer, and imports outside the allowed list; the object is
-//! never unloaded (`dlclose` would walk the dynamic linker's lists, key-0 memory). The C
-//! library's allocator imports are rebound to the runtime's in the instance. `load` stays
-//! `unsafe`: the dynamic linker trusts the object's tables.
+//! never unloaded (`dlclose` would walk the dynamic linker's lists, key-0 memory). The
+//! imports of `image::REBOUND_IMPORTS` (the allocator, `abort`) are rebound to the
+//! runtime's, and the object's writable segments become read-only. `load` stays `unsafe`:
+//! the dynamic linker trusts the object's tables.
 //!
 //! [`NativeFunction::call`] runs the entry with a [`HostApi`] table. It runs the tenant's code
 //! *with the caller's rights*: the runtime calls it on an instance's green thread, inside the
@@ -119,53 +120,47 @@ unsafe impl Send for NativeFunction {}
 // SAFETY: as above: `&NativeFunction` only reads the two pointers.
 unsafe impl Sync for NativeFunction {}
 
-/// Points the object's references to the C library's allocator (`image::REBOUND_IMPORTS`,
-/// found by validation) at the runtime's allocator in the tenant's instance
-/// (`runtime::tenant_heap`). `bias`: where the object's virtual address 0 was mapped. Each
-/// word lies in a writable segment (validation checked every relocation); a word the
-/// dynamic linker made read-only (RELRO) is made writable for the write, then read-only
-/// again.
-fn rebind(info: &image::ImageInfo, bias: usize) -> Result<(), LoadError> {
-    if info.rebinds.is_empty() {
-        return Ok(());
-    }
+/// Points the object's references to the C library functions of `image::REBOUND_IMPORTS`
+/// (found by validation) at the runtime's (`runtime::tenant::rebound`), then makes every
+/// writable segment of the object read-only. `bias`: where the object's virtual address 0
+/// was mapped. Each word lies in a writable segment (validation checked every relocation).
+fn rebind_and_seal(info: &image::ImageInfo, bias: usize) -> Result<(), LoadError> {
     if bias == 0 {
         return Err(LoadError::Link(
             "the object's load address is unknown (dladdr)".into(),
         ));
     }
     let page = 4096usize;
-    // The pages the dynamic linker protected: the RELRO range, its end rounded down (as
-    // `ld.so` does: a last partial page stays writable).
-    let relro = info.relro.map(|(s, len)| {
-        let start = (bias + s as usize) & !(page - 1);
-        let end = (bias + (s + len) as usize) & !(page - 1);
-        start..end
-    });
+    let pages = |at: usize, len: usize| (at & !(page - 1), (at + len).next_multiple_of(page));
+    let protect = |(start, end): (usize, usize), p: mpkvirt_sys::mman::Prot, what: &str| {
+        // SAFETY: pages of the object's writable segments, mapped by the dynamic linker for
+        // the object alone (segments start on a page of their own); no code of the object
+        // runs meanwhile (it was just loaded), and the C library writes nothing there after
+        // linking (the object has no destructors, TLS or lazy bindings).
+        unsafe { mpkvirt_sys::mman::mprotect(start as *mut u8, end - start, p) }
+            .map_err(|e| LoadError::Link(format!("{what}: {e}")))
+    };
     for &(vaddr, name) in &info.rebinds {
-        let to = crate::runtime::tenant_heap::rebound(name)
+        let to = crate::runtime::tenant::rebound(name)
             .ok_or_else(|| LoadError::Link(format!("no binding for {name}")))?;
         let at = bias + vaddr as usize;
-        let first = (at & !(page - 1)) as *mut u8;
-        let len = (at + 8).next_multiple_of(page) - (at & !(page - 1));
-        let prot = |p: mpkvirt_sys::mman::Prot| {
-            // SAFETY: the pages of one word of the object's writable data (a relocation
-            // target), mapped by the dynamic linker for the object; no code of the object
-            // runs meanwhile (it was just loaded).
-            unsafe { mpkvirt_sys::mman::mprotect(first, len, p) }
-                .map_err(|e| LoadError::Link(format!("rebinding {name}: {e}")))
-        };
-        prot(mpkvirt_sys::mman::Prot::READ_WRITE)?;
+        // (The word may be in the RELRO range the dynamic linker already made read-only.)
+        protect(
+            pages(at, 8),
+            mpkvirt_sys::mman::Prot::READ_WRITE,
+            &format!("rebinding {name}"),
+        )?;
         // SAFETY: an 8-byte word of the object's data, writable now (above); the dynamic
         // linker wrote the C library's function there, which nothing reads until the
         // object's code runs.
         unsafe { (at as *mut usize).write_unaligned(to) };
-        if relro
-            .as_ref()
-            .is_some_and(|r| r.contains(&(at & !(page - 1))))
-        {
-            prot(mpkvirt_sys::mman::Prot::READ)?;
-        }
+    }
+    for &(vaddr, len) in &info.writable {
+        protect(
+            pages(bias + vaddr as usize, len as usize),
+            mpkvirt_sys::mman::Prot::READ,
+            "making the object's data read-only",
+        )?;
     }
     Ok(())
 }
@@ -240,7 +235,7 @@ impl NativeFunction {
                 })
                 .collect()
         };
-        if let Err(e) = rebind(&info, base - low) {
+        if let Err(e) = rebind_and_seal(&info, base - low) {
             // SAFETY: the handle from above, closed once; nothing of the object runs.
             unsafe { libc::dlclose(handle) };
             return Err(e);

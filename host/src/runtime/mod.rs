@@ -41,7 +41,7 @@
 //! storage, the stacks of threads the host does not start, signal frames on the 6.1 kernel
 //! (ARCHITECTURE.md, *The host runtime*, lists each).
 
-mod tenant;
+pub(crate) mod tenant;
 pub(crate) mod tenant_heap;
 
 use std::collections::{HashMap, VecDeque};
@@ -395,6 +395,21 @@ impl fmt::Debug for Host {
     }
 }
 
+/// What tenants may write of the process's common (key-0) memory: statics, the stacks and
+/// thread-local storage of threads, signal frames (`mpkvirt::sandbox::seals_key0`).
+pub fn key0_line(backend: BackendKind) -> &'static str {
+    match backend {
+        BackendKind::Hardware if mpkvirt::sandbox::seals_key0() => {
+            "key 0 read-only to tenants (the kernel writes signal frames with every key open)"
+        }
+        BackendKind::Hardware => {
+            "key 0 WRITABLE by tenants (this kernel writes signal frames with the interrupted \
+             PKRU: Linux before 6.12)"
+        }
+        _ => "key 0 writable by the one running tenant (no PKU)",
+    }
+}
+
 impl Host {
     /// Starts a host: an mpkvirt manager on the machine's backend, the handlers that end
     /// faulting or overdue invocations, and the workers.
@@ -431,8 +446,9 @@ impl Host {
             Arrangement::Serialized
         };
         eprintln!(
-            "mpkvirt-host: {} backend; {arrangement}",
-            mgr.backend_kind()
+            "mpkvirt-host: {} backend; {arrangement}; {}",
+            mgr.backend_kind(),
+            key0_line(mgr.backend_kind())
         );
         let pool = Pool::new(mgr.clone(), config.slot_size, 0, config.slots)
             .map_err(|e| StartError(e.to_string()))?;

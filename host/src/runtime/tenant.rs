@@ -129,6 +129,33 @@ unsafe extern "C" fn api_invoke(
     ) as c_int
 }
 
+/// `abort` and `__stack_chk_fail` of a native tenant (`image::REBOUND_IMPORTS`): the
+/// invocation ends with `SIGABRT`, as the C library's `abort` would end it, without writing
+/// the C library's state (its lock and stage counter are key-0 memory, read-only to a sealed
+/// sandbox). Outside a sandbox (a tenant called directly, as in tests), the C library's.
+unsafe extern "C" fn tenant_abort() -> ! {
+    if matches!(sandbox::query(None), sandbox::Query::Sandboxed { .. }) {
+        loop {
+            sandbox::yield_now(FAULT + libc::SIGABRT as u64);
+        }
+    }
+    // SAFETY: not sandboxed: the caller's own thread ends as `abort(3)` says.
+    unsafe { libc::abort() }
+}
+
+/// The function the loader binds `name` (one of `image::REBOUND_IMPORTS`) to.
+pub(crate) fn rebound(name: &str) -> Option<usize> {
+    use super::tenant_heap::{tenant_calloc, tenant_free, tenant_malloc, tenant_realloc};
+    Some(match name {
+        "malloc" => tenant_malloc as *const () as usize,
+        "calloc" => tenant_calloc as *const () as usize,
+        "realloc" => tenant_realloc as *const () as usize,
+        "free" => tenant_free as *const () as usize,
+        "abort" | "__stack_chk_fail" => tenant_abort as *const () as usize,
+        _ => return None,
+    })
+}
+
 /// The host-call table every native tenant gets (host memory, read-only).
 pub(crate) static HOST_API: HostApi = HostApi {
     version: crate::app::image::ABI_VERSION,

@@ -170,14 +170,3 @@ pub(crate) unsafe extern "C" fn tenant_free(p: *mut c_void) {
         None => unsafe { libc::free(p) },
     }
 }
-
-/// The function the loader binds `name` (one of `image::REBOUND_IMPORTS`) to.
-pub(crate) fn rebound(name: &str) -> Option<usize> {
-    Some(match name {
-        "malloc" => tenant_malloc as *const () as usize,
-        "calloc" => tenant_calloc as *const () as usize,
-        "realloc" => tenant_realloc as *const () as usize,
-        "free" => tenant_free as *const () as usize,
-        _ => return None,
-    })
-}

@@ -26,6 +26,8 @@
  *      its response
  *   g  call the argument (mpkvirt's call gate) as gate(op, block) with a forged op that
  *      would enter another view, and answer the status it returned (refused: bit 63 set)
+ *   D  write its own static data (shared by every instance)  -> SIGSEGV (read-only)
+ *   S  smash its stack's canary (the compiler's check calls __stack_chk_fail) -> SIGABRT
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -33,6 +35,16 @@
 #include "mpkvirt_fn.h"
 
 const uint32_t mpkvirt_fn_abi_version = MPKVIRT_FN_ABI_VERSION;
+
+/* Data of the object: one copy for every instance of the application. */
+static volatile uint8_t shared_data[64];
+
+/* Writes past its array, over the canary (with the stack protector on). */
+__attribute__((noinline, stack_protect)) static int smash(volatile size_t n) {
+    char buf[16];
+    memset(buf, 'x', n);
+    return *(volatile char *)buf;
+}
 
 static uint64_t arg_of(const uint8_t *request, size_t len) {
     uint64_t v = 0;
@@ -157,6 +169,11 @@ int mpkvirt_fn_entry(const struct mpkvirt_host_api *host, const uint8_t *request
         uint64_t status = gate((1u << 16) | 30, block);
         return answer(host, response, &status, sizeof status);
     }
+    case 'D':
+        shared_data[0] = 'X';
+        return answer(host, response, (const void *)shared_data, 1);
+    case 'S':
+        return smash(64);
     default:
         return 1;
     }

@@ -6,13 +6,19 @@
 //! the 128-byte `siginfo_t` (0x20 on x86-64, after `si_addr` and `si_addr_lsb`; see the
 //! kernel's `include/uapi/asm-generic/siginfo.h` and the pkey selftests). Installing a
 //! handler and calling a previous one are foreign calls whose contracts are spelled out on
-//! each function.
-#![allow(unsafe_code, reason = "siginfo layout access and sigaction")]
+//! each function. The frame probe ([`frames_written_with_keys_open`]) forks with the raw
+//! system call and makes its child fault with key 0 write-disabled; the child touches only
+//! its own copies of two mappings made for it.
+#![allow(
+    unsafe_code,
+    reason = "siginfo layout access, sigaction and the frame probe"
+)]
 
 use std::mem::MaybeUninit;
 
 use crate::error::{Error, Op, Result};
 use crate::pkey::Pkey;
+use crate::pkru::AccessRights;
 use crate::signal::{Access, SegvCode, SegvInfo, access_from_error_code};
 
 /// A `SA_SIGINFO` signal handler.
@@ -278,4 +284,115 @@ pub unsafe fn chain(
             unsafe { std::mem::transmute::<usize, extern "C" fn(libc::c_int)>(action) };
         handler(sig);
     }
+}
+
+unsafe extern "C" {
+    /// glibc's `pkey_set(3)` (2.27 on): RDPKRU, the key's two bits replaced, WRPKRU.
+    fn pkey_set(key: libc::c_int, rights: libc::c_uint) -> libc::c_int;
+}
+
+/// Whether the kernel writes a signal frame with every key open, whatever the interrupted
+/// PKRU denies (Linux 6.12 on; before, a frame the interrupted PKRU may not write is a
+/// fatal SIGSEGV). Probed once per call in a child process: it write-disables key 0, the
+/// key of the alternate stack it set up, and faults on purpose; the frame of that fault is
+/// written only by a kernel that opens every key for it, and then the child's handler exits
+/// with status 0.
+///
+/// The child is made with the raw `fork` system call (no `pthread_atfork` handlers run in
+/// it: they may wait for locks another thread of the parent held) and makes only system
+/// calls and glibc's `pkey_set` (which writes its own PKRU) before it exits. It needs `_pku`:
+/// `pkey_set` raises #UD without OSPKE.
+pub fn frames_written_with_keys_open(_pku: crate::Pku) -> bool {
+    const ALT: usize = 64 << 10;
+    let map = |len| {
+        // SAFETY: a fresh private anonymous mapping; nothing else refers to it.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        (p != libc::MAP_FAILED).then_some(p)
+    };
+    let Some(alt) = map(ALT) else { return false };
+    let Some(target) = map(4096) else {
+        // SAFETY: the mapping made above, unused.
+        unsafe { libc::munmap(alt, ALT) };
+        return false;
+    };
+    // SAFETY: the raw system call; the child runs only `probe_child`, which never returns.
+    let pid = unsafe { libc::syscall(libc::SYS_fork) };
+    if pid == 0 {
+        probe_child(alt, ALT, target.cast());
+    }
+    let mut status = 0;
+    let waited = pid > 0
+        && loop {
+            // SAFETY: waits for the child made above; `status` is a local.
+            let r = unsafe { libc::waitpid(pid as libc::pid_t, &mut status, 0) };
+            if r == pid as libc::pid_t {
+                break true;
+            }
+            if r < 0 && std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
+                break false;
+            }
+        };
+    // SAFETY: the mapping made above; the child (its own copy) is gone.
+    unsafe { libc::munmap(alt, ALT) };
+    // SAFETY: as above.
+    unsafe { libc::munmap(target, 4096) };
+    waited && libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0
+}
+
+/// The probe's child: see [`frames_written_with_keys_open`]. Exits with 0 from the handler
+/// when the fault's frame was written, 2 when the write it should not make went through, 3
+/// when setting up failed; a kernel that cannot write the frame kills it with SIGSEGV.
+fn probe_child(alt: *mut libc::c_void, len: usize, target: *mut u8) -> ! {
+    extern "C" fn exit_ok(_sig: libc::c_int) {
+        // The handler must be able to write key 0 too (its own stack is there): a store
+        // first, which kills the child if it faults (SIGSEGV is blocked in its own handler).
+        static WRITTEN: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+        WRITTEN.store(1, std::sync::atomic::Ordering::SeqCst);
+        // SAFETY: `_exit` ends the child at once; it is async-signal-safe.
+        unsafe { libc::_exit(i32::from(WRITTEN.load(std::sync::atomic::Ordering::SeqCst)) - 1) }
+    }
+    let stack = libc::stack_t {
+        ss_sp: alt,
+        ss_flags: 0,
+        ss_size: len,
+    };
+    // SAFETY: a zeroed `sigaction` is valid (empty mask, no flags) before the fields below.
+    let mut act: libc::sigaction = unsafe { std::mem::zeroed() };
+    act.sa_sigaction = exit_ok as extern "C" fn(libc::c_int) as usize;
+    act.sa_flags = libc::SA_ONSTACK;
+    // SAFETY: all-zero is a valid `sigset_t`, emptied and filled below.
+    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: the functions write only `set`, a local.
+    unsafe { libc::sigemptyset(&mut set) };
+    // SAFETY: as above.
+    unsafe { libc::sigaddset(&mut set, libc::SIGSEGV) };
+    // SAFETY: system calls on this (forked, single-threaded) process's own state: the
+    // alternate stack is the child's copy of a mapping the parent made for it, the handler
+    // only exits.
+    let ok = unsafe { libc::sigaltstack(&stack, std::ptr::null_mut()) } == 0
+        // SAFETY: as above.
+        && unsafe { libc::sigaction(libc::SIGSEGV, &act, std::ptr::null_mut()) } == 0
+        // SAFETY: as above.
+        && unsafe { libc::sigprocmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut()) } == 0;
+    if !ok {
+        // SAFETY: ends the child.
+        unsafe { libc::_exit(3) }
+    }
+    // SAFETY: key 0 becomes write-disabled for this thread of the child: its next write to
+    // key-0 memory (the store below, or a spill to its stack before it) faults, which is the
+    // probe. The child never returns from here.
+    unsafe { pkey_set(0, AccessRights::DISABLE_WRITE.bits()) };
+    // SAFETY: the child's copy of the page the parent mapped for this write (key 0).
+    unsafe { std::ptr::write_volatile(target, 1) };
+    // SAFETY: ends the child (the write went through: the probe failed).
+    unsafe { libc::_exit(2) }
 }

@@ -7,7 +7,9 @@
 //! which exists only when the kernel reports `HWCAP2_FSGSBASE` (it set CR4.FSGSBASE; without
 //! it the instructions raise #UD). They read a register and touch no memory. Setting the GS
 //! base (`arch_prctl(ARCH_SET_GS)`) changes what every `%gs:`-relative access of the thread
-//! reads; it is `unsafe` and its contract is on [`set_gs_base`]. The futex calls pass the
+//! reads; it is `unsafe` and its contract is on [`set_gs_base`]. Unregistering the C
+//! library's restartable-sequences area ([`rseq_unregister`]) is `unsafe` too (its contract
+//! is there); finding it reads two variables glibc exports. The futex calls pass the
 //! address of an `AtomicU32` the caller borrows for the duration of the call; the kernel
 //! only reads it (wait) or uses it as a key (wake).
 
@@ -50,6 +52,73 @@ pub fn tgkill(tid: i32, sig: i32) -> Result<()> {
     } else {
         Ok(())
     }
+}
+
+/// The signature glibc registers its rseq area with on x86-64 (`RSEQ_SIG`).
+const RSEQ_SIG: u32 = 0x5305_3053;
+/// `RSEQ_FLAG_UNREGISTER`.
+const RSEQ_FLAG_UNREGISTER: libc::c_int = 1;
+
+/// Where glibc keeps each thread's rseq area: its offset from the thread pointer
+/// (`__rseq_offset`), or `None` when glibc registers none (`__rseq_size` is 0: glibc before
+/// 2.35, a kernel without rseq, or `GLIBC_TUNABLES=glibc.pthread.rseq=0`).
+pub fn glibc_rseq_offset() -> Option<isize> {
+    let find = |name: &std::ffi::CStr| {
+        // SAFETY: a symbol lookup in the global scope by a NUL-terminated name.
+        let p = unsafe { libc::dlsym(libc::RTLD_DEFAULT, name.as_ptr()) };
+        (!p.is_null()).then_some(p)
+    };
+    let size = find(c"__rseq_size")?;
+    let offset = find(c"__rseq_offset")?;
+    // SAFETY: glibc defines `__rseq_size` as a `const unsigned int`, set before `main`.
+    if unsafe { size.cast::<u32>().read() } == 0 {
+        return None;
+    }
+    // SAFETY: glibc defines `__rseq_offset` as a `const ptrdiff_t`, set before `main`.
+    Some(unsafe { offset.cast::<isize>().read() })
+}
+
+/// Unregisters the calling thread's rseq area at `area` (`rseq(2)` with
+/// `RSEQ_FLAG_UNREGISTER` and glibc's signature): the kernel no longer writes it when the
+/// thread is preempted, migrated or signalled — writes it makes with the thread's PKRU, so a
+/// thread that runs with key 0 write-disabled (where the area is) would get a SIGSEGV at its
+/// next preemption. The kernel marks the area's CPU number unknown, and glibc's
+/// `sched_getcpu` falls back to the system call. The registered length is not exported: the
+/// lengths glibc has used (32, then the kernel's feature size rounded up) are tried.
+///
+/// # Errors
+///
+/// `rseq`'s, when no length matches (`EINVAL`) or the thread has none registered there.
+///
+/// # Safety
+///
+/// No code of the thread may be inside an rseq critical section, or rely on the area being
+/// updated from now on (glibc itself reads only the CPU number).
+pub unsafe fn rseq_unregister(area: usize) -> Result<()> {
+    let mut last = Error::Sys {
+        op: Op::Rseq,
+        errno: Errno(libc::EINVAL),
+    };
+    for len in [32u32, 64, 96, 128, 160, 192, 224, 256] {
+        // SAFETY: the system call only compares `area`, `len` and the signature with the
+        // thread's registration and drops it on a match; it writes the area (its CPU
+        // fields), which the caller's contract covers.
+        let ret =
+            unsafe { libc::syscall(libc::SYS_rseq, area, len, RSEQ_FLAG_UNREGISTER, RSEQ_SIG) };
+        if ret == 0 {
+            return Ok(());
+        }
+        last = Error::last(Op::Rseq);
+        if last
+            != (Error::Sys {
+                op: Op::Rseq,
+                errno: Errno(libc::EINVAL),
+            })
+        {
+            break;
+        }
+    }
+    Err(last)
 }
 
 const HWCAP2_FSGSBASE: u64 = 1 << 1;
