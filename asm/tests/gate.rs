@@ -38,14 +38,15 @@ fn wrpkru_offset(code: &[u8]) -> usize {
 fn gate_sync_rechecks_through_gs() {
     let code = code_of(addr::gate_sync(), 40);
     let at = wrpkru_offset(code);
-    // xor ecx,ecx; xor edx,edx; mov eax, gs:[8]; WRPKRU; cmp eax, gs:[8]; jne back.
-    let load_gs8 = [0x65, 0x8b, 0x04, 0x25, 8, 0, 0, 0];
+    // xor ecx,ecx; xor edx,edx; mov eax, gs:[40]; WRPKRU; cmp eax, gs:[40]; jne back
+    // (40: the record's normal-context PKRU, `GateRecord::normal_pkru`).
+    let load_gs40 = [0x65, 0x8b, 0x04, 0x25, 40, 0, 0, 0];
     assert_eq!(&code[..4], &[0x31, 0xc9, 0x31, 0xd2], "{code:02x?}");
-    assert_eq!(&code[4..at], &load_gs8, "mov eax, gs:[8]: {code:02x?}");
+    assert_eq!(&code[4..at], &load_gs40, "mov eax, gs:[40]: {code:02x?}");
     assert_eq!(
         &code[at + 3..at + 11],
-        &[0x65, 0x3b, 0x04, 0x25, 8, 0, 0, 0],
-        "cmp eax, gs:[8]: {code:02x?}"
+        &[0x65, 0x3b, 0x04, 0x25, 40, 0, 0, 0],
+        "cmp eax, gs:[40]: {code:02x?}"
     );
     assert_eq!(code[at + 11], 0x75, "jne rel8: {code:02x?}");
     let target = (at + 13) as isize + isize::from(code[at + 12] as i8);
