@@ -187,6 +187,15 @@ unsafe extern "sysv64" {
     /// Never call it; only its address is meaningful.
     pub fn mpkvirt_sandbox_entry();
 
+    /// Returns from a signal: `%rsp` <- `ctx` (the handler's `ucontext_t`), then
+    /// `rt_sigreturn`. Never returns.
+    ///
+    /// # Safety
+    ///
+    /// `ctx` must be the `ucontext_t` of a signal frame the kernel wrote for a handler of the
+    /// calling thread that has not returned, with nothing of the calling code left to run.
+    pub fn mpkvirt_sigreturn(ctx: usize) -> !;
+
     /// Issues system call `nr` with six arguments from the trampoline page and returns the
     /// raw kernel result (`-errno` on failure).
     ///

@@ -24,6 +24,8 @@ fn main() {
                 // Canaries, as a tenant's own build would often have them: a smashed one
                 // calls `__stack_chk_fail`, which the loader binds to the runtime's.
                 "-fstack-protector-strong",
+                // And checked copies (`__memcpy_chk`...), bound to the runtime's too.
+                "-D_FORTIFY_SOURCE=2",
                 "-Wall",
                 "-Werror",
                 "-I",

@@ -203,17 +203,24 @@ FUNCTION(\name)
     movabs  $GATE_UNREGISTERED, %r8
 .L\name\()_deny:
     .if \pku
-    /* PKRU_DENY, with key 0 write-disabled too in a process whose sandboxes run so
-     * (mpkvirt_deny_key0: read-only key-0 memory, set once at start): sandboxed code that
-     * jumps here must not get key 0 writable. */
+    /* PKRU_DENY, with key 0 write-disabled too for a thread with a record (a GS base) in a
+     * process whose sandboxes run so (mpkvirt_deny_key0: read-only key-0 memory, set once at
+     * start): sandboxed code that jumps here must not get key 0 writable. A thread whose
+     * registration failed has none (the library clears its GS base) and keeps key 0. */
     xor     %ecx, %ecx
     xor     %edx, %edx
     mov     $PKRU_DENY, %eax
+    rdgsbase %r9
+    test    %r9, %r9
+    jz      1f
     or      mpkvirt_deny_key0(%rip), %eax
-    WRPKRU
+1:  WRPKRU
     mov     $PKRU_DENY, %ecx
+    rdgsbase %r9
+    test    %r9, %r9
+    jz      2f
     or      mpkvirt_deny_key0(%rip), %ecx
-    cmp     %ecx, %eax
+2:  cmp     %ecx, %eax
     jne     .L\name\()_deny
     .endif
     mov     %r8, %rax

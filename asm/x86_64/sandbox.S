@@ -48,9 +48,9 @@
  *
  * XRSTOR could load PKRU if reached by a jump with a forged component mask: it is followed,
  * on every path, by a check of XCR0 (XGETBV, hardware state): where the OS manages PKRU in
- * XSAVE state (XCR0 bit 9), mpkvirt_gate_sync re-installs the record's PKRU for the
- * thread's normal context (a signal handler's exit since the run does not leak into it). So
- * a jump to the XRSTOR leaves the thread's legitimate rights, as a jump into any gate does.
+ * XSAVE state (XCR0 bit 9), the record's PKRU for the thread's normal context is installed
+ * again (mpkvirt_gate_sync's sequence, inline: a call would push with the forged PKRU). So a
+ * jump to the XRSTOR leaves the thread's legitimate rights, as a jump into any gate does.
  *
  * The stubs lie between mpkvirt_sandbox_stubs_start and _end: a preemption that finds the
  * context there is already under way (the library leaves it alone).
@@ -59,6 +59,16 @@
  * ----------------------------------
  * Not functions: where OP_SANDBOX_SIGNAL sends a sandboxed context that faulted or ran past
  * its deadline, on the top of its stack, with %rdi the value to yield. Yields it for good.
+ *
+ * mpkvirt_sigreturn(ctx)
+ * ----------------------
+ * Not a function: where mpkvirt's dispatcher ends a signal handler of a thread that runs a
+ * sealed sandbox (`gate::finish_signal`): %rsp <- ctx, the handler's `ucontext_t` (the
+ * signal frame begins 8 bytes below it, with the restorer's return address, which
+ * `rt_sigreturn` expects popped), then `rt_sigreturn`. The kernel restores every register,
+ * PKRU included, from the frame. (Jumped to with a forged %rdi it is `rt_sigreturn` on a
+ * frame of the caller's choice, which any code can make with a `syscall` instruction: system
+ * calls are interposition's to filter.)
  *
  * mpkvirt_sandbox_entry
  * ---------------------
@@ -97,6 +107,14 @@ mpkvirt_sandbox_resume:
     RESTORE_CALLEE
     ret
 END_FUNCTION(mpkvirt_sandbox_yield)
+
+FUNCTION(mpkvirt_sigreturn)
+    .cfi_undefined rip
+    mov     %rdi, %rsp
+    mov     $15, %eax       /* __NR_rt_sigreturn */
+    syscall
+    ud2
+END_FUNCTION(mpkvirt_sigreturn)
 
 FUNCTION(mpkvirt_sandbox_entry)
     .cfi_undefined rip
@@ -150,7 +168,14 @@ FUNCTION(\name)
     xgetbv
     test    $0x200, %eax
     jz      1f
-    call    mpkvirt_gate_sync
+    /* mpkvirt_gate_sync, inline: a call would push its return address with whatever
+     * PKRU a forged XRSTOR loaded (every key open, say), where %rsp points. */
+2:  xor     %ecx, %ecx
+    xor     %edx, %edx
+    mov     %gs:REC_NORMAL_PKRU, %eax
+    WRPKRU
+    cmp     %gs:REC_NORMAL_PKRU, %eax
+    jne     2b
 1:  mov     %rbp, %rsp
     pop     %rbp
     pop     %r11

@@ -146,6 +146,8 @@ fn scenario(workers: usize) {
         (b"a", fault(libc::SIGABRT)),
         // A smashed canary: the compiler's check calls `__stack_chk_fail`.
         (b"S", fault(libc::SIGABRT)),
+        // A checked copy that does not fit (fortification's `__memcpy_chk`).
+        (b"F", fault(libc::SIGABRT)),
         // Its own static data, which every instance shares: read-only.
         (b"D", fault(libc::SIGSEGV)),
         (b"d", fault(libc::SIGFPE)),

@@ -326,3 +326,29 @@ fn a_file_that_is_not_an_object_is_a_load_error() {
     assert!(matches!(junk, Err(LoadError::Invalid(_))));
     assert!(matches!(missing, Err(LoadError::Read(_))));
 }
+
+/// A path loaded before whose file was replaced since: the dynamic linker returns the old
+/// mapping for the same path, which is not the file validated now. The loader refuses it
+/// (it would apply the new file's tables — which words to rebind, which pages to protect —
+/// to the old mapping).
+#[test]
+fn a_replaced_file_at_a_loaded_path_is_refused() {
+    let dir = std::env::temp_dir().join(format!("mpkvirt-replaced-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("libreplaced.so");
+    std::fs::copy(common::build_c("echo"), &path).unwrap();
+    // SAFETY: a validated example tenant; its code is not called here.
+    let first = unsafe { NativeFunction::load(&path) };
+    assert!(first.is_ok(), "{first:?}");
+    // Replaced by another object (a new file, renamed over the path).
+    let other = dir.join("other.so");
+    std::fs::copy(common::build_c("hostile"), &other).unwrap();
+    std::fs::rename(&other, &path).unwrap();
+    // SAFETY: as above.
+    let second = unsafe { NativeFunction::load(&path) };
+    assert!(
+        matches!(second, Err(LoadError::Link(ref why)) if why.contains("not the file validated")),
+        "{second:?}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

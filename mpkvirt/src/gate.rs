@@ -63,6 +63,10 @@ const LIB_STACK: usize = 1 << 20;
 /// Bytes of the alternate signal stack a record gives its thread.
 const ALTSTACK_SIZE: usize = 64 << 10;
 
+/// `SS_AUTODISARM` (Linux 4.7; not in the `libc` crate): the alternate stack is disarmed
+/// while a handler runs.
+const SS_AUTODISARM: libc::c_int = 1 << 31;
+
 /// `active_mgr` when no op is running.
 pub(crate) const NO_MGR: u32 = u32::MAX;
 
@@ -121,6 +125,10 @@ pub(crate) struct ThreadRecord {
     pub(crate) altstack_checked: bool,
     /// Whether the thread gave up the C library's rseq area (see `sandbox::serve_run`).
     pub(crate) rseq_dropped: bool,
+    /// Set by an op that ends a signal handler: the handler's `ucontext_t`, which the
+    /// dispatcher returns to with `rt_sigreturn` instead of returning to the handler
+    /// ([`finish_signal`]).
+    pub(crate) sigreturn_ctx: usize,
     /// Whether the thread is creating threads without its views' rights (between
     /// `OP_SPAWN_PREPARE` and `OP_SPAWN_DONE`).
     pub(crate) spawning: bool,
@@ -302,15 +310,24 @@ impl ThreadRecord {
 /// (one thread at a time), or directly in cooperative mode. Returns 1, or 0 on failure.
 #[unsafe(no_mangle)]
 pub(crate) extern "sysv64" fn mpkvirt_register_thread(entry_pkru: u32) -> u64 {
-    match std::panic::catch_unwind(|| register(Pkru::from_bits(entry_pkru))) {
-        Ok(Ok(())) => 1,
-        Ok(Err(_)) => 0,
+    let ok = match std::panic::catch_unwind(|| register(Pkru::from_bits(entry_pkru))) {
+        Ok(Ok(())) => true,
+        Ok(Err(_)) => false,
         Err(payload) => {
             // Freeing the payload would call the program's allocator from library code.
             std::mem::forget(payload);
-            0
+            false
         }
+    };
+    if !ok {
+        // No record: the gate's deny value for a thread without one keeps key 0 writable
+        // (`callgate.S`, `.L_deny`), and a GS base inherited from the creator would say
+        // otherwise.
+        // SAFETY: 0 is "no record" for every `%gs` reader of the library; the thread has
+        // none it could use.
+        let _ = unsafe { set_gs_base(0) };
     }
+    u64::from(ok)
 }
 
 fn register(entry: Pkru) -> Result<()> {
@@ -353,7 +370,8 @@ fn register(entry: Pkru) -> Result<()> {
                         saved_rsp: 0,
                         stack_top: top as u64,
                         owner_fs: 0,
-                        normal_pkru: 0,
+                        // (Until the first op sets it: no key but 0.)
+                        normal_pkru: Pkru::LINUX_INIT.bits(),
                         _pad: 0,
                     },
                     tid: 0,
@@ -374,6 +392,7 @@ fn register(entry: Pkru) -> Result<()> {
                     altstack_live: false,
                     altstack_checked: false,
                     rseq_dropped: false,
+                    sigreturn_ctx: 0,
                     spawning: false,
                     cxs: MVec::new_in(Meta),
                     capi: crate::capi::ThreadBegun::default(),
@@ -487,6 +506,8 @@ impl ThreadRecord {
         self.altstack_live = false;
         self.altstack_checked = false;
         self.rseq_dropped = false;
+        self.sigreturn_ctx = 0;
+        self.gate.normal_pkru = Pkru::LINUX_INIT.bits();
         self.ensure_altstack(false);
     }
 
@@ -552,9 +573,13 @@ impl ThreadRecord {
                 Err(_) => return,
             }
         }
+        // Disarmed while a handler runs on it (the kernel keeps it in the handler's frame and
+        // re-arms it at `sigreturn`): a stack pointer inside it is then never taken for a
+        // handler's, so sandboxed code that points its stack there before faulting gets a
+        // frame at the top, not an overflow the kernel would answer with a fatal SIGSEGV.
         let new = libc::stack_t {
             ss_sp: self.altstack as *mut libc::c_void,
-            ss_flags: 0,
+            ss_flags: SS_AUTODISARM,
             ss_size: SIZE,
         };
         // SAFETY: the stack is a private mapping owned by this record, which only this thread
@@ -678,8 +703,33 @@ pub(crate) extern "sysv64" fn mpkvirt_dispatch(op: u64, args: *mut u8, entry_pkr
     // op in its memory (`Args::new`'s contract is the caller's, and a hostile caller only
     // makes the library fault).
     let args = unsafe { crate::ops::Args::new(args) };
-    run_op(rec, op, entry_pkru, |rec| crate::ops::run(op, args, rec))
-        .unwrap_or_else(|status| status)
+    let status =
+        run_op(rec, op, entry_pkru, |rec| crate::ops::run(op, args, rec)).unwrap_or_else(|s| s);
+    let ctx = std::mem::take(&mut rec.sigreturn_ctx);
+    if ctx != 0 {
+        finish_signal(rec, ctx);
+    }
+    status
+}
+
+/// Ends the signal handler whose op set `ctx` (its `ucontext_t`, on the thread's alternate
+/// stack, checked by the op): the thread goes back to the level the handler interrupted, the
+/// record's PKRU is that level's, the record is released, and `rt_sigreturn` runs from the
+/// library's stack — the kernel restores the interrupted context, its PKRU included, from
+/// the frame. Nothing returns to the handler, and no gate exit installs a value for it.
+fn finish_signal(rec: &mut ThreadRecord, ctx: usize) -> ! {
+    let level = rec.levels.entry;
+    pop_levels(rec, level);
+    rec.interrupted = level > 0;
+    rec.levels.spell = level;
+    mark_context(rec);
+    // The gate's own release, which this path skips.
+    rec.gate.busy = 0;
+    // SAFETY: `ctx` is a signal frame's `ucontext_t` on this thread's alternate stack
+    // (checked by the op that set it), whose handler is the caller of this op; the record is
+    // released and holds the interrupted level's rights, and no Rust frame of this op is
+    // used again (the library stack is rewound by the next gate entry).
+    unsafe { mpkvirt_asm::mpkvirt_sigreturn(ctx) }
 }
 
 /// Runs op `op` for the calling thread (its record, the PKRU it called with): the
@@ -901,6 +951,8 @@ pub(crate) struct Levels {
     depth: usize,
     /// The level the gate's exit spells into the PKRU it installs.
     spell: usize,
+    /// The level when the current op began (the context a handler's op interrupted).
+    entry: usize,
     /// The op was refused (too deep): the gate's exit installs the library key with no
     /// access, so that the caller's next call is taken for a new handler's again.
     refused: bool,
@@ -911,6 +963,7 @@ impl Levels {
         floors: [0; MAX_LEVELS],
         depth: 0,
         spell: 0,
+        entry: 0,
         refused: false,
     };
 
@@ -972,6 +1025,7 @@ const MARK_LEVEL_SHIFT: u32 = 56;
 /// ran there included, and the thread resumes in the guarded call's caller. mpkvirt's own
 /// handlers (`OP_SYNC`) run no application code and change no level.
 fn note_context(rec: &mut ThreadRecord, op: u64, entry: u32) -> bool {
+    rec.levels.entry = rec.levels.depth;
     if std::mem::take(&mut rec.levels.refused)
         && let Some(k) = root().library_key()
     {
@@ -1105,7 +1159,7 @@ fn marker_mask(klib: mpkvirt_sys::Pkey) -> u32 {
 fn mark_context(rec: &mut ThreadRecord) {
     if let Some(k) = root().library_key() {
         rec.gate.pkru = respell(
-            sealed_fields(rec, rec.gate.pkru, rec.levels.spell),
+            sealed_fields(rec, rec.gate.pkru),
             marker_mask(k),
             rec.levels.spell,
         );
@@ -1163,7 +1217,7 @@ pub(crate) fn looks_normal(frame: u32, masked: bool) -> bool {
 pub(crate) fn handler_pkru(rec: &ThreadRecord) -> u32 {
     match root().library_key() {
         Some(k) => Pkru::from_bits(respell(
-            sealed_fields(rec, rec.gate.pkru, rec.levels.depth + 1),
+            sealed_fields(rec, rec.gate.pkru),
             marker_mask(k),
             rec.levels.depth + 1,
         ))
@@ -1176,31 +1230,21 @@ pub(crate) fn handler_pkru(rec: &ThreadRecord) -> u32 {
 /// The PKRU of the thread's normal context (the value spelled for it).
 pub(crate) fn normal_pkru(rec: &ThreadRecord) -> u32 {
     match root().library_key() {
-        Some(k) => respell(sealed_fields(rec, rec.gate.pkru, 0), marker_mask(k), 0),
+        Some(k) => respell(sealed_fields(rec, rec.gate.pkru), marker_mask(k), 0),
         None => rec.gate.pkru,
     }
 }
 
-/// `pkru` with the fields of key 0 and of the sandbox's domain for the thread's context at
-/// `level`, where its normal context runs a sealed sandbox (`sandbox::sealed_pkru`): the
-/// sandboxed code (level 0) has key 0 write-disabled and its domain read-write; a signal
-/// handler that interrupted it (level 1 on) runs on the key-0 alternate stack and gets the
-/// kernel's initial rights there — key 0 read-write, the domain denied. So a jump into the
-/// gate that forges a handler's entry PKRU leaves the sandboxed code no more than a handler
-/// starts with, and without its own stack. Unchanged for every other thread.
-fn sealed_fields(rec: &ThreadRecord, pkru: u32, level: usize) -> u32 {
-    if !rec.sandbox.active
-        || rec.sandbox.shared
-        || !root().seal_key0.load(std::sync::atomic::Ordering::Relaxed)
-    {
-        return pkru;
-    }
-    let own = rec.sandbox.own_field;
-    let rest = pkru & !(0b11 | own);
-    if level == 0 {
-        rest | mpkvirt_sys::AccessRights::DISABLE_WRITE.bits()
+/// `pkru` with key 0's field for a thread whose normal context runs a sealed sandbox
+/// (`sandbox::sealed_pkru`): write-disabled at every level. A signal handler that
+/// interrupted the sandbox gets no more than the sandboxed code (its op ends the handler:
+/// [`finish_signal`]), so no value the gate installs, and none left in the record, is worth
+/// forging a handler's entry for. Unchanged for every other thread.
+fn sealed_fields(rec: &ThreadRecord, pkru: u32) -> u32 {
+    if crate::sandbox::sealed(rec) {
+        (pkru & !0b11) | mpkvirt_sys::AccessRights::DISABLE_WRITE.bits()
     } else {
-        rest | (0x5555_5555 & own)
+        pkru
     }
 }
 

@@ -74,8 +74,6 @@ pub(crate) struct State {
     /// The runner's PKRU before the run: the fields of keys no manager owns come back from
     /// it at the yield (the managers' own are recomputed).
     pre_pkru: u32,
-    /// The PKRU field of the sandbox's domain key (0: none, or a shared sandbox).
-    pub(crate) own_field: u32,
 }
 
 /// `S_RUN`'s input.
@@ -395,12 +393,60 @@ pub fn signal(ctx: *mut libc::ucontext_t, action: Action) -> Signalled {
         action,
         value,
     };
-    match crate::ops::call::<SignalIn, u64>(crate::ops::OP_SANDBOX_SIGNAL, input) {
+    // Straight to the gate, without the thread-local bookkeeping of `gate::call`: on a
+    // thread whose normal context runs a sealed sandbox the op ends the handler (the library
+    // returns from the signal itself), and that bookkeeping would never be undone.
+    match direct_signal_op(input) {
         Ok(1) => Signalled::Library,
         Ok(2) => Signalled::Preempted,
         Ok(3) => Signalled::Aborted,
         _ => Signalled::NotSandboxed,
     }
+}
+
+/// Whether the context of signal frame `uc` ran with key 0 write-disabled: a sealed
+/// sandbox's (no other code runs so).
+pub(crate) fn frame_sealed(uc: &libc::ucontext_t) -> bool {
+    mpkvirt_sys::signal::frame_pkru(uc).is_some_and(|p| p & 0b10 != 0)
+}
+
+/// `OP_SANDBOX_SIGNAL` through the call gate directly (see [`signal`]).
+fn direct_signal_op(input: SignalIn) -> Result<u64> {
+    let gate = gate()?;
+    let mut c = Call {
+        input,
+        output: MaybeUninit::<Result<u64>>::uninit(),
+    };
+    // SAFETY: this mode's call gate and the op's argument block, on this handler's stack
+    // (the alternate stack, where the op requires it). A sealed sandbox's thread is
+    // registered (it entered the sandbox through an op).
+    match unsafe { gate(crate::ops::OP_SANDBOX_SIGNAL, (&raw mut c).cast()) } {
+        // SAFETY: STATUS_OK means the dispatcher wrote the output.
+        STATUS_OK => unsafe { c.output.assume_init() },
+        _ => Err(Error::Unsupported("a signal op the library refused")),
+    }
+}
+
+/// For mpkvirt's sync handler on a thread whose normal context runs a sealed sandbox (its
+/// frame `ctx` has key 0 read-only): acknowledges the synchronisation (a sealed sandbox
+/// takes no process-wide rights) and returns from the signal.
+pub(crate) fn sync_sealed(ctx: *mut libc::ucontext_t) {
+    let _ = direct_signal_op(SignalIn {
+        ctx: ctx as u64,
+        action: ACTION_SYNC,
+        value: 0,
+    });
+}
+
+/// `SignalIn::action` of [`sync_sealed`].
+const ACTION_SYNC: u64 = 2;
+
+/// Whether the thread's normal context runs a sealed sandbox (key 0 read-only: see
+/// [`sealed_pkru`]).
+pub(crate) fn sealed(rec: &ThreadRecord) -> bool {
+    rec.sandbox.active
+        && !rec.sandbox.shared
+        && crate::meta::root().seal_key0.load(Ordering::Relaxed)
 }
 
 /// Whether the CPU's XSAVE area (for the components the OS enabled) fits the preemption
@@ -430,6 +476,28 @@ pub(crate) fn signal_op(rec: &mut ThreadRecord, i: SignalIn) -> Result<u64> {
             "a signal context off the alternate stack",
         ));
     }
+    let out = signal_frame(rec, &i, ctx);
+    // A handler of a sealed sandbox's thread runs on the key-0 alternate stack, which the
+    // thread's rights keep read-only at every level: the op ends the handler. The library
+    // returns from the signal itself (`gate::finish_signal`), so no gate exit ever installs
+    // rights for the handler that sandboxed code could find in the record later.
+    if sealed(rec) && rec.interrupted {
+        rec.sigreturn_ctx = ctx;
+    }
+    out
+}
+
+/// [`signal_op`] for a checked context `ctx`.
+fn signal_frame(rec: &mut ThreadRecord, i: &SignalIn, ctx: usize) -> Result<u64> {
+    if i.action == ACTION_SYNC {
+        // (The interrupted context is the sandboxed code's: a sealed sandbox takes no
+        // process-wide rights, so the synchronisation only needs the acknowledgement.)
+        if sealed(rec) && rec.interrupted {
+            rec.inherited = false;
+            crate::manager::global::acknowledge(rec, None);
+        }
+        return Ok(0);
+    }
     // The frame is key-0 memory, which another thread may be writing: it is copied once,
     // checked and changed in library memory, and only the registers are written back.
     // SAFETY: a `ucontext_t` on the thread's alternate stack (checked: aligned, inside the
@@ -442,6 +510,7 @@ pub(crate) fn signal_op(rec: &mut ThreadRecord, i: SignalIn) -> Result<u64> {
     // release and its lowering WRPKRU. An abort may go ahead there (the gate did nothing, or
     // is done); a preemption may not (the gate would resume without the library's rights).
     let mut in_gate = false;
+    let mut frame = None;
     if pku {
         // `set_frame_pkru` writes through the copy's pointer, checked here.
         let fp = uc.uc_mcontext.fpregs as usize;
@@ -450,12 +519,13 @@ pub(crate) fn signal_op(rec: &mut ThreadRecord, i: SignalIn) -> Result<u64> {
                 "a signal frame off the alternate stack",
             ));
         }
-        let Some(frame) = mpkvirt_sys::signal::frame_pkru(&uc) else {
+        let Some(f) = mpkvirt_sys::signal::frame_pkru(&uc) else {
             return Err(Error::InvalidConfig("a signal frame without PKRU"));
         };
+        frame = Some(f);
         in_gate = crate::meta::root()
             .library_key()
-            .is_some_and(|k| mpkvirt_sys::Pkru::from_bits(frame).rights(k).can_write());
+            .is_some_and(|k| mpkvirt_sys::Pkru::from_bits(f).rights(k).can_write());
     }
     let st = rec.sandbox;
     let gregs = &mut uc.uc_mcontext.gregs;
@@ -465,9 +535,16 @@ pub(crate) fn signal_op(rec: &mut ThreadRecord, i: SignalIn) -> Result<u64> {
         if in_gate {
             return Ok(1);
         }
-        if rec.on_altstack(rsp as usize, 8) {
-            // The signal interrupted a handler (mpkvirt's sync handler, say), not the
-            // sandboxed code: the preemption waits for the next tick.
+        // Whether the signal interrupted a handler (mpkvirt's sync handler, say), not the
+        // sandboxed code: then the preemption waits for the next tick. With PKU, by the
+        // frame's PKRU — the sandboxed code runs with the value the library spelled for the
+        // normal context, a handler with the kernel's or a handler level's. Not by the stack
+        // pointer: sandboxed code that points its own there would never be preempted.
+        let in_handler = match frame {
+            Some(f) => f != crate::gate::normal_pkru(rec),
+            None => rec.on_altstack(rsp as usize, 8),
+        };
+        if in_handler {
             return Ok(0);
         }
         if (addr::sandbox_stubs_start()..addr::sandbox_stubs_end()).contains(&rip) {
@@ -548,7 +625,7 @@ pub(crate) fn allowed(rec: &ThreadRecord, op: u64, args: usize) -> bool {
 pub(crate) fn serve_run(
     args: crate::ops::Args,
     rec: &mut ThreadRecord,
-    enter: impl FnOnce(&mut ThreadRecord, &RunIn) -> Result<(u64, u64, u64, u32)>,
+    enter: impl FnOnce(&mut ThreadRecord, &RunIn) -> Result<(u64, u64, u64)>,
 ) -> u64 {
     let Some((input, out)) = args.read::<RunIn, Yielded>(rec) else {
         return STATUS_BAD_CALL;
@@ -569,17 +646,18 @@ pub(crate) fn serve_run(
     let sealed = input.shared == 0 && crate::meta::root().seal_key0.load(Ordering::Relaxed);
     if sealed && !rec.rseq_dropped && !rec.interrupted {
         let off = crate::meta::root().rseq_offset.load(Ordering::Relaxed);
+        let area = (rec.gate.owner_fs as usize).wrapping_add_signed(off as isize);
         rec.rseq_dropped = off == i64::MIN
             // SAFETY: the calling thread's own registration, at the offset glibc exports from
             // its thread pointer (the record's owner's FS base, checked by the gate); the
             // thread is inside a library op, not in an rseq critical section, and glibc reads
             // only the CPU number there, which the kernel marks unknown.
-            || unsafe {
-                mpkvirt_sys::thread::rseq_unregister(
-                    (rec.gate.owner_fs as usize).wrapping_add_signed(off as isize),
-                )
-            }
-            .is_ok();
+            || unsafe { mpkvirt_sys::thread::rseq_unregister(area) }.is_ok()
+            // Given up already (by an earlier record of the same thread): the kernel marked
+            // the CPU number unknown (`RSEQ_CPU_ID_UNINITIALIZED`), and writes nothing more.
+            // SAFETY: `cpu_id`, the second word of the thread's own rseq area (in its thread
+            // control block, which every key the library runs with may read).
+            || unsafe { ((area + 4) as *const i32).read_volatile() } == -1;
     }
     let pre_pkru = rec.gate.pkru;
     let started = if rec.sandbox.active || rec.interrupted {
@@ -599,7 +677,7 @@ pub(crate) fn serve_run(
     };
     match started {
         Err(e) => crate::ops::Args::write(rec, out, Err(e)),
-        Ok((mark, base, end, own_field)) => {
+        Ok((mark, base, end)) => {
             rec.sandbox = State {
                 active: true,
                 host_rsp: rec.gate.saved_rsp,
@@ -610,7 +688,6 @@ pub(crate) fn serve_run(
                 end,
                 shared: input.shared != 0,
                 pre_pkru,
-                own_field,
             };
             rec.gate.saved_rsp = input.sp;
             input.value

@@ -95,6 +95,11 @@ fn sync_arg(uc: &libc::ucontext_t, frame: u32) -> u64 {
 /// the frame's PKRU. Returns whether the key's rights grew (the access is worth retrying).
 /// Called from the SIGSEGV handler.
 pub(crate) fn take_lazy_grant(uc: &mut libc::ucontext_t, key: mpkvirt_sys::Pkey) -> bool {
+    // A sealed sandbox takes no grant; and a handler of its thread may make no op that
+    // returns (see `sandbox::signal`).
+    if crate::sandbox::frame_sealed(uc) {
+        return false;
+    }
     // (A fault inside the library gets `Reentrant` from the gate: nothing to take.)
     let Some(frame) = signal::frame_pkru(uc) else {
         return false;
@@ -130,6 +135,15 @@ extern "C" fn on_sync(_sig: libc::c_int, _info: *mut libc::siginfo_t, ctx: *mut 
     // SAFETY: installed with SA_SIGINFO: the kernel passes a valid `ucontext_t` that belongs
     // to this handler invocation.
     let uc = unsafe { &mut *ctx.cast::<libc::ucontext_t>() };
+    if crate::sandbox::frame_sealed(uc) {
+        // The thread runs a sealed sandbox: the library acknowledges and returns from the
+        // signal itself (the handler's stack is key-0 memory the thread's rights keep
+        // read-only). Only when the library refuses does it come back here.
+        crate::sandbox::sync_sealed(ctx.cast());
+        // SAFETY: as above.
+        unsafe { *errno = saved };
+        return;
+    }
     let frame = signal::frame_pkru(uc);
     let arg = sync_arg(uc, frame.unwrap_or(0));
     if let Ok(new) = crate::ops::call::<u64, u64>(crate::ops::OP_SYNC, arg)

@@ -249,7 +249,8 @@ const GATES: [&str; 5] = [
     "mpkvirt_gate_call_nopku",
     "mpkvirt_gate_sync",
     // The sandbox's preemption stubs restore the extended state with an XRSTOR, followed on
-    // every path by an XCR0 check and the sync gate (`asm/x86_64/sandbox.S`):
+    // every path by an XCR0 check and the sync gate's sequence, inline (a WRPKRU of the
+    // record's normal-context value, re-checked: `asm/x86_64/sandbox.S`):
     // `pku_gate_gadgets_in_the_preemption_stubs_raise_nothing`.
     "mpkvirt_sandbox_preempted_pku",
     "mpkvirt_sandbox_preempted_nopku",
@@ -515,8 +516,8 @@ fn check_scan(what: &str, elf: &Elf, allowed: &[&str]) -> Vec<Hit> {
     hits
 }
 
-/// The gates' own WRPKRUs: four in the call gate (raise, lower, a busy record's lower, deny)
-/// and one in the sync gate. Their presence shows the scan saw the code it claims to have scanned.
+/// The gates' own WRPKRUs: four in the call gate (raise, lower, a busy record's lower, deny),
+/// one in the sync gate and one in each preemption stub. Their presence shows the scan saw the code it claims to have scanned.
 fn assert_gate_wrpkrus(what: &str, hits: &[Hit]) {
     let count = |sym: &str| {
         hits.iter()
@@ -526,6 +527,8 @@ fn assert_gate_wrpkrus(what: &str, hits: &[Hit]) {
     assert_eq!(count("mpkvirt_gate_call"), 4, "{what}");
     assert_eq!(count("mpkvirt_gate_sync"), 1, "{what}");
     assert_eq!(count("mpkvirt_gate_call_nopku"), 0, "{what}");
+    assert_eq!(count("mpkvirt_sandbox_preempted_pku"), 1, "{what}");
+    assert_eq!(count("mpkvirt_sandbox_preempted_nopku"), 1, "{what}");
 }
 
 #[test]

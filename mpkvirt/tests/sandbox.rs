@@ -812,11 +812,16 @@ extern "C" fn jump_for_key0(at: usize, sp: usize) {
 }
 
 /// Jumps to `at` as `jump_for_key0` does: on a word of its own stack when the first run's
-/// value is 1, else on `SEAL_LANDING_SLOT`.
+/// value has bit 0 set, else on `SEAL_LANDING_SLOT`; with bit 1, after a signal handler of
+/// its thread called the library (it sends itself the tick signal, which preempts it: the
+/// jump comes when it runs again, with whatever the handler left in the record).
 extern "C" fn jump_body(at: u64, first: u64) {
     let own = [seal_landing as extern "C" fn() as usize; 4];
     let at = at as usize;
-    let sp = if first == 1 {
+    if first & 2 != 0 {
+        let _ = mpkvirt_sys::thread::tgkill(mpkvirt_sys::thread::gettid(), libc::SIGRTMIN() + 9);
+    }
+    let sp = if first & 1 != 0 {
         std::hint::black_box(&own).as_ptr() as usize
     } else {
         (&raw const SEAL_LANDING_SLOT) as usize
@@ -842,17 +847,16 @@ extern "C" fn exit_on_segv(_sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: 
 }
 
 /// Sealed sandboxed code that jumps onto any WRPKRU of the call gates, or just past it —
-/// with EAX = 0 and a stack word that returns into code writing key 0 — gets no key-0
-/// write. The deny path keeps key 0 read-only where sandboxes run so, and a busy record's
-/// lower (key 0 read-write, for signal handlers) is taken only while the record is busy:
-/// on a key-0 stack word, each attempt ends with SIGSEGV at the key-0 word (exit 10).
-///
-/// Landing on the raise WRPKRU skips the gate's RDPKRU, so the forged R8 makes the call a
-/// signal handler's, whose exit has key 0 read-write; it denies the sandbox's domain, so the
-/// return on the sandbox's own stack faults there (exit 11). (Returning on a key-0 word
-/// instead is the documented residual: ARCHITECTURE.md, "Key 0".) Just past the raise, PKRU
-/// is still the sandbox's and the busy word's write faults (11). A write that went through
-/// exits 0.
+/// with EAX = 0, R8 forged to a signal handler's entry PKRU, and a stack word (in key 0, or
+/// on its own stack) that returns into code writing key 0 — gets no key-0 write, also right
+/// after a signal handler of its thread called the library. The deny path keeps key 0
+/// read-only where sandboxes run so; a busy record's lower (key 0 read-write, for a handler
+/// that interrupted the library) is taken only while the record is busy; and no level's
+/// value in the record has key 0 writable (a handler's op on a sealed thread ends the
+/// handler instead of returning to it). Each attempt ends with SIGSEGV at the key-0 word
+/// (exit 10) — but just past the raise, where PKRU is still the sandbox's and the busy
+/// word's write faults, and after the deny path on the sandbox's own stack, which the deny
+/// value denies (11). A write that went through exits 0.
 #[test]
 fn pku_no_gate_lifts_a_sealed_sandboxs_key_0_seal() {
     let _pku = require_pku!();
@@ -890,10 +894,13 @@ fn pku_no_gate_lifts_a_sealed_sandboxs_key_0_seal() {
             .take(1)
             .map(|g| sync + g.0),
     );
-    let raise = targets[0];
-    for at in targets.iter().flat_map(|&w| [w, w + 3]) {
-        // (On the sandbox's own stack for the raise.)
-        let own_stack = u64::from(at == raise);
+    let (raise, deny) = (targets[0], targets[3]);
+    install_tick(0);
+    let attempts = targets
+        .iter()
+        .flat_map(|&w| [w, w + 3])
+        .flat_map(|at| (0..4).map(move |how| (at, how)));
+    for (at, how) in attempts {
         let status = in_child(|| {
             // SAFETY: a handler that only exits the (forked) process.
             unsafe {
@@ -907,11 +914,20 @@ fn pku_no_gate_lifts_a_sealed_sandboxs_key_0_seal() {
             let _v = mgr.enter(&[(&own, Rights::ReadWrite)]).unwrap();
             // SAFETY: the top of `own`, writable in this view.
             let ctx = unsafe { Context::new(top(&own), jump_body, at as u64) };
-            // SAFETY: a prepared context.
-            let y = unsafe { mgr.sandbox_run(&own, ctx.sp, top(&own), own_stack) };
-            i32::from(y.is_ok()) + 20
+            let mut sp = ctx.sp;
+            let mut value = how;
+            loop {
+                // SAFETY: the prepared context, then the one the preemption returned.
+                match unsafe { mgr.sandbox_run(&own, sp, top(&own), value) } {
+                    Ok(y) if y.value == sandbox::PREEMPTED => (sp, value) = (y.sp, 0),
+                    Ok(_) => return 20,
+                    Err(_) => return 21,
+                }
+            }
         });
-        let want = if at == raise || at == raise + 3 {
+        // Just past the raise, PKRU is still the sandbox's and the busy word's write faults;
+        // the deny value denies the sandbox's own stack, so the return from it faults.
+        let want = if at == raise + 3 || (how & 1 != 0 && (at == deny || at == deny + 3)) {
             11
         } else {
             10
@@ -919,8 +935,136 @@ fn pku_no_gate_lifts_a_sealed_sandboxs_key_0_seal() {
         assert_eq!(
             status,
             Ok(want),
-            "a jump to gate+{:#x}: key 0 written (0), a fault elsewhere (11) or back (2x)",
+            "a jump to gate+{:#x} ({how}): key 0 written (0), a fault elsewhere (11) or back (2x)",
             at.wrapping_sub(gate)
         );
     }
+}
+
+// ---- sandboxed code with its stack pointer on the alternate stack ----
+
+/// The thread's alternate stack, as the kernel has it.
+fn altstack_now() -> usize {
+    let mut old = std::mem::MaybeUninit::<libc::stack_t>::zeroed();
+    // SAFETY: a query (null new stack) only writes `old`.
+    let rc = unsafe { libc::sigaltstack(std::ptr::null(), old.as_mut_ptr()) };
+    assert_eq!(rc, 0);
+    // SAFETY: filled by sigaltstack.
+    unsafe { old.assume_init() }.ss_sp as usize
+}
+
+/// Moves the stack pointer to `sp` and executes an illegal instruction.
+#[unsafe(naked)]
+extern "C" fn fault_with_sp(sp: usize) {
+    core::arch::naked_asm!("mov rsp, rdi", "ud2");
+}
+
+/// Moves the stack pointer to `sp` and spins.
+#[unsafe(naked)]
+extern "C" fn spin_with_sp(sp: usize) {
+    core::arch::naked_asm!("mov rsp, rdi", "2:", "jmp 2b");
+}
+
+extern "C" fn fault_on_altstack(_arg: u64, _first: u64) {
+    // (Above the red zone the kernel skips, below the room a signal frame needs.)
+    fault_with_sp(altstack_now() + 1024);
+}
+
+extern "C" fn spin_on_altstack(_arg: u64, _first: u64) {
+    spin_with_sp(altstack_now() + 4096);
+}
+
+extern "C" fn abort_on_fault(
+    _sig: libc::c_int,
+    _info: *mut libc::siginfo_t,
+    ctx: *mut libc::c_void,
+) {
+    sandbox::signal(ctx.cast(), sandbox::Action::Abort(0xAB));
+}
+
+/// Sandboxed code that points its stack near the bottom of the thread's alternate stack and
+/// faults: the kernel must not take it for a handler's stack (the frame would overflow it,
+/// and a signal frame the kernel cannot write is a SIGSEGV that kills the process). The
+/// library's alternate stack is disarmed while a handler runs (`SS_AUTODISARM`), so the
+/// frame goes to its top and the sandbox is abandoned as for any fault.
+fn a_fault_with_the_stack_on_the_altstack<B: Backend>(mgr: &Manager<B>) {
+    let own = mgr.create_domain(DomainOptions::reserve(64 << 10)).unwrap();
+    let status = in_child(|| {
+        // SAFETY: a handler that makes one library call (async-signal-safe).
+        unsafe {
+            mpkvirt_sys::signal::install(
+                libc::SIGILL,
+                abort_on_fault,
+                libc::SA_ONSTACK | libc::SA_SIGINFO,
+            )
+        }
+        .unwrap();
+        let _v = mgr.enter(&[(&own, Rights::ReadWrite)]).unwrap();
+        // SAFETY: the top of `own`, writable in this view.
+        let ctx = unsafe { Context::new(top(&own), fault_on_altstack, 0) };
+        // SAFETY: a prepared context.
+        match unsafe { mgr.sandbox_run(&own, ctx.sp, top(&own), 0) } {
+            Ok(y) if y.value == 0xAB => 0,
+            _ => 1,
+        }
+    });
+    assert_eq!(
+        status,
+        Ok(0),
+        "the process survives, the sandbox is abandoned"
+    );
+}
+
+#[test]
+fn a_fault_with_the_stack_on_the_alternate_stack_is_contained() {
+    let _g = common::real_backend();
+    let mgr = Manager::with_backend(Emulated::new(4).unwrap(), config(4)).unwrap();
+    a_fault_with_the_stack_on_the_altstack(&mgr);
+}
+
+#[test]
+fn pku_a_fault_with_the_stack_on_the_alternate_stack_is_contained() {
+    let _pku = require_pku!();
+    let _g = common::real_backend();
+    let mgr = Manager::with_backend(Hardware::new(4).unwrap(), config(4)).unwrap();
+    a_fault_with_the_stack_on_the_altstack(&mgr);
+}
+
+/// Sandboxed code that spins with its stack pointer on the thread's alternate stack is not
+/// taken for a signal handler (which a preemption leaves alone): with PKU a handler is told
+/// by its frame's PKRU, and the tick ends the sandbox (its stack pointer is outside its
+/// domain, so it cannot be preempted). Without the check it would never be stopped: the
+/// child's alarm kills it.
+#[test]
+fn pku_a_spin_with_the_stack_on_the_alternate_stack_is_stopped() {
+    let _pku = require_pku!();
+    let _g = common::real_backend();
+    let mgr = Manager::with_backend(Hardware::new(4).unwrap(), config(4)).unwrap();
+    let own = mgr.create_domain(DomainOptions::reserve(64 << 10)).unwrap();
+    let sig = install_tick(0);
+    let status = in_child(|| {
+        // SAFETY: plain system call; the child's default SIGALRM action ends it.
+        unsafe { libc::alarm(30) };
+        let tid = mpkvirt_sys::thread::gettid();
+        std::thread::spawn(move || {
+            loop {
+                let _ = mpkvirt_sys::thread::tgkill(tid, sig);
+                std::thread::sleep(std::time::Duration::from_millis(2));
+            }
+        });
+        let _v = mgr.enter(&[(&own, Rights::ReadWrite)]).unwrap();
+        // SAFETY: the top of `own`, writable in this view.
+        let ctx = unsafe { Context::new(top(&own), spin_on_altstack, 0) };
+        let mut sp = ctx.sp;
+        loop {
+            // SAFETY: the prepared context, then the one a preemption returned.
+            match unsafe { mgr.sandbox_run(&own, sp, top(&own), 0) } {
+                Ok(y) if y.value == sandbox::PREEMPTED => sp = y.sp,
+                // Abandoned (the preemption's value, 0).
+                Ok(y) if y.value == 0 => return 0,
+                _ => return 1,
+            }
+        }
+    });
+    assert_eq!(status, Ok(0), "the spinning sandbox is stopped");
 }

@@ -65,10 +65,9 @@ pub const ALLOWED_IMPORTS: &[&str] = &[
     "exp2", "log", "log2", "log10", "pow", "sqrt", "cbrt", "floor", "ceil", "fabs", "fmod",
     "round", "trunc", "lround", "fmin", "fmax", "hypot", "sinf", "cosf", "expf", "logf",
     "powf", "sqrtf", "floorf", "ceilf", "fabsf",
-    // Added by compilers and fortification.
+    // Added by compilers.
     "__cxa_finalize", "__gmon_start__", "_ITM_registerTMCloneTable",
-    "_ITM_deregisterTMCloneTable", "__memcpy_chk", "__memmove_chk",
-    "__memset_chk", "__strcpy_chk", "__strcat_chk", "__strncpy_chk",
+    "_ITM_deregisterTMCloneTable",
 ];
 
 /// Why a shared object is refused.
@@ -203,7 +202,9 @@ pub struct ImageInfo {
 /// (`runtime::tenant::rebound`), never to the C library's: the allocator, to one in the
 /// tenant's own instance (`runtime::tenant_heap`); `abort` and `__stack_chk_fail` (a smashed
 /// stack), to one that ends the invocation with `SIGABRT` — the C library's write its own
-/// state first, a lock and a stage counter, which a tenant may not write.
+/// state first, a lock and a stage counter, which a tenant may not write; and the checked
+/// copies fortification adds, to ones that end the same way when the check fails (the C
+/// library's would print, map a page and abort with its own state).
 pub const REBOUND_IMPORTS: &[&str] = &[
     "malloc",
     "calloc",
@@ -211,6 +212,12 @@ pub const REBOUND_IMPORTS: &[&str] = &[
     "free",
     "abort",
     "__stack_chk_fail",
+    "__memcpy_chk",
+    "__memmove_chk",
+    "__memset_chk",
+    "__strcpy_chk",
+    "__strcat_chk",
+    "__strncpy_chk",
 ];
 
 /// Checks `bytes`, a tenant's shared object (see the module docs).

@@ -165,6 +165,31 @@ fn rebind_and_seal(info: &image::ImageInfo, bias: usize) -> Result<(), LoadError
     Ok(())
 }
 
+/// Whether the ELF header and program headers mapped at `base` are those of `bytes` (a
+/// validated object: its program headers lie in its first page, which its first segment
+/// maps at `base`).
+fn same_headers(bytes: &[u8], base: usize) -> bool {
+    let u16_at = |o: usize| {
+        bytes
+            .get(o..o + 2)
+            .map(|b| usize::from(u16::from_le_bytes([b[0], b[1]])))
+    };
+    let phoff = bytes
+        .get(0x20..0x28)
+        .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")) as usize);
+    let (Some(phoff), Some(entsize), Some(num)) = (phoff, u16_at(0x36), u16_at(0x38)) else {
+        return false;
+    };
+    let len = phoff
+        .saturating_add(entsize.saturating_mul(num))
+        .clamp(64, 4096)
+        .min(bytes.len());
+    // SAFETY: `base` is where the dynamic linker mapped the object's first segment (from
+    // `dladdr`), readable and at least a page long; `len` is at most a page.
+    let mapped = unsafe { std::slice::from_raw_parts(base as *const u8, len) };
+    mapped == &bytes[..len]
+}
+
 /// `dlerror()`'s message, or a placeholder.
 fn dl_error() -> String {
     // SAFETY: dlerror returns null or a C string valid until the next dl* call on this
@@ -235,6 +260,15 @@ impl NativeFunction {
                 })
                 .collect()
         };
+        // The object the dynamic linker mapped must be the one validated: `dlopen` of a path
+        // loaded before returns the old mapping, whose file may have been replaced since
+        // (the rebinding would then write where the new file's tables say).
+        if base != 0 && !same_headers(&bytes, base) {
+            return Err(LoadError::Link(
+                "the object mapped is not the file validated (replaced since it was first loaded?)"
+                    .into(),
+            ));
+        }
         if let Err(e) = rebind_and_seal(&info, base - low) {
             // SAFETY: the handle from above, closed once; nothing of the object runs.
             unsafe { libc::dlclose(handle) };

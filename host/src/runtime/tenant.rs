@@ -143,6 +143,97 @@ unsafe extern "C" fn tenant_abort() -> ! {
     unsafe { libc::abort() }
 }
 
+// Fortification's checked copies (`image::REBOUND_IMPORTS`): the check, then the C library's
+// plain function (pure: no state of its own), or the invocation ends as `abort` ends it.
+
+unsafe extern "C" fn tenant_memcpy_chk(
+    d: *mut c_void,
+    s: *const c_void,
+    n: usize,
+    room: usize,
+) -> *mut c_void {
+    if n > room {
+        // SAFETY: no precondition (it never returns).
+        unsafe { tenant_abort() }
+    }
+    // SAFETY: the tenant's arguments, checked against the room the compiler knew; the
+    // tenant's code runs with its own rights, which bound what the copy touches.
+    unsafe { libc::memcpy(d, s, n) }
+}
+
+unsafe extern "C" fn tenant_memmove_chk(
+    d: *mut c_void,
+    s: *const c_void,
+    n: usize,
+    room: usize,
+) -> *mut c_void {
+    if n > room {
+        // SAFETY: as above.
+        unsafe { tenant_abort() }
+    }
+    // SAFETY: as in `tenant_memcpy_chk`.
+    unsafe { libc::memmove(d, s, n) }
+}
+
+unsafe extern "C" fn tenant_memset_chk(
+    d: *mut c_void,
+    c: c_int,
+    n: usize,
+    room: usize,
+) -> *mut c_void {
+    if n > room {
+        // SAFETY: as above.
+        unsafe { tenant_abort() }
+    }
+    // SAFETY: as in `tenant_memcpy_chk`.
+    unsafe { libc::memset(d, c, n) }
+}
+
+unsafe extern "C" fn tenant_strcpy_chk(
+    d: *mut c_char,
+    s: *const c_char,
+    room: usize,
+) -> *mut c_char {
+    // SAFETY: the tenant's string, read with its rights.
+    if unsafe { libc::strlen(s) } >= room {
+        // SAFETY: as above.
+        unsafe { tenant_abort() }
+    }
+    // SAFETY: as in `tenant_memcpy_chk`.
+    unsafe { libc::strcpy(d, s) }
+}
+
+unsafe extern "C" fn tenant_strcat_chk(
+    d: *mut c_char,
+    s: *const c_char,
+    room: usize,
+) -> *mut c_char {
+    // SAFETY: the tenant's string, read with its rights.
+    let have = unsafe { libc::strlen(d) };
+    // SAFETY: as above.
+    let add = unsafe { libc::strlen(s) };
+    if have.saturating_add(add) >= room {
+        // SAFETY: as above.
+        unsafe { tenant_abort() }
+    }
+    // SAFETY: as in `tenant_memcpy_chk`.
+    unsafe { libc::strcat(d, s) }
+}
+
+unsafe extern "C" fn tenant_strncpy_chk(
+    d: *mut c_char,
+    s: *const c_char,
+    n: usize,
+    room: usize,
+) -> *mut c_char {
+    if n > room {
+        // SAFETY: as above.
+        unsafe { tenant_abort() }
+    }
+    // SAFETY: as in `tenant_memcpy_chk`.
+    unsafe { libc::strncpy(d, s, n) }
+}
+
 /// The function the loader binds `name` (one of `image::REBOUND_IMPORTS`) to.
 pub(crate) fn rebound(name: &str) -> Option<usize> {
     use super::tenant_heap::{tenant_calloc, tenant_free, tenant_malloc, tenant_realloc};
@@ -152,6 +243,12 @@ pub(crate) fn rebound(name: &str) -> Option<usize> {
         "realloc" => tenant_realloc as *const () as usize,
         "free" => tenant_free as *const () as usize,
         "abort" | "__stack_chk_fail" => tenant_abort as *const () as usize,
+        "__memcpy_chk" => tenant_memcpy_chk as *const () as usize,
+        "__memmove_chk" => tenant_memmove_chk as *const () as usize,
+        "__memset_chk" => tenant_memset_chk as *const () as usize,
+        "__strcpy_chk" => tenant_strcpy_chk as *const () as usize,
+        "__strcat_chk" => tenant_strcat_chk as *const () as usize,
+        "__strncpy_chk" => tenant_strncpy_chk as *const () as usize,
         _ => return None,
     })
 }

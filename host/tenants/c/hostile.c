@@ -28,6 +28,7 @@
  *      would enter another view, and answer the status it returned (refused: bit 63 set)
  *   D  write its own static data (shared by every instance)  -> SIGSEGV (read-only)
  *   S  smash its stack's canary (the compiler's check calls __stack_chk_fail) -> SIGABRT
+ *   F  copy 64 bytes into an 8-byte buffer (fortification's __memcpy_chk)    -> SIGABRT
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -174,6 +175,12 @@ int mpkvirt_fn_entry(const struct mpkvirt_host_api *host, const uint8_t *request
         return answer(host, response, (const void *)shared_data, 1);
     case 'S':
         return smash(64);
+    case 'F': {
+        char small[8];
+        volatile size_t n = 64;
+        memcpy(small, request, n);
+        return small[0];
+    }
     default:
         return 1;
     }

@@ -324,10 +324,12 @@ pub fn frames_written_with_keys_open(_pku: crate::Pku) -> bool {
         unsafe { libc::munmap(alt, ALT) };
         return false;
     };
+    // (Looked up here: `dlsym` in the child of a multithreaded process may wait for a lock.)
+    let rseq = crate::imp::thread::glibc_rseq_offset();
     // SAFETY: the raw system call; the child runs only `probe_child`, which never returns.
     let pid = unsafe { libc::syscall(libc::SYS_fork) };
     if pid == 0 {
-        probe_child(alt, ALT, target.cast());
+        probe_child(alt, ALT, target.cast(), rseq);
     }
     let mut status = 0;
     let waited = pid > 0
@@ -350,8 +352,20 @@ pub fn frames_written_with_keys_open(_pku: crate::Pku) -> bool {
 
 /// The probe's child: see [`frames_written_with_keys_open`]. Exits with 0 from the handler
 /// when the fault's frame was written, 2 when the write it should not make went through, 3
-/// when setting up failed; a kernel that cannot write the frame kills it with SIGSEGV.
-fn probe_child(alt: *mut libc::c_void, len: usize, target: *mut u8) -> ! {
+/// when setting up failed; a kernel that cannot write the frame kills it with SIGSEGV. The
+/// child first gives up the rseq area it inherited (at `rseq` from its thread pointer): the
+/// kernel writes that with the thread's PKRU at every signal, which is not what is probed
+/// (mpkvirt gives it up on every thread that runs with key 0 write-disabled).
+fn probe_child(alt: *mut libc::c_void, len: usize, target: *mut u8, rseq: Option<isize>) -> ! {
+    if let Some(off) = rseq {
+        let mut fs = 0usize;
+        // SAFETY: `arch_prctl(ARCH_GET_FS)` writes the thread pointer into `fs`.
+        if unsafe { libc::syscall(libc::SYS_arch_prctl, 0x1003, &raw mut fs) } == 0 {
+            // SAFETY: the child's own registration (inherited), at glibc's offset from its
+            // thread pointer; nothing in the child uses rseq.
+            let _ = unsafe { crate::imp::thread::rseq_unregister(fs.wrapping_add_signed(off)) };
+        }
+    }
     extern "C" fn exit_ok(_sig: libc::c_int) {
         // The handler must be able to write key 0 too (its own stack is there): a store
         // first, which kills the child if it faults (SIGSEGV is blocked in its own handler).

@@ -536,7 +536,6 @@ fn on_manager<B: Backend>(code: u64, args: Args, rec: &mut ThreadRecord) -> u64 
                         read_only: false,
                     }],
                 )?;
-                let mut own_field = 0;
                 if sh.hardware && i.shared == 0 {
                     // The view's bits cover this manager's keys only, merged with the rights
                     // the thread had (other managers' views, process-wide grants — a host's
@@ -545,9 +544,8 @@ fn on_manager<B: Backend>(code: u64, args: Args, rec: &mut ThreadRecord) -> u64 
                     // slot; the yield recomputes the thread's rights: `sandbox::yield_op`.)
                     let own = r.slot.get().map(|s| sh.key(s));
                     rec.gate.pkru = crate::sandbox::sealed_pkru(rec.gate.pkru, own);
-                    own_field = own.map_or(0, mpkvirt_sys::Pkru::key_mask);
                 }
-                Ok((mark, base, end, own_field))
+                Ok((mark, base, end))
             }),
             _ => STATUS_BAD_CALL,
         }
