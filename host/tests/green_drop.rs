@@ -14,7 +14,10 @@ use mpkvirt_host::sched::green::{Fiber, Resumed};
 #[test]
 #[ignore = "child of a_scoped_threads_borrow_of_a_dropped_fibers_stack_stays_valid"]
 fn scoped_child() {
-    let mut f = Fiber::new(64 << 10, |s| {
+    // (The parent waits for the scoped thread to finish, not for a fixed time: it may run
+    // slowly on a loaded machine.)
+    let (done_tx, done_rx) = mpsc::channel::<()>();
+    let mut f = Fiber::new(64 << 10, move |s| {
         let local = std::hint::black_box([7u64; 64]); // on the fiber's stack
         let local = &local; // the thread borrows it (not a copy)
         let (tx, rx) = mpsc::channel();
@@ -35,6 +38,7 @@ fn scoped_child() {
                     std::thread::sleep(Duration::from_millis(1));
                 }
                 println!("scoped thread done");
+                let _ = done_tx.send(());
             });
             rx.recv().unwrap(); // the thread runs and reads `local`
             s.suspend(); // suspended inside the scope, its thread still running
@@ -46,7 +50,8 @@ fn scoped_child() {
     println!("fiber dropped");
     // Whatever is mapped next may land there (here: another stack).
     let _g = std::thread::spawn(|| std::thread::sleep(Duration::from_secs(4)));
-    std::thread::sleep(Duration::from_millis(3500));
+    // (A scoped thread that saw the stack change returns without sending: the timeout.)
+    let _ = done_rx.recv_timeout(Duration::from_secs(120));
     println!("parent survived");
 }
 

@@ -20,7 +20,8 @@ use crate::pkey::Pkey;
 
 pub use crate::imp::signal::{
     Handler, chain, decode_segv, fault_access, frame_pkru, frame_pkru_extent,
-    frames_written_with_keys_open, install, ip, redirect, set_frame_pkru, sp,
+    frames_written_with_keys_open, install, install_blocking_async, ip, redirect, set_frame_pkru,
+    sp,
 };
 
 /// `SEGV_MAPERR`: address not mapped.

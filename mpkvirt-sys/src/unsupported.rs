@@ -174,6 +174,23 @@ pub(crate) mod signal {
         Err(Error::Unsupported { op: Op::Sigaction })
     }
 
+    /// Unsupported on this target.
+    ///
+    /// # Errors
+    ///
+    /// Always `Unsupported`.
+    ///
+    /// # Safety
+    ///
+    /// Trivially satisfied: nothing happens.
+    pub unsafe fn install_blocking_async(
+        _sig: libc::c_int,
+        _handler: Handler,
+        _flags: libc::c_int,
+    ) -> Result<libc::sigaction> {
+        Err(Error::Unsupported { op: Op::Sigaction })
+    }
+
     /// Does nothing on this target.
     ///
     /// # Safety

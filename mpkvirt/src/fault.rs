@@ -187,11 +187,13 @@ pub(crate) fn install_handler() -> Result<()> {
     let prev = PREV.get_or_init(|| {
         // SAFETY: `on_segv` is async-signal-safe (atomics, const thread-locals, write(2)) and
         // chains every fault it does not recover to the action it replaces.
-        unsafe { signal::install(libc::SIGSEGV, on_segv, libc::SA_ONSTACK) }.map(PrevAction)
+        unsafe { signal::install_blocking_async(libc::SIGSEGV, on_segv, libc::SA_ONSTACK) }
+            .map(PrevAction)
     });
     let prev_bus = PREV_BUS.get_or_init(|| {
         // SAFETY: as above, for SIGBUS (chained to SIGBUS's previous action).
-        unsafe { signal::install(libc::SIGBUS, on_segv, libc::SA_ONSTACK) }.map(PrevAction)
+        unsafe { signal::install_blocking_async(libc::SIGBUS, on_segv, libc::SA_ONSTACK) }
+            .map(PrevAction)
     });
     prev.as_ref()
         .and(prev_bus.as_ref())

@@ -529,6 +529,20 @@ impl ThreadRecord {
         self.altstack != 0 && self.altstack_live
     }
 
+    /// Whether the kernel says a handler delivered on the record's alternate stack is
+    /// running now: the stack is installed with `SS_AUTODISARM`, so it is disarmed exactly
+    /// while such a handler is live (sandboxed code of the thread cannot run then).
+    pub(crate) fn handler_live(&self) -> bool {
+        let mut old = std::mem::MaybeUninit::<libc::stack_t>::zeroed();
+        // SAFETY: querying (null new stack) only writes `old`.
+        if unsafe { libc::sigaltstack(std::ptr::null(), old.as_mut_ptr()) } != 0 {
+            return false;
+        }
+        // SAFETY: sigaltstack succeeded and filled `old`.
+        let old = unsafe { old.assume_init() };
+        self.altstack_live && old.ss_flags & libc::SS_DISABLE != 0
+    }
+
     /// Whether `[addr, addr + len)` lies in the record's alternate signal stack (see
     /// [`ThreadRecord::has_altstack`]).
     pub(crate) fn on_altstack(&self, addr: usize, len: usize) -> bool {
@@ -724,7 +738,7 @@ fn finish_signal(rec: &mut ThreadRecord, ctx: usize) -> ! {
     rec.levels.spell = level;
     mark_context(rec);
     // The gate's own release, which this path skips.
-    rec.gate.busy = 0;
+    crate::claim::release(busy_word(rec));
     // SAFETY: `ctx` is a signal frame's `ucontext_t` on this thread's alternate stack
     // (checked by the op that set it), whose handler is the caller of this op; the record is
     // released and holds the interrupted level's rights, and no Rust frame of this op is
@@ -1362,6 +1376,12 @@ thread_local! {
     static IN_OP: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
     /// Whether the thread armed the exit hook of its record (`arm_from_app`).
     static HOOKED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Whether the calling thread has been through a gate (a hint in its thread-local
+/// storage: see [`REGISTERED`]).
+pub(crate) fn registered() -> bool {
+    REGISTERED.get()
 }
 
 /// Counts an op of the calling thread in [`IN_OP`] while it lives.

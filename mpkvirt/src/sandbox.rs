@@ -395,8 +395,14 @@ pub fn signal(ctx: *mut libc::ucontext_t, action: Action) -> Signalled {
     };
     // Straight to the gate, without the thread-local bookkeeping of `gate::call`: on a
     // thread whose normal context runs a sealed sandbox the op ends the handler (the library
-    // returns from the signal itself), and that bookkeeping would never be undone.
-    match direct_signal_op(input) {
+    // returns from the signal itself), and that bookkeeping would never be undone. (A thread
+    // that never went through a gate registers the masked way: it runs no sandbox.)
+    let out = if crate::gate::registered() {
+        direct_signal_op(input)
+    } else {
+        crate::ops::call::<SignalIn, u64>(crate::ops::OP_SANDBOX_SIGNAL, input)
+    };
+    match out {
         Ok(1) => Signalled::Library,
         Ok(2) => Signalled::Preempted,
         Ok(3) => Signalled::Aborted,
@@ -427,15 +433,18 @@ fn direct_signal_op(input: SignalIn) -> Result<u64> {
     }
 }
 
-/// For mpkvirt's sync handler on a thread whose normal context runs a sealed sandbox (its
-/// frame `ctx` has key 0 read-only): acknowledges the synchronisation (a sealed sandbox
-/// takes no process-wide rights) and returns from the signal.
+/// For mpkvirt's sync handler: on a thread whose normal context runs a sealed sandbox, the
+/// library acknowledges the synchronisation when the handler interrupted the sandboxed code
+/// (a sealed sandbox takes no process-wide rights) and returns from the signal itself, and
+/// this does not return. Returns on any other thread: the handler goes on as usual.
 pub(crate) fn sync_sealed(ctx: *mut libc::ucontext_t) {
-    let _ = direct_signal_op(SignalIn {
-        ctx: ctx as u64,
-        action: ACTION_SYNC,
-        value: 0,
-    });
+    if crate::gate::registered() {
+        let _ = direct_signal_op(SignalIn {
+            ctx: ctx as u64,
+            action: ACTION_SYNC,
+            value: 0,
+        });
+    }
 }
 
 /// `SignalIn::action` of [`sync_sealed`].
@@ -476,23 +485,38 @@ pub(crate) fn signal_op(rec: &mut ThreadRecord, i: SignalIn) -> Result<u64> {
             "a signal context off the alternate stack",
         ));
     }
-    let out = signal_frame(rec, &i, ctx);
+    if !sealed(rec) {
+        return signal_frame(rec, &i, ctx);
+    }
     // A handler of a sealed sandbox's thread runs on the key-0 alternate stack, which the
     // thread's rights keep read-only at every level: the op ends the handler. The library
     // returns from the signal itself (`gate::finish_signal`), so no gate exit ever installs
-    // rights for the handler that sandboxed code could find in the record later.
-    if sealed(rec) && rec.interrupted {
-        rec.sigreturn_ctx = ctx;
+    // rights for the handler. It does so only with the kernel's word that a handler is
+    // running (the disarmed alternate stack: sandboxed code can forge a handler's entry to
+    // the gate, and a frame on the alternate stack, but cannot run while one is live).
+    if !rec.interrupted || !rec.handler_live() {
+        return Err(Error::InvalidConfig(
+            "a signal op without a signal handler running",
+        ));
     }
-    out
+    let out = signal_frame(rec, &i, ctx)?;
+    rec.sigreturn_ctx = ctx;
+    Ok(out)
 }
 
 /// [`signal_op`] for a checked context `ctx`.
 fn signal_frame(rec: &mut ThreadRecord, i: &SignalIn, ctx: usize) -> Result<u64> {
     if i.action == ACTION_SYNC {
-        // (The interrupted context is the sandboxed code's: a sealed sandbox takes no
-        // process-wide rights, so the synchronisation only needs the acknowledgement.)
-        if sealed(rec) && rec.interrupted {
+        // When the handler interrupted the sandboxed code (its frame has key 0 read-only):
+        // a sealed sandbox takes no process-wide rights, so the synchronisation only needs
+        // the acknowledgement. (Interrupted library code — the gate's windows — acknowledges
+        // at its op's end, as `OP_SYNC` would have it.)
+        // SAFETY: a `ucontext_t` on the thread's alternate stack (checked by the caller);
+        // any bits are valid.
+        let uc: libc::ucontext_t =
+            unsafe { std::ptr::read_volatile(ctx as *const libc::ucontext_t) };
+        if sealed(rec) && rec.on_altstack(uc.uc_mcontext.fpregs as usize, 512) && frame_sealed(&uc)
+        {
             rec.inherited = false;
             crate::manager::global::acknowledge(rec, None);
         }
@@ -537,10 +561,12 @@ fn signal_frame(rec: &mut ThreadRecord, i: &SignalIn, ctx: usize) -> Result<u64>
         }
         // Whether the signal interrupted a handler (mpkvirt's sync handler, say), not the
         // sandboxed code: then the preemption waits for the next tick. With PKU, by the
-        // frame's PKRU — the sandboxed code runs with the value the library spelled for the
-        // normal context, a handler with the kernel's or a handler level's. Not by the stack
-        // pointer: sandboxed code that points its own there would never be preempted.
+        // frame's PKRU, not by the stack pointer (sandboxed code that points its own at the
+        // alternate stack would never be preempted): on a sealed thread every value the
+        // gate installs has key 0 read-only and every handler's has it writable; elsewhere
+        // the sandboxed code runs with the rights spelled for the normal context.
         let in_handler = match frame {
+            Some(f) if sealed(rec) => f & 0b10 == 0,
             Some(f) => f != crate::gate::normal_pkru(rec),
             None => rec.on_altstack(rsp as usize, 8),
         };
@@ -633,8 +659,11 @@ pub(crate) fn serve_run(
     // The signals that preempt or end a sandbox need the library's alternate stack. A thread
     // first registered inside a signal handler (on another alternate stack), or one with a
     // large one of its own, did not get it; one registered by a signal before its runtime set
-    // up its own lost it. So the first run asks the kernel (one system call per thread).
-    if !rec.altstack_checked && !rec.interrupted {
+    // up its own lost it. So the first run asks the kernel (one system call per thread) —
+    // every sealed run: a handler frame abandoned elsewhere (a guarded call's recovery) can
+    // leave the stack disarmed, which a sealed thread's signal ops take for a live handler.
+    let sealed_run = input.shared == 0 && crate::meta::root().seal_key0.load(Ordering::Relaxed);
+    if (!rec.altstack_checked || sealed_run) && !rec.interrupted {
         rec.ensure_altstack(true);
         rec.altstack_checked = rec.has_altstack();
     }

@@ -70,7 +70,8 @@ pub(crate) fn install_handler() -> Result<i32> {
         // SAFETY: `on_sync` is async-signal-safe (see its docs); the signal had no handler,
         // so nothing is replaced. On its alternate stack: the interrupted stack may belong to
         // a domain the handler's initial PKRU cannot write.
-        unsafe { signal::install(sig, on_sync, libc::SA_ONSTACK | libc::SA_RESTART) }.is_ok()
+        unsafe { signal::install_blocking_async(sig, on_sync, libc::SA_ONSTACK | libc::SA_RESTART) }
+            .is_ok()
     });
     if ok {
         Ok(signal_number())
@@ -135,15 +136,10 @@ extern "C" fn on_sync(_sig: libc::c_int, _info: *mut libc::siginfo_t, ctx: *mut 
     // SAFETY: installed with SA_SIGINFO: the kernel passes a valid `ucontext_t` that belongs
     // to this handler invocation.
     let uc = unsafe { &mut *ctx.cast::<libc::ucontext_t>() };
-    if crate::sandbox::frame_sealed(uc) {
-        // The thread runs a sealed sandbox: the library acknowledges and returns from the
-        // signal itself (the handler's stack is key-0 memory the thread's rights keep
-        // read-only). Only when the library refuses does it come back here.
-        crate::sandbox::sync_sealed(ctx.cast());
-        // SAFETY: as above.
-        unsafe { *errno = saved };
-        return;
-    }
+    // A thread that runs a sealed sandbox: the library acknowledges and returns from the
+    // signal itself (no op may return to a handler there: its rights keep the handler's
+    // stack read-only). Anywhere else this comes back, and the handler goes on.
+    crate::sandbox::sync_sealed(ctx.cast());
     let frame = signal::frame_pkru(uc);
     let arg = sync_arg(uc, frame.unwrap_or(0));
     if let Ok(new) = crate::ops::call::<u64, u64>(crate::ops::OP_SYNC, arg)

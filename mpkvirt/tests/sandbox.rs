@@ -770,6 +770,17 @@ fn pku_the_gate_writes_nothing_at_the_callers_stack_pointer() {
 
 // ---- no gate lifts a sealed sandbox's key-0 seal ----
 
+/// A hardware manager where sandboxes seal key 0 (`None` before Linux 6.12, where key 0
+/// is writable to sandboxes anyway: the probe's answer checked against the kernel's
+/// version).
+fn sealed_manager() -> Option<Manager<Hardware>> {
+    if !sandbox::seals_key0() {
+        assert!(kernel_version() < (6, 12));
+        return None;
+    }
+    Some(Manager::with_backend(Hardware::new(4).unwrap(), config(4)).unwrap())
+}
+
 /// The key-0 word the attack writes after a jump into the gate.
 static SEAL_TARGET: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(7);
 
@@ -832,6 +843,19 @@ extern "C" fn jump_body(at: u64, first: u64) {
     }
 }
 
+/// In a forked child: a SIGSEGV ends it with 10 at `SEAL_TARGET`, 11 elsewhere.
+fn exit_on_segv_in_child() {
+    // SAFETY: a handler that only exits the (forked) process.
+    unsafe {
+        mpkvirt_sys::signal::install(
+            libc::SIGSEGV,
+            exit_on_segv,
+            libc::SA_ONSTACK | libc::SA_SIGINFO,
+        )
+    }
+    .unwrap();
+}
+
 extern "C" fn exit_on_segv(_sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mut libc::c_void) {
     // SAFETY: the kernel's `siginfo_t` for this SIGSEGV (installed with `SA_SIGINFO`).
     let info = unsafe { &*info };
@@ -861,13 +885,7 @@ extern "C" fn exit_on_segv(_sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: 
 fn pku_no_gate_lifts_a_sealed_sandboxs_key_0_seal() {
     let _pku = require_pku!();
     let _g = common::real_backend();
-    if !sandbox::seals_key0() {
-        // The seal needs Linux 6.12 (checked against the kernel's version above); before,
-        // key 0 is writable to sandboxes anyway.
-        assert!(kernel_version() < (6, 12));
-        return;
-    }
-    let mgr = Manager::with_backend(Hardware::new(4).unwrap(), config(4)).unwrap();
+    let Some(mgr) = sealed_manager() else { return };
     let own = mgr.create_domain(DomainOptions::reserve(64 << 10)).unwrap();
     let gate = mpkvirt_asm::mpkvirt_gate_call as *const () as usize;
     let sync = mpkvirt_asm::addr::gate_sync();
@@ -902,15 +920,7 @@ fn pku_no_gate_lifts_a_sealed_sandboxs_key_0_seal() {
         .flat_map(|at| (0..4).map(move |how| (at, how)));
     for (at, how) in attempts {
         let status = in_child(|| {
-            // SAFETY: a handler that only exits the (forked) process.
-            unsafe {
-                mpkvirt_sys::signal::install(
-                    libc::SIGSEGV,
-                    exit_on_segv,
-                    libc::SA_ONSTACK | libc::SA_SIGINFO,
-                )
-            }
-            .unwrap();
+            exit_on_segv_in_child();
             let _v = mgr.enter(&[(&own, Rights::ReadWrite)]).unwrap();
             // SAFETY: the top of `own`, writable in this view.
             let ctx = unsafe { Context::new(top(&own), jump_body, at as u64) };
@@ -942,6 +952,20 @@ fn pku_no_gate_lifts_a_sealed_sandboxs_key_0_seal() {
 }
 
 // ---- sandboxed code with its stack pointer on the alternate stack ----
+
+/// In a forked child: the tick signal `sig` to the calling thread every 2 ms (from a thread
+/// of its own), and an alarm that ends the child after 30 s (a sandbox never stopped).
+fn ticking_in_child(sig: libc::c_int) {
+    // SAFETY: plain system call; the child's default SIGALRM action ends it.
+    unsafe { libc::alarm(30) };
+    let tid = mpkvirt_sys::thread::gettid();
+    std::thread::spawn(move || {
+        loop {
+            let _ = mpkvirt_sys::thread::tgkill(tid, sig);
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+    });
+}
 
 /// The thread's alternate stack, as the kernel has it.
 fn altstack_now() -> usize {
@@ -1043,15 +1067,7 @@ fn pku_a_spin_with_the_stack_on_the_alternate_stack_is_stopped() {
     let own = mgr.create_domain(DomainOptions::reserve(64 << 10)).unwrap();
     let sig = install_tick(0);
     let status = in_child(|| {
-        // SAFETY: plain system call; the child's default SIGALRM action ends it.
-        unsafe { libc::alarm(30) };
-        let tid = mpkvirt_sys::thread::gettid();
-        std::thread::spawn(move || {
-            loop {
-                let _ = mpkvirt_sys::thread::tgkill(tid, sig);
-                std::thread::sleep(std::time::Duration::from_millis(2));
-            }
-        });
+        ticking_in_child(sig);
         let _v = mgr.enter(&[(&own, Rights::ReadWrite)]).unwrap();
         // SAFETY: the top of `own`, writable in this view.
         let ctx = unsafe { Context::new(top(&own), spin_on_altstack, 0) };
@@ -1065,6 +1081,158 @@ fn pku_a_spin_with_the_stack_on_the_alternate_stack_is_stopped() {
                 _ => return 1,
             }
         }
+    });
+    assert_eq!(status, Ok(0), "the spinning sandbox is stopped");
+}
+
+// ---- forged handler entries on a sealed thread ----
+
+/// Calls the gate's raise WRPKRU at `at` as a signal handler would enter the gate (R8, the
+/// entry PKRU the dispatcher sees, forged to the kernel's initial value: the jump skips the
+/// gate's RDPKRU), with op `op` and block `block`; returns the gate's status.
+#[unsafe(naked)]
+extern "C" fn forged_handler_call(at: usize, op: u64, block: usize) -> u64 {
+    core::arch::naked_asm!(
+        "push rbx",
+        "mov r11, rdi",
+        "mov rdi, rsi",
+        "mov rsi, rdx",
+        "lea rbx, [rip + 2f]",
+        "push rbx",
+        "mov r8d, 0x55555554",
+        "xor eax, eax",
+        "xor ecx, ecx",
+        "xor edx, edx",
+        "jmp r11",
+        "2:",
+        "pop rbx",
+        "ret",
+    );
+}
+
+/// The call gate's raise WRPKRU (its first).
+fn raise_wrpkru() -> usize {
+    let gate = mpkvirt_asm::mpkvirt_gate_call as *const () as usize;
+    // SAFETY: the gate's own code, mapped readable and executable.
+    let code = unsafe { std::slice::from_raw_parts(gate as *const u8, 64) };
+    let first = mpkvirt::scan::gadgets(code)
+        .into_iter()
+        .find(|g| g.1 == mpkvirt::scan::Gadget::Wrpkru)
+        .expect("the call gate's first WRPKRU");
+    gate + first.0
+}
+
+/// Forges a handler's `OP_SANDBOX_SIGNAL` (code 16) with the block at `arg`, through the
+/// raise WRPKRU at `first` (found by the runner: the scan allocates).
+extern "C" fn forge_signal_op(arg: u64, first: u64) {
+    let status = forged_handler_call(first as usize, 16, arg as usize);
+    loop {
+        sandbox::yield_now(status & 0xff);
+    }
+}
+
+/// Forges a handler's level with an `OP_NOP` (code 2) through the raise WRPKRU at `arg`,
+/// then spins.
+extern "C" fn forge_level_and_spin(arg: u64, _first: u64) {
+    forged_handler_call(arg as usize, 2, 0);
+    spin_with_sp(0);
+}
+
+/// Sandboxed code that forges a handler's call of the signal op — its block and a frame
+/// planted on the alternate stack (the review's attack plants them through the registers a
+/// kernel frame saves; the runner writes them here) — gets no `rt_sigreturn` from the
+/// library: the op ends a handler only with the kernel's word that one runs (the alternate
+/// stack disarmed). Without that check the library returned "from the signal" into the
+/// planted frame, whose missing extended state makes the kernel install its initial PKRU
+/// (key 0 writable) at the planted instruction: the key-0 write exits 0. With it the op is
+/// refused; the forged level then refuses the code's yields, and a tick preempts it.
+#[test]
+fn pku_a_forged_handler_gets_no_sigreturn_from_the_library() {
+    let _pku = require_pku!();
+    let _g = common::real_backend();
+    let Some(mgr) = sealed_manager() else { return };
+    let own = mgr.create_domain(DomainOptions::reserve(64 << 10)).unwrap();
+    let raise = raise_wrpkru();
+    let sig = install_tick(0);
+    let status = in_child(|| {
+        exit_on_segv_in_child();
+        let _v = mgr.enter(&[(&own, Rights::ReadWrite)]).unwrap();
+        // A first run installs the library's alternate stack; the planted block and frame go
+        // below its top.
+        // SAFETY: the top of `own`, writable in this view.
+        let warm = unsafe { Context::new(top(&own), jump_body_yield, 0) };
+        // SAFETY: a prepared context.
+        let _ = unsafe { mgr.sandbox_run(&own, warm.sp, top(&own), 0) };
+        let alt = altstack_now();
+        let uc = (alt + (16 << 10)) as *mut libc::ucontext_t;
+        // SAFETY: all-zero is a valid `ucontext_t` (integers and null pointers).
+        let mut fake: libc::ucontext_t = unsafe { std::mem::zeroed() };
+        let g = &mut fake.uc_mcontext.gregs;
+        g[libc::REG_RIP as usize] = seal_landing as extern "C" fn() as usize as i64;
+        g[libc::REG_RSP as usize] = (&raw const SEAL_LANDING_SLOT) as i64;
+        g[libc::REG_EFL as usize] = 0x202;
+        g[libc::REG_CSGSFS as usize] = 0x33 | (0x2b << 48);
+        fake.uc_stack = libc::stack_t {
+            ss_sp: alt as *mut libc::c_void,
+            ss_flags: 1 << 31,
+            ss_size: 64 << 10,
+        };
+        // SAFETY: the thread's alternate stack (ours, read-write here), not in use.
+        unsafe { uc.write(fake) };
+        let block = (alt + (8 << 10)) as *mut u64;
+        // SAFETY: as above: `SignalIn { ctx, action: sync, value }`.
+        unsafe { block.cast::<[u64; 3]>().write([uc as u64, 2, 0]) };
+        ticking_in_child(sig);
+        // SAFETY: the top of `own`, writable in this view.
+        let ctx = unsafe { Context::new(top(&own), forge_signal_op, block as u64) };
+        // SAFETY: a prepared context.
+        match unsafe { mgr.sandbox_run(&own, ctx.sp, top(&own), raise as u64) } {
+            Ok(y) if y.value == sandbox::PREEMPTED => 20,
+            Ok(y) => 30 + (y.value & 0xff) as i32,
+            Err(_) => 21,
+        }
+    });
+    assert_eq!(
+        status,
+        Ok(20),
+        "the forged op came back refused (0: the library sigreturned)"
+    );
+}
+
+extern "C" fn jump_body_yield(_arg: u64, _first: u64) {
+    loop {
+        sandbox::yield_now(7);
+    }
+}
+
+/// Sandboxed code that forges a handler's level (an `OP_NOP` with a handler's entry PKRU)
+/// and spins is still preempted: on a sealed thread a handler's context is told by key 0's
+/// field of the frame's PKRU, which the forged level does not change. Without that the
+/// ticks took it for a handler and it was never stopped (the child's alarm kills it).
+#[test]
+fn pku_a_forged_handler_level_does_not_stop_preemption() {
+    let _pku = require_pku!();
+    let _g = common::real_backend();
+    let Some(mgr) = sealed_manager() else { return };
+    let own = mgr.create_domain(DomainOptions::reserve(64 << 10)).unwrap();
+    let sig = install_tick(0);
+    let raise = raise_wrpkru();
+    let status = in_child(|| {
+        ticking_in_child(sig);
+        let _v = mgr.enter(&[(&own, Rights::ReadWrite)]).unwrap();
+        // SAFETY: the top of `own`, writable in this view.
+        let ctx = unsafe { Context::new(top(&own), forge_level_and_spin, raise as u64) };
+        let mut sp = ctx.sp;
+        for _ in 0..3 {
+            // SAFETY: the prepared context, then the one a preemption returned.
+            match unsafe { mgr.sandbox_run(&own, sp, top(&own), 0) } {
+                Ok(y) if y.value == sandbox::PREEMPTED => sp = y.sp,
+                // Abandoned (its stack pointer left its domain): stopped too.
+                Ok(y) if y.value == 0 => return 0,
+                _ => return 1,
+            }
+        }
+        0
     });
     assert_eq!(status, Ok(0), "the spinning sandbox is stopped");
 }

@@ -388,7 +388,7 @@ pub(crate) fn install_handlers() -> std::io::Result<()> {
         for (i, &sig) in ours.iter().enumerate() {
             // SAFETY: `on_signal` is async-signal-safe: one gate call (no allocation, no
             // lock), reads and writes of the frame it was given, and the chained handler.
-            match unsafe { install_blocking(sig, &ours) } {
+            match unsafe { install_blocking(sig) } {
                 Ok(old) => previous[i] = Some((sig, old)),
                 Err(e) => err = Some(e),
             }
@@ -410,24 +410,22 @@ pub(crate) fn install_handlers() -> std::io::Result<()> {
     err.map_or(Ok(()), Err)
 }
 
-/// Installs `on_signal` for `sig` on the alternate stack, with every signal of `blocked`
-/// blocked while it runs: a preemption or fault signal delivered during one of our handlers
-/// would find the thread's *normal* context sandboxed and take the handler's context for it.
+/// Installs `on_signal` for `sig` on the alternate stack, with every signal blocked while it
+/// runs: a preemption or fault signal delivered during one of our handlers would find the
+/// thread's *normal* context sandboxed and take the handler's context for it, and any signal
+/// arriving while the handler runs library code would land on the library's stack (the
+/// alternate stack is disarmed while a handler runs on it), where its handler cannot write.
 ///
 /// # Safety
 ///
 /// Replaces the process's action for `sig` (the previous one is returned, for chaining).
-unsafe fn install_blocking(sig: c_int, blocked: &[c_int]) -> std::io::Result<libc::sigaction> {
+unsafe fn install_blocking(sig: c_int) -> std::io::Result<libc::sigaction> {
     // SAFETY: all-zero is a valid `sigaction` (integers, an empty mask, a null restorer).
     let mut new: libc::sigaction = unsafe { std::mem::zeroed() };
     new.sa_sigaction = on_signal as *const () as usize;
     new.sa_flags = libc::SA_SIGINFO | libc::SA_ONSTACK;
-    // SAFETY: sigemptyset/sigaddset write only the mask of the struct we own.
-    unsafe { libc::sigemptyset(&mut new.sa_mask) };
-    for &b in blocked {
-        // SAFETY: as above.
-        unsafe { libc::sigaddset(&mut new.sa_mask, b) };
-    }
+    // SAFETY: sigfillset writes only the mask of the struct we own.
+    unsafe { libc::sigfillset(&mut new.sa_mask) };
     // SAFETY: all-zero is a valid `sigaction` for the kernel to overwrite.
     let mut old: libc::sigaction = unsafe { std::mem::zeroed() };
     // SAFETY: valid structs for the kernel to read and write; the handler's contract is

@@ -197,7 +197,8 @@ pub unsafe fn redirect(ctx: &mut libc::ucontext_t, ip: usize, sp: usize, rax: u6
 }
 
 /// Installs `handler` for `sig` with `SA_SIGINFO | flags` and an empty mask, returning the
-/// previous action (to chain to it).
+/// previous action (to chain to it). See [`install_blocking_async`] for handlers that call
+/// into mpkvirt.
 ///
 /// Pass `SA_ONSTACK` for handlers that must run when the stack overflowed (on the thread's
 /// alternate stack, which Rust's runtime gives the main thread and the threads it spawns).
@@ -217,12 +218,63 @@ pub unsafe fn install(
     handler: Handler,
     flags: libc::c_int,
 ) -> Result<libc::sigaction> {
+    // SAFETY: the caller's contract.
+    unsafe { install_with(sig, handler, flags, false) }
+}
+
+/// [`install`], with every asynchronous signal blocked while the handler runs (only the
+/// synchronous faults, `SIGSEGV`, `SIGBUS`, `SIGFPE`, `SIGILL` and `SIGTRAP`, may still
+/// arrive): for handlers that call into mpkvirt, where a signal arriving meanwhile would land
+/// on the library's stack (the alternate stack is disarmed while a handler runs on it), which
+/// its handler cannot write.
+///
+/// # Errors
+///
+/// As [`install`].
+///
+/// # Safety
+///
+/// As [`install`].
+pub unsafe fn install_blocking_async(
+    sig: libc::c_int,
+    handler: Handler,
+    flags: libc::c_int,
+) -> Result<libc::sigaction> {
+    // SAFETY: the caller's contract.
+    unsafe { install_with(sig, handler, flags, true) }
+}
+
+/// [`install`] and [`install_blocking_async`].
+///
+/// # Safety
+///
+/// As [`install`].
+unsafe fn install_with(
+    sig: libc::c_int,
+    handler: Handler,
+    flags: libc::c_int,
+    block_async: bool,
+) -> Result<libc::sigaction> {
     // SAFETY: all-zero is a valid `sigaction` (integers, an empty mask, a null restorer).
     let mut new: libc::sigaction = unsafe { MaybeUninit::zeroed().assume_init() };
     new.sa_sigaction = handler as usize;
     new.sa_flags = libc::SA_SIGINFO | flags;
-    // SAFETY: sigemptyset only writes the mask field of the struct we own.
+    // SAFETY: sigemptyset/sigfillset/sigdelset only write the mask field of the struct we own.
     unsafe { libc::sigemptyset(&mut new.sa_mask) };
+    if block_async {
+        // SAFETY: as above.
+        unsafe { libc::sigfillset(&mut new.sa_mask) };
+    }
+    for fault in [
+        libc::SIGSEGV,
+        libc::SIGBUS,
+        libc::SIGFPE,
+        libc::SIGILL,
+        libc::SIGTRAP,
+    ] {
+        // SAFETY: as above.
+        unsafe { libc::sigdelset(&mut new.sa_mask, fault) };
+    }
     let mut old = MaybeUninit::<libc::sigaction>::zeroed();
     // SAFETY: `new` and `old` point to valid `sigaction` structs for the kernel to read and
     // write; the handler's own contract is the caller's obligation.
