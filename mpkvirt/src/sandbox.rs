@@ -382,6 +382,12 @@ unsafe impl Pod for SignalIn {}
 /// The context resumes with the sandbox's legitimate PKRU, whatever its frame held.
 /// For an abort, the value should be one the runner does not take for a host call.
 ///
+/// On a thread whose normal context runs a sealed sandbox ([`seals_key0`]) a successful call
+/// does not return: the library returns from the signal itself (the handler's stack is key-0
+/// memory, read-only at every level of such a thread), so the handler must have nothing left
+/// to do, and must block asynchronous signals while it runs
+/// (`mpkvirt_sys::signal::install_blocking_async`).
+///
 /// Async-signal-safe: one gate call, no allocation.
 pub fn signal(ctx: *mut libc::ucontext_t, action: Action) -> Signalled {
     let (action, value) = match action {
